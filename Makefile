@@ -1,0 +1,47 @@
+# mvllm: `make demo` and `make test` are the two commands a new user needs. Both set everything up.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A stamp newer than every input of the install, so `make` reinstalls only when they change.
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv demo test lint typecheck pytest protos clean
+
+help:
+	@echo "make demo   set up, start mvllmd without systemd, and show what it serves"
+	@echo "make test   set up, then ruff, mypy and every test (unit, systemd, real parquet)"
+	@echo "make protos regenerate the gRPC stubs from protos/mvllm/v1/*.proto"
+	@echo "make clean  remove the virtual environment and caches"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[dev]"
+	@touch $@
+
+demo: $(STAMP)
+	@bash scripts/demo.sh
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest
+
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos protos/mvllm/v1/*.proto
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""mvllmctl: the command line of mvllmd."""

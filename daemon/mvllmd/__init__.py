@@ -1,0 +1,1 @@
+"""mvllmd: owns a host's accelerators and the vLLM servers on them, and runs rollout jobs across them."""

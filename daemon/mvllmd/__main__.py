@@ -1,0 +1,3 @@
+from mvllmd.cli import main
+
+main()

@@ -1,0 +1,121 @@
+"""Listen addresses in gRPC target syntax, and where the daemon listens by default.
+
+    unix:/abs/path        a unix socket (also accepted: unix:///abs/path)
+    host:port             TCP; IPv6 literals in brackets: [::1]:7070
+
+Plaintext TCP is allowed on loopback only; any other host needs TLS, or an explicit `--insecure-tcp`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from mvllmd.errors import AddressError
+
+SOCKET_NAME = "mvllmd.sock"
+ROOT_SOCKET = Path("/run/mvllmd") / SOCKET_NAME
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    path: Path
+    # True for the daemon's own default: its directory is created (0700) when missing. An explicit
+    # path's directory must exist: mvllmd never creates arbitrary directories.
+    default: bool = False
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+@dataclass(frozen=True)
+class TcpAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: we cannot know what it resolves to, so it is not loopback
+            return False
+
+
+ListenAddress = UnixAddress | TcpAddress
+
+
+def parse_address(text: str) -> ListenAddress:
+    """Parse one address in gRPC target syntax; raise AddressError with what is expected."""
+    if text.startswith("unix:"):
+        return _parse_unix(text)
+    return _parse_tcp(text)
+
+
+def _parse_unix(text: str) -> UnixAddress:
+    raw = text.removeprefix("unix:")
+    if raw.startswith("//"):
+        raw = raw.removeprefix("//")
+    if not raw.startswith("/"):
+        raise AddressError(
+            f"{text!r}: a unix socket needs an absolute path, e.g. unix:/run/mvllmd/mvllmd.sock"
+        )
+    if "\0" in raw:
+        raise AddressError(f"{text!r}: a socket path cannot contain a NUL byte")
+    path = Path(raw)
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with its terminating NUL
+        raise AddressError(f"{text!r}: a unix socket path must be at most 107 bytes")
+    return UnixAddress(path)
+
+
+def _parse_tcp(text: str) -> TcpAddress:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise AddressError(f"{text!r}: expected unix:/abs/path or host:port, e.g. 127.0.0.1:7070")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise AddressError(f"{text!r}: an IPv6 address goes in brackets, e.g. [::1]:7070")
+        host = host[1:-1]
+    elif ":" in host:
+        raise AddressError(f"{text!r}: an IPv6 address goes in brackets, e.g. [::1]:7070")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise AddressError(f"{text!r}: the port must be a number from 0 to 65535")
+    return TcpAddress(host, int(port_text))
+
+
+def check_tcp_policy(address: ListenAddress, insecure_tcp: bool) -> None:
+    """Refuse plaintext TCP off loopback unless the operator said --insecure-tcp."""
+    if isinstance(address, TcpAddress) and not address.is_loopback and not insecure_tcp:
+        raise AddressError(
+            f"refusing to listen on {address}: it is not a loopback address, and anyone who reaches it could "
+            "control this daemon. TLS is not supported yet; listen on 127.0.0.1 and tunnel, or pass "
+            "--insecure-tcp (insecure_tcp = true) if the network is trusted."
+        )
+
+
+def default_socket(environ: Mapping[str, str], euid: int) -> UnixAddress:
+    """The first that applies: systemd's RuntimeDirectory, $XDG_RUNTIME_DIR/mvllmd, /run/mvllmd (root)."""
+    runtime_directory = first_path(environ.get("RUNTIME_DIRECTORY", ""))
+    if runtime_directory:
+        return UnixAddress(Path(runtime_directory) / SOCKET_NAME)
+    xdg = environ.get("XDG_RUNTIME_DIR", "")
+    if xdg:
+        return UnixAddress(Path(xdg) / "mvllmd" / SOCKET_NAME, default=True)
+    if euid == 0:
+        return UnixAddress(ROOT_SOCKET, default=True)
+    raise AddressError(
+        "no default socket: XDG_RUNTIME_DIR is not set; pass --listen unix:/path/to/mvllmd.sock"
+    )
+
+
+def first_path(value: str) -> str:
+    """systemd passes several directories colon-separated; ours is the first."""
+    return value.split(":", 1)[0]

@@ -1,0 +1,64 @@
+"""The one place where domain errors become gRPC status codes.
+
+Every servicer method is wrapped by `rpc`. It also sends the daemon's version as initial metadata
+(`mvllm-version`), so a client can warn when its own version differs without an extra call.
+Anything unexpected becomes INTERNAL with a message that leaks nothing; the traceback goes to the log.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from mvllm import __version__
+
+from mvllmd import errors
+
+log = logging.getLogger(__name__)
+
+VERSION_METADATA_KEY = "mvllm-version"
+
+STATUS_BY_ERROR: dict[type[errors.MvllmError], grpc.StatusCode] = {
+    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.AddressError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Conflict: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.AlreadyRunning: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.InventoryError: grpc.StatusCode.UNAVAILABLE,
+}
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Servicer = TypeVar("Servicer")
+Method = Callable[[Servicer, Request, Any], Awaitable[Response]]
+
+
+def status_for(exc: errors.MvllmError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return grpc.StatusCode.UNKNOWN
+
+
+def rpc(method: Method[Servicer, Request, Response]) -> Method[Servicer, Request, Response]:
+    """Wrap a unary servicer method: version metadata, error mapping, no leaked internals."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Servicer, request: Request, context: Any) -> Response:
+        await context.send_initial_metadata(((VERSION_METADATA_KEY, __version__),))
+        try:
+            return await method(self, request, context)
+        except errors.MvllmError as exc:
+            code, message = status_for(exc), str(exc)
+        except Exception:
+            log.exception("internal error in %s", method.__qualname__)
+            code, message = grpc.StatusCode.INTERNAL, "internal error in mvllmd; its log has the details"
+        await context.abort(code, message)
+        raise AssertionError("context.abort returned")  # abort always raises
+
+    return wrapper

@@ -1,0 +1,157 @@
+"""The `mvllmd` command: run the daemon, or install its systemd units.
+
+Exit status: 0 stopped cleanly; 1 could not start or failed while running (another daemon holds the
+socket, a device source failed); 2 usage error or invalid configuration; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from mvllm import __version__
+
+from mvllmd import errors
+from mvllmd.config import OPTIONS, load_config
+from mvllmd.install import Scope, install_units, reload_manager, unit_dir
+from mvllmd.notify import Notifier
+from mvllmd.server import serve
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+USAGE_ERRORS = (errors.ConfigError, errors.AddressError)
+
+EPILOG = """\b
+Addresses use gRPC target syntax: unix:/abs/path or host:port.
+Default socket, the first that applies: $RUNTIME_DIRECTORY/mvllmd.sock (under systemd),
+$XDG_RUNTIME_DIR/mvllmd/mvllmd.sock, /run/mvllmd/mvllmd.sock (root).
+Plain TCP is allowed on loopback only, unless --insecure-tcp.
+
+\b
+Exit status: 0 stopped cleanly, 1 failed, 2 usage or configuration error, 130 interrupted.
+
+\b
+Examples:
+  mvllmd --sim-gpus 8                         # default socket, 8 simulated GPUs
+  mvllmd --listen unix:/tmp/m.sock --listen 127.0.0.1:7070
+  mvllmd --config /etc/mvllm/mvllmd.toml      # see examples/mvllmd.toml
+  mvllmd install-units --user                 # then: systemctl --user enable --now mvllmd
+"""
+
+
+@click.group(
+    invoke_without_command=True, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]}
+)
+@click.version_option(__version__, "--version", prog_name="mvllmd")
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path), help="TOML config file (all keys optional)."
+)
+@click.option(
+    "--listen", multiple=True, metavar="ADDR", help="Listen address; repeat for several. [default socket]"
+)
+@click.option("--state-dir", type=click.Path(resolve_path=True), help="Where state is kept.")
+@click.option("--socket-group", metavar="GROUP", help="Group that owns the unix socket (mode 0660).")
+@click.option("--insecure-tcp/--no-insecure-tcp", default=None, help="Allow plaintext TCP off loopback.")
+@click.option(
+    "--drain-timeout", type=float, metavar="SECONDS", help="On SIGTERM, wait this long for calls. [30]"
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[info]")
+@click.option(
+    "--unit-manager", type=click.Choice(["auto", "systemd-system", "systemd-user", "process"]), help="[auto]"
+)
+@click.option(
+    "--cpu-slots", type=int, metavar="N", help="Declare N slots for CPU engines (vLLM CPU build). [0]"
+)
+@click.option("--sim-gpus", type=int, metavar="N", help="Declare N simulated GPUs for mvllm-sim. [0]")
+@click.option(
+    "--gpu-source",
+    type=click.Choice(["auto", "nvml", "nvidia-smi", "none"]),
+    help="Where to read GPUs. [auto]",
+)
+@click.pass_context
+def cli(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
+    """mvllmd: owns this host's GPUs and the vLLM servers on them, and runs rollout jobs across them.
+
+    Without a command, run the daemon in the foreground until SIGTERM or Ctrl-C. Logs go to stderr.
+    Flags override the config file, which overrides the defaults.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    overrides = {option.name: flags[option.flag.lstrip("-").replace("-", "_")] for option in OPTIONS}
+    overrides["daemon.listen"] = list(flags["listen"]) or None
+    config = load_config(config_file, overrides, os.environ, os.geteuid())
+    _setup_logging(config.daemon.log_level, journald=bool(os.environ.get("JOURNAL_STREAM")))
+    os.umask(0o077)  # state and sockets are private; listeners.py opens the socket to its group
+    notifier = Notifier(os.environ, os.getpid())
+    under_systemd = notifier.enabled or bool(os.environ.get("INVOCATION_ID"))
+    try:
+        asyncio.run(serve(config, notifier, under_systemd))
+    except errors.MvllmError as exc:
+        notifier.status(f"failed: {exc}")
+        raise
+
+
+@cli.command("install-units")
+@click.option("--user", "scope", flag_value="user", help="Install for the user manager (systemctl --user).")
+@click.option(
+    "--system", "scope", flag_value="system", default=True, help="Install for the system manager. [default]"
+)
+@click.option(
+    "--runtime", is_flag=True, help="Install into the manager's runtime directory (gone at reboot)."
+)
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), help="Run with --config FILE."
+)
+@click.option("--no-reload", is_flag=True, help="Do not run systemctl daemon-reload afterwards.")
+def install_units_command(scope: Scope, runtime: bool, config_file: Path | None, no_reload: bool) -> None:
+    """Install mvllmd.service for a systemd manager.
+
+    \b
+    system (default)  /etc/systemd/system        --runtime: /run/systemd/system
+    --user            ~/.config/systemd/user     --runtime: $XDG_RUNTIME_DIR/systemd/user
+    """
+    for path in install_units(unit_dir(scope, runtime, os.environ), config_file):
+        click.echo(f"installed {path}")
+    user = "--user " if scope == "user" else ""
+    problem = None if no_reload else reload_manager(scope)
+    if no_reload or problem:
+        click.echo(
+            f"note: run 'systemctl {user}daemon-reload'" + (f" ({problem})" if problem else ""), err=True
+        )
+    enable = "start" if runtime else "enable --now"
+    click.echo(f"next: systemctl {user}{enable} mvllmd", err=True)
+
+
+def _setup_logging(level: str, journald: bool) -> None:
+    # journald stamps each line itself; a terminal gets the time.
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if journald
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return the exit status; errors become one line on stderr."""
+    try:
+        result = cli.main(args=argv, prog_name="mvllmd", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("mvllmd: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except errors.MvllmError as exc:
+        click.echo(f"mvllmd: error: {exc}", err=True)
+        return EXIT_USAGE if isinstance(exc, USAGE_ERRORS) else EXIT_FAILED
+    return result if isinstance(result, int) else EXIT_OK
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,228 @@
+"""mvllmd's configuration: one frozen object, built once at start-up from TOML, flags and a few env vars.
+
+Precedence: a flag beats the config file, which beats the default. Every key has a flag (OPTIONS lists
+them). The only environment variables read are those that locate directories (systemd's
+RUNTIME_DIRECTORY and STATE_DIRECTORY, XDG_RUNTIME_DIR, XDG_STATE_HOME, HOME); they are read here and
+nowhere deeper. Invalid input raises ConfigError or AddressError, naming the key and what it expects.
+"""
+
+from __future__ import annotations
+
+import difflib
+import grp
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from mvllmd.addresses import ListenAddress, check_tcp_policy, default_socket, first_path, parse_address
+from mvllmd.errors import AddressError, ConfigError
+from mvllmd.inventory import GpuSourceChoice
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+UnitManagerChoice = Literal["auto", "systemd-system", "systemd-user", "process"]
+
+MAX_DECLARED_DEVICES = 4096
+
+
+@dataclass(frozen=True)
+class Option:
+    """One config key: `[section] key`, its type, default, and the flag that sets it."""
+
+    section: str
+    key: str
+    kind: type
+    default: Any
+    flag: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("daemon", "listen", list, [], "--listen"),
+    Option("daemon", "state_dir", str, "", "--state-dir"),
+    Option("daemon", "socket_group", str, "", "--socket-group"),
+    Option("daemon", "insecure_tcp", bool, False, "--insecure-tcp"),
+    Option("daemon", "drain_timeout_s", float, 30.0, "--drain-timeout", minimum=0, maximum=3600),
+    Option("daemon", "log_level", str, "info", "--log-level", choices=("debug", "info", "warning", "error")),
+    Option(
+        "daemon",
+        "unit_manager",
+        str,
+        "auto",
+        "--unit-manager",
+        choices=("auto", "systemd-system", "systemd-user", "process"),
+    ),
+    Option("inventory", "cpu_slots", int, 0, "--cpu-slots", minimum=0, maximum=MAX_DECLARED_DEVICES),
+    Option("inventory", "sim_gpus", int, 0, "--sim-gpus", minimum=0, maximum=MAX_DECLARED_DEVICES),
+    Option(
+        "inventory", "gpu_source", str, "auto", "--gpu-source", choices=("auto", "nvml", "nvidia-smi", "none")
+    ),
+)
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    listen: tuple[ListenAddress, ...]
+    state_dir: Path
+    socket_group: str  # empty: the daemon's own group
+    insecure_tcp: bool
+    drain_timeout_s: float
+    log_level: LogLevel
+    unit_manager: UnitManagerChoice
+
+
+@dataclass(frozen=True)
+class InventorySettings:
+    cpu_slots: int
+    sim_gpus: int
+    gpu_source: GpuSourceChoice
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonSettings
+    inventory: InventorySettings
+    config_file: Path | None = None
+
+
+def load_config(
+    config_file: Path | None,
+    overrides: Mapping[str, Any],
+    environ: Mapping[str, str],
+    euid: int,
+) -> Config:
+    """Build the Config. `overrides` maps option names ("daemon.listen") to flag values; None means unset."""
+    values = {o.name: o.default for o in OPTIONS}
+    if config_file is not None:
+        values.update(_check_file_values(_read_toml(config_file), config_file))
+    for name, value in overrides.items():
+        if value is not None:
+            values[name] = _check_value(_BY_NAME[name], value, where=_BY_NAME[name].flag)
+    return _build(values, config_file, environ, euid)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def _check_file_values(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    sections = sorted({o.section for o in OPTIONS})
+    values: dict[str, Any] = {}
+    for section, table in doc.items():
+        if section not in sections:
+            raise ConfigError(f"{path}: unknown section [{section}]{_suggest(section, sections)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {section} must be a table ([{section}]), not a single value")
+        known = [o.key for o in OPTIONS if o.section == section]
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(f"{path}: unknown key {key!r} in [{section}]{_suggest(key, known)}")
+            option = _BY_NAME[f"{section}.{key}"]
+            values[option.name] = _check_value(option, value, where=f"{path}: [{section}] {key}")
+    return values
+
+
+def _suggest(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+
+
+def _check_value(option: Option, value: Any, where: str) -> Any:
+    value = _check_type(option, value, where)
+    if option.choices and value not in option.choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(option.choices)}")
+    if option.minimum is not None and value < option.minimum:
+        raise ConfigError(f"{where}: {value} is below the minimum, {option.minimum:g}")
+    if option.maximum is not None and value > option.maximum:
+        raise ConfigError(f"{where}: {value} is above the maximum, {option.maximum:g}")
+    return value
+
+
+def _check_type(option: Option, value: Any, where: str) -> Any:
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+    ok = isinstance(value, option.kind) and not (option.kind is int and isinstance(value, bool))
+    if option.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if option.kind is list:
+        ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        expected[list] = "a list of strings"
+    if not ok:
+        raise ConfigError(f"{where}: expected {expected[option.kind]}, got {value!r}")
+    return list(value) if option.kind is list else value
+
+
+def _build(values: dict[str, Any], config_file: Path | None, environ: Mapping[str, str], euid: int) -> Config:
+    daemon = DaemonSettings(
+        listen=_listen(values["daemon.listen"], values["daemon.insecure_tcp"], environ, euid),
+        state_dir=_state_dir(values["daemon.state_dir"], environ),
+        socket_group=_group(values["daemon.socket_group"]),
+        insecure_tcp=values["daemon.insecure_tcp"],
+        drain_timeout_s=values["daemon.drain_timeout_s"],
+        log_level=cast(LogLevel, values["daemon.log_level"]),
+        unit_manager=cast(UnitManagerChoice, values["daemon.unit_manager"]),
+    )
+    inventory = InventorySettings(
+        cpu_slots=values["inventory.cpu_slots"],
+        sim_gpus=values["inventory.sim_gpus"],
+        gpu_source=cast(GpuSourceChoice, values["inventory.gpu_source"]),
+    )
+    return Config(daemon=daemon, inventory=inventory, config_file=config_file)
+
+
+def _listen(
+    texts: list[str], insecure_tcp: bool, environ: Mapping[str, str], euid: int
+) -> tuple[ListenAddress, ...]:
+    addresses = [parse_address(t) for t in texts] or [default_socket(environ, euid)]
+    for address in addresses:
+        check_tcp_policy(address, insecure_tcp)
+    seen = [str(a) for a in addresses]
+    duplicates = sorted({s for s in seen if seen.count(s) > 1})
+    if duplicates:
+        raise AddressError(f"listen address given twice: {', '.join(duplicates)}")
+    return tuple(addresses)
+
+
+def _state_dir(text: str, environ: Mapping[str, str]) -> Path:
+    if not text:
+        return default_state_dir(environ)
+    path = Path(text)
+    if not path.is_absolute():
+        raise ConfigError(f"state_dir must be an absolute path, got {text!r}")
+    return path
+
+
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    """$STATE_DIRECTORY under systemd, else $XDG_STATE_HOME/mvllmd, else ~/.local/state/mvllmd."""
+    state_directory = first_path(environ.get("STATE_DIRECTORY", ""))
+    if state_directory:
+        return Path(state_directory)
+    xdg = environ.get("XDG_STATE_HOME", "")
+    if xdg:
+        return Path(xdg) / "mvllmd"
+    home = environ.get("HOME", "") or str(Path.home())
+    return Path(home) / ".local" / "state" / "mvllmd"
+
+
+def _group(name: str) -> str:
+    if name:
+        try:
+            grp.getgrnam(name)
+        except KeyError as exc:
+            raise ConfigError(f"socket_group {name!r} is not a group on this host") from exc
+    return name

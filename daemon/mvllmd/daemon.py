@@ -1,0 +1,63 @@
+"""The daemon as the API sees it: who it is, where it listens, and what devices it has."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mvllm import __version__
+
+from mvllmd.config import Config
+from mvllmd.inventory import DeviceKind, Inventory, read_inventory
+from mvllmd.unit_manager import UnitManager
+
+
+@dataclass(frozen=True)
+class DaemonInfo:
+    version: str
+    hostname: str
+    start_time: datetime
+    uptime_s: float
+    unit_manager: UnitManager
+    listen_addresses: tuple[str, ...]
+    state_dir: Path
+    pid: int
+    under_systemd: bool
+
+
+@dataclass
+class Daemon:
+    config: Config
+    unit_manager: UnitManager
+    under_systemd: bool
+    listen_addresses: tuple[str, ...] = ()
+    start_time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    _started: float = field(default_factory=time.monotonic)
+
+    def info(self) -> DaemonInfo:
+        return DaemonInfo(
+            version=__version__,
+            hostname=socket.gethostname(),
+            start_time=self.start_time,
+            uptime_s=time.monotonic() - self._started,
+            unit_manager=self.unit_manager,
+            listen_addresses=self.listen_addresses,
+            state_dir=self.config.daemon.state_dir,
+            pid=os.getpid(),
+            under_systemd=self.under_systemd,
+        )
+
+    async def devices(self, kind: DeviceKind | None = None) -> Inventory:
+        """Read the inventory afresh: free memory and the processes on a GPU change all the time."""
+        settings = self.config.inventory
+        inventory = await asyncio.to_thread(
+            read_inventory, settings.gpu_source, settings.cpu_slots, settings.sim_gpus
+        )
+        if kind is None:
+            return inventory
+        return replace(inventory, devices=inventory.of_kind(kind))

@@ -1,0 +1,126 @@
+"""mvllmd's lifecycle: start-up, serve, drain, stop (in the manner of uvicorn's Server).
+
+Start-up takes the state-directory lock, picks the unit manager, reads the device inventory, binds every
+listen address and only then says READY=1. SIGTERM and SIGINT only set a flag; the daemon then says
+STOPPING=1, refuses new calls, lets running ones finish within `drain_timeout_s`, and cancels the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections import Counter
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from mvllm import __version__
+from mvllm.v1 import daemon_pb2, daemon_pb2_grpc
+
+from mvllmd.api.daemon_service import DaemonServicer
+from mvllmd.config import Config
+from mvllmd.daemon import Daemon
+from mvllmd.errors import ConfigError
+from mvllmd.inventory import read_inventory
+from mvllmd.listeners import Listeners
+from mvllmd.locks import PidLock
+from mvllmd.notify import Notifier
+from mvllmd.unit_manager import pick_unit_manager
+
+log = logging.getLogger(__name__)
+
+SERVICES = (daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name,)
+SERVER_OPTIONS = (
+    # gRPC turns SO_REUSEPORT on by default; with it, a second daemon could bind the same TCP port.
+    ("grpc.so_reuseport", 0),
+)
+
+
+async def serve(config: Config, notifier: Notifier, under_systemd: bool) -> None:
+    """Run the daemon until SIGTERM or SIGINT. Raises MvllmError when it cannot start."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    listeners = Listeners(config.daemon.listen, config.daemon.socket_group)
+    try:
+        bound = listeners.bind(server)  # first: a bad address fails before anything is touched
+        state_lock = _lock_state_dir(config)
+        try:
+            daemon = await _start_up(config, notifier, under_systemd)
+            daemon.listen_addresses = bound
+            health = _add_services(server, daemon)
+            await server.start()
+            await _run_until_signalled(daemon, health, notifier)
+            await _drain(server, health, notifier, config.daemon.drain_timeout_s)
+        finally:
+            state_lock.release()
+    finally:
+        await server.stop(0)  # a no-op after a clean stop; releases the ports after a failed start
+        listeners.close()
+
+
+def _lock_state_dir(config: Config) -> PidLock:
+    state_dir = config.daemon.state_dir
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the state directory {state_dir}: {exc.strerror}") from exc
+    lock = PidLock(state_dir / "mvllmd.lock", f"the state directory {state_dir}")
+    lock.acquire()
+    return lock
+
+
+async def _start_up(config: Config, notifier: Notifier, under_systemd: bool) -> Daemon:
+    notifier.status("detecting the unit manager")
+    manager = await asyncio.to_thread(pick_unit_manager, config.daemon.unit_manager, os.geteuid())
+    notifier.status("reading the device inventory")
+    inventory = await asyncio.to_thread(
+        read_inventory, config.inventory.gpu_source, config.inventory.cpu_slots, config.inventory.sim_gpus
+    )
+    counts = Counter(str(d.kind) for d in inventory.devices)
+    summary = ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "none"
+    log.info("unit manager: %s; devices: %s (GPUs read from %s)", manager, summary, inventory.gpu_source)
+    return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd)
+
+
+async def _drain(server: Any, health: Any, notifier: Notifier, timeout_s: float) -> None:
+    notifier.stopping(f"draining (up to {timeout_s:g}s)")
+    log.info("stopping: refusing new calls, draining for up to %gs", timeout_s)
+    await health.enter_graceful_shutdown()
+    await server.stop(timeout_s)
+    log.info("stopped")
+
+
+def _add_services(server: Any, daemon: Daemon) -> Any:
+    daemon_pb2_grpc.add_DaemonServiceServicer_to_server(DaemonServicer(daemon), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    return health
+
+
+async def _run_until_signalled(daemon: Daemon, health: Any, notifier: Notifier) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    await health.set("", serving)
+    for name in SERVICES:
+        await health.set(name, serving)
+    addresses = ", ".join(daemon.listen_addresses)
+    log.info("mvllmd %s serving on %s", __version__, addresses)
+    notifier.ready(f"serving on {addresses}")
+    watchdog = asyncio.create_task(notifier.run_watchdog())
+    try:
+        await stop.wait()
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,1 @@
+"""The systemd unit sources, importable as `mvllmd.units` so an installed mvllmd can read them."""
