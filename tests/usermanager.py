@@ -100,7 +100,13 @@ mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/systemd/system /run/systemd/user.conf.d "$rt"
 chmod 0700 "$rt"
 printf '%s' "$conf" > /run/systemd/user.conf.d/50-tests.conf
-exec "$systemd" --user
+# systemd (and its exec children) log to /dev/console: route that into our
+# stdout.  The reader holds the FIFO open read-write, so it never sees EOF and
+# writers never block; it dies with the manager (pdeathsig, parent = us).
+mkfifo -m 0600 /run/usermanager-console
+setpriv --pdeathsig KILL cat <>/run/usermanager-console &
+mount --bind /run/usermanager-console /dev/console
+exec "$systemd" --user --log-target=console --log-color=no
 """
 
 

@@ -1,0 +1,3 @@
+from mvllmctl.cli import main
+
+main()
