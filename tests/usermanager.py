@@ -59,8 +59,10 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
+import tty
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -80,33 +82,50 @@ DefaultTimeoutStartSec=30s
 DefaultTimeoutStopSec=10s
 """
 
-# $1: runtime dir, $2: manager.conf drop-in text, $3: systemd binary, then
-# pairs (cgroup.procs file to join, text /proc/self/cgroup must then contain).
-_LAUNCHER = """\
-set -eu
-nl='
-'
-rt=$1 conf=$2 systemd=$3
-shift 3
-while [ $# -ge 2 ]; do
-    echo $$ > "$1"
-    case "$(cat /proc/self/cgroup)$nl" in
-        *"$2"*) ;;
-        *) echo "usermanager launcher: $2 not in /proc/self/cgroup" >&2; exit 97 ;;
-    esac
-    shift 2
-done
-mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/systemd/system /run/systemd/user.conf.d "$rt"
-chmod 0700 "$rt"
-printf '%s' "$conf" > /run/systemd/user.conf.d/50-tests.conf
-# systemd (and its exec children) log to /dev/console: route that into our
-# stdout.  The reader holds the FIFO open read-write, so it never sees EOF and
-# writers never block; it dies with the manager (pdeathsig, parent = us).
-mkfifo -m 0600 /run/usermanager-console
-setpriv --pdeathsig KILL cat <>/run/usermanager-console &
-mount --bind /run/usermanager-console /dev/console
-exec "$systemd" --user --log-target=console --log-color=no
+# Runs as `python -I -c _LAUNCHER RUNTIME_DIR CONF SYSTEMD CONSOLE [PROCS EXPECT]...`
+# inside the new mount namespace and ends by exec-ing `systemd --user`.
+_LAUNCHER = r"""
+import os, stat, subprocess, sys
+
+runtime_dir, conf, systemd, console, *joins = sys.argv[1:]
+
+# 1. Leave the caller's cgroup: join our own in every tracking hierarchy and
+#    check that it took, or systemd would migrate our cgroup-mates.
+for procs, expect in zip(joins[0::2], joins[1::2]):
+    with open(procs, "w") as f:
+        f.write(str(os.getpid()))
+    with open("/proc/self/cgroup") as f:
+        if expect not in f.read():
+            sys.exit(f"usermanager launcher: {expect!r} not in /proc/self/cgroup")
+
+# 2. Private /run: the "booted with systemd" marker, XDG_RUNTIME_DIR, config.
+subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run"], check=True)
+os.makedirs("/run/systemd/system")
+os.makedirs("/run/systemd/user.conf.d")
+with open("/run/systemd/user.conf.d/50-tests.conf", "w") as f:
+    f.write(conf)
+os.makedirs(runtime_dir)
+os.chmod(runtime_dir, 0o700)
+
+# 3. The nodes PID 1 creates at boot; a root user manager bind-mounts them
+#    for ProtectHome=, ProtectKernelTunables=, ProtectKernelLogs=, ...
+inaccessible = "/run/systemd/inaccessible"
+os.mkdir(inaccessible, 0o755)
+os.mkdir(inaccessible + "/dir", 0)
+os.close(os.open(inaccessible + "/reg", os.O_CREAT | os.O_WRONLY, 0))
+os.mknod(inaccessible + "/fifo", stat.S_IFIFO)
+os.mknod(inaccessible + "/sock", stat.S_IFSOCK)
+os.mknod(inaccessible + "/chr", stat.S_IFCHR, os.makedev(0, 0))
+os.mknod(inaccessible + "/blk", stat.S_IFBLK, os.makedev(0, 0))
+for name in os.listdir(inaccessible):
+    os.chmod(inaccessible + "/" + name, 0)
+
+# 4. systemd and its exec children log to /dev/console, and only if it is a
+#    tty: put the pty slave that the test process reads there.
+if console:
+    subprocess.run(["mount", "--bind", console, "/dev/console"], check=True)
+
+os.execv(systemd, [systemd, "--user", "--log-target=console", "--log-color=no", "--log-time=yes"])
 """
 
 
@@ -231,6 +250,8 @@ class UserManager:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._cgroup_path: str | None = None
+        self._console_reader: subprocess.Popen[bytes] | None = None
+        self._console_slave: int | None = None
         self._hierarchies: list[_Hierarchy] = []
         self.start_duration: float | None = None
 
@@ -382,48 +403,74 @@ class UserManager:
         cg_path = f"{base.rstrip('/')}/{CGROUP_PREFIX}{uuid.uuid4().hex[:12]}"
         self._cgroup_path = cg_path
         self._hierarchies = _cgroup_hierarchies()
-        joins: list[str] = []
         try:
+            joins: list[str] = []
             for hierarchy, key in tracking:
                 cg_dir = hierarchy.directory(cg_path)
                 if cg_dir is None or not cg_dir.parent.is_dir():
                     raise RuntimeError(f"cgroup {cg_path} not reachable in {hierarchy}")
                 cg_dir.mkdir()
                 joins += [str(cg_dir / "cgroup.procs"), f"{key}{cg_path}\n"]
-        except BaseException:
-            self._cleanup_cgroups()
-            raise
-        self._log = tempfile.TemporaryFile(prefix="usermanager-", suffix=".log")  # noqa: SIM115 - lives until __exit__
-        env = self.env()
-        env.update(
-            SYSTEMD_LOG_TARGET="console",
-            SYSTEMD_LOG_COLOR="0",
-            SYSTEMD_LOG_TIME="1",
-        )
-        argv = [
-            "setpriv", "--pdeathsig", "TERM", "--",
-            "unshare", "--mount", "--propagation", "private", "--",
-            "sh", "-c", _LAUNCHER, "usermanager-launcher",
-            str(self.runtime_dir), _MANAGER_CONF, SYSTEMD, *joins,
-        ]  # fmt: skip
-        try:
+            if self._log is None:
+                self._log = tempfile.TemporaryFile(prefix="usermanager-", suffix=".log")  # noqa: SIM115 - closed in __exit__
+            console = self._start_console()
+            argv = [
+                "setpriv", "--pdeathsig", "TERM", "--",
+                "unshare", "--mount", "--propagation", "private", "--",
+                sys.executable, "-I", "-c", _LAUNCHER,
+                str(self.runtime_dir), _MANAGER_CONF, SYSTEMD, console, *joins,
+            ]  # fmt: skip
             self._proc = subprocess.Popen(
                 argv,
-                env=env,
+                env=self.env(),
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 cwd="/",
             )
-        except BaseException:
-            self._cleanup_cgroups()
-            raise
-        try:
             self._wait_running(deadline=began + timeout)
         except BaseException:
             self.stop()
             raise
         self.start_duration = time.monotonic() - began
+
+    def _start_console(self) -> str:
+        """A raw pty for the namespace's /dev/console, copied into the log.
+
+        systemd logs to the console only if it is a tty.  `cat` (our child)
+        copies the master side into the log; we hold the slave open until
+        stop(), after which `cat` drains the pty, reads EIO and exits.
+        """
+        assert self._log is not None
+        master, slave = os.openpty()
+        try:
+            tty.setraw(slave)
+            self._console_reader = subprocess.Popen(
+                ["setpriv", "--pdeathsig", "KILL", "--", "cat"],
+                stdin=master,
+                stdout=self._log,
+                stderr=subprocess.DEVNULL,
+            )
+        except BaseException:
+            os.close(slave)
+            raise
+        finally:
+            os.close(master)
+        self._console_slave = slave
+        return os.ttyname(slave)
+
+    def _stop_console(self) -> None:
+        if self._console_slave is not None:
+            os.close(self._console_slave)
+            self._console_slave = None
+        reader = self._console_reader
+        if reader is not None:
+            try:
+                reader.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                reader.kill()
+                reader.wait()
+            self._console_reader = None
 
     def _wait_running(self, deadline: float) -> None:
         assert self._proc is not None
@@ -482,6 +529,7 @@ class UserManager:
                     deadline = time.monotonic() + 5
             proc.wait(timeout=5)
         survivors = self._cleanup_cgroups()
+        self._stop_console()
         self._proc = None
         if survivors:
             raise RuntimeError(f"processes survived the user manager: {sorted(survivors)}")
