@@ -2,53 +2,55 @@
 
 Recipe (measured on Debian 12 / systemd 252, as root, PID 1 not systemd)::
 
-    unshare -m --propagation private sh -c '
-        mount -t tmpfs tmpfs /run
-        mkdir -p /run/systemd/system /run/user/0 && chmod 700 /run/user/0
-        XDG_RUNTIME_DIR=/run/user/0 exec /usr/lib/systemd/systemd --user'
+    unshare --mount --propagation private  # then, inside:
+    mount -t tmpfs tmpfs /run
+    mkdir -p /run/systemd/system /run/user/0 && chmod 700 /run/user/0
+    XDG_RUNTIME_DIR=/run/user/0 HOME=<temp dir> exec /usr/lib/systemd/systemd --user
 
-Why it looks like this:
+plus the steps below.  Why it looks like this:
 
 * Only the *user* manager is ever started.  Never boot systemd as PID 1
   (``unshare --pid`` with systemd as init, ``systemd --system``): on a shared
   machine its boot services wiped /tmp.
 * ``systemd --user`` refuses to start unless ``/run/systemd/system`` exists
-  (that is how it detects "booted with systemd").  A private tmpfs on /run,
-  inside a private mount namespace, provides that marker plus
-  ``XDG_RUNTIME_DIR=/run/user/0`` without touching the host's /run.  The host
-  cannot see that tmpfs by its path; it is reachable from outside through
-  ``/proc/<manager pid>/root/run/...`` (see :meth:`UserManager.host_path`) or
-  from inside with ``nsenter --target <pid> --mount``
-  (:meth:`UserManager.run`).
-* cgroups are not namespaced by a mount namespace.  A user manager that finds
-  itself in the *root* cgroup creates ``/init.scope`` and ``/app.slice`` there
-  and migrates **every process of the root cgroup** (PID 1 of the machine
-  included) into its ``init.scope``.  So, before ``exec``-ing systemd, the
-  launcher moves itself into a fresh cgroup of its own
-  (``<current>/mvllmd-test-<id>``) in the hierarchy systemd tracks
-  (``name=systemd`` on hybrid/legacy hosts, the cgroup2 tree otherwise); the
-  manager then only manages that subtree.  :meth:`UserManager.stop` kills
-  whatever is left in that subtree (only our manager and its units can be in
-  it) and removes the cgroup directories in every hierarchy.  Caveat on hybrid
-  hosts: systemd reuses the ``name=systemd`` path in the v1 controller
-  hierarchies (memory, cpu, pids), so there the manager and its units are
-  accounted under ``/mvllmd-test-<id>`` rather than under the test process's
-  own memory/cpu cgroup.
-* The manager gets its own ``HOME`` (a temp dir given by the caller) and a
-  minimal environment without ``XDG_*`` variables, so the user-unit
-  directories resolve inside it: ``StateDirectory=`` ->
-  ``$HOME/.local/state/<name>``, ``CacheDirectory=`` -> ``$HOME/.cache``,
-  ``ConfigurationDirectory=`` -> ``$HOME/.config``, ``LogsDirectory=`` ->
-  ``$HOME/.local/state/log``; ``RuntimeDirectory=`` -> ``/run/user/0/<name>``
-  (inside the namespace).  Tests never write into the real home directory.
-* There is no journal in the namespace, so the manager logs to its stderr and
-  a drop-in in ``/run/systemd/user.conf.d/`` sets
-  ``DefaultStandardOutput=inherit``/``DefaultStandardError=inherit``: units'
-  output lands in the same log (:meth:`UserManager.log`).  A unit that says
-  ``StandardOutput=journal`` explicitly gets its output discarded.
-* The launcher is run under ``setpriv --pdeathsig TERM``: if the test process
-  dies without calling :meth:`UserManager.stop`, the manager receives SIGTERM,
-  which makes a user manager start ``exit.target`` (stop all units and exit).
+  (its "booted with systemd" test).  A private tmpfs on /run, in a private
+  mount namespace, provides that marker and ``XDG_RUNTIME_DIR=/run/user/0``
+  without touching the host's /run.  The host cannot see that tmpfs by its
+  path: tests reach it through ``/proc/<manager pid>/root/run/...``
+  (:meth:`UserManager.host_path`, :meth:`~UserManager.read_file`,
+  :meth:`~UserManager.write_file`) or run commands inside with
+  ``nsenter --target <pid> --mount`` (:meth:`UserManager.run`).
+* cgroups are NOT namespaced by this.  A user manager takes the cgroup it
+  starts in as its root, creates ``init.scope``/``app.slice`` below it and
+  migrates every process of that cgroup into its ``init.scope``: started from
+  the root cgroup it moved PID 1 and all other processes of the machine.  So
+  the launcher first moves itself into a fresh cgroup ``<own>/mvllmd-test-<id>``
+  in the hierarchies systemd tracks processes in (the cgroup2 tree - which
+  systemd uses even on hybrid hosts - and ``name=systemd``), checks that it
+  took, and only then execs systemd.  :meth:`UserManager.stop` SIGKILLs
+  whatever is still in that subtree (only the manager and its units can be)
+  and removes the directories.  If the test process is killed, the empty
+  directories stay behind: :func:`remove_stale_cgroups` clears them.
+* Root units with ProtectHome=, ProtectKernelTunables=, ProtectKernelLogs=,
+  ... bind-mount ``/run/systemd/inaccessible/*``, which PID 1 creates at boot;
+  on the fresh /run they are missing (the unit fails with 226/NAMESPACE), so
+  the launcher creates them.
+* The manager and the units' exec helper log to ``/dev/console`` (there is no
+  journal), and only when it is a tty.  A raw pty slave is bind-mounted there
+  and its output copied into :meth:`UserManager.log`; a drop-in in
+  ``/run/systemd/user.conf.d/`` sets ``DefaultStandardOutput=inherit`` and
+  ``DefaultStandardError=inherit`` so the units' own output lands there too
+  (a unit that sets ``StandardOutput=journal`` has it discarded).
+* The manager gets its own ``HOME`` and a minimal environment without
+  ``XDG_*`` (except ``XDG_RUNTIME_DIR``), so user-unit directories resolve
+  inside that HOME and tests never write into the real home directory.  With
+  systemd 252, ``StateDirectory=NAME`` is ``$HOME/.config/NAME`` (252 maps it
+  to ``$XDG_CONFIG_HOME``; later releases use ``$HOME/.local/state``; ask
+  :attr:`UserManager.state_dir`), ``RuntimeDirectory=NAME`` is
+  ``/run/user/0/NAME`` inside the namespace.
+* The launcher runs under ``setpriv --pdeathsig TERM``: if the test process
+  dies without :meth:`UserManager.stop`, the manager gets SIGTERM, on which a
+  user manager starts ``exit.target`` (stops its units) and exits.
 * Only processes started here are ever signalled, by PID.
 """
 
@@ -249,11 +251,14 @@ class UserManager:
         self._extra_env = dict(extra_env or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._final_log = ""
         self._cgroup_path: str | None = None
         self._console_reader: subprocess.Popen[bytes] | None = None
         self._console_slave: int | None = None
         self._hierarchies: list[_Hierarchy] = []
+        self._state_dir: Path | None = None
         self.start_duration: float | None = None
+        """Seconds the last :meth:`start` took."""
 
     # -- paths -------------------------------------------------------------
 
@@ -276,8 +281,24 @@ class UserManager:
 
     @property
     def state_dir(self) -> Path:
-        """Where ``StateDirectory=`` of user units lands (host path)."""
-        return self.home / ".local" / "state"
+        """Base of user units' ``StateDirectory=`` (a host path under :attr:`home`).
+
+        Asked from the manager once (a transient unit): ``$HOME/.config`` with
+        systemd 252, ``$HOME/.local/state`` with later releases.
+        """
+        if self._state_dir is None:
+            probe = "usermanager-state-probe"
+            argv = [
+                "systemd-run", "--user", "--wait", "--pipe", "--quiet", "--collect",
+                "-p", f"StateDirectory={probe}", "printenv", "STATE_DIRECTORY",
+            ]  # fmt: skip
+            res = self.run(argv, check=True)
+            path = Path(res.stdout.strip())
+            if path.name != probe:
+                raise RuntimeError(f"unexpected STATE_DIRECTORY: {res.stdout!r}")
+            path.rmdir()
+            self._state_dir = path.parent
+        return self._state_dir
 
     @property
     def cgroup_path(self) -> str | None:
@@ -312,8 +333,10 @@ class UserManager:
         env.update(self._extra_env)
         return env
 
-    def _argv(self, argv: Sequence[str]) -> list[str]:
-        return ["nsenter", f"--target={self.pid}", "--mount", "--", *argv]
+    def _argv(self, argv: Sequence[str], cwd: Path | str | None) -> list[str]:
+        # nsenter would otherwise start the command in / of the namespace.
+        wd = os.fspath(cwd) if cwd is not None else os.getcwd()
+        return ["nsenter", f"--target={self.pid}", "--mount", f"--wd={wd}", "--", *argv]
 
     def _env(self, env: Mapping[str, str] | None) -> dict[str, str]:
         full = self.env()
@@ -329,14 +352,19 @@ class UserManager:
         timeout: float = 60,
         env: Mapping[str, str] | None = None,
         input: str | None = None,
+        cwd: Path | str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run *argv* inside the mount namespace, capturing text output.
 
-        *env* is merged over :meth:`env`.  With ``check=True`` a failure
-        raises ``subprocess.CalledProcessError`` (stdout/stderr attached).
+        *env* is merged over :meth:`env`; *cwd* defaults to the caller's
+        working directory; stdin is *input* or /dev/null.  With
+        ``check=True`` a failure raises ``subprocess.CalledProcessError``
+        (stdout/stderr attached).
         """
+        if input is None:
+            input = ""
         return subprocess.run(
-            self._argv(argv),
+            self._argv(argv, cwd),
             env=self._env(env),
             input=input,
             capture_output=True,
@@ -350,13 +378,14 @@ class UserManager:
         argv: Sequence[str],
         *,
         env: Mapping[str, str] | None = None,
+        cwd: Path | str | None = None,
         **kwargs: Any,
     ) -> subprocess.Popen[str]:
-        """Start *argv* inside the namespace; text mode, other kwargs passed on.
+        """Start *argv* inside the namespace; text mode, other kwargs go to Popen.
 
-        The caller owns the returned process (wait for it / kill it).
+        The caller owns the returned process (wait for it or kill it).
         """
-        return subprocess.Popen(self._argv(argv), env=self._env(env), text=True, **kwargs)
+        return subprocess.Popen(self._argv(argv, cwd), env=self._env(env), text=True, **kwargs)
 
     def systemctl(
         self, *args: str, check: bool = False, timeout: float = 60
@@ -384,9 +413,9 @@ class UserManager:
         return path
 
     def log(self) -> str:
-        """The manager's stderr/stdout so far (includes units' output)."""
+        """The manager's log so far, units' output included (kept after stop())."""
         if self._log is None:
-            return ""
+            return self._final_log
         # pread: the file offset is shared with the manager, which appends to it.
         fd = self._log.fileno()
         return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
@@ -411,8 +440,9 @@ class UserManager:
                     raise RuntimeError(f"cgroup {cg_path} not reachable in {hierarchy}")
                 cg_dir.mkdir()
                 joins += [str(cg_dir / "cgroup.procs"), f"{key}{cg_path}\n"]
+            self._final_log = ""
             if self._log is None:
-                self._log = tempfile.TemporaryFile(prefix="usermanager-", suffix=".log")  # noqa: SIM115 - closed in __exit__
+                self._log = tempfile.TemporaryFile(prefix="usermanager-", suffix=".log")  # noqa: SIM115 - closed in stop()
             console = self._start_console()
             argv = [
                 "setpriv", "--pdeathsig", "TERM", "--",
@@ -517,9 +547,12 @@ class UserManager:
         proc = self._proc
         if proc is not None:
             deadline = time.monotonic() + timeout
-            if proc.poll() is None:
+            asked = False
+            if proc.poll() is None and self._is_systemd():
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.systemctl("exit", timeout=max(1.0, timeout / 2))
+                    asked = self.systemctl("exit", timeout=max(1.0, timeout / 2)).returncode == 0
+            if not asked:
+                deadline = time.monotonic()  # straight to SIGTERM
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -531,6 +564,10 @@ class UserManager:
         survivors = self._cleanup_cgroups()
         self._stop_console()
         self._proc = None
+        if self._log is not None:
+            self._final_log = self.log()
+            self._log.close()
+            self._log = None
         if survivors:
             raise RuntimeError(f"processes survived the user manager: {sorted(survivors)}")
 
@@ -565,16 +602,13 @@ class UserManager:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 def available() -> str | None:
     """None if a user manager can run here, else the reason it cannot."""
     if os.geteuid() != 0:
         return "needs root (mount namespace, cgroup writes)"
-    for tool in ("nsenter", "unshare", "setpriv", "systemctl"):
+    for tool in ("nsenter", "unshare", "setpriv", "mount", "systemctl", "systemd-run"):
         if shutil.which(tool) is None:
             return f"{tool} not found"
     if not os.access(SYSTEMD, os.X_OK):
@@ -584,3 +618,32 @@ def available() -> str | None:
     except RuntimeError as e:
         return str(e)
     return None
+
+
+def remove_stale_cgroups(min_age: float = 60.0) -> list[Path]:
+    """Remove empty ``mvllmd-test-*`` cgroups left by killed test runs.
+
+    Only directories older than *min_age* seconds are touched (a starting
+    manager's fresh cgroup is empty for a moment), and rmdir fails on any
+    cgroup that still has processes, so live managers are never affected.
+    Returns the directories removed.
+    """
+    try:
+        base, _ = _tracking_hierarchies()
+    except RuntimeError:
+        return []
+    removed: list[Path] = []
+    now = time.time()
+    for hierarchy in _cgroup_hierarchies():
+        parent = hierarchy.directory(base)
+        if parent is None or not parent.is_dir():
+            continue
+        for candidate in parent.glob(CGROUP_PREFIX + "*"):
+            try:
+                if now - candidate.stat().st_mtime < min_age or _cgroup_pids(candidate):
+                    continue
+            except OSError:
+                continue
+            if _rmdir_tree(candidate):
+                removed.append(candidate)
+    return removed

@@ -1,13 +1,15 @@
 """systemd's service notification protocol (sd_notify(3)): READY, STATUS, WATCHDOG, STOPPING.
 
 Outside systemd (no NOTIFY_SOCKET) every call does nothing, so callers never ask where they run.
+The variables are taken out of the environment once read (sd_notify's unset_environment), so no
+child (a systemctl probe, an engine under the process supervisor) speaks for the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 import sdnotify
 
@@ -15,10 +17,12 @@ log = logging.getLogger(__name__)
 
 
 class Notifier:
-    def __init__(self, environ: Mapping[str, str], pid: int) -> None:
+    def __init__(self, environ: MutableMapping[str, str], pid: int) -> None:
         self.enabled = bool(environ.get("NOTIFY_SOCKET"))
         self._watchdog_s = watchdog_interval(environ, pid)
-        self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+        self._sd = sdnotify.SystemdNotifier() if self.enabled else None  # reads NOTIFY_SOCKET itself
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            environ.pop(name, None)
 
     def _send(self, state: str) -> None:
         if self._sd is not None:
