@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -75,14 +76,17 @@ async def test_health(served: str) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_reflection_lists_the_services(served: str) -> None:
-    # A generic client: it knows no mvllm stubs and learns everything from the server.
-    with grpc.insecure_channel(served) as channel:
-        database = ProtoReflectionDescriptorDatabase(channel)
-        services = set(database.get_services())
-        pool = descriptor_pool.DescriptorPool(database)
-        service = pool.FindServiceByName("mvllm.v1.DaemonService")
-        methods = {m.name for m in service.methods}
+async def test_reflection_lists_the_services(served: str) -> None:
+    # A generic client: it knows no mvllm stubs and learns everything from the server. It blocks,
+    # so it runs in a thread while the event loop serves.
+    def ask(address: str) -> tuple[set[str], set[str]]:
+        with grpc.insecure_channel(address) as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            pool = descriptor_pool.DescriptorPool(database)
+            service = pool.FindServiceByName("mvllm.v1.DaemonService")
+            return set(database.get_services()), {m.name for m in service.methods}
+
+    services, methods = await asyncio.to_thread(ask, served)
     assert {
         "mvllm.v1.DaemonService",
         "grpc.health.v1.Health",
@@ -91,7 +95,7 @@ def test_reflection_lists_the_services(served: str) -> None:
     assert methods == {"GetDaemonInfo", "ListDevices"}
 
 
-class Faulty:
+class Faulty(daemon_pb2_grpc.DaemonServiceServicer):  # type: ignore[misc]
     """A servicer whose method raises what it is told to, to exercise the boundary's error table."""
 
     def __init__(self, exc: BaseException) -> None:

@@ -53,7 +53,8 @@ def test_default_state_dir_precedence() -> None:
 
 
 def test_file_then_flags(tmp_path: Path) -> None:
-    text = '[daemon]\nlisten = ["127.0.0.1:7070"]\nlog_level = "debug"\n[inventory]\ncpu_slots = 2\nsim_gpus = 8\n'
+    text = '[daemon]\nlisten = ["127.0.0.1:7070"]\nlog_level = "debug"\n'
+    text += "[inventory]\ncpu_slots = 2\nsim_gpus = 8\n"
     config = load(text, tmp_path, **{"inventory.sim_gpus": 4, "daemon.listen": None})
     assert config.daemon.listen == (TcpAddress("127.0.0.1", 7070),)
     assert config.daemon.log_level == "debug"

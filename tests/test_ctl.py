@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MVLLMCTL, DaemonProcess
 
 from mvllmctl.client import _warn_on_version_skew, resolve_address
 from mvllmctl.exit_codes import ExitStatus
+
+from conftest import MVLLMCTL, DaemonProcess
 
 
 def ctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from usermanager import UserManager, available, remove_stale_cgroups
 
 from mvllmd.install import render, systemd_quote
+
+from usermanager import UserManager, available, remove_stale_cgroups
 
 pytestmark = pytest.mark.systemd
 BIN = Path(sys.executable).parent

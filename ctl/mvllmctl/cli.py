@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import click
 from click.shell_completion import get_completion_class
-from mvllm import __version__
 
+from mvllm import __version__
 from mvllmctl.client import Client, CtlError, resolve_address
 from mvllmctl.context import Ctl
 from mvllmctl.daemon_commands import devices, info

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from mvllm import __version__
 
+from mvllm import __version__
 from mvllmctl.exit_codes import ExitStatus, for_status_code
 
 VERSION_METADATA_KEY = "mvllm-version"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import click
+
 from mvllm.v1 import daemon_pb2 as pb
 from mvllm.v1 import daemon_pb2_grpc
-
 from mvllmctl.context import Ctl, json_option, pass_ctl
 from mvllmctl.output import duration, gib, print_fields, print_json, print_table
 

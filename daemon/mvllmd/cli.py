@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from mvllm import __version__
 
+from mvllm import __version__
 from mvllmd import errors
 from mvllmd.config import OPTIONS, load_config
 from mvllmd.install import Scope, install_units, reload_manager, unit_dir

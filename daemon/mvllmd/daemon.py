@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mvllm import __version__
-
 from mvllmd.config import Config
 from mvllmd.inventory import DeviceKind, Inventory, read_inventory
 from mvllmd.unit_manager import UnitManager

@@ -19,9 +19,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+
 from mvllm import __version__
 from mvllm.v1 import daemon_pb2, daemon_pb2_grpc
-
 from mvllmd.api.daemon_service import DaemonServicer
 from mvllmd.config import Config
 from mvllmd.daemon import Daemon

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from mvllm import __version__
 
+from mvllm import __version__
 from mvllmd import errors
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from mvllm.v1 import daemon_pb2 as pb
 from mvllm.v1 import daemon_pb2_grpc
-
 from mvllmd.api.boundary import rpc
 from mvllmd.daemon import Daemon, DaemonInfo
 from mvllmd.inventory import Device, DeviceKind, GpuSource, Inventory
