@@ -199,3 +199,18 @@ def test_umask_keeps_state_private(daemon: DaemonProcess, short_tmp: Path) -> No
     assert stat.S_IMODE(lock.stat().st_mode) == 0o600
     assert lock.read_text().strip() == str(daemon.proc.pid)
     assert os.access(lock, os.R_OK)
+
+
+def test_socket_group(short_tmp: Path, spawn: Spawn) -> None:
+    args = [
+        "--listen",
+        f"unix:{short_tmp}/g.sock",
+        "--state-dir",
+        str(short_tmp / "s"),
+        "--socket-group",
+        "nogroup",
+    ]
+    spawn(args)
+    st = (short_tmp / "g.sock").stat()
+    assert st.st_gid == 65534  # nogroup, as Debian numbers it
+    assert stat.S_IMODE(st.st_mode) == 0o660
