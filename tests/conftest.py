@@ -33,16 +33,12 @@ def short_tmp() -> Iterator[Path]:
 @pytest.fixture
 def clean_env(short_tmp: Path) -> dict[str, str]:
     """An environment that points every default at the test's own directory, never at $HOME or /run."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "MVLLM_", "NOTIFY_", "WATCHDOG_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "MVLLM_", "NOTIFY_", "WATCHDOG_"))}
     for name in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "INVOCATION_ID", "JOURNAL_STREAM"):
         env.pop(name, None)
     runtime = short_tmp / "run"
     runtime.mkdir(mode=0o700)
-    env.update(
-        XDG_RUNTIME_DIR=str(runtime), XDG_STATE_HOME=str(short_tmp / "state"), HOME=str(short_tmp / "home")
-    )
+    env.update(XDG_RUNTIME_DIR=str(runtime), XDG_STATE_HOME=str(short_tmp / "state"), HOME=str(short_tmp / "home"))
     return env
 
 

@@ -146,9 +146,7 @@ async def test_error_table(
 def test_every_domain_error_has_a_status() -> None:
     from mvllmd.api.boundary import STATUS_BY_ERROR, status_for
 
-    leaves = [
-        cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.MvllmError)
-    ]
+    leaves = [cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.MvllmError)]
     for cls in leaves:
         if cls is not errors.MvllmError:
             assert cls in STATUS_BY_ERROR, f"{cls.__name__} has no gRPC status"

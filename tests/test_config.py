@@ -45,9 +45,7 @@ def test_default_socket_precedence() -> None:
 
 
 def test_default_state_dir_precedence() -> None:
-    assert default_state_dir({"STATE_DIRECTORY": "/var/lib/mvllmd", "XDG_STATE_HOME": "/x"}) == Path(
-        "/var/lib/mvllmd"
-    )
+    assert default_state_dir({"STATE_DIRECTORY": "/var/lib/mvllmd", "XDG_STATE_HOME": "/x"}) == Path("/var/lib/mvllmd")
     assert default_state_dir({"XDG_STATE_HOME": "/x", "HOME": "/h"}) == Path("/x/mvllmd")
     assert default_state_dir({"HOME": "/h"}) == Path("/h/.local/state/mvllmd")
 

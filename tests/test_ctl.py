@@ -21,9 +21,7 @@ def ctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_info_table(daemon: DaemonProcess, short_tmp: Path) -> None:
     done = daemon.ctl("info")
     assert done.returncode == 0, done.stderr
-    rows = dict(
-        line.split(None, 1) if "  " not in line else line.split("  ", 1) for line in done.stdout.splitlines()
-    )
+    rows = dict(line.split(None, 1) if "  " not in line else line.split("  ", 1) for line in done.stdout.splitlines())
     assert rows["version"].strip() == "0.1.0"
     assert rows["listening on"].strip() == f"unix:{short_tmp}/mvllmd.sock"
     assert rows["unit manager"].strip() == "process"
@@ -72,9 +70,7 @@ def test_unreachable_daemon(short_tmp: Path, clean_env: dict[str, str]) -> None:
     ]
 
 
-def test_address_from_the_environment(
-    daemon: DaemonProcess, clean_env: dict[str, str], short_tmp: Path
-) -> None:
+def test_address_from_the_environment(daemon: DaemonProcess, clean_env: dict[str, str], short_tmp: Path) -> None:
     env = dict(clean_env, MVLLM_ADDRESS=f"{short_tmp}/mvllmd.sock")  # a bare path means unix:
     assert ctl("info", env=env).returncode == 0
 

@@ -14,9 +14,7 @@ from conftest import MVLLMCTL, MVLLMD, DaemonProcess, Spawn
 
 
 def run_mvllmd(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MVLLMD, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
-    )
+    return subprocess.run([MVLLMD, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False)
 
 
 def assert_short_error(done: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
@@ -56,9 +54,7 @@ def test_devices_lists_declared_kinds_never_as_gpus(daemon: DaemonProcess) -> No
     assert "DEVICE_KIND_GPU" not in kinds  # this machine has no GPU, and declared kinds are not GPUs
 
 
-def test_default_socket_under_xdg_runtime_dir(
-    short_tmp: Path, clean_env: dict[str, str], spawn: Spawn
-) -> None:
+def test_default_socket_under_xdg_runtime_dir(short_tmp: Path, clean_env: dict[str, str], spawn: Spawn) -> None:
     spawn(["--state-dir", str(short_tmp / "state")])
     socket_dir = Path(clean_env["XDG_RUNTIME_DIR"]) / "mvllmd"
     assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
@@ -91,9 +87,7 @@ def test_watchdog_pings(short_tmp: Path, spawn: Spawn) -> None:
 def test_second_daemon_on_the_same_socket_is_refused(daemon: DaemonProcess, short_tmp: Path) -> None:
     args = ["--listen", f"unix:{short_tmp}/mvllmd.sock", "--state-dir", str(short_tmp / "other-state")]
     done = run_mvllmd(args, daemon.env)
-    assert_short_error(
-        done, 1, f"another mvllmd (pid {daemon.proc.pid}) already uses socket unix:{short_tmp}"
-    )
+    assert_short_error(done, 1, f"another mvllmd (pid {daemon.proc.pid}) already uses socket unix:{short_tmp}")
     assert not (short_tmp / "other-state").exists()  # refused before it touched anything
     assert daemon.ctl("info").returncode == 0  # and the first one still serves on its socket
 
@@ -135,9 +129,7 @@ def test_path_that_is_not_a_socket_is_left_alone(short_tmp: Path, clean_env: dic
     assert precious.read_text() == "keep me"
 
 
-def test_stale_socket_of_a_killed_daemon_is_replaced(
-    daemon: DaemonProcess, short_tmp: Path, spawn: Spawn
-) -> None:
+def test_stale_socket_of_a_killed_daemon_is_replaced(daemon: DaemonProcess, short_tmp: Path, spawn: Spawn) -> None:
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
     assert (short_tmp / "mvllmd.sock").exists()  # kill -9 leaves the socket file behind

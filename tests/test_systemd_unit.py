@@ -31,9 +31,7 @@ def test_installed_unit_reaches_running_and_stops_cleanly(manager: UserManager, 
     # A config path full of what systemd would otherwise expand or split: $, %, quotes, spaces.
     config = tmp_path / 'my cfg $HOME %h "q".toml'
     config.write_text("[inventory]\nsim_gpus = 2\n")
-    installed = manager.run(
-        [str(BIN / "mvllmd"), "install-units", "--user", "--runtime", "--config", str(config)]
-    )
+    installed = manager.run([str(BIN / "mvllmd"), "install-units", "--user", "--runtime", "--config", str(config)])
     assert installed.returncode == 0, installed.stderr
     assert installed.stdout == f"installed {manager.unit_dir}/mvllmd.service\n"
 
@@ -82,9 +80,7 @@ def test_exec_start_quoting_round_trips(manager: UserManager, tmp_path: Path) ->
         "semi;colon",
     ]
     argv = [sys.executable, "-c", code, *words]
-    manager.write_unit(
-        "quoting.service", f"[Service]\nType=oneshot\nExecStart={' '.join(map(systemd_quote, argv))}\n"
-    )
+    manager.write_unit("quoting.service", f"[Service]\nType=oneshot\nExecStart={' '.join(map(systemd_quote, argv))}\n")
     done = manager.systemctl("start", "quoting")
     assert done.returncode == 0, manager.log()
     assert json.loads(out.read_text()) == words

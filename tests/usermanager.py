@@ -387,9 +387,7 @@ class UserManager:
         """
         return subprocess.Popen(self._argv(argv, cwd), env=self._env(env), text=True, **kwargs)
 
-    def systemctl(
-        self, *args: str, check: bool = False, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
+    def systemctl(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """``systemctl --user --no-pager ARGS`` inside the namespace."""
         return self.run(["systemctl", "--user", "--no-pager", *args], check=check, timeout=timeout)
 
@@ -575,9 +573,7 @@ class UserManager:
         """Kill leftovers in our cgroup subtree and rmdir it everywhere."""
         if self._cgroup_path is None:
             return set()
-        dirs = [
-            d for h in self._hierarchies if (d := h.directory(self._cgroup_path)) is not None and d.exists()
-        ]
+        dirs = [d for h in self._hierarchies if (d := h.directory(self._cgroup_path)) is not None and d.exists()]
         deadline = time.monotonic() + 10
         while True:
             pids = set().union(*(_cgroup_pids(d) for d in dirs)) if dirs else set()

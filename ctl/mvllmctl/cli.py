@@ -35,9 +35,7 @@ Shell completion: eval "$(mvllmctl completion bash)"   (also zsh, fish)
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="mvllmctl")
 @click.option("--address", "-a", metavar="ADDR", help="The daemon's address (see below).")
-@click.option(
-    "--timeout", type=float, default=30.0, show_default=True, metavar="SECONDS", help="Per-call deadline."
-)
+@click.option("--timeout", type=float, default=30.0, show_default=True, metavar="SECONDS", help="Per-call deadline.")
 @click.pass_context
 def cli(ctx: click.Context, /, address: str | None, timeout: float) -> None:
     """Control mvllmd: its devices now; instances (launch, stop, status, logs) and rollout jobs

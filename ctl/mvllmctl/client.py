@@ -77,9 +77,7 @@ class Client:
                 ExitStatus.UNREACHABLE,
             )
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return CtlError(
-                f"mvllmd at {self.address} did not answer within {self.timeout_s:g}s", ExitStatus.FAILED
-            )
+            return CtlError(f"mvllmd at {self.address} did not answer within {self.timeout_s:g}s", ExitStatus.FAILED)
         if code is grpc.StatusCode.UNIMPLEMENTED:
             return CtlError(
                 f"mvllmd at {self.address} does not know this call; is it older than mvllmctl {__version__}?",

@@ -69,11 +69,7 @@ def devices(ctl: Ctl, kind: str | None, as_json: bool) -> None:
 
 
 def _device_row(device: pb.Device) -> list[str]:
-    memory = (
-        f"{gib(device.memory_free_bytes)}/{gib(device.memory_total_bytes)}"
-        if device.memory_total_bytes
-        else "-"
-    )
+    memory = f"{gib(device.memory_free_bytes)}/{gib(device.memory_total_bytes)}" if device.memory_total_bytes else "-"
     processes = ",".join(f"{p.pid}({p.name})" if p.name else str(p.pid) for p in device.processes) or "-"
     return [
         pb.DeviceKind.Name(device.kind).removeprefix("DEVICE_KIND_").lower().replace("_", "-"),

@@ -65,9 +65,7 @@ def _parse_unix(text: str) -> UnixAddress:
     if raw.startswith("//"):
         raw = raw.removeprefix("//")
     if not raw.startswith("/"):
-        raise AddressError(
-            f"{text!r}: a unix socket needs an absolute path, e.g. unix:/run/mvllmd/mvllmd.sock"
-        )
+        raise AddressError(f"{text!r}: a unix socket needs an absolute path, e.g. unix:/run/mvllmd/mvllmd.sock")
     if "\0" in raw:
         raise AddressError(f"{text!r}: a socket path cannot contain a NUL byte")
     path = Path(raw)
@@ -111,9 +109,7 @@ def default_socket(environ: Mapping[str, str], euid: int) -> UnixAddress:
         return UnixAddress(Path(xdg) / "mvllmd" / SOCKET_NAME, default=True)
     if euid == 0:
         return UnixAddress(ROOT_SOCKET, default=True)
-    raise AddressError(
-        "no default socket: XDG_RUNTIME_DIR is not set; pass --listen unix:/path/to/mvllmd.sock"
-    )
+    raise AddressError("no default socket: XDG_RUNTIME_DIR is not set; pass --listen unix:/path/to/mvllmd.sock")
 
 
 def first_path(value: str) -> str:

@@ -44,29 +44,17 @@ Examples:
 """
 
 
-@click.group(
-    invoke_without_command=True, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]}
-)
+@click.group(invoke_without_command=True, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="mvllmd")
-@click.option(
-    "--config", "config_file", type=click.Path(path_type=Path), help="TOML config file (all keys optional)."
-)
-@click.option(
-    "--listen", multiple=True, metavar="ADDR", help="Listen address; repeat for several. [default socket]"
-)
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file (all keys optional).")
+@click.option("--listen", multiple=True, metavar="ADDR", help="Listen address; repeat for several. [default socket]")
 @click.option("--state-dir", type=click.Path(resolve_path=True), help="Where state is kept.")
 @click.option("--socket-group", metavar="GROUP", help="Group that owns the unix socket (mode 0660).")
 @click.option("--insecure-tcp/--no-insecure-tcp", default=None, help="Allow plaintext TCP off loopback.")
-@click.option(
-    "--drain-timeout", type=float, metavar="SECONDS", help="On SIGTERM, wait this long for calls. [30]"
-)
+@click.option("--drain-timeout", type=float, metavar="SECONDS", help="On SIGTERM, wait this long for calls. [30]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[info]")
-@click.option(
-    "--unit-manager", type=click.Choice(["auto", "systemd-system", "systemd-user", "process"]), help="[auto]"
-)
-@click.option(
-    "--cpu-slots", type=int, metavar="N", help="Declare N slots for CPU engines (vLLM CPU build). [0]"
-)
+@click.option("--unit-manager", type=click.Choice(["auto", "systemd-system", "systemd-user", "process"]), help="[auto]")
+@click.option("--cpu-slots", type=int, metavar="N", help="Declare N slots for CPU engines (vLLM CPU build). [0]")
 @click.option("--sim-gpus", type=int, metavar="N", help="Declare N simulated GPUs for mvllm-sim. [0]")
 @click.option(
     "--gpu-source",
@@ -98,12 +86,8 @@ def cli(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
 
 @cli.command("install-units")
 @click.option("--user", "scope", flag_value="user", help="Install for the user manager (systemctl --user).")
-@click.option(
-    "--system", "scope", flag_value="system", default=True, help="Install for the system manager. [default]"
-)
-@click.option(
-    "--runtime", is_flag=True, help="Install into the manager's runtime directory (gone at reboot)."
-)
+@click.option("--system", "scope", flag_value="system", default=True, help="Install for the system manager. [default]")
+@click.option("--runtime", is_flag=True, help="Install into the manager's runtime directory (gone at reboot).")
 @click.option(
     "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), help="Run with --config FILE."
 )
@@ -120,20 +104,14 @@ def install_units_command(scope: Scope, runtime: bool, config_file: Path | None,
     user = "--user " if scope == "user" else ""
     problem = None if no_reload else reload_manager(scope)
     if no_reload or problem:
-        click.echo(
-            f"note: run 'systemctl {user}daemon-reload'" + (f" ({problem})" if problem else ""), err=True
-        )
+        click.echo(f"note: run 'systemctl {user}daemon-reload'" + (f" ({problem})" if problem else ""), err=True)
     enable = "start" if runtime else "enable --now"
     click.echo(f"next: systemctl {user}{enable} mvllmd", err=True)
 
 
 def _setup_logging(level: str, journald: bool) -> None:
     # journald stamps each line itself; a terminal gets the time.
-    fmt = (
-        "%(levelname)s %(name)s: %(message)s"
-        if journald
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    fmt = "%(levelname)s %(name)s: %(message)s" if journald else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
 
 

@@ -61,9 +61,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("inventory", "cpu_slots", int, 0, "--cpu-slots", minimum=0, maximum=MAX_DECLARED_DEVICES),
     Option("inventory", "sim_gpus", int, 0, "--sim-gpus", minimum=0, maximum=MAX_DECLARED_DEVICES),
-    Option(
-        "inventory", "gpu_source", str, "auto", "--gpu-source", choices=("auto", "nvml", "nvidia-smi", "none")
-    ),
+    Option("inventory", "gpu_source", str, "auto", "--gpu-source", choices=("auto", "nvml", "nvidia-smi", "none")),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -185,9 +183,7 @@ def _build(values: dict[str, Any], config_file: Path | None, environ: Mapping[st
     return Config(daemon=daemon, inventory=inventory, config_file=config_file)
 
 
-def _listen(
-    texts: list[str], insecure_tcp: bool, environ: Mapping[str, str], euid: int
-) -> tuple[ListenAddress, ...]:
+def _listen(texts: list[str], insecure_tcp: bool, environ: Mapping[str, str], euid: int) -> tuple[ListenAddress, ...]:
     addresses = [parse_address(t) for t in texts] or [default_socket(environ, euid)]
     for address in addresses:
         check_tcp_policy(address, insecure_tcp)

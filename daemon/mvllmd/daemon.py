@@ -54,9 +54,7 @@ class Daemon:
     async def devices(self, kind: DeviceKind | None = None) -> Inventory:
         """Read the inventory afresh: free memory and the processes on a GPU change all the time."""
         settings = self.config.inventory
-        inventory = await asyncio.to_thread(
-            read_inventory, settings.gpu_source, settings.cpu_slots, settings.sim_gpus
-        )
+        inventory = await asyncio.to_thread(read_inventory, settings.gpu_source, settings.cpu_slots, settings.sim_gpus)
         if kind is None:
             return inventory
         return replace(inventory, devices=inventory.of_kind(kind))

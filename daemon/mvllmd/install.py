@@ -32,9 +32,7 @@ def unit_dir(scope: Scope, runtime: bool, environ: Mapping[str, str]) -> Path:
         if not xdg_runtime:
             raise ConfigError("--user --runtime needs XDG_RUNTIME_DIR, the user manager's runtime directory")
         return Path(xdg_runtime) / "systemd" / "user"
-    config_home = environ.get("XDG_CONFIG_HOME", "") or str(
-        Path(environ.get("HOME", "~")).expanduser() / ".config"
-    )
+    config_home = environ.get("XDG_CONFIG_HOME", "") or str(Path(environ.get("HOME", "~")).expanduser() / ".config")
     return Path(config_home) / "systemd" / "user"
 
 

@@ -104,14 +104,8 @@ def read_gpus(choice: GpuSourceChoice = "auto") -> tuple[GpuSource, tuple[Device
 
 
 def declared_devices(cpu_slots: int, sim_gpus: int) -> tuple[Device, ...]:
-    slots = (
-        Device(DeviceKind.CPU_SLOT, i, f"cpu-slot-{i}", "CPU slot (for CPU engines)")
-        for i in range(cpu_slots)
-    )
-    sims = (
-        Device(DeviceKind.SIM_GPU, i, f"sim-gpu-{i}", "simulated GPU (mvllm-sim only)")
-        for i in range(sim_gpus)
-    )
+    slots = (Device(DeviceKind.CPU_SLOT, i, f"cpu-slot-{i}", "CPU slot (for CPU engines)") for i in range(cpu_slots))
+    sims = (Device(DeviceKind.SIM_GPU, i, f"sim-gpu-{i}", "simulated GPU (mvllm-sim only)") for i in range(sim_gpus))
     return (*slots, *sims)
 
 
@@ -197,9 +191,7 @@ def _run_nvidia_smi(query: str) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise InventoryError(f"nvidia-smi failed: {exc}") from exc
     if done.returncode != 0:
-        raise InventoryError(
-            f"nvidia-smi exited {done.returncode}: {done.stderr.strip() or done.stdout.strip()}"
-        )
+        raise InventoryError(f"nvidia-smi exited {done.returncode}: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout
 
 
@@ -257,9 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     choice = args[0] if args else "auto"
     if choice not in get_args(GpuSourceChoice):
-        print(
-            f"usage: python -m mvllmd.inventory [auto|nvml|nvidia-smi|none] (got {choice!r})", file=sys.stderr
-        )
+        print(f"usage: python -m mvllmd.inventory [auto|nvml|nvidia-smi|none] (got {choice!r})", file=sys.stderr)
         return 2
     try:
         inventory = read_inventory(cast(GpuSourceChoice, choice))

@@ -115,9 +115,7 @@ def _check_port_free(address: TcpAddress) -> None:
             probe.bind((address.host, address.port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise AddressError(
-                    f"cannot listen on {address}: the port is in use (another mvllmd?)"
-                ) from exc
+                raise AddressError(f"cannot listen on {address}: the port is in use (another mvllmd?)") from exc
             raise AddressError(f"cannot listen on {address}: {exc.strerror}") from exc
 
 

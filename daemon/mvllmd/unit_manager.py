@@ -40,9 +40,7 @@ def pick_unit_manager(choice: UnitManagerChoice, euid: int) -> UnitManager:
             )
         return manager
     # root prefers the system manager; other users can only start units in their own manager.
-    candidates = (
-        [UnitManager.SYSTEMD_SYSTEM, UnitManager.SYSTEMD_USER] if euid == 0 else [UnitManager.SYSTEMD_USER]
-    )
+    candidates = [UnitManager.SYSTEMD_SYSTEM, UnitManager.SYSTEMD_USER] if euid == 0 else [UnitManager.SYSTEMD_USER]
     for manager in candidates:
         state = manager_state(manager)
         log.debug("unit manager %s: %s", manager, state)

@@ -77,8 +77,7 @@ def device_to_proto(device: Device) -> pb.Device:
         memory_total_bytes=device.memory_total_bytes,
         memory_free_bytes=device.memory_free_bytes,
         processes=[
-            pb.DeviceProcess(pid=p.pid, name=p.name, used_memory_bytes=p.used_memory_bytes)
-            for p in device.processes
+            pb.DeviceProcess(pid=p.pid, name=p.name, used_memory_bytes=p.used_memory_bytes) for p in device.processes
         ],
         instance=device.instance,
     )

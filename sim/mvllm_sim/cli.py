@@ -1,0 +1,145 @@
+"""`mvllm-sim`: a vLLM stand-in. It takes vLLM's server arguments, so mvllmd launches it as it
+launches vLLM, plus its own timing, length and fault options. See `mvllm-sim --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from mvllm_sim.faults import ERROR_STATUSES, FaultConfig
+from mvllm_sim.profiles import ProfileError, load_profiles, step_model
+from mvllm_sim.server import SimConfig, SimServer
+from mvllm_sim.text import LengthModel
+
+log = logging.getLogger("mvllm_sim")
+
+EPILOG = """\
+Timing: each engine step advances a simulated clock by the profile's step time; the server waits
+simulated time x --time-scale in wall time (0: no waiting at all). /metrics reports simulated seconds.
+
+Faults, per request, with the header X-Mvllm-Fault: crash | hang | drop | drop-after=K | status=CODE.
+
+Example: mvllm-sim --model meta-llama/Llama-3.1-8B-Instruct --port 8001 --tensor-parallel-size 2 --time-scale 0.1
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mvllm-sim",
+        description="A vLLM stand-in with continuous batching, a KV cache and fault injection, in simulated time.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    v = p.add_argument_group("vLLM server arguments (the same names and meaning as vLLM's)")
+    v.add_argument("--model", default="mvllm-sim/h100-8b", help="Model name (nothing is loaded). [%(default)s]")
+    v.add_argument("--served-model-name", nargs="+", help="Name(s) clients use; the first is reported. [--model]")
+    v.add_argument("--host", default="127.0.0.1", help="Address to bind. [%(default)s]")
+    v.add_argument("--port", type=int, default=8000, help="Port to bind. [%(default)s]")
+    v.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="Selects the profile's TP variant.")
+    v.add_argument("--max-num-seqs", type=int, help="Sequences per batch. [the profile's]")
+    v.add_argument("--max-num-batched-tokens", type=int, help="Tokens per step (chunked prefill). [the profile's]")
+    v.add_argument("--max-model-len", type=int, help="Context length. [the profile's]")
+    v.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*.")
+    s = p.add_argument_group("simulator")
+    s.add_argument("--profile", default="h100-8b", help=f"Timing profile: {', '.join(load_profiles())}. [%(default)s]")
+    s.add_argument("--speed", type=float, default=1.0, help="Divide every step time by this. [%(default)s]")
+    s.add_argument("--time-scale", type=float, default=1.0, help="Wall seconds per simulated second. [%(default)s]")
+    s.add_argument("--kv-tokens", type=int, help="KV cache capacity in tokens. [the profile's, for the TP size]")
+    s.add_argument("--output-len-mu", type=float, default=5.3, help="Log-normal output length: log median. [5.3]")
+    s.add_argument("--output-len-sigma", type=float, default=0.8, help="Log-normal output length: spread. [0.8]")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    f = p.add_argument_group("faults")
+    f.add_argument("--crash-after-requests", type=int, metavar="K", help="Exit (status 70) when request K+1 arrives.")
+    f.add_argument("--crash-at", type=float, metavar="SECONDS", help="Exit (status 70) at this simulated time.")
+    f.add_argument(
+        "--hang-after-requests",
+        type=int,
+        metavar="K",
+        help="Engine stops after K requests; /health stays 200.",
+    )
+    f.add_argument("--drop-rate", type=float, default=0.0, help="Share of requests whose connection is cut mid-answer.")
+    f.add_argument("--error-rate", type=float, default=0.0, help="Share of requests answered with --error-status.")
+    f.add_argument("--error-status", type=int, default=503, choices=ERROR_STATUSES)
+    f.add_argument("--startup-delay", type=float, default=0.0, metavar="SECONDS", help="Not ready for this long.")
+    f.add_argument("--startup-mode", default="health-503", choices=["health-503", "refuse"],
+                   help="While starting: /health answers 503, or the port stays closed. [%(default)s]")  # fmt: skip
+    f.add_argument("--fault-seed", type=int, default=0, help="Seed of the fault rates' random draws.")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> SimConfig:
+    model = step_model(args.profile, args.tensor_parallel_size, args.speed)
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("drop_rate", "error_rate"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1")
+    if args.time_scale < 0 or args.speed <= 0:
+        raise ValueError("--time-scale must be >= 0 and --speed > 0")
+    return SimConfig(
+        model=args.model,
+        served_model_name=(args.served_model_name or [args.model])[0],
+        step_model=model,
+        max_num_seqs=args.max_num_seqs or model.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens or model.max_num_batched_tokens,
+        max_model_len=args.max_model_len or model.max_model_len,
+        kv_tokens=args.kv_tokens or model.kv_tokens,
+        time_scale=args.time_scale,
+        lengths=LengthModel(args.output_len_mu, args.output_len_sigma),
+        faults=FaultConfig(
+            crash_after_requests=args.crash_after_requests,
+            crash_at_s=args.crash_at,
+            hang_after_requests=args.hang_after_requests,
+            drop_rate=args.drop_rate,
+            error_rate=args.error_rate,
+            error_status=args.error_status,
+            startup_delay_s=args.startup_delay,
+            startup_mode=args.startup_mode,
+            fault_seed=args.fault_seed,
+        ),
+        api_key=args.api_key,
+    )
+
+
+async def serve(config: SimConfig, host: str, port: int) -> None:
+    server = SimServer(config)
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    if config.faults.startup_mode == "refuse" and config.faults.startup_delay_s > 0:
+        await asyncio.sleep(config.faults.startup_delay_s)  # the port stays closed meanwhile
+    site = web.TCPSite(runner, host, port, backlog=4096)
+    await site.start()
+    log.info("mvllm-sim serving %s on http://%s:%d (profile %s, TP%d, time scale %g)",
+             config.served_model_name, host, port, config.step_model.name, config.step_model.tp,
+             config.time_scale)  # fmt: skip
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args, unknown = parser().parse_known_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if unknown:
+        log.warning("ignoring vLLM options the simulator does not model: %s", " ".join(unknown))
+    try:
+        config = config_from(args)
+    except (ProfileError, ValueError) as exc:
+        print(f"mvllm-sim: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        asyncio.run(serve(config, args.host, args.port))
+    except OSError as exc:
+        print(f"mvllm-sim: error: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

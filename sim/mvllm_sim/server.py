@@ -1,0 +1,336 @@
+"""The HTTP side: vLLM's OpenAI-compatible endpoints over the simulated engine (aiohttp).
+
+GET /health, /v1/models, /metrics, /version; POST /v1/completions, /v1/chat/completions (with SSE
+streaming). A client that disconnects has its request aborted in the engine, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from mvllm_sim.engine import Engine, SimRequest
+from mvllm_sim.faults import CRASH_EXIT_STATUS, HEADER, FaultConfig, FaultPlan, RequestFault, error_for
+from mvllm_sim.metrics import Metrics
+from mvllm_sim.profiles import StepModel
+from mvllm_sim.protocol import (
+    ApiError,
+    Job,
+    logprobs_block,
+    new_id,
+    parse_chat,
+    parse_completion,
+    response_body,
+    usage,
+    words_as_tokens,
+)
+from mvllm_sim.runner import Runner
+from mvllm_sim.text import LengthModel, Output, generate, sample_key
+
+log = logging.getLogger(__name__)
+VLLM_VERSION = "0.32.0"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    model: str
+    served_model_name: str
+    step_model: StepModel
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    kv_tokens: int
+    time_scale: float = 1.0
+    lengths: LengthModel = field(default_factory=LengthModel)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    api_key: str | None = None
+
+
+@dataclass
+class _Pending:
+    """The requests of one HTTP call, and what wakes its handler."""
+
+    job: Job
+    requests: list[SimRequest]
+    outputs: list[list[Output]]
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class SimServer:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.engine = Engine(config.step_model, config.max_num_seqs, config.max_num_batched_tokens, config.kv_tokens)
+        self.faults = FaultPlan(config.faults)
+        self.runner = Runner(
+            self.engine, config.time_scale, config.faults.crash_at_s, hung=lambda: self.faults.engine_hung
+        )
+        self.metrics = Metrics(config.served_model_name)
+        self.started = time.monotonic()
+        self._pending: dict[int, _Pending] = {}
+        self.engine.on_finish = self._on_finish
+        self.engine.on_progress = self._on_progress
+
+    # --- app ------------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors])
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        app.router.add_get("/version", self.version)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.cleanup_ctx.append(self._run_engine)
+        return app
+
+    async def _run_engine(self, app: web.Application) -> Any:
+        task = asyncio.create_task(self.runner.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        key = self.config.api_key
+        if key and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return web.json_response(exc.body(), status=exc.status)
+
+    def _starting(self) -> bool:
+        faults = self.config.faults
+        return faults.startup_mode == "health-503" and time.monotonic() - self.started < faults.startup_delay_s
+
+    # --- small endpoints ------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=503 if self._starting() else 200)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": VLLM_VERSION})
+
+    async def models(self, request: web.Request) -> web.Response:
+        card = {
+            "id": self.config.served_model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "vllm",
+            "root": self.config.model,
+            "parent": None,
+            "max_model_len": self.config.max_model_len,
+        }
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        text = self.metrics.render(self.engine)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    # --- generation -----------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        if self._starting():
+            raise ApiError(503, "the server is starting", "ServiceUnavailableError")
+        fault = self.faults.for_request(request.headers.get(HEADER))
+        if fault.crash:
+            log.error("injected crash after %d requests", self.faults.requests_seen - 1)
+            os._exit(CRASH_EXIT_STATUS)
+        if fault.status is not None:
+            raise error_for(fault.status)
+        job = await self._parse(request, chat)
+        self.runner.wake()  # a hang-after fault may have just engaged; a new request also wakes it
+        if fault.hang:
+            await asyncio.Event().wait()  # accepted, never answered; a disconnect cancels this handler
+        pending = self._submit(job)
+        try:
+            if job.sampling.stream:
+                return await self._stream(request, pending, fault)
+            await self._wait_all(pending)
+        except asyncio.CancelledError:
+            self._abort(pending)
+            raise
+        finally:
+            for req in pending.requests:
+                self._pending.pop(req.id, None)
+        if fault.drop_after_chunks is not None:
+            _drop(request)
+        outputs = [o for per_prompt in pending.outputs for o in per_prompt]
+        return web.json_response(response_body(job, outputs, sum(len(p) for p in job.prompt_ids)))
+
+    async def _parse(self, request: web.Request, chat: bool) -> Job:
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"JSON decode error: {exc}") from None
+        parse = parse_chat if chat else parse_completion
+        job = parse(body, self.config.served_model_name, self.config.max_model_len)
+        if job.sampling.n > self.config.max_num_seqs:
+            raise ApiError(400, f"n must be at most max_num_seqs ({self.config.max_num_seqs})", param="n")
+        return job
+
+    def _submit(self, job: Job) -> _Pending:
+        s = self.config
+        pending = _Pending(job, [], [])
+        for prompt, ids in zip(job.prompts, job.prompt_ids, strict=True):
+            room = s.max_model_len - len(ids)
+            cap = min(job.sampling.max_tokens or room, room)
+            keys = [sample_key(prompt, i, job.sampling.seed) for i in range(job.sampling.n)]
+            outputs = [generate(k, s.lengths, cap, job.sampling.ignore_eos, job.sampling.stop) for k in keys]
+            req = SimRequest(
+                prompt_ids=ids, targets=[max(1, len(o.words)) for o in outputs], stream=job.sampling.stream
+            )
+            pending.requests.append(req)
+            pending.outputs.append(outputs)
+            self.runner.submit(req)
+            self._pending[req.id] = pending
+        return pending
+
+    async def _wait_all(self, pending: _Pending) -> None:
+        while any(r.state != "finished" for r in pending.requests):
+            pending.event.clear()
+            await pending.event.wait()
+
+    def _abort(self, pending: _Pending) -> None:
+        for req in pending.requests:
+            if req.state in ("waiting", "running"):
+                self.engine.abort(req)
+                self.metrics.finished["abort"] += req.n
+
+    def _on_finish(self, req: SimRequest) -> None:
+        pending = self._pending.get(req.id)
+        if req.finished_at is not None:
+            self.metrics.e2e_latency.observe(req.finished_at - req.arrival)
+        if req.first_token_at is not None:
+            self.metrics.ttft.observe(req.first_token_at - req.arrival)
+        if pending is not None:
+            index = pending.requests.index(req)
+            for out in pending.outputs[index]:
+                self.metrics.finished[out.finish_reason] += 1
+            pending.event.set()
+
+    def _on_progress(self, req: SimRequest) -> None:
+        pending = self._pending.get(req.id)
+        if pending is not None:
+            pending.event.set()
+
+    # --- streaming ------------------------------------------------------------------------------
+
+    async def _stream(self, request: web.Request, pending: _Pending, fault: RequestFault) -> web.StreamResponse:
+        job = pending.job
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        stream = _SseWriter(response, job, new_id(job.chat), fault.drop_after_chunks)
+        progress = [[_ChoiceProgress() for _ in range(job.sampling.n)] for _ in pending.requests]
+        while True:
+            pending.event.clear()
+            for r, req in enumerate(pending.requests):
+                for i, out in enumerate(pending.outputs[r]):
+                    await self._emit(stream, req, i, index=r * job.sampling.n + i, out=out, progress=progress[r][i])
+            if stream.dropped:
+                _drop(request)
+                return response
+            if all(r.state == "finished" for r in pending.requests):
+                break
+            await pending.event.wait()
+        if job.sampling.include_usage:
+            completion = sum(len(o.words) for per in pending.outputs for o in per)
+            await stream.usage(usage(sum(len(p) for p in job.prompt_ids), completion))
+        await stream.done()
+        return response
+
+    async def _emit(
+        self, stream: _SseWriter, req: SimRequest, i: int, *, index: int, out: Output, progress: _ChoiceProgress
+    ) -> None:
+        """Send what choice `i` of `req` generated since the last chunk, and its finish reason once done."""
+        if progress.closed:
+            return
+        done = req.state == "finished" or (req.state == "running" and req.choice_done[i])
+        have = len(out.words) if done else min(len(out.words), self.engine.generated_now(req, i))
+        if have == progress.sent and not done:
+            return
+        tokens = words_as_tokens(out.words)[progress.sent : have]
+        await stream.choice(index, tokens, out.finish_reason if done else None, progress.sent == 0, progress.offset)
+        progress.sent, progress.offset, progress.closed = have, progress.offset + sum(map(len, tokens)), done
+
+
+@dataclass
+class _ChoiceProgress:
+    sent: int = 0  # tokens sent
+    offset: int = 0  # characters sent (text_offset of the next token)
+    closed: bool = False  # the finish chunk went out
+
+
+def _drop(request: web.Request) -> None:
+    """Cut the connection as a crashing or overloaded proxy would: no answer, no clean close."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+class _SseWriter:
+    def __init__(self, response: web.StreamResponse, job: Job, ident: str, drop_after: int | None) -> None:
+        self._response, self._job, self._id = response, job, ident
+        self._created = int(time.time())
+        self._chunks = 0
+        self._drop_after = drop_after
+        self.dropped = False
+
+    async def _send(self, payload: dict[str, Any]) -> None:
+        if self.dropped:
+            return
+        if self._drop_after is not None and self._chunks >= self._drop_after:
+            self.dropped = True
+            return
+        self._chunks += 1
+        await self._response.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self._job.chat else "text_completion"
+        return {
+            "id": self._id,
+            "object": kind,
+            "created": self._created,
+            "model": self._job.model,
+            "choices": choices,
+        }
+
+    async def choice(self, index: int, tokens: Sequence[str], reason: str | None, first: bool, offset: int) -> None:
+        text = "".join(tokens)
+        top = self._job.sampling.logprobs
+        lp = logprobs_block(self._job.chat, tokens, top, offset) if top is not None and tokens else None
+        if self._job.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+            body = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+        else:
+            body = {
+                "index": index,
+                "text": text,
+                "logprobs": lp,
+                "finish_reason": reason,
+                "stop_reason": None,
+            }
+        await self._send(self._envelope([body]))
+
+    async def usage(self, numbers: dict[str, Any]) -> None:
+        await self._send(dict(self._envelope([]), usage=numbers))
+
+    async def done(self) -> None:
+        if not self.dropped:
+            await self._response.write(b"data: [DONE]\n\n")

@@ -1,0 +1,87 @@
+"""The simulator's tokenizer and its deterministic output.
+
+Tokenizer: a token is a run of word characters or a single other non-space character
+(regex `\\w+|[^\\w\\s]`). "Hello, world!" is 4 tokens: Hello , world !. A token's id is
+crc32(token) mod 32000, so ids are stable across runs and machines.
+
+Chat prompts are rendered as `<|im_start|> role content <|im_end|>` per message, plus
+`<|im_start|> assistant` for the reply: 2 + pieces(role) + pieces(content) tokens per message, and 3.
+
+Output: each choice's length and words are drawn from random.Random seeded with a hash of
+(prompt, choice index, seed); without a seed, the seed part is fixed, so output is still deterministic.
+Lengths are log-normal (median exp(mu), spread sigma), capped by max_tokens and the context left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+VOCAB_SIZE = 32000
+_PIECE = re.compile(r"\w+|[^\w\s]")
+_SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "su", "da", "fi", "go", "hu", "ja", "we")
+WORDS = tuple(a + b + c for a in _SYLLABLES for b in _SYLLABLES for c in ("", "n", "s", "r"))  # 1,024 words
+
+
+def pieces(text: str) -> list[str]:
+    return _PIECE.findall(text)
+
+
+def token_ids(text: str) -> list[int]:
+    return [zlib.crc32(p.encode()) % VOCAB_SIZE for p in pieces(text)]
+
+
+def chat_prompt(messages: Sequence[tuple[str, str]]) -> str:
+    """The chat template as plain text; its pieces are its tokens (see the module docstring)."""
+    parts = [f"<|im_start|> {role} {content} <|im_end|>" for role, content in messages]
+    return " ".join([*parts, "<|im_start|> assistant"])
+
+
+def chat_token_count(messages: Sequence[tuple[str, str]]) -> int:
+    return sum(2 + len(pieces(role)) + len(pieces(content)) for role, content in messages) + 2
+
+
+@dataclass(frozen=True)
+class LengthModel:
+    mu: float = 5.3  # median exp(5.3) ~ 200 tokens
+    sigma: float = 0.8
+
+
+def sample_key(prompt: str, index: int, seed: int | None) -> int:
+    digest = hashlib.blake2b(f"{seed}\x00{index}\x00{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+@dataclass(frozen=True)
+class Output:
+    words: tuple[str, ...]
+    finish_reason: str  # "stop" (the model ended, or a stop string) or "length"
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+
+def generate(key: int, lengths: LengthModel, cap: int, ignore_eos: bool, stop: Sequence[str] = ()) -> Output:
+    """The output of one choice: its words and why it ended. One word is one token."""
+    rng = random.Random(key)
+    natural = max(1, round(rng.lognormvariate(lengths.mu, lengths.sigma)))
+    length = cap if ignore_eos else min(natural, cap)
+    words = tuple(rng.choices(WORDS, k=length))
+    reason = "stop" if length < cap else "length"
+    if stop:
+        words, reason = _apply_stop(words, stop, reason)
+    return Output(words, reason)
+
+
+def _apply_stop(words: tuple[str, ...], stop: Sequence[str], reason: str) -> tuple[tuple[str, ...], str]:
+    text = " ".join(words)
+    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
+    if cut < 0:
+        return words, reason
+    kept = text[:cut].split()
+    return tuple(kept), "stop"
