@@ -270,6 +270,7 @@ class Engine:
         target = req.targets[choice]
         req.choice_done[choice] = True
         self._n_decoding -= 1
+        self._n_running_seqs -= 1
         self._context_sum -= req.prompt_len + target
         req.active -= 1
         if req.active == 0:
