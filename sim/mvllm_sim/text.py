@@ -1,11 +1,11 @@
 """The simulator's tokenizer and its deterministic output.
 
-Tokenizer: a token is a run of word characters or a single other non-space character
-(regex `\\w+|[^\\w\\s]`). "Hello, world!" is 4 tokens: Hello , world !. A token's id is
-crc32(token) mod 32000, so ids are stable across runs and machines.
+Tokenizer: a token is a special token such as `<|im_start|>`, a run of word characters, or a single
+other non-space character (regex `<\\|\\w+\\|>|\\w+|[^\\w\\s]`). "Hello, world!" is 4 tokens:
+Hello , world !. A token's id is crc32(token) mod 32000, so ids are stable across runs and machines.
 
 Chat prompts are rendered as `<|im_start|> role content <|im_end|>` per message, plus
-`<|im_start|> assistant` for the reply: 2 + pieces(role) + pieces(content) tokens per message, and 3.
+`<|im_start|> assistant` for the reply: 2 + pieces(role) + pieces(content) tokens per message, plus 2.
 
 Output: each choice's length and words are drawn from random.Random seeded with a hash of
 (prompt, choice index, seed); without a seed, the seed part is fixed, so output is still deterministic.
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 VOCAB_SIZE = 32000
-_PIECE = re.compile(r"\w+|[^\w\s]")
+_PIECE = re.compile(r"<\|\w+\|>|\w+|[^\w\s]")
 _SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "su", "da", "fi", "go", "hu", "ja", "we")
 WORDS = tuple(a + b + c for a in _SYLLABLES for b in _SYLLABLES for c in ("", "n", "s", "r"))  # 1,024 words
 
@@ -39,10 +39,6 @@ def chat_prompt(messages: Sequence[tuple[str, str]]) -> str:
     """The chat template as plain text; its pieces are its tokens (see the module docstring)."""
     parts = [f"<|im_start|> {role} {content} <|im_end|>" for role, content in messages]
     return " ".join([*parts, "<|im_start|> assistant"])
-
-
-def chat_token_count(messages: Sequence[tuple[str, str]]) -> int:
-    return sum(2 + len(pieces(role)) + len(pieces(content)) for role, content in messages) + 2
 
 
 @dataclass(frozen=True)
