@@ -11,7 +11,7 @@ import pytest
 from mvllmctl.client import _warn_on_version_skew, resolve_address
 from mvllmctl.exit_codes import ExitStatus
 
-from conftest import MVLLMCTL, DaemonProcess
+from daemonkit import MVLLMCTL, DaemonProcess
 
 
 def ctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

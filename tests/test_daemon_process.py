@@ -10,7 +10,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from conftest import MVLLMCTL, MVLLMD, DaemonProcess, Spawn
+from daemonkit import MVLLMCTL, MVLLMD, DaemonProcess, Spawn
 
 
 def run_mvllmd(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:

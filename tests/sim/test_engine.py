@@ -68,7 +68,7 @@ def test_kv_pressure_preempts_the_newest_request_and_it_still_finishes() -> None
 
 def test_preempted_request_goes_back_to_the_head_of_the_queue() -> None:
     engine = small_engine(kv_tokens=700, max_num_seqs=2)
-    a = engine.add(SimRequest(prompt_ids=prompt(0, 200), targets=[300]))
+    engine.add(SimRequest(prompt_ids=prompt(0, 200), targets=[300]))
     b = engine.add(SimRequest(prompt_ids=prompt(1, 200), targets=[300]))
     c = engine.add(SimRequest(prompt_ids=prompt(2, 10), targets=[5]))
     while b.preemptions == 0:

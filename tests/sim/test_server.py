@@ -7,10 +7,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import StartSim, completion_body
 from openai import AsyncOpenAI, NotFoundError
 
 from mvllm_sim.text import pieces
+
+from simkit import StartSim, completion_body
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tuple[int, Any]:

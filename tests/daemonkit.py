@@ -1,0 +1,101 @@
+"""Helpers for tests that run mvllmd as a real process (fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+MVLLMD = str(VENV_BIN / "mvllmd")
+MVLLMCTL = str(VENV_BIN / "mvllmctl")
+START_TIMEOUT_S = 30.0
+
+
+class NotifyListener:
+    """The receiving end of sd_notify: a datagram socket, as systemd binds for NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, line: str, timeout: float = START_TIMEOUT_S) -> list[str]:
+        """Collect datagrams until one holds `line`; return everything received so far."""
+        deadline = time.monotonic() + timeout
+        while not any(line in m.splitlines() for m in self.messages):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {line!r} within {timeout}s; got {self.messages}")
+            self.sock.settimeout(remaining)
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+        return self.messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen[str]
+    address: str
+    env: dict[str, str]
+    notify: NotifyListener
+    stderr_path: Path
+    argv: list[str] = field(default_factory=list)
+
+    def ctl(self, *args: str, address: str | None = None) -> subprocess.CompletedProcess[str]:
+        argv = [MVLLMCTL, "--address", address or self.address, *args]
+        return subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=60, check=False)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+
+def start_daemon(
+    tmp: Path, env: dict[str, str], args: Sequence[str], watchdog_usec: int | None = None
+) -> DaemonProcess:
+    """Start mvllmd as systemd would (NOTIFY_SOCKET set) and wait for READY=1."""
+    notify = NotifyListener(tmp / f"notify-{len(list(tmp.glob('notify-*')))}")
+    run_env = dict(env, NOTIFY_SOCKET=str(notify.path))
+    stderr_path = tmp / f"mvllmd-{notify.path.name}.log"
+    argv = [MVLLMD, *args]
+    launch = argv
+    if watchdog_usec is not None:
+        # WATCHDOG_PID must name the daemon itself, known only once it runs: a shell exports its own
+        # PID and `exec`s mvllmd, which keeps that PID.
+        script = f'export WATCHDOG_PID=$$ WATCHDOG_USEC={watchdog_usec}; exec "$@"'
+        launch = ["sh", "-c", script, "sh", *argv]
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen(launch, env=run_env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    daemon = DaemonProcess(proc, _address_of(args, env), run_env, notify, stderr_path, argv)
+    try:
+        notify.wait_for("READY=1")
+    except TimeoutError:
+        daemon.stop()
+        notify.close()
+        raise AssertionError(f"mvllmd did not become ready; its log:\n{stderr_path.read_text()}") from None
+    return daemon
+
+
+def _address_of(args: Sequence[str], env: dict[str, str]) -> str:
+    listens = [args[i + 1] for i, a in enumerate(args) if a == "--listen"]
+    return listens[0] if listens else f"unix:{env['XDG_RUNTIME_DIR']}/mvllmd/mvllmd.sock"
+
+
+Spawn = Callable[..., DaemonProcess]
