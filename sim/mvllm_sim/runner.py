@@ -9,6 +9,7 @@ one does. With --time-scale 0 the engine runs as fast as it can and idle time do
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -75,7 +76,11 @@ class Runner:
 
     async def _idle(self) -> None:
         self._wake.clear()
-        await self._wake.wait()
+        timeout = None
+        if self._crash_at_s is not None and self.time_scale > 0:  # an idle server still dies on time
+            timeout = max(0.0, (self._crash_at_s - self.now_sim()) * self.time_scale)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _resync(self) -> None:
         self.engine.now = self.now_sim()
