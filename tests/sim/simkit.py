@@ -29,6 +29,7 @@ class SimProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [MVLLM_SIM, "--model", "sim", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.stderr_text = ""
 
     def wait_listening(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -49,7 +50,8 @@ class SimProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stderr is not None:
+        if self.proc.stderr is not None and not self.proc.stderr.closed:
+            self.stderr_text = self.proc.stderr.read()
             self.proc.stderr.close()
 
 
