@@ -21,6 +21,9 @@ from mvllmd import errors
 from mvllmd.api.boundary import rpc
 from mvllmd.config import load_config
 from mvllmd.daemon import Daemon
+from mvllmd.instances.manager import InstanceManager
+from mvllmd.instances.units import ProcessSupervisor
+from mvllmd.inventory import Inventory, read_inventory
 from mvllmd.server import SERVER_OPTIONS, _add_services
 from mvllmd.unit_manager import UnitManager
 
@@ -34,7 +37,12 @@ async def served(tmp_path: Path) -> AsyncIterator[str]:
         {"HOME": str(tmp_path)},
         euid=1000,
     )
-    daemon = Daemon(config=config, unit_manager=UnitManager.PROCESS, under_systemd=False)
+
+    async def inventory() -> Inventory:
+        return read_inventory("none", 1, 2)
+
+    instances = InstanceManager(config, ProcessSupervisor(config.daemon.state_dir), inventory)
+    daemon = Daemon(config=config, unit_manager=UnitManager.PROCESS, under_systemd=False, instances=instances)
     daemon.listen_addresses = (f"unix:{tmp_path}/s",)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     health = _add_services(server, daemon)

@@ -61,6 +61,13 @@ Examples:
     type=click.Choice(["auto", "nvml", "nvidia-smi", "none"]),
     help="Where to read GPUs. [auto]",
 )
+@click.option("--vllm-python", metavar="PATH", help="Interpreter of the vLLM environment ([engine.vllm] python).")
+@click.option("--hf-home", metavar="DIR", help="HF_HOME for engines (model cache).")
+@click.option("--hf-token-file", metavar="FILE", help="File whose content engines get as HF_TOKEN.")
+@click.option("--port-base", type=int, metavar="PORT", help="First port for instances. [8000]")
+@click.option("--probe-interval", type=float, metavar="SECONDS", help="Health probe interval. [2]")
+@click.option("--hang-timeout", type=float, metavar="SECONDS", help="No progress this long: UNHEALTHY. [30]")
+@click.option("--max-restarts", type=int, metavar="N", help="Restarts in 5 minutes before FAILED. [5]")
 @click.pass_context
 def cli(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
     """mvllmd: owns this host's GPUs and the vLLM servers on them, and runs rollout jobs across them.
@@ -78,7 +85,7 @@ def cli(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
     notifier = Notifier(os.environ, os.getpid())
     under_systemd = notifier.enabled or bool(os.environ.get("INVOCATION_ID"))
     try:
-        asyncio.run(serve(config, notifier, under_systemd))
+        asyncio.run(serve(config, notifier, under_systemd, os.environ))
     except errors.MvllmError as exc:
         notifier.status(f"failed: {exc}")
         raise

@@ -62,6 +62,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("inventory", "cpu_slots", int, 0, "--cpu-slots", minimum=0, maximum=MAX_DECLARED_DEVICES),
     Option("inventory", "sim_gpus", int, 0, "--sim-gpus", minimum=0, maximum=MAX_DECLARED_DEVICES),
     Option("inventory", "gpu_source", str, "auto", "--gpu-source", choices=("auto", "nvml", "nvidia-smi", "none")),
+    Option("engine.vllm", "python", str, "", "--vllm-python"),
+    Option("engine", "hf_home", str, "", "--hf-home"),
+    Option("engine", "hf_token_file", str, "", "--hf-token-file"),
+    Option("instances", "port_base", int, 8000, "--port-base", minimum=1024, maximum=65535),
+    Option("instances", "probe_interval_s", float, 2.0, "--probe-interval", minimum=0.05, maximum=600),
+    Option("instances", "hang_timeout_s", float, 30.0, "--hang-timeout", minimum=0.5, maximum=3600),
+    Option("instances", "max_restarts", int, 5, "--max-restarts", minimum=0, maximum=1000),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -85,9 +92,26 @@ class InventorySettings:
 
 
 @dataclass(frozen=True)
+class EngineSettings:
+    vllm_python: Path | None  # the interpreter of the vLLM environment
+    hf_home: Path | None  # passed to engines as HF_HOME
+    hf_token_file: Path | None  # its content is passed to engines as HF_TOKEN, never logged
+
+
+@dataclass(frozen=True)
+class InstanceSettings:
+    port_base: int
+    probe_interval_s: float
+    hang_timeout_s: float  # no progress for this long while work waits: UNHEALTHY
+    max_restarts: int  # restarts within RESTART_WINDOW_S before an instance is FAILED
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonSettings
     inventory: InventorySettings
+    engine: EngineSettings = EngineSettings(None, None, None)
+    instances: InstanceSettings = InstanceSettings(8000, 2.0, 30.0, 5)
     config_file: Path | None = None
 
 
@@ -119,10 +143,26 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
+def _flatten(doc: dict[str, Any], sections: list[str], prefix: str = "") -> dict[str, Any]:
+    """Nested tables ([engine.vllm]) become their dotted section; a table that is also a section keeps
+    its own keys and hands its sub-tables on."""
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and any(s.startswith(name + ".") for s in sections):
+            own = {k: v for k, v in value.items() if not (isinstance(v, dict) and f"{name}.{k}" in sections)}
+            if own or name in sections:
+                flat[name] = own
+            flat.update(_flatten({k: v for k, v in value.items() if k not in own}, sections, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def _check_file_values(doc: dict[str, Any], path: Path) -> dict[str, Any]:
     sections = sorted({o.section for o in OPTIONS})
     values: dict[str, Any] = {}
-    for section, table in doc.items():
+    for section, table in _flatten(doc, sections).items():
         if section not in sections:
             raise ConfigError(f"{path}: unknown section [{section}]{_suggest(section, sections)}")
         if not isinstance(table, dict):
@@ -180,7 +220,27 @@ def _build(values: dict[str, Any], config_file: Path | None, environ: Mapping[st
         sim_gpus=values["inventory.sim_gpus"],
         gpu_source=cast(GpuSourceChoice, values["inventory.gpu_source"]),
     )
-    return Config(daemon=daemon, inventory=inventory, config_file=config_file)
+    engine = EngineSettings(
+        vllm_python=_optional_path(values["engine.vllm.python"], "[engine.vllm] python"),
+        hf_home=_optional_path(values["engine.hf_home"], "[engine] hf_home"),
+        hf_token_file=_optional_path(values["engine.hf_token_file"], "[engine] hf_token_file"),
+    )
+    instances = InstanceSettings(
+        port_base=values["instances.port_base"],
+        probe_interval_s=values["instances.probe_interval_s"],
+        hang_timeout_s=values["instances.hang_timeout_s"],
+        max_restarts=values["instances.max_restarts"],
+    )
+    return Config(daemon=daemon, inventory=inventory, engine=engine, instances=instances, config_file=config_file)
+
+
+def _optional_path(text: str, what: str) -> Path | None:
+    if not text:
+        return None
+    path = Path(text)
+    if not path.is_absolute():
+        raise ConfigError(f"{what} must be an absolute path, got {text!r}")
+    return path
 
 
 def _listen(texts: list[str], insecure_tcp: bool, environ: Mapping[str, str], euid: int) -> tuple[ListenAddress, ...]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from mvllm import __version__
 from mvllmd.config import Config
+from mvllmd.instances.manager import InstanceManager
+from mvllmd.instances.placement import device_ref
 from mvllmd.inventory import DeviceKind, Inventory, read_inventory
 from mvllmd.unit_manager import UnitManager
 
@@ -34,6 +36,7 @@ class Daemon:
     config: Config
     unit_manager: UnitManager
     under_systemd: bool
+    instances: InstanceManager
     listen_addresses: tuple[str, ...] = ()
     start_time: datetime = field(default_factory=lambda: datetime.now(UTC))
     _started: float = field(default_factory=time.monotonic)
@@ -55,6 +58,6 @@ class Daemon:
         """Read the inventory afresh: free memory and the processes on a GPU change all the time."""
         settings = self.config.inventory
         inventory = await asyncio.to_thread(read_inventory, settings.gpu_source, settings.cpu_slots, settings.sim_gpus)
-        if kind is None:
-            return inventory
-        return replace(inventory, devices=inventory.of_kind(kind))
+        holders = self.instances.holders()
+        devices = [replace(d, instance=holders.get(device_ref(d), "")) for d in inventory.devices]
+        return replace(inventory, devices=tuple(d for d in devices if kind is None or d.kind is kind))

@@ -58,9 +58,16 @@ def mvllmd_executable() -> Path:
     return Path(found).absolute()
 
 
+def render_text(name: str, replacements: dict[str, str]) -> str:
+    """A unit source from systemd/ with each @FIELD@ replaced by an already quoted value."""
+    text = importlib.resources.files("mvllmd.units").joinpath(name).read_text()
+    for field, value in replacements.items():
+        text = text.replace(field, value)
+    return text
+
+
 def render(name: str, exec_start: Sequence[str]) -> str:
-    template = importlib.resources.files("mvllmd.units").joinpath(name).read_text()
-    return template.replace("@EXEC_START@", " ".join(systemd_quote(a) for a in exec_start))
+    return render_text(name, {"@EXEC_START@": " ".join(systemd_quote(a) for a in exec_start)})
 
 
 def install_units(target: Path, config_file: Path | None) -> list[Path]:

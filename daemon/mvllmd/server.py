@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -21,27 +22,33 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from mvllm import __version__
-from mvllm.v1 import daemon_pb2, daemon_pb2_grpc
+from mvllm.v1 import daemon_pb2, daemon_pb2_grpc, instance_pb2, instance_pb2_grpc
 from mvllmd.api.daemon_service import DaemonServicer
+from mvllmd.api.instance_service import InstanceServicer
 from mvllmd.config import Config
 from mvllmd.daemon import Daemon
 from mvllmd.errors import ConfigError
-from mvllmd.inventory import read_inventory
+from mvllmd.instances.manager import InstanceManager
+from mvllmd.instances.units import ProcessSupervisor, SystemdUnits, UnitBackend
+from mvllmd.inventory import Inventory, read_inventory
 from mvllmd.listeners import Listeners
 from mvllmd.locks import PidLock
 from mvllmd.notify import Notifier
-from mvllmd.unit_manager import pick_unit_manager
+from mvllmd.unit_manager import UnitManager, pick_unit_manager
 
 log = logging.getLogger(__name__)
 
-SERVICES = (daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name,)
+SERVICES = (
+    daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name,
+    instance_pb2.DESCRIPTOR.services_by_name["InstanceService"].full_name,
+)
 SERVER_OPTIONS = (
     # gRPC turns SO_REUSEPORT on by default; with it, a second daemon could bind the same TCP port.
     ("grpc.so_reuseport", 0),
 )
 
 
-async def serve(config: Config, notifier: Notifier, under_systemd: bool) -> None:
+async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ: Mapping[str, str]) -> None:
     """Run the daemon until SIGTERM or SIGINT. Raises MvllmError when it cannot start."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     listeners = Listeners(config.daemon.listen, config.daemon.socket_group)
@@ -49,12 +56,15 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool) -> None
         bound = listeners.bind(server)  # first: a bad address fails before anything is touched
         state_lock = _lock_state_dir(config)
         try:
-            daemon = await _start_up(config, notifier, under_systemd)
+            daemon = await _start_up(config, notifier, under_systemd, environ)
             daemon.listen_addresses = bound
             health = _add_services(server, daemon)
             await server.start()
-            await _run_until_signalled(daemon, health, notifier)
-            await _drain(server, health, notifier, config.daemon.drain_timeout_s)
+            try:
+                await _run_until_signalled(daemon, health, notifier)
+                await _drain(server, health, notifier, config.daemon.drain_timeout_s)
+            finally:
+                await daemon.instances.close()
         finally:
             state_lock.release()
     finally:
@@ -73,7 +83,7 @@ def _lock_state_dir(config: Config) -> PidLock:
     return lock
 
 
-async def _start_up(config: Config, notifier: Notifier, under_systemd: bool) -> Daemon:
+async def _start_up(config: Config, notifier: Notifier, under_systemd: bool, environ: Mapping[str, str]) -> Daemon:
     notifier.status("detecting the unit manager")
     manager = await asyncio.to_thread(pick_unit_manager, config.daemon.unit_manager, os.geteuid())
     notifier.status("reading the device inventory")
@@ -83,7 +93,22 @@ async def _start_up(config: Config, notifier: Notifier, under_systemd: bool) -> 
     counts = Counter(str(d.kind) for d in inventory.devices)
     summary = ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "none"
     log.info("unit manager: %s; devices: %s (GPUs read from %s)", manager, summary, inventory.gpu_source)
-    return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd)
+
+    async def fresh_inventory() -> Inventory:
+        settings = config.inventory
+        return await asyncio.to_thread(read_inventory, settings.gpu_source, settings.cpu_slots, settings.sim_gpus)
+
+    instances = InstanceManager(config, _backend(manager, config, environ), fresh_inventory)
+    notifier.status("re-adopting instances")
+    await instances.start()
+    return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd, instances=instances)
+
+
+def _backend(manager: UnitManager, config: Config, environ: Mapping[str, str]) -> UnitBackend:
+    state_dir = config.daemon.state_dir
+    if manager is UnitManager.PROCESS:
+        return ProcessSupervisor(state_dir)
+    return SystemdUnits("user" if manager is UnitManager.SYSTEMD_USER else "system", state_dir, dict(environ))
 
 
 async def _drain(server: Any, health: Any, notifier: Notifier, timeout_s: float) -> None:
@@ -96,6 +121,7 @@ async def _drain(server: Any, health: Any, notifier: Notifier, timeout_s: float)
 
 def _add_services(server: Any, daemon: Daemon) -> Any:
     daemon_pb2_grpc.add_DaemonServiceServicer_to_server(DaemonServicer(daemon), server)
+    instance_pb2_grpc.add_InstanceServiceServicer_to_server(InstanceServicer(daemon.instances), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -60,5 +60,28 @@ def rpc(method: Method[Servicer, Request, Response]) -> Method[Servicer, Request
             code, message = grpc.StatusCode.INTERNAL, "internal error in mvllmd; its log has the details"
         await context.abort(code, message)
         raise AssertionError("context.abort returned")  # abort always raises
+
+    return wrapper
+
+
+StreamMethod = Callable[[Servicer, Request, Any], AsyncIterator[Response]]
+
+
+def rpc_stream(method: StreamMethod[Servicer, Request, Response]) -> StreamMethod[Servicer, Request, Response]:
+    """Wrap a server-streaming servicer method (an async generator) the same way as `rpc`."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Servicer, request: Request, context: Any) -> AsyncIterator[Response]:
+        await context.send_initial_metadata(((VERSION_METADATA_KEY, __version__),))
+        try:
+            async for item in method(self, request, context):
+                yield item
+            return
+        except errors.MvllmError as exc:
+            code, message = status_for(exc), str(exc)
+        except Exception:
+            log.exception("internal error in %s", method.__qualname__)
+            code, message = grpc.StatusCode.INTERNAL, "internal error in mvllmd; its log has the details"
+        await context.abort(code, message)
 
     return wrapper

@@ -1,0 +1,99 @@
+"""InstanceService: translates launches, stops, listings and log streams between protos and the domain."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from mvllm.v1 import instance_pb2 as pb
+from mvllm.v1 import instance_pb2_grpc
+from mvllmd.api.boundary import rpc, rpc_stream
+from mvllmd.errors import InvalidRequest
+from mvllmd.instances.manager import InstanceManager, InstanceView, LaunchRequest
+from mvllmd.instances.spec import EngineKind, InstanceState
+
+STATES = {
+    InstanceState.STARTING: pb.INSTANCE_STATE_STARTING,
+    InstanceState.READY: pb.INSTANCE_STATE_READY,
+    InstanceState.UNHEALTHY: pb.INSTANCE_STATE_UNHEALTHY,
+    InstanceState.RESTARTING: pb.INSTANCE_STATE_RESTARTING,
+    InstanceState.FAILED: pb.INSTANCE_STATE_FAILED,
+    InstanceState.STOPPED: pb.INSTANCE_STATE_STOPPED,
+}
+ENGINES = {EngineKind.VLLM: pb.ENGINE_KIND_VLLM, EngineKind.SIM: pb.ENGINE_KIND_SIM}
+ENGINES_BY_PROTO = {v: k for k, v in ENGINES.items()}
+DEFAULT_LOG_LINES = 200
+
+
+class InstanceServicer(instance_pb2_grpc.InstanceServiceServicer):  # type: ignore[misc]  # untyped stub base
+    def __init__(self, instances: InstanceManager) -> None:
+        self._instances = instances
+
+    @rpc
+    async def LaunchInstances(self, request: pb.LaunchInstancesRequest, context: Any) -> pb.LaunchInstancesResponse:
+        views = await self._instances.launch(launch_from_proto(request))
+        return pb.LaunchInstancesResponse(instances=[instance_to_proto(v) for v in views])
+
+    @rpc
+    async def StopInstances(self, request: pb.StopInstancesRequest, context: Any) -> pb.StopInstancesResponse:
+        views = await self._instances.stop(list(request.names), request.all, request.force)
+        return pb.StopInstancesResponse(instances=[instance_to_proto(v) for v in views])
+
+    @rpc
+    async def ListInstances(self, request: pb.ListInstancesRequest, context: Any) -> pb.ListInstancesResponse:
+        return pb.ListInstancesResponse(instances=[instance_to_proto(v) for v in self._instances.list_instances()])
+
+    @rpc_stream
+    async def GetInstanceLogs(
+        self, request: pb.GetInstanceLogsRequest, context: Any
+    ) -> AsyncIterator[pb.GetInstanceLogsResponse]:
+        tail = request.tail_lines or DEFAULT_LOG_LINES
+        async for lines in self._instances.logs(request.name, request.follow, tail):
+            yield pb.GetInstanceLogsResponse(lines=lines)
+
+
+def launch_from_proto(request: pb.LaunchInstancesRequest) -> LaunchRequest:
+    if request.engine not in ENGINES_BY_PROTO and request.engine != pb.ENGINE_KIND_UNSPECIFIED:
+        raise InvalidRequest(f"unknown engine {request.engine}")
+    return LaunchRequest(
+        model=request.model,
+        count=request.count or 1,
+        tensor_parallel_size=request.tensor_parallel_size or 1,
+        engine=ENGINES_BY_PROTO.get(request.engine, EngineKind.VLLM),
+        devices=request.devices,
+        port_base=request.port_base or None,
+        host=request.host or "127.0.0.1",
+        env=dict(request.env),
+        engine_args=tuple(request.engine_args),
+        name_prefix=request.name_prefix,
+        api_key=request.api_key,
+        force=request.force,
+        cpu=request.cpu,
+        max_num_seqs=request.max_num_seqs,
+    )
+
+
+def instance_to_proto(view: InstanceView) -> pb.Instance:
+    since = Timestamp()
+    since.FromDatetime(view.since)
+    spec = view.spec
+    return pb.Instance(
+        name=spec.name,
+        state=STATES[view.state],
+        url=spec.url,
+        model=spec.served_model_name,
+        engine=ENGINES[spec.engine],
+        devices=list(spec.devices),
+        port=spec.port,
+        host=spec.host,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        pid=view.pid,
+        max_num_seqs=spec.max_num_seqs,
+        restarts=view.restarts,
+        message=view.message,
+        unit=view.unit,
+        state_since=since,
+        ready_after_seconds=view.ready_after_s,
+    )

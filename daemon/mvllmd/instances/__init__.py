@@ -1,0 +1,1 @@
+"""Instances: engine servers (vLLM or the simulator) on this host's devices, under a unit manager."""

@@ -1,0 +1,65 @@
+"""Probing an engine over HTTP: ready, progressing, or hung. Low rate, so httpx (see the README).
+
+A hung engine can keep answering /health with 200 (vLLM's API server is alive while its worker is
+stuck), and its /metrics gauges may then read 0 running and 0 waiting. So progress is judged by the
+token counters: when they have not moved for a while, a one-token probe request with a deadline
+settles it. A busy engine moves its counters and is never probed, so a slow one is not taken for a
+hung one.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from mvllmd.instances.spec import InstanceSpec
+
+COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+
+
+class Prober:
+    def __init__(self, spec: InstanceSpec, api_key: str | None, timeout_s: float = 5.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._spec = spec
+        self._client = httpx.AsyncClient(base_url=spec.url, headers=headers, timeout=timeout_s)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def ready(self) -> tuple[bool, str]:
+        """(True, "") once /health answers 200 and /v1/models lists the served model."""
+        try:
+            health = await self._client.get("/health")
+            if health.status_code != 200:
+                return False, f"/health answered {health.status_code}"
+            models = await self._client.get("/v1/models")
+            served = [m.get("id") for m in models.json().get("data", [])]
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            return False, f"not answering: {type(exc).__name__}"
+        if self._spec.served_model_name not in served:
+            return False, f"/v1/models lists {served}, not {self._spec.served_model_name!r}"
+        return True, ""
+
+    async def token_count(self) -> float | None:
+        """Prompt plus generated tokens so far, from /metrics; None when it cannot be read."""
+        try:
+            response = await self._client.get("/metrics")
+        except httpx.HTTPError:
+            return None
+        total, seen = 0.0, False
+        for line in response.text.splitlines():
+            if line.startswith(COUNTERS):
+                try:
+                    total += float(line.rsplit(" ", 1)[1])
+                    seen = True
+                except ValueError:
+                    continue
+        return total if seen else None
+
+    async def probe(self, deadline_s: float) -> bool:
+        """A one-token completion; True when it is answered within the deadline."""
+        body = {"model": self._spec.served_model_name, "prompt": "ping", "max_tokens": 1}
+        try:
+            response = await self._client.post("/v1/completions", json=body, timeout=deadline_s)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200

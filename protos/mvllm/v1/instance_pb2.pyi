@@ -1,0 +1,160 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INSTANCE_STATE_UNSPECIFIED: _ClassVar[InstanceState]
+    INSTANCE_STATE_STARTING: _ClassVar[InstanceState]
+    INSTANCE_STATE_READY: _ClassVar[InstanceState]
+    INSTANCE_STATE_UNHEALTHY: _ClassVar[InstanceState]
+    INSTANCE_STATE_RESTARTING: _ClassVar[InstanceState]
+    INSTANCE_STATE_FAILED: _ClassVar[InstanceState]
+    INSTANCE_STATE_STOPPED: _ClassVar[InstanceState]
+
+class EngineKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENGINE_KIND_UNSPECIFIED: _ClassVar[EngineKind]
+    ENGINE_KIND_VLLM: _ClassVar[EngineKind]
+    ENGINE_KIND_SIM: _ClassVar[EngineKind]
+INSTANCE_STATE_UNSPECIFIED: InstanceState
+INSTANCE_STATE_STARTING: InstanceState
+INSTANCE_STATE_READY: InstanceState
+INSTANCE_STATE_UNHEALTHY: InstanceState
+INSTANCE_STATE_RESTARTING: InstanceState
+INSTANCE_STATE_FAILED: InstanceState
+INSTANCE_STATE_STOPPED: InstanceState
+ENGINE_KIND_UNSPECIFIED: EngineKind
+ENGINE_KIND_VLLM: EngineKind
+ENGINE_KIND_SIM: EngineKind
+
+class Instance(_message.Message):
+    __slots__ = ("name", "state", "url", "model", "engine", "devices", "port", "host", "tensor_parallel_size", "pid", "max_num_seqs", "restarts", "message", "unit", "state_since", "ready_after_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    STATE_SINCE_FIELD_NUMBER: _ClassVar[int]
+    READY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: InstanceState
+    url: str
+    model: str
+    engine: EngineKind
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    port: int
+    host: str
+    tensor_parallel_size: int
+    pid: int
+    max_num_seqs: int
+    restarts: int
+    message: str
+    unit: str
+    state_since: _timestamp_pb2.Timestamp
+    ready_after_seconds: float
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., url: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., devices: _Optional[_Iterable[str]] = ..., port: _Optional[int] = ..., host: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pid: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ..., unit: _Optional[str] = ..., state_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_after_seconds: _Optional[float] = ...) -> None: ...
+
+class LaunchInstancesRequest(_message.Message):
+    __slots__ = ("model", "count", "tensor_parallel_size", "engine", "devices", "port_base", "host", "env", "engine_args", "name_prefix", "api_key", "force", "cpu", "max_num_seqs")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    PORT_BASE_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ARGS_FIELD_NUMBER: _ClassVar[int]
+    NAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    count: int
+    tensor_parallel_size: int
+    engine: EngineKind
+    devices: str
+    port_base: int
+    host: str
+    env: _containers.ScalarMap[str, str]
+    engine_args: _containers.RepeatedScalarFieldContainer[str]
+    name_prefix: str
+    api_key: str
+    force: bool
+    cpu: bool
+    max_num_seqs: int
+    def __init__(self, model: _Optional[str] = ..., count: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., devices: _Optional[str] = ..., port_base: _Optional[int] = ..., host: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., engine_args: _Optional[_Iterable[str]] = ..., name_prefix: _Optional[str] = ..., api_key: _Optional[str] = ..., force: _Optional[bool] = ..., cpu: _Optional[bool] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+
+class LaunchInstancesResponse(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+
+class StopInstancesRequest(_message.Message):
+    __slots__ = ("names", "all", "force")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    all: bool
+    force: bool
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., all: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class StopInstancesResponse(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+
+class ListInstancesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListInstancesResponse(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+
+class GetInstanceLogsRequest(_message.Message):
+    __slots__ = ("name", "follow", "tail_lines")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    follow: bool
+    tail_lines: int
+    def __init__(self, name: _Optional[str] = ..., follow: _Optional[bool] = ..., tail_lines: _Optional[int] = ...) -> None: ...
+
+class GetInstanceLogsResponse(_message.Message):
+    __slots__ = ("lines",)
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    lines: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lines: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,3 @@
+from mvllm_sim.cli import main
+
+main()
