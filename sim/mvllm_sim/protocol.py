@@ -34,8 +34,8 @@ class ApiError(Exception):
         }
 
 
-def not_found_model(model: str) -> ApiError:
-    return ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+def not_found_model(model: str, served: str) -> ApiError:
+    return ApiError(404, f"The model `{model}` does not exist. Valid aliases: {served}.", "NotFoundError", "model")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,9 @@ def parse_completion(body: Any, served: str, max_model_len: int) -> Job:
     model = _model(body, served)
     raw = body.get("prompt")
     if raw is None:
-        raise ApiError(400, "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
+        raise ApiError(
+            400, "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)", param="prompt"
+        )
     prompts: list[str]
     ids: list[tuple[int, ...]]
     if isinstance(raw, str):
@@ -117,7 +119,7 @@ def _model(body: dict[str, Any], served: str) -> str:
     if not isinstance(model, str):
         raise ApiError(400, "model must be a string", param="model")
     if model != served:
-        raise not_found_model(model)
+        raise not_found_model(model, served)
     return model
 
 
@@ -139,7 +141,7 @@ def _sampling(body: dict[str, Any], logprobs: int | None, default_max: int | Non
     if n is None:
         n = 1
     if n < 1:
-        raise ApiError(400, f"n must be at least 1, got {n}.", param="n")
+        raise ApiError(400, f"n must be at least 1, got {n}.")
     max_tokens = _opt_int(body, "max_tokens", None, None)
     if max_tokens is None:
         max_tokens = _opt_int(body, "max_completion_tokens", None, None)
@@ -181,6 +183,13 @@ def _sampling(body: dict[str, Any], logprobs: int | None, default_max: int | Non
 
 
 def _check_length(prompt_len: int, max_tokens: int | None, max_model_len: int) -> None:
+    if max_tokens is not None and max_tokens > max_model_len:
+        raise ApiError(
+            400,
+            f"max_tokens={max_tokens} cannot be greater than max_model_len={max_model_len}. Please request fewer "
+            f"output tokens. (parameter=max_tokens, value={max_tokens})",
+            param="max_tokens",
+        )
     wanted = prompt_len + (max_tokens or 0)
     if prompt_len >= max_model_len or wanted > max_model_len:
         raise ApiError(
@@ -283,10 +292,10 @@ def choice_body(job: Job, index: int, output: Output, prompt_ids: Sequence[int])
     else:
         base["text"] = text
         base["prompt_logprobs"] = None
-    if job.sampling.return_token_ids:
-        base["token_ids"] = token_ids(text)
-        if not job.chat:
-            base["prompt_token_ids"] = list(prompt_ids)
+    wants_ids = job.sampling.return_token_ids
+    base["token_ids"] = token_ids(text) if wants_ids else None
+    if not job.chat:
+        base["prompt_token_ids"] = list(prompt_ids) if wants_ids else None
     return base
 
 

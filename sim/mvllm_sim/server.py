@@ -179,7 +179,8 @@ class SimServer:
         try:
             body = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"JSON decode error: {exc}") from None
+            # vLLM answers a body that is not JSON through its request validation: type "Bad Request".
+            raise ApiError(400, f"1 validation error: JSON decode error: {exc}", "Bad Request", "body") from None
         parse = parse_chat if chat else parse_completion
         job = parse(body, self.config.served_model_name, self.config.max_model_len)
         if job.sampling.n > self.config.max_num_seqs:
