@@ -19,6 +19,7 @@ from mvllmctl.context import Ctl
 from mvllmctl.daemon_commands import devices, info
 from mvllmctl.exit_codes import HELP as EXIT_HELP
 from mvllmctl.exit_codes import ExitStatus
+from mvllmctl.instance_commands import launch, logs, status, stop
 
 EPILOG = f"""\b
 Address: --address, else $MVLLM_ADDRESS, else the first socket that exists of
@@ -38,8 +39,8 @@ Shell completion: eval "$(mvllmctl completion bash)"   (also zsh, fish)
 @click.option("--timeout", type=float, default=30.0, show_default=True, metavar="SECONDS", help="Per-call deadline.")
 @click.pass_context
 def cli(ctx: click.Context, /, address: str | None, timeout: float) -> None:
-    """Control mvllmd: its devices now; instances (launch, stop, status, logs) and rollout jobs
-    (submit, jobs, job, watch, cancel) as they land."""
+    """Control mvllmd: its devices, its engine instances (launch, status, stop, logs), and, as they
+    land, rollout jobs (submit, jobs, job, watch, cancel)."""
     client = Client(resolve_address(address, os.environ), timeout)
     ctx.call_on_close(client.close)
     ctx.obj = Ctl(client=client)
@@ -54,8 +55,8 @@ def completion(shell: str) -> None:
     click.echo(completion_class(cli, {}, "mvllmctl", "_MVLLMCTL_COMPLETE").source())
 
 
-cli.add_command(info)
-cli.add_command(devices)
+for command in (info, devices, launch, status, stop, logs):
+    cli.add_command(command)
 
 
 def run(argv: Sequence[str] | None = None) -> int:

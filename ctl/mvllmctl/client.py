@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +57,13 @@ class Client:
             raise self._explain(exc) from None
         _warn_on_version_skew(dict(call.initial_metadata() or ()))
         return response
+
+    def stream(self, method: Any, request: Any) -> Iterator[Any]:
+        """A server stream, without a deadline (it may follow a log for hours)."""
+        try:
+            yield from method(request)
+        except grpc.RpcError as exc:
+            raise self._explain(exc) from None
 
     def close(self) -> None:
         if self._channel is not None:

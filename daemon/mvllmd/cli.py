@@ -120,6 +120,7 @@ def _setup_logging(level: str, journald: bool) -> None:
     # journald stamps each line itself; a terminal gets the time.
     fmt = "%(levelname)s %(name)s: %(message)s" if journald else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe is noise
 
 
 def run(argv: Sequence[str] | None = None) -> int:
