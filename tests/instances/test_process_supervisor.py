@@ -1,0 +1,172 @@
+"""Instances under mvllmd's built-in process supervisor, with mvllm-sim engines: the whole flow, real
+processes and sockets. The same flow under systemd is in test_systemd_instances.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from daemonkit import DaemonProcess, Spawn
+
+SIM_ARGS = ("--", "--time-scale", "0")  # engine arguments: answer at once
+
+
+def free_port_range(width: int = 20) -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        base: int = s.getsockname()[1]
+    return base if base + width < 65535 else 20000
+
+
+@pytest.fixture
+def sup(short_tmp: Path, spawn: Spawn) -> DaemonProcess:
+    args = ["--listen", f"unix:{short_tmp}/m.sock", "--state-dir", str(short_tmp / "state"), "--sim-gpus", "4",
+            "--unit-manager", "process", "--probe-interval", "0.2", "--port-base", str(free_port_range()),
+            "--vllm-python", str(short_tmp / "no-such-venv" / "bin" / "python")]  # fmt: skip
+    return spawn(args)
+
+
+def status(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    done = daemon.ctl("status", "--json")
+    assert done.returncode == 0, done.stderr
+    instances: list[dict[str, Any]] = json.loads(done.stdout)["instances"]
+    return instances
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+
+
+def launch_two(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    done = daemon.ctl("launch", "sim-model", "--engine", "sim", "-n", "2", *SIM_ARGS)
+    assert done.returncode == 0, done.stderr
+    assert "URLs: " in done.stdout
+    instances = status(daemon)
+    assert [i["state"] for i in instances] == ["INSTANCE_STATE_READY"] * 2
+    return instances
+
+
+def test_launch_serve_restart_stop(sup: DaemonProcess) -> None:
+    instances = launch_two(sup)
+    assert [i["name"] for i in instances] == ["sim-model-0", "sim-model-1"]
+    assert [i["devices"] for i in instances] == [["sim-gpu:0"], ["sim-gpu:1"]]
+    for inst in instances:
+        assert inst["url"].startswith("http://127.0.0.1:")
+        reply = httpx.post(
+            f"{inst['url']}/v1/completions", json={"model": "sim-model", "prompt": "hi", "max_tokens": 3}
+        )
+        assert reply.status_code == 200
+    devices = json.loads(sup.ctl("devices", "--json").stdout)["devices"]
+    assert [d["instance"] for d in devices] == ["sim-model-0", "sim-model-1", "", ""]
+
+    # kill -9 the engine: the monitor sees it, starts it again, and it is READY again.
+    old_pid = instances[0]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for(lambda: status(sup)[0]["restarts"] == 1 and status(sup)[0]["state"] == "INSTANCE_STATE_READY")
+    assert status(sup)[0]["pid"] != old_pid
+
+    pids = [i["pid"] for i in status(sup)]
+    done = sup.ctl("stop", "--all")
+    assert done.returncode == 0, done.stderr
+    assert status(sup) == []
+    assert not any(alive(pid) for pid in pids)
+    devices = json.loads(sup.ctl("devices", "--json").stdout)["devices"]
+    assert all(d["instance"] == "" for d in devices)
+
+
+def test_daemon_killed_and_restarted_readopts(sup: DaemonProcess, spawn: Spawn, short_tmp: Path) -> None:
+    before = launch_two(sup)
+    sup.proc.send_signal(signal.SIGKILL)
+    sup.proc.wait()
+    assert all(alive(i["pid"]) for i in before)  # the engines outlive the daemon...
+    again = spawn(sup.argv[1:])
+    wait_for(lambda: [i["state"] for i in status(again)] == ["INSTANCE_STATE_READY"] * 2)
+    after = status(again)
+    assert [i["pid"] for i in after] == [i["pid"] for i in before]  # ...and are adopted, not doubled
+    assert again.ctl("stop", "--all").returncode == 0
+    assert not any(alive(i["pid"]) for i in before)
+
+
+def test_clean_daemon_stop_stops_its_engines(sup: DaemonProcess) -> None:
+    pids = [i["pid"] for i in launch_two(sup)]
+    assert sup.stop() == 0
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_a_request_that_does_not_fit(sup: DaemonProcess, short_tmp: Path) -> None:
+    done = sup.ctl("launch", "m", "--engine", "sim", "-n", "3", "--tp", "2", *SIM_ARGS)
+    assert done.returncode == 4
+    assert "3 x TP2 needs 6 sim-gpus; 4 free: free 0-3" in done.stderr
+    assert status(sup) == []
+    assert list((short_tmp / "state" / "instances").glob("*.json")) == []  # nothing half-started
+
+
+def test_explicit_devices_overlapping_a_running_instance(sup: DaemonProcess) -> None:
+    assert sup.ctl("launch", "a", "--engine", "sim", "--tp", "2", "--devices", "0-1", *SIM_ARGS).returncode == 0
+    done = sup.ctl("launch", "b", "--engine", "sim", "--tp", "2", "--devices", "1-2", *SIM_ARGS)
+    assert done.returncode == 1
+    assert "sim-gpu 1 is held by instance a-0" in done.stderr
+    assert [i["name"] for i in status(sup)] == ["a-0"]
+    assert sup.ctl("info").returncode == 0
+
+
+def test_model_string_with_shell_and_systemd_characters(sup: DaemonProcess) -> None:
+    model = 'org/we"ird; $HOME %d\nmodel'
+    done = sup.ctl("launch", model, "--engine", "sim", *SIM_ARGS)
+    assert done.returncode == 0, done.stderr
+    (inst,) = status(sup)
+    assert inst["name"] == "we-ird-home-d-model-0"
+    assert inst["model"] == model  # reached the engine as one argv word, unchanged
+    listed = httpx.get(f"{inst['url']}/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == [model]
+
+
+def test_missing_engine_interpreter(sup: DaemonProcess, short_tmp: Path) -> None:
+    done = sup.ctl("launch", "org/model", "--cpu")
+    assert done.returncode == 2
+    assert f"the vLLM interpreter {short_tmp}/no-such-venv/bin/python does not exist" in done.stderr
+    assert status(sup) == []
+
+
+def test_an_engine_that_exits_at_once(sup: DaemonProcess) -> None:
+    done = sup.ctl("launch", "m", "--engine", "sim", "--", "--tensor-parallel-size", "3")
+    assert done.returncode == 1
+    assert "the engine exited before it was ever ready" in done.stderr
+    assert "--tensor-parallel-size 3 is not modelled" in done.stderr  # the engine's own words, from its log
+    (inst,) = status(sup)
+    assert inst["state"] == "INSTANCE_STATE_FAILED"
+    assert "exited with status 2" in inst["message"]
+    devices = json.loads(sup.ctl("devices", "--json").stdout)["devices"]
+    assert all(d["instance"] == "" for d in devices)  # a failed instance holds no device
+    assert sup.ctl("stop", "m-0").returncode == 0
+    assert sup.ctl("info").returncode == 0
+
+
+def test_logs(sup: DaemonProcess) -> None:
+    launch_two(sup)
+    done = sup.ctl("logs", "sim-model-0", "--tail", "5")
+    assert done.returncode == 0, done.stderr
+    assert "mvllm-sim serving sim-model" in done.stdout
+    missing = sup.ctl("logs", "nope-0")
+    assert missing.returncode == 1
+    assert "no instance nope-0" in missing.stderr
