@@ -296,6 +296,7 @@ class InstanceManager:
         return [self._view(inst) for inst in targets]
 
     async def _forget(self, inst: _Instance, force: bool) -> None:
+        """Stop it, mark it STOPPED, remove its spec: it holds nothing and is listed no more."""
         if inst.monitor is not None and inst.monitor is not asyncio.current_task():
             inst.monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -329,6 +330,10 @@ class InstanceManager:
             while inst.state is not InstanceState.FAILED:
                 await asyncio.sleep(self._config.instances.probe_interval_s)
                 status = await self._backend.status(inst.spec.name)
+                if status.stopped_outside:  # e.g. `systemctl stop mvllm-instances.target`
+                    log.info("instance %s was stopped outside mvllmd; forgetting it", inst.spec.name)
+                    await self._forget(inst, force=False)
+                    return
                 if not status.running:
                     await self._on_exit(inst, status.detail)
                     health = _Health()

@@ -41,6 +41,7 @@ class UnitStatus:
     pid: int = 0
     exit_status: int | None = None  # how it ended, when it has and that is known
     detail: str = ""
+    stopped_outside: bool = False  # someone stopped it on purpose (systemctl stop): not a crash
 
 
 class UnitBackend(Protocol):
@@ -252,7 +253,10 @@ class SystemdUnits:
             return UnitStatus(running=True, pid=pid)
         code = props.get("ExecMainStatus", "")
         detail = f"{props.get('ActiveState', '?')} ({props.get('Result', '?')}, status {code})"
-        return UnitStatus(running=False, exit_status=int(code) if code.isdigit() else None, detail=detail)
+        on_purpose = props.get("ActiveState") == "inactive" and props.get("Result") == "success"
+        return UnitStatus(
+            running=False, exit_status=int(code) if code.isdigit() else None, detail=detail, stopped_outside=on_purpose
+        )
 
     async def running(self) -> set[str]:
         out = await self._systemctl("list-units", "--all", "--plain", "--no-legend", f"{UNIT_PREFIX}*", check=False)
