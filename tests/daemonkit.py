@@ -53,11 +53,12 @@ class DaemonProcess:
     stderr_path: Path
     argv: list[str] = field(default_factory=list)
 
-    def ctl(self, *args: str, address: str | None = None) -> subprocess.CompletedProcess[str]:
+    def ctl(self, *args: str, address: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         argv = [MVLLMCTL, "--address", address or self.address, *args]
-        return subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=60, check=False)
+        return subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=timeout, check=False)
 
-    def stop(self, timeout: float = 30.0) -> int:
+    def stop(self, timeout: float = 120.0) -> int:
+        """SIGTERM, and wait: the daemon drains, then stops its supervised engines (30 s grace each, at once)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)

