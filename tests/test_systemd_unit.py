@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mvllmd.install import render, systemd_quote
+from mvllmd.install import render, render_text, systemd_quote
 
 from usermanager import UserManager, available, remove_stale_cgroups
 
@@ -65,6 +65,17 @@ def test_systemd_analyze_verify(manager: UserManager) -> None:
     done = manager.run(["systemd-analyze", "--user", "verify", str(path)])
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "", done.stderr  # no warnings either
+
+
+def test_instance_template_verifies(manager: UserManager, tmp_path: Path) -> None:
+    fields = {"@PYTHON@": systemd_quote(sys.executable), "@STATE_DIR@": systemd_quote(str(tmp_path / "state dir"))}
+    manager.write_file(manager.unit_dir / "mvllm-instances.target", render_text("mvllm-instances.target", {}))
+    path = manager.write_file(
+        manager.unit_dir / "mvllm-instance@verify.service", render_text("mvllm-instance@.service", fields)
+    )
+    done = manager.run(["systemd-analyze", "--user", "verify", str(path)])
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "", done.stderr
 
 
 def test_exec_start_quoting_round_trips(manager: UserManager, tmp_path: Path) -> None:
