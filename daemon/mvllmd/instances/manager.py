@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 RESTART_WINDOW_S = 300.0
 MAX_BACKOFF_S = 30.0
+STARTING_PROBE_S = 0.2  # while an engine starts, look often: READY as soon as it is, not a probe interval later
 ENGINE_MODULES = {EngineKind.VLLM: "vllm.entrypoints.openai.api_server", EngineKind.SIM: "mvllm_sim"}
 DEFAULT_MAX_NUM_SEQS = {EngineKind.VLLM: 256, EngineKind.SIM: 1024}  # each engine's own default
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -328,7 +329,9 @@ class InstanceManager:
         health = _Health()
         try:
             while inst.state is not InstanceState.FAILED:
-                await asyncio.sleep(self._config.instances.probe_interval_s)
+                interval = self._config.instances.probe_interval_s
+                starting = inst.state in (InstanceState.STARTING, InstanceState.RESTARTING)
+                await asyncio.sleep(min(interval, STARTING_PROBE_S) if starting else interval)
                 status = await self._backend.status(inst.spec.name)
                 if status.stopped_outside:  # e.g. `systemctl stop mvllm-instances.target`
                     log.info("instance %s was stopped outside mvllmd; forgetting it", inst.spec.name)
