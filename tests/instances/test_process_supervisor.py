@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from daemonkit import DaemonProcess, Spawn
+from daemonkit import MVLLMCTL, DaemonProcess, Spawn
 
 SIM_ARGS = ("--", "--time-scale", "0")  # engine arguments: answer at once
 
@@ -170,3 +171,39 @@ def test_logs(sup: DaemonProcess) -> None:
     missing = sup.ctl("logs", "nope-0")
     assert missing.returncode == 1
     assert "no instance nope-0" in missing.stderr
+
+
+def test_a_hung_engine_is_unhealthy_then_restarted(short_tmp: Path, spawn: Spawn) -> None:
+    args = ["--listen", f"unix:{short_tmp}/h.sock", "--state-dir", str(short_tmp / "hstate"), "--sim-gpus", "1",
+            "--unit-manager", "process", "--probe-interval", "0.2", "--hang-timeout", "1",
+            "--port-base", str(free_port_range())]  # fmt: skip
+    daemon = spawn(args)
+    # The engine stops stepping at its first request, as a vLLM whose worker is stuck: /health stays 200.
+    done = daemon.ctl("launch", "m", "--engine", "sim", "--", "--time-scale", "0", "--hang-after-requests", "1")
+    assert done.returncode == 0, done.stderr
+    seen: set[str] = set()
+
+    def restarted() -> bool:
+        (inst,) = status(daemon)
+        seen.add(inst["state"])
+        return inst["restarts"] >= 1 and inst["state"] == "INSTANCE_STATE_READY"
+
+    wait_for(restarted)
+    assert "INSTANCE_STATE_UNHEALTHY" in seen
+
+
+def test_logs_follow_until_interrupted(sup: DaemonProcess) -> None:
+    launch_two(sup)
+    follower = subprocess.Popen(
+        [MVLLMCTL, "--address", sup.address, "logs", "sim-model-1", "-f"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=sup.env,
+    )
+    assert follower.stdout is not None
+    assert "mvllm-sim serving sim-model" in follower.stdout.readline()
+    follower.send_signal(signal.SIGINT)
+    _, err = follower.communicate(timeout=30)
+    assert follower.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
