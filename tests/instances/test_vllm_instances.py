@@ -2,13 +2,15 @@
 under a real systemd user manager, and under the built-in process supervisor.
 
 Launch 2 instances, both READY and serving; kill -9 an engine's main process: detected, started again,
-READY again; stop them all: units gone, processes gone, devices free. Slow (vLLM takes 35-60 s to start
+READY again; (process supervisor) SIGSTOP an engine's worker: UNHEALTHY, then restarted; stop them all:
+units gone, processes gone, devices free. Slow (vLLM takes 35-60 s to start
 on this machine), so each flow runs once."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -33,10 +35,10 @@ def engine_dir() -> Path:
     return path
 
 
-def config_text(engine: Path, port_base: int) -> str:
+def config_text(engine: Path, port_base: int, hang_timeout_s: float = 30.0) -> str:
     return (
         f'[inventory]\ncpu_slots = 2\n[engine.vllm]\npython = "{engine}/venv/bin/python"\n'
-        f"[instances]\nprobe_interval_s = 0.5\nport_base = {port_base}\n"
+        f"[instances]\nprobe_interval_s = 0.5\nport_base = {port_base}\nhang_timeout_s = {hang_timeout_s}\n"
     )
 
 
@@ -110,7 +112,7 @@ def test_vllm_instances_as_systemd_units(tmp_path_factory: pytest.TempPathFactor
 
 def test_vllm_instances_under_the_process_supervisor(short_tmp: Path, spawn: Spawn) -> None:
     engine = engine_dir()
-    (short_tmp / "mvllmd.toml").write_text(config_text(engine, 19100))
+    (short_tmp / "mvllmd.toml").write_text(config_text(engine, 19100, hang_timeout_s=5))
     daemon = spawn(["--listen", f"unix:{short_tmp}/m.sock", "--state-dir", str(short_tmp / "state"),
                     "--config", str(short_tmp / "mvllmd.toml"), "--unit-manager", "process"])  # fmt: skip
 
@@ -122,6 +124,17 @@ def test_vllm_instances_under_the_process_supervisor(short_tmp: Path, spawn: Spa
     assert all(len(g) >= 2 for g in groups)  # vLLM's API server plus its EngineCore, in one group
     kill_and_recover(ctl, lambda pid: os.kill(pid, 9))
     assert not _group(instances[0]["pid"])  # the killed engine's helpers went with it
+
+    # A real hang: SIGSTOP the engine's worker. /health keeps answering 200; the monitor's probe request
+    # goes unanswered, the instance turns UNHEALTHY, and is killed and started again.
+    hung = status(ctl)[1]
+    (worker,) = [pid for pid in _group(hung["pid"]) if Path(f"/proc/{pid}/comm").read_text().strip() == "VLLM::Worker"]
+    os.kill(worker, signal.SIGSTOP)
+    assert httpx.get(f"{hung['url']}/health", timeout=10).status_code == 200
+    wait_for(lambda: status(ctl)[1]["state"] == "INSTANCE_STATE_UNHEALTHY", 60)
+    wait_for(lambda: status(ctl)[1]["state"] == "INSTANCE_STATE_READY", READY_TIMEOUT_S)
+    assert status(ctl)[1]["restarts"] == 1 and status(ctl)[1]["pid"] != hung["pid"]
+    assert not _group(hung["pid"])  # the stopped worker was killed with its group
     leaders = [i["pid"] for i in status(ctl)]
     assert ctl("stop", "--all").returncode == 0
     assert all(not _group(pid) for pid in leaders)  # every process of every group is gone

@@ -129,14 +129,14 @@ def _describe(pool: Pool, force: bool) -> str:
 
 
 def _ranges(indexes: Iterable[int]) -> str:
-    ordered = sorted(indexes)
-    runs: list[str] = []
-    for i in ordered:
-        if runs and runs[-1].split("-")[-1] == str(i - 1):
-            runs[-1] = f"{runs[-1].split('-')[0]}-{i}"
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    runs: list[list[int]] = []
+    for i in sorted(indexes):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
         else:
-            runs.append(str(i))
-    return ",".join(runs)
+            runs.append([i, i])
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in runs)
 
 
 def pick_ports(host: str, base: int, count: int, taken: Collection[int]) -> list[int]:

@@ -132,7 +132,7 @@ class ProcessSupervisor:
             return UnitStatus(running=False, exit_status=code, detail=_describe_exit(code))
         if _alive(child):
             return UnitStatus(running=True, pid=child.pid)
-        return UnitStatus(running=False, detail="exited while mvllmd was away")
+        return UnitStatus(running=False, detail="exited (adopted after a daemon restart, so its status is unknown)")
 
     def _reap_group(self, child: _Child) -> None:
         """The main process is gone; its helpers (vLLM's EngineCore) must not outlive it."""
