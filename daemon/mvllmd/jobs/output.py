@@ -1,0 +1,339 @@
+"""A job's output: parts written as samples finish, then one sorted parquet file.
+
+While a job runs, finished samples go to `OUT.parts/part-NNNNNN.parquet`, each part sorted by
+(prompt_index, sample_index) and written atomically (temp file, fsync, rename), so a crash at any point
+loses no sample that was written and leaves no half-written part. `DoneMap` (one bit per sample) says
+which samples the parts already hold, for resuming.
+
+At the end, `assemble` merges the parts out of core (k-way, in bounded windows; in several passes when
+there are many parts), joins the input's columns back by prompt_index (an input column whose name
+collides with an output column gets an `input_` prefix), writes a temp file beside OUT and renames it
+over OUT. Only then are the parts removed: OUT exists only when it is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mvllmd.errors import MvllmError
+from mvllmd.jobs.input import InputInfo, iter_batches
+
+KEY_BITS = 16  # sample_index < 65536: the sort key is prompt_index << 16 | sample_index
+MAX_SAMPLES = 1 << KEY_BITS
+MERGE_FAN_IN = 32
+WINDOW_ROWS = 8192
+
+
+class OutputError(MvllmError):
+    """The output cannot be written or assembled."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One finished (or failed) sample: a row of the output, before the input's columns are joined."""
+
+    prompt_index: int
+    sample_index: int
+    response: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    endpoint: str | None
+    latency_s: float | None
+    seed: int | None
+    error: str | None
+    logprobs: list[float] | None = None
+    token_ids: list[int] | None = None
+
+
+BASE_FIELDS = [
+    pa.field("prompt_index", pa.int64(), nullable=False),
+    pa.field("sample_index", pa.int32(), nullable=False),
+    pa.field("response", pa.string()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("completion_tokens", pa.int32()),
+    pa.field("endpoint", pa.string()),
+    pa.field("latency_s", pa.float64()),
+    pa.field("seed", pa.int64()),
+    pa.field("error", pa.string()),
+]
+
+
+def result_schema(logprobs: bool, token_ids: bool) -> pa.Schema:
+    extra = []
+    if logprobs:
+        extra.append(pa.field("logprobs", pa.list_(pa.float64())))
+    if token_ids:
+        extra.append(pa.field("token_ids", pa.list_(pa.int32())))
+    return pa.schema(BASE_FIELDS + extra)
+
+
+def parts_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".parts")
+
+
+# --- which samples are done ----------------------------------------------------------------------
+
+
+class DoneMap:
+    """One bit per (prompt, sample): 1,000,000 prompts x 8 samples take 1 MB."""
+
+    def __init__(self, num_prompts: int, num_samples: int) -> None:
+        self.num_prompts, self.num_samples = num_prompts, num_samples
+        self._bits = bytearray((num_prompts * num_samples + 7) // 8)
+        self.count = 0
+
+    def _bit(self, prompt: int, sample: int) -> tuple[int, int]:
+        i = prompt * self.num_samples + sample
+        return i >> 3, 1 << (i & 7)
+
+    def is_done(self, prompt: int, sample: int) -> bool:
+        byte, mask = self._bit(prompt, sample)
+        return bool(self._bits[byte] & mask)
+
+    def mark(self, prompt: int, sample: int) -> bool:
+        """Mark a sample done; False when it already was (a duplicate, e.g. a hedged request's twin)."""
+        byte, mask = self._bit(prompt, sample)
+        if self._bits[byte] & mask:
+            return False
+        self._bits[byte] |= mask
+        self.count += 1
+        return True
+
+    def prompt_done(self, prompt: int) -> bool:
+        return all(self.is_done(prompt, s) for s in range(self.num_samples))
+
+
+def load_done(parts: Path, done: DoneMap) -> int:
+    """Mark what the parts already hold (only their key columns are read); return how many samples."""
+    before = done.count
+    for part in sorted(parts.glob("part-*.parquet")):
+        keys = pq.read_table(part, columns=["prompt_index", "sample_index"])
+        for p, s in zip(keys.column(0).to_pylist(), keys.column(1).to_pylist(), strict=True):
+            if p < done.num_prompts and s < done.num_samples:
+                done.mark(p, s)
+    return done.count - before
+
+
+# --- parts ---------------------------------------------------------------------------------------
+
+
+class PartWriter:
+    def __init__(self, parts: Path, schema: pa.Schema, flush_rows: int = 4096) -> None:
+        self._dir = parts
+        self._schema = schema
+        self._flush_rows = flush_rows
+        self._rows: list[Sample] = []
+        parts.mkdir(mode=0o755, parents=True, exist_ok=True)
+        existing = [int(p.stem.split("-")[1]) for p in parts.glob("part-*.parquet")]
+        self._next = max(existing, default=0) + 1
+
+    @property
+    def pending(self) -> int:
+        return len(self._rows)
+
+    def add(self, sample: Sample) -> None:
+        self._rows.append(sample)
+        if len(self._rows) >= self._flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        rows = sorted(self._rows, key=lambda r: (r.prompt_index, r.sample_index))
+        names = self._schema.names
+        columns = {f.name: [getattr(r, f.name) for r in rows] for f in fields(Sample) if f.name in names}
+        table = pa.Table.from_pydict(columns, schema=self._schema)
+        path = self._dir / f"part-{self._next:06d}.parquet"
+        _write_atomically(table, path)
+        self._next += 1
+        self._rows.clear()
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    _fsync(tmp)
+    tmp.replace(path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- assembly ------------------------------------------------------------------------------------
+
+
+def assemble(
+    parts: Path, output: Path, source: InputInfo, schema: pa.Schema, *, metadata: dict[str, str], expected_rows: int
+) -> int:
+    """Merge the parts and the input's columns into OUT, atomically; return the row count."""
+    runs = sorted(parts.glob("part-*.parquet"))
+    generation = 0
+    while len(runs) > MERGE_FAN_IN:  # many parts: merge groups into longer sorted runs first
+        generation += 1
+        merged = []
+        for i in range(0, len(runs), MERGE_FAN_IN):
+            target = parts / f"run-{generation:02d}-{i // MERGE_FAN_IN:06d}.parquet"
+            _merge(runs[i : i + MERGE_FAN_IN], target, schema)
+            merged.append(target)
+        for run in runs:
+            if run.name.startswith("run-"):
+                run.unlink()  # an earlier generation's run; parts stay until OUT is complete
+        runs = merged
+    tmp = output.with_name(f".{output.name}.tmp")
+    rows = _final_merge(runs, tmp, source, schema, metadata)
+    if rows != expected_rows:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"assembled {rows} rows where {expected_rows} were expected; the parts are kept")
+    _fsync(tmp)
+    tmp.replace(output)
+    _fsync(output.parent)
+    shutil.rmtree(parts)
+    return rows
+
+
+def _merge(runs: Sequence[Path], target: Path, schema: pa.Schema) -> None:
+    with pq.ParquetWriter(target, schema) as writer:
+        for window in _merged_windows(runs, schema):
+            writer.write_table(window)
+
+
+def _final_merge(
+    runs: Sequence[Path], tmp: Path, source: InputInfo, schema: pa.Schema, metadata: dict[str, str]
+) -> int:
+    inputs = _InputCursor(source, set(schema.names))
+    extra_fields = [pa.field(name, dtype) for name, dtype in inputs.fields()]
+    out_schema = pa.schema([*schema, *extra_fields], metadata=metadata)
+    rows = 0
+    with pq.ParquetWriter(tmp, out_schema) as writer:
+        for window in _merged_windows(runs, schema):
+            extra = inputs.take(window.column("prompt_index"))
+            table = pa.Table.from_arrays([*window.columns, *extra], schema=out_schema)
+            writer.write_table(table)
+            rows += table.num_rows
+        if rows == 0:
+            writer.write_table(out_schema.empty_table())
+    return rows
+
+
+def _merged_windows(runs: Sequence[Path], schema: pa.Schema) -> Iterator[pa.Table]:
+    """The rows of sorted runs, merged, in sorted tables of bounded size; duplicates dropped."""
+    batch_rows = max(64, WINDOW_ROWS // max(1, len(runs)))
+    cursors = [_RunCursor(run, schema, batch_rows) for run in runs]
+    last_key = -1
+    while True:
+        live = [c for c in cursors if c.fill()]
+        if not live:
+            return
+        bound = min(c.last_key() for c in live)  # every run can give all its rows with key <= bound
+        table = pa.concat_tables([c.take_upto(bound) for c in live])
+        keys = _keys(table)
+        order = pc.sort_indices(keys)
+        table, keys = table.take(order), keys.take(order)
+        keep = _first_of_each_key(keys.to_numpy(), last_key)
+        if keep is not None:
+            table = table.filter(keep)
+        if table.num_rows:
+            last_key = int(_keys(table)[-1].as_py())
+            yield table
+
+
+def _keys(table: pa.Table) -> pa.Array:
+    prompt = pc.cast(table.column("prompt_index"), pa.int64())
+    sample = pc.cast(table.column("sample_index"), pa.int64())
+    return pc.add(pc.shift_left(prompt, KEY_BITS), sample).combine_chunks()
+
+
+def _first_of_each_key(keys: Any, previous: int) -> pa.Array | None:
+    """A mask keeping the first row of each key (and none equal to the previous window's last)."""
+    import numpy as np  # noqa: PLC0415  (pyarrow's own dependency)
+
+    if len(keys) == 0:
+        return None
+    shifted = np.concatenate(([previous], keys[:-1]))
+    mask = keys != shifted
+    return None if mask.all() else pa.array(mask)
+
+
+class _RunCursor:
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int) -> None:
+        self._batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=schema.names)
+        self._schema = schema
+        self._buffer: pa.Table | None = None
+
+    def fill(self) -> bool:
+        while self._buffer is None or self._buffer.num_rows == 0:
+            batch = next(self._batches, None)
+            if batch is None:
+                return False
+            self._buffer = pa.Table.from_batches([batch]).cast(self._schema)
+        return True
+
+    def last_key(self) -> int:
+        assert self._buffer is not None
+        return int(_keys(self._buffer.slice(self._buffer.num_rows - 1))[0].as_py())
+
+    def take_upto(self, bound: int) -> pa.Table:
+        assert self._buffer is not None
+        count = int(pc.sum(pc.less_equal(_keys(self._buffer), bound)).as_py() or 0)  # sorted: a prefix
+        taken, self._buffer = self._buffer.slice(0, count), self._buffer.slice(count)
+        return taken
+
+
+class _InputCursor:
+    """The input's columns, read forward in prompt_index order, to join onto sorted output rows."""
+
+    def __init__(self, source: InputInfo, taken: set[str]) -> None:
+        self._batches = iter_batches(source)
+        self._current: pa.RecordBatch | None = None
+        self._start = 0
+        first = next(self._batches, None)
+        self._schema = first.columns.schema if first is not None else pa.schema([])
+        self._current = first.columns if first is not None else None
+        self._names = [f"input_{n}" if n in taken else n for n in self._schema.names]
+
+    def fields(self) -> list[tuple[str, pa.DataType]]:
+        return [(name, self._schema.field(i).type) for i, name in enumerate(self._names)]
+
+    def take(self, prompt_index: pa.ChunkedArray) -> list[pa.Array]:
+        """The input rows of these prompt indexes (ascending), one array per input column."""
+        wanted = pc.cast(prompt_index, pa.int64()).combine_chunks()
+        if not self._names:
+            return []
+        pieces: list[pa.RecordBatch] = []
+        position = 0
+        values = wanted.to_numpy()
+        while position < len(values):
+            self._advance_to(int(values[position]))
+            assert self._current is not None
+            end = self._start + self._current.num_rows
+            upto = int((values < end).sum())
+            local = pa.array(values[position:upto] - self._start)
+            pieces.append(self._current.take(local))
+            position = upto
+        table = pa.Table.from_batches(pieces, schema=self._schema)
+        return [table.column(i).combine_chunks() for i in range(table.num_columns)]
+
+    def _advance_to(self, index: int) -> None:
+        while self._current is not None and index >= self._start + self._current.num_rows:
+            self._start += self._current.num_rows
+            batch = next(self._batches, None)
+            self._current = batch.columns.cast(self._schema) if batch is not None else None
+        if self._current is None:
+            raise OutputError(f"prompt_index {index} is beyond the end of the input")

@@ -1,0 +1,101 @@
+"""Output parts and their assembly: sorted, each sample once, input columns joined, atomic."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mvllmd.jobs import output
+from mvllmd.jobs.input import inspect
+from mvllmd.jobs.output import DoneMap, OutputError, PartWriter, Sample, assemble, load_done, parts_dir, result_schema
+
+
+def sample(p: int, s: int, error: str | None = None) -> Sample:
+    return Sample(p, s, None if error else f"r{p}.{s}", "stop", 3, 5, "http://x", 0.1, None, error)
+
+
+def write_input(tmp: Path, n: int) -> Path:
+    path = tmp / "in.parquet"
+    pq.write_table(pa.table({"prompt": [f"q{i}" for i in range(n)], "response": [f"gold{i}" for i in range(n)],
+                             "id": list(range(100, 100 + n))}), path)  # fmt: skip
+    return path
+
+
+def test_done_map() -> None:
+    done = DoneMap(1000, 8)
+    assert done.mark(999, 7) and not done.mark(999, 7)
+    assert done.is_done(999, 7) and not done.is_done(999, 6)
+    assert done.count == 1
+    for s in range(8):
+        done.mark(3, s)
+    assert done.prompt_done(3) and not done.prompt_done(4)
+
+
+@pytest.mark.parametrize("fan_in", [32, 2])  # one pass, and several passes of merged runs
+def test_parts_assemble_sorted_once_with_input_columns(
+    tmp_path: Path, fan_in: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(output, "MERGE_FAN_IN", fan_in)
+    monkeypatch.setattr(output, "WINDOW_ROWS", 64)
+    n, k = 500, 3
+    source = inspect(write_input(tmp_path, n))
+    out = tmp_path / "out.parquet"
+    schema = result_schema(logprobs=False, token_ids=False)
+    writer = PartWriter(parts_dir(out), schema, flush_rows=97)
+    keys = [(p, s) for p in range(n) for s in range(k)]
+    random.Random(1).shuffle(keys)
+    for p, s in keys + keys[:40]:  # 40 duplicates, as hedged requests can give
+        writer.add(sample(p, s, error="too long" if p == 7 else None))
+    writer.flush()
+    done = DoneMap(n, k)
+    assert load_done(parts_dir(out), done) == n * k
+    rows = assemble(parts_dir(out), out, source, schema, metadata={"model": "m"}, expected_rows=n * k)
+    assert rows == n * k
+    table = pq.read_table(out)
+    assert table.column("prompt_index").to_pylist() == [p for p in range(n) for _ in range(k)]
+    assert table.column("sample_index").to_pylist() == list(range(k)) * n
+    assert table.column("input_response").to_pylist()[:3] == ["gold0"] * 3  # renamed: it collides
+    assert table.column("prompt").to_pylist()[-1] == f"q{n - 1}"
+    assert table.column("id").to_pylist()[k * 10] == 110
+    assert table.column("error").to_pylist()[7 * k] == "too long"
+    assert table.schema.metadata == {b"model": b"m"}
+    assert not parts_dir(out).exists()
+
+
+def test_assembly_refuses_a_short_output_and_keeps_the_parts(tmp_path: Path) -> None:
+    source = inspect(write_input(tmp_path, 10))
+    out = tmp_path / "out.parquet"
+    schema = result_schema(False, False)
+    writer = PartWriter(parts_dir(out), schema)
+    for p in range(9):
+        writer.add(sample(p, 0))
+    writer.flush()
+    with pytest.raises(OutputError, match="assembled 9 rows where 10 were expected"):
+        assemble(parts_dir(out), out, source, schema, metadata={}, expected_rows=10)
+    assert not out.exists()
+    assert list(parts_dir(out).glob("part-*.parquet"))
+    assert not list(tmp_path.glob(".out.parquet.tmp"))
+
+
+def test_jsonl_input_with_chat_prompts(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    lines = [{"prompt": [{"role": "user", "content": f"hi {i}"}], "tag": i % 2 == 0} for i in range(5)]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    source = inspect(path)
+    assert (source.num_rows, source.prompt_kind) == (5, "chat")
+    out = tmp_path / "out.parquet"
+    schema = result_schema(False, True)
+    writer = PartWriter(parts_dir(out), schema)
+    for p in reversed(range(5)):
+        writer.add(Sample(p, 0, "x", "length", 1, 1, "e", 0.0, 42, None, token_ids=[1, 2]))
+    writer.flush()
+    assemble(parts_dir(out), out, source, schema, metadata={}, expected_rows=5)
+    table = pq.read_table(out)
+    assert table.column("tag").to_pylist() == [True, False, True, False, True]
+    assert table.column("token_ids").to_pylist()[0] == [1, 2]
+    assert table.column("seed").to_pylist() == [42] * 5
