@@ -1,0 +1,179 @@
+"""One generation request to an OpenAI-compatible server (vLLM, mvllm-sim), and what came back.
+
+`Sampling` holds a job's sampling parameters. `build_body` makes the request body for a prompt: a
+string goes to /v1/completions, a list of {role, content} messages to /v1/chat/completions; `n` is the
+number of samples asked for in this request. `send` posts it over a shared aiohttp session and turns
+the answer into `Sample`s, or raises `RequestFailed`, which says whether trying again (elsewhere) can
+help: connection errors, timeouts, 429 and 5xx can; other 4xx (a prompt too long for the context, say)
+cannot, and become the `error` of those samples.
+
+Seeds: without --seed none is sent. With it, a sample's seed derives from (seed, prompt_index,
+sample_index), and an n=k request's from (seed, prompt_index): a rerun with the same policy asks for the
+same samples, and the seed is recorded with each one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from mvllmd.jobs.output import Sample
+
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class Sampling:
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None
+    return_token_ids: bool = False
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+
+class RequestFailed(Exception):
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A 31-bit seed from the job's seed and indexes: stable across runs, machines and Python versions."""
+    digest = hashlib.blake2b(":".join(map(str, (seed, *parts))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFF_FFFF
+
+
+def request_seed(sampling: Sampling, prompt_index: int, sample_index: int, n: int) -> int | None:
+    if sampling.seed is None:
+        return None
+    if n > 1:
+        return derive_seed(sampling.seed, prompt_index)
+    return derive_seed(sampling.seed, prompt_index, sample_index)
+
+
+def build_body(sampling: Sampling, prompt: str | list[dict[str, str]], n: int, seed: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = dict(sampling.extra_body)
+    body.update(model=sampling.model, n=n, temperature=sampling.temperature, top_p=sampling.top_p)
+    if isinstance(prompt, str):
+        body["prompt"] = prompt
+    else:
+        body["messages"] = prompt
+    if sampling.max_tokens is not None:
+        body["max_tokens"] = sampling.max_tokens
+    if sampling.stop:
+        body["stop"] = list(sampling.stop)
+    if seed is not None:
+        body["seed"] = seed
+    if sampling.logprobs is not None:
+        if isinstance(prompt, str):
+            body["logprobs"] = sampling.logprobs
+        else:
+            body.update(logprobs=True, top_logprobs=sampling.logprobs)
+    body["return_token_ids"] = True  # always: the only exact per-choice token count when n > 1
+    return body
+
+
+async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments are the request)
+    session: aiohttp.ClientSession,
+    endpoint: str,
+    sampling: Sampling,
+    prompt: str | list[dict[str, str]],
+    prompt_index: int,
+    sample_indexes: Sequence[int],
+    timeout_s: float | None = None,
+) -> list[Sample]:
+    """Ask `endpoint` for these samples of one prompt in one request (n = len(sample_indexes))."""
+    n = len(sample_indexes)
+    seed = request_seed(sampling, prompt_index, sample_indexes[0], n)
+    path = "/v1/completions" if isinstance(prompt, str) else "/v1/chat/completions"
+    started = time.monotonic()
+    try:
+        async with session.post(
+            endpoint + path,
+            json=build_body(sampling, prompt, n, seed),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        ) as response:
+            if response.status != 200:
+                raise RequestFailed(await _error_text(response), response.status in RETRYABLE_STATUS)
+            answer = await response.json(content_type=None)
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        raise RequestFailed(f"{type(exc).__name__}: {exc}"[:300], retryable=True) from exc
+    latency = time.monotonic() - started
+    return _samples(answer, endpoint, sampling, prompt_index, sample_indexes, seed, latency)
+
+
+async def _error_text(response: aiohttp.ClientResponse) -> str:
+    try:
+        body = await response.json(content_type=None)
+        message = body["error"]["message"] if isinstance(body.get("error"), dict) else body.get("error")
+    except (ValueError, KeyError, TypeError, AttributeError, aiohttp.ClientError):
+        message = None
+    return f"HTTP {response.status}: {message or response.reason}"[:500]
+
+
+def _samples(  # noqa: PLR0917  (private; every argument is a fact of the one answer)
+    answer: Any,
+    endpoint: str,
+    sampling: Sampling,
+    prompt_index: int,
+    sample_indexes: Sequence[int],
+    seed: int | None,
+    latency: float,
+) -> list[Sample]:
+    try:
+        choices = sorted(answer["choices"], key=lambda c: c["index"])
+        usage = answer.get("usage") or {}
+    except (KeyError, TypeError) as exc:
+        raise RequestFailed(f"malformed answer from {endpoint}: {exc!r}", retryable=True) from exc
+    if len(choices) != len(sample_indexes):
+        raise RequestFailed(f"{endpoint} answered {len(choices)} choices for n={len(sample_indexes)}", True)
+    prompt_tokens = usage.get("prompt_tokens")
+    samples = []
+    for sample_index, choice in zip(sample_indexes, choices, strict=True):
+        text = choice.get("text")
+        if text is None:
+            text = (choice.get("message") or {}).get("content")
+        samples.append(
+            Sample(
+                prompt_index=prompt_index,
+                sample_index=sample_index,
+                response=text,
+                finish_reason=choice.get("finish_reason"),
+                prompt_tokens=prompt_tokens,
+                completion_tokens=_choice_tokens(choice, usage, len(choices)),
+                endpoint=endpoint,
+                latency_s=latency,
+                seed=seed,
+                error=None,
+                logprobs=_logprobs(choice.get("logprobs")),
+                token_ids=choice.get("token_ids") if sampling.return_token_ids else None,
+            )
+        )
+    return samples
+
+
+def _choice_tokens(choice: dict[str, Any], usage: dict[str, Any], n: int) -> int | None:
+    """Tokens of one choice: from its token ids or logprobs when given, else usage / n when n is 1."""
+    if choice.get("token_ids") is not None:
+        return len(choice["token_ids"])
+    total = usage.get("completion_tokens")
+    return total if n == 1 else None
+
+
+def _logprobs(block: Any) -> list[float] | None:
+    if not isinstance(block, dict):
+        return None
+    if "token_logprobs" in block:
+        return [float(v) for v in block["token_logprobs"] if v is not None]
+    if "content" in block and isinstance(block["content"], list):
+        return [float(t["logprob"]) for t in block["content"]]
+    return None

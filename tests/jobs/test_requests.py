@@ -1,0 +1,64 @@
+"""Requests to a real (simulated) OpenAI server: bodies, samples, seeds, and which failures retry."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from mvllmd.jobs.requests import RequestFailed, Sampling, build_body, derive_seed, request_seed, send
+
+from simkit import StartSim
+
+
+def test_seeds_derive_from_the_indexes() -> None:
+    s = Sampling(model="m", seed=7)
+    assert request_seed(s, 3, 1, n=1) == derive_seed(7, 3, 1) != derive_seed(7, 3, 2)
+    assert request_seed(s, 3, 0, n=4) == derive_seed(7, 3)  # an n=k request: one seed per prompt
+    assert request_seed(Sampling(model="m"), 3, 1, n=1) is None  # no --seed: none is sent
+    assert 0 <= derive_seed(2**62, 10**9, 65535) < 2**31
+
+
+def test_bodies() -> None:
+    s = Sampling(model="m", max_tokens=8, stop=("\n",), logprobs=2, extra_body={"top_k": 5, "model": "ignored"})
+    text = build_body(s, "hi", n=2, seed=None)
+    assert text["prompt"] == "hi" and text["n"] == 2 and text["model"] == "m" and text["top_k"] == 5
+    assert text["logprobs"] == 2 and "seed" not in text and text["stop"] == ["\n"]
+    chat = build_body(s, [{"role": "user", "content": "hi"}], n=1, seed=11)
+    assert chat["messages"][0]["content"] == "hi" and chat["seed"] == 11
+    assert chat["logprobs"] is True and chat["top_logprobs"] == 2
+
+
+async def test_samples_from_completions_and_chat(start_sim: StartSim) -> None:
+    base, _ = await start_sim("--time-scale", "0")
+    sampling = Sampling(model="sim", max_tokens=6, seed=1, return_token_ids=True)
+    async with aiohttp.ClientSession() as session:
+        texts = await send(session, base, sampling, "Once upon a time", 4, [0, 1, 2])
+        chats = await send(session, base, sampling, [{"role": "user", "content": "hi"}], 5, [3])
+    assert [(s.prompt_index, s.sample_index) for s in texts] == [(4, 0), (4, 1), (4, 2)]
+    assert all(s.response and s.error is None and s.endpoint == base for s in texts)
+    assert all(s.completion_tokens == len(s.token_ids or []) for s in texts)  # exact per choice, n = 3
+    assert texts[0].seed == derive_seed(1, 4)
+    assert chats[0].sample_index == 3 and chats[0].seed == derive_seed(1, 5, 3)
+    assert chats[0].prompt_tokens and chats[0].latency_s is not None
+
+
+async def test_failures_say_whether_to_retry(start_sim: StartSim) -> None:
+    base, _ = await start_sim("--time-scale", "0", "--max-model-len", "64")
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(RequestFailed) as too_long:
+            await send(session, base, Sampling(model="sim", max_tokens=100), "x", 0, [0])
+        assert not too_long.value.retryable and "HTTP 400: max_tokens=100 cannot be greater" in str(too_long.value)
+        with pytest.raises(RequestFailed) as unknown:
+            await send(session, base, Sampling(model="other"), "x", 0, [0])
+        assert not unknown.value.retryable and "HTTP 404" in str(unknown.value)
+        with pytest.raises(RequestFailed) as refused:
+            await send(session, "http://127.0.0.1:9", Sampling(model="sim"), "x", 0, [0])
+        assert refused.value.retryable
+
+
+async def test_server_errors_are_retryable(start_sim: StartSim) -> None:
+    base, _ = await start_sim("--time-scale", "0", "--error-rate", "1", "--error-status", "503")
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(RequestFailed) as unavailable:
+            await send(session, base, Sampling(model="sim"), "x", 0, [0])
+    assert unavailable.value.retryable and "HTTP 503" in str(unavailable.value)
