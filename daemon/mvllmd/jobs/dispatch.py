@@ -1,0 +1,336 @@
+"""The dispatcher: samples to endpoints, balanced, retried, hedged at the tail, around broken servers.
+
+Work is a queue of `Work` items: one prompt and the sample indexes it still needs. The dispatcher
+keeps at most `max_concurrent` samples in flight overall, and at most each endpoint's capacity (its
+`max_num_seqs`) on each. Policies:
+
+- `least-loaded` (the default) sends work where it will be done soonest: to the endpoint with the
+  fewest in-flight samples per unit of its observed speed (samples completed per second, smoothed).
+  A prompt's samples go as one n=k request (the server prefills the prompt once) until the queue
+  runs dry; from then on, what is left is split into single samples to spread across endpoints, and
+  an endpoint that falls idle takes a copy of the oldest request of the slowest endpoint (a hedge):
+  the first answer wins, the other is cancelled, and each sample is written once (DoneMap).
+- `round-robin`, the seed's: endpoints in turn, one request per prompt's samples, no hedging.
+
+Failures: connection errors, timeouts, 429 and 5xx are retried elsewhere with backoff, up to
+`max_attempts`; then, like a permanent failure (a 4xx), the samples are recorded with their `error`.
+An endpoint that fails `breaker_failures` times in a row is taken out for a cooldown that doubles
+each time, then let back in with one request. Slow answers never count against it: long generations
+are normal. An endpoint with requests in flight that completes nothing for `hang_timeout_s` is
+treated as hung: its requests are cancelled and sent elsewhere, and it is taken out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiohttp
+
+from mvllmd.jobs.output import Sample
+from mvllmd.jobs.requests import RequestFailed, Sampling, send
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["least-loaded", "round-robin"]
+SPEED_HALF_LIFE_S = 10.0
+
+
+@dataclass
+class Work:
+    prompt_index: int
+    prompt: str | list[dict[str, str]] | None
+    samples: list[int]
+    attempts: int = 0
+    last_error: str = ""
+
+
+@dataclass(eq=False)
+class Endpoint:
+    url: str  # base URL, without /v1
+    capacity: int  # max_num_seqs: in-flight samples it can run at once
+    inflight: int = 0
+    completed: int = 0
+    tokens: int = 0
+    failures_in_a_row: int = 0
+    open_until: float = 0.0  # circuit breaker: out until then
+    cooldown_s: float = 0.0
+    speed: float = 0.0  # samples per second, smoothed; 0 until measured
+    last_completion: float = field(default_factory=time.monotonic)
+    _speed_at: float = field(default_factory=time.monotonic)
+    requests: dict[int, _Flight] = field(default_factory=dict)
+
+    def available(self, now: float) -> bool:
+        return now >= self.open_until and self.inflight < self.capacity
+
+    def record_speed(self, samples: int, now: float) -> None:
+        elapsed = max(1e-3, now - self._speed_at)
+        rate = samples / elapsed
+        weight = 0.5 ** (elapsed / SPEED_HALF_LIFE_S)
+        self.speed = rate if self.speed == 0 else weight * self.speed + (1 - weight) * rate
+        self._speed_at = now
+
+
+@dataclass(eq=False)
+class _Flight:
+    id: int
+    work: Work
+    endpoint: Endpoint
+    task: asyncio.Task[None] | None = None
+    started: float = field(default_factory=time.monotonic)
+    hedge_of: _Flight | None = None
+    hedged: bool = False
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    policy: Policy = "least-loaded"
+    max_concurrent: int = 1024
+    max_attempts: int = 6
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 2.0
+    hang_timeout_s: float = 60.0
+    request_timeout_s: float | None = None
+
+
+Deliver = Callable[[list[Sample]], Awaitable[None]]
+
+
+class Dispatcher:
+    """Runs a stream of Work over endpoints; `deliver` gets every finished or failed sample, once.
+
+    `deliver` must mark its samples done (so that `is_done` says so) before it first awaits: two hedged
+    answers can arrive together, and the second is filtered by `is_done`."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        sampling: Sampling,
+        settings: DispatchSettings,
+        deliver: Deliver,
+        is_done: Callable[[int, int], bool],
+    ) -> None:
+        self.endpoints = list(endpoints)
+        self._sampling = sampling
+        self._settings = settings
+        self._deliver = deliver
+        self._is_done = is_done
+        self._queue: collections.deque[Work] = collections.deque()
+        self._retry: collections.deque[Work] = collections.deque()
+        self._delayed: list[tuple[float, Work]] = []  # retries waiting out their backoff
+        self._flights: dict[int, _Flight] = {}
+        self._ids = itertools.count()
+        self._rr = itertools.cycle(range(len(self.endpoints))) if self.endpoints else None
+        self._wake = asyncio.Event()
+        self._input_done = False
+        self.inflight = 0
+        self.hedges = 0
+
+    # --- feeding --------------------------------------------------------------------------------
+
+    def add(self, work: Work) -> None:
+        self._queue.append(work)
+        self._wake.set()
+
+    def close_input(self) -> None:
+        """No more work will be added: the tail begins once the queue drains."""
+        self._input_done = True
+        self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue) + len(self._retry) + len(self._delayed)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Dispatch until the input is closed and every sample is delivered."""
+        try:
+            while not (self._input_done and not self.backlog and not self._flights):
+                self._wake.clear()
+                self._check_hangs()
+                self._fill(session)
+                soonest = min((at for at, _ in self._delayed), default=time.monotonic() + 0.5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(0.01, min(0.5, soonest - time.monotonic())))
+        finally:
+            for flight in list(self._flights.values()):
+                if flight.task is not None:
+                    flight.task.cancel()
+            await asyncio.gather(*(f.task for f in self._flights.values() if f.task), return_exceptions=True)
+
+    def _fill(self, session: aiohttp.ClientSession) -> None:
+        now = time.monotonic()
+        ready = [w for at, w in self._delayed if at <= now]
+        self._delayed = [(at, w) for at, w in self._delayed if at > now]
+        self._retry.extend(ready)
+        while self.inflight < self._settings.max_concurrent:
+            work = self._next_work()
+            if work is None:
+                break
+            endpoint = self._pick(now, len(work.samples))
+            if endpoint is None:
+                self._retry.appendleft(work)
+                break
+            work = self._fit(work, endpoint)
+            self._launch(session, work, endpoint)
+        if self._tail() and self._settings.policy == "least-loaded":
+            self._hedge(session, now)
+
+    def _next_work(self) -> Work | None:
+        source = self._retry or self._queue
+        while source:
+            work = source.popleft()
+            work.samples = [s for s in work.samples if not self._is_done(work.prompt_index, s)]
+            if work.samples:
+                if self._tail() and self._settings.policy == "least-loaded" and len(work.samples) > 1:
+                    # The tail: spread what is left, one sample per request.
+                    for s in work.samples[1:]:
+                        self._retry.append(Work(work.prompt_index, work.prompt, [s], work.attempts))
+                    work.samples = work.samples[:1]
+                return work
+            source = self._retry or self._queue
+        return None
+
+    def _tail(self) -> bool:
+        return self._input_done and not self._queue
+
+    def _pick(self, now: float, want: int) -> Endpoint | None:
+        ready = [e for e in self.endpoints if e.available(now)]
+        if not ready:
+            return None
+        if self._settings.policy == "round-robin":
+            assert self._rr is not None
+            for _ in range(len(self.endpoints)):
+                candidate = self.endpoints[next(self._rr)]
+                if candidate in ready:
+                    return candidate
+            return None
+        known = [e.speed for e in ready if e.speed > 0]
+        default_speed = max(known) if known else 1.0
+        return min(ready, key=lambda e: (e.inflight + want) / (e.speed or default_speed))
+
+    def _fit(self, work: Work, endpoint: Endpoint) -> Work:
+        """No more samples in one request than the endpoint has room for, nor than the global cap."""
+        room = min(endpoint.capacity - endpoint.inflight, self._settings.max_concurrent - self.inflight)
+        if len(work.samples) > room >= 1:
+            self._retry.appendleft(Work(work.prompt_index, work.prompt, work.samples[room:], work.attempts))
+            work = Work(work.prompt_index, work.prompt, work.samples[:room], work.attempts, work.last_error)
+        return work
+
+    def _launch(
+        self, session: aiohttp.ClientSession, work: Work, endpoint: Endpoint, hedge_of: _Flight | None = None
+    ) -> None:
+        flight = _Flight(next(self._ids), work, endpoint, hedge_of=hedge_of)
+        self._flights[flight.id] = flight
+        endpoint.requests[flight.id] = flight
+        endpoint.inflight += len(work.samples)
+        self.inflight += len(work.samples)
+        flight.task = asyncio.create_task(self._fly(session, flight))
+
+    def _hedge(self, session: aiohttp.ClientSession, now: float) -> None:
+        """Idle endpoints take copies of the oldest requests on the slowest ones."""
+        idle = [e for e in self.endpoints if e.available(now) and e.inflight == 0]
+        if not idle:
+            return
+        candidates = sorted(
+            (f for f in self._flights.values() if not f.hedged and f.hedge_of is None),
+            key=lambda f: (-(f.endpoint.inflight / (f.endpoint.speed or 1.0)), f.started),
+        )
+        for endpoint, flight in zip(idle, (f for f in candidates if f.endpoint not in idle), strict=False):
+            flight.hedged = True
+            self.hedges += 1
+            self._launch(session, Work(flight.work.prompt_index, flight.work.prompt, list(flight.work.samples)),
+                         endpoint, hedge_of=flight)  # fmt: skip
+
+    # --- one request ----------------------------------------------------------------------------
+
+    async def _fly(self, session: aiohttp.ClientSession, flight: _Flight) -> None:
+        work, endpoint = flight.work, flight.endpoint
+        try:
+            if work.prompt is None:
+                raise RequestFailed("the prompt is missing or not a string or a list of messages", False)
+            samples = await send(session, endpoint.url, self._sampling, work.prompt, work.prompt_index,
+                                 work.samples, self._settings.request_timeout_s)  # fmt: skip
+        except asyncio.CancelledError:
+            self._land(flight)
+            raise
+        except RequestFailed as exc:
+            self._land(flight)
+            await self._failed(flight, exc)
+        else:
+            self._land(flight)
+            self._succeeded(flight, samples)
+            await self._deliver([s for s in samples if not self._is_done(s.prompt_index, s.sample_index)])
+            self._cancel_twin(flight)
+        finally:
+            self._wake.set()
+
+    def _land(self, flight: _Flight) -> None:
+        if self._flights.pop(flight.id, None) is None:
+            return
+        flight.endpoint.requests.pop(flight.id, None)
+        flight.endpoint.inflight -= len(flight.work.samples)
+        self.inflight -= len(flight.work.samples)
+
+    def _succeeded(self, flight: _Flight, samples: list[Sample]) -> None:
+        endpoint, now = flight.endpoint, time.monotonic()
+        endpoint.failures_in_a_row, endpoint.cooldown_s = 0, 0.0
+        endpoint.completed += len(samples)
+        endpoint.tokens += sum(s.completion_tokens or 0 for s in samples)
+        endpoint.last_completion = now
+        endpoint.record_speed(len(samples), now)
+
+    def _cancel_twin(self, flight: _Flight) -> None:
+        twins = [f for f in self._flights.values() if f.hedge_of is flight or flight.hedge_of is f]
+        for twin in twins:
+            if twin.task is not None:
+                twin.task.cancel()
+
+    async def _failed(self, flight: _Flight, exc: RequestFailed) -> None:
+        work = flight.work
+        if exc.retryable:
+            self._trip(flight.endpoint)
+        if any(f.hedge_of is flight or flight.hedge_of is f for f in self._flights.values()):
+            return  # its twin still runs and will answer for these samples
+        work.attempts += 1
+        work.last_error = str(exc)
+        if exc.retryable and work.attempts < self._settings.max_attempts:
+            self._delayed.append((time.monotonic() + min(10.0, 0.1 * 2**work.attempts), work))
+            return
+        log.warning("prompt %d: giving up after %d attempts: %s", work.prompt_index, work.attempts, exc)
+        await self._deliver([_failed_sample(work, s, str(exc), flight.endpoint.url) for s in work.samples])
+
+    def _trip(self, endpoint: Endpoint) -> None:
+        endpoint.failures_in_a_row += 1
+        if endpoint.failures_in_a_row >= self._settings.breaker_failures:
+            endpoint.cooldown_s = min(60.0, (endpoint.cooldown_s or self._settings.breaker_cooldown_s / 2) * 2)
+            endpoint.open_until = time.monotonic() + endpoint.cooldown_s
+            endpoint.failures_in_a_row = self._settings.breaker_failures - 1  # half-open: one more failure re-opens
+            log.warning("endpoint %s taken out for %.0fs after repeated failures", endpoint.url, endpoint.cooldown_s)
+
+    def _check_hangs(self) -> None:
+        now = time.monotonic()
+        for endpoint in self.endpoints:
+            if endpoint.requests and now - endpoint.last_completion > self._settings.hang_timeout_s:
+                log.warning("endpoint %s completed nothing for %.0fs with requests in flight: treating it as hung",
+                            endpoint.url, now - endpoint.last_completion)  # fmt: skip
+                endpoint.cooldown_s = max(endpoint.cooldown_s * 2, self._settings.hang_timeout_s)
+                endpoint.open_until = now + endpoint.cooldown_s
+                endpoint.last_completion = now
+                for flight in list(endpoint.requests.values()):
+                    if flight.task is not None:
+                        flight.task.cancel()
+                    if flight.hedge_of is None:
+                        self._retry.appendleft(flight.work)
+
+
+def _failed_sample(work: Work, sample_index: int, error: str, endpoint: str) -> Sample:
+    return Sample(work.prompt_index, sample_index, None, None, None, None, endpoint, None, None, error)
