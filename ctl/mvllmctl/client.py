@@ -49,10 +49,10 @@ class Client:
             self._channel = grpc.insecure_channel(self.address)
         return self._channel
 
-    def call(self, method: Any, request: Any) -> Any:
+    def call(self, method: Any, request: Any, min_timeout_s: float = 0.0) -> Any:
         """Make one unary call; raise CtlError with a readable message when it fails."""
         try:
-            response, call = method.with_call(request, timeout=self.timeout_s)
+            response, call = method.with_call(request, timeout=max(self.timeout_s, min_timeout_s))
         except grpc.RpcError as exc:
             raise self._explain(exc) from None
         _warn_on_version_skew(dict(call.initial_metadata() or ()))

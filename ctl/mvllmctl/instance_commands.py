@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from mvllmctl.output import print_json, print_table
 
 ENGINES = {"vllm": pb.ENGINE_KIND_VLLM, "sim": pb.ENGINE_KIND_SIM}
 DONE = (pb.INSTANCE_STATE_READY, pb.INSTANCE_STATE_FAILED, pb.INSTANCE_STATE_STOPPED)
+STOP_WAIT_S = 120.0
 
 
 def _state(value: int) -> str:
@@ -83,7 +85,8 @@ def launch(
     """Start N engine servers of MODEL, T devices each, and wait until they are READY.
 
     Arguments after `--` go to the engine, e.g. `mvllmctl launch Qwen/Qwen2.5-7B-Instruct -n 4 --tp 2 --
-    --max-model-len 8192`. Prints each URL, the comma-separated list, and a job command to run on them.
+    --max-model-len 8192`. Prints each URL, the comma-separated list, and the command line of the
+    seed's rollout script (generate_rollouts.py) that uses them.
     """
     request = pb.LaunchInstancesRequest(
         model=model,
@@ -150,7 +153,10 @@ def _print_ready(instances: Sequence[pb.Instance]) -> None:
     if ready:
         urls = ",".join(f"{i.url}/v1" for i in ready)
         click.echo(f"\nURLs: {urls}")
-        click.echo(f"\nmvllmctl submit --model {ready[0].model} --input prompts.parquet --output rollouts.parquet")
+        # The seed's own job script takes this list as it is (mvllmctl's jobs will take the instances themselves).
+        model = shlex.quote(ready[0].model)
+        click.echo(f'\npython scripts/generate_rollouts.py --use_vllm --vllm_base_url "{urls}" \\')
+        click.echo(f"    --model_path {model} --data_path data.parquet --output_path rollouts.parquet")
 
 
 @click.command()
@@ -183,7 +189,9 @@ def stop(ctl: Ctl, names: tuple[str, ...], all_: bool, force: bool, as_json: boo
     """Stop instances by NAME, or --all; their devices are freed."""
     if bool(names) == all_:
         raise click.UsageError("name the instances to stop, or give --all (not both)")
-    response = ctl.client.call(_stub(ctl).StopInstances, pb.StopInstancesRequest(names=names, all=all_, force=force))
+    request = pb.StopInstancesRequest(names=names, all=all_, force=force)
+    # Engines get 30 s to finish before they are killed: wait for that, whatever --timeout says.
+    response = ctl.client.call(_stub(ctl).StopInstances, request, min_timeout_s=STOP_WAIT_S)
     if as_json:
         print_json(response)
         return

@@ -68,6 +68,7 @@ Examples:
 @click.option("--probe-interval", type=float, metavar="SECONDS", help="Health probe interval. [2]")
 @click.option("--hang-timeout", type=float, metavar="SECONDS", help="No progress this long: UNHEALTHY. [30]")
 @click.option("--max-restarts", type=int, metavar="N", help="Restarts in 5 minutes before FAILED. [5]")
+@click.option("--start-timeout", type=float, metavar="SECONDS", help="Not READY this long: FAILED. [1800]")
 @click.pass_context
 def cli(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
     """mvllmd: owns this host's GPUs and the vLLM servers on them, and runs rollout jobs across them.

@@ -69,6 +69,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("instances", "probe_interval_s", float, 2.0, "--probe-interval", minimum=0.05, maximum=600),
     Option("instances", "hang_timeout_s", float, 30.0, "--hang-timeout", minimum=0.5, maximum=3600),
     Option("instances", "max_restarts", int, 5, "--max-restarts", minimum=0, maximum=1000),
+    Option("instances", "start_timeout_s", float, 1800.0, "--start-timeout", minimum=1, maximum=86400),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -102,8 +103,9 @@ class EngineSettings:
 class InstanceSettings:
     port_base: int
     probe_interval_s: float
-    hang_timeout_s: float  # no progress for this long while work waits: UNHEALTHY
+    hang_timeout_s: float  # counters still this long and a probe request unanswered: UNHEALTHY
     max_restarts: int  # restarts within RESTART_WINDOW_S before an instance is FAILED
+    start_timeout_s: float  # not READY this long after a (re)start: FAILED
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ class Config:
     daemon: DaemonSettings
     inventory: InventorySettings
     engine: EngineSettings = EngineSettings(None, None, None)
-    instances: InstanceSettings = InstanceSettings(8000, 2.0, 30.0, 5)
+    instances: InstanceSettings = InstanceSettings(8000, 2.0, 30.0, 5, 1800.0)
     config_file: Path | None = None
 
 
@@ -230,6 +232,7 @@ def _build(values: dict[str, Any], config_file: Path | None, environ: Mapping[st
         probe_interval_s=values["instances.probe_interval_s"],
         hang_timeout_s=values["instances.hang_timeout_s"],
         max_restarts=values["instances.max_restarts"],
+        start_timeout_s=values["instances.start_timeout_s"],
     )
     return Config(daemon=daemon, inventory=inventory, engine=engine, instances=instances, config_file=config_file)
 

@@ -8,7 +8,8 @@
     ├── InvalidRequest           a request that can never succeed           → INVALID_ARGUMENT
     ├── NotFound                 a named thing does not exist               → NOT_FOUND
     ├── Conflict                 the thing exists, or is in the wrong state → FAILED_PRECONDITION
-    └── ResourceExhausted        no devices, ports or slots left            → RESOURCE_EXHAUSTED
+    ├── ResourceExhausted        no devices, ports or slots left            → RESOURCE_EXHAUSTED
+    └── UnitError                the unit manager refused an operation      → FAILED_PRECONDITION
 
 Messages are written for the person who reads them: what was wrong, and what to do instead.
 This module imports nothing, so every other module (the inventory too) can use it.
@@ -49,3 +50,7 @@ class Conflict(MvllmError):
 
 class ResourceExhausted(MvllmError):
     """Not enough devices, ports or slots are free for the request."""
+
+
+class UnitError(MvllmError):
+    """The unit manager (systemd, or the built-in supervisor) refused or failed an operation."""

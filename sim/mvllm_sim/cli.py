@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--max-num-seqs", type=int, help="Sequences per batch. [the profile's]")
     v.add_argument("--max-num-batched-tokens", type=int, help="Tokens per step (chunked prefill). [the profile's]")
     v.add_argument("--max-model-len", type=int, help="Context length. [the profile's]")
-    v.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*.")
+    v.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"),
+                   help="Require 'Authorization: Bearer KEY' on /v1/*. [$VLLM_API_KEY, as vLLM]")  # fmt: skip
     s = p.add_argument_group("simulator")
     s.add_argument("--profile", default="h100-8b", help=f"Timing profile: {', '.join(load_profiles())}. [%(default)s]")
     s.add_argument("--speed", type=float, default=1.0, help="Divide every step time by this. [%(default)s]")
@@ -84,14 +86,18 @@ def config_from(args: argparse.Namespace) -> SimConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1")
     if args.time_scale < 0 or args.speed <= 0:
         raise ValueError("--time-scale must be >= 0 and --speed > 0")
+    max_model_len = args.max_model_len or model.max_model_len
+    kv_tokens = args.kv_tokens or model.kv_tokens
+    if max_model_len > kv_tokens:  # vLLM refuses to start in this case too
+        raise ValueError(f"--max-model-len {max_model_len} does not fit in the KV cache ({kv_tokens} tokens)")
     return SimConfig(
         model=args.model,
         served_model_name=(args.served_model_name or [args.model])[0],
         step_model=model,
         max_num_seqs=args.max_num_seqs or model.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens or model.max_num_batched_tokens,
-        max_model_len=args.max_model_len or model.max_model_len,
-        kv_tokens=args.kv_tokens or model.kv_tokens,
+        max_model_len=max_model_len,
+        kv_tokens=kv_tokens,
         time_scale=args.time_scale,
         lengths=LengthModel(args.output_len_mu, args.output_len_sigma),
         faults=FaultConfig(

@@ -204,7 +204,10 @@ class Engine:
             return False
         shared = BLOCK * sum(1 for h in req.block_hashes if h in self._block_refs)
         need = req.prompt_len - shared + sum(req.generated) + req.active
-        return self._kv_used + need <= self.kv_capacity or not self._running
+        # The running sequences grow by one token each in this step too. Alone, a request is admitted
+        # whatever it needs (it cannot wait for room that nobody will free); max_model_len <= the KV
+        # capacity is checked at start-up, as vLLM does.
+        return self._kv_used + self._n_decoding + need <= self.kv_capacity or not self._running
 
     def _admit(self, req: SimRequest) -> None:
         hits, chained = 0, True
@@ -302,7 +305,7 @@ class Engine:
                     self._context_sum -= req.prompt_len + generated[i]
         req.decoding = False
         self._kv_used -= req.prompt_len % BLOCK + sum(generated)
-        for h in req.block_hashes:
+        for h in reversed(req.block_hashes):  # the tail of a prompt is evicted first: its head stays matchable
             refs = self._block_refs[h] - 1
             if refs:
                 self._block_refs[h] = refs

@@ -47,7 +47,7 @@ class Metrics:
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
 
     def render(self, engine: Engine) -> str:
-        labels = f'engine="0",model_name="{self.model_name}"'
+        labels = f'engine="0",model_name="{_escape(self.model_name)}"'
         c = engine.counters
         lines: list[str] = []
 
@@ -99,3 +99,8 @@ class Metrics:
         )
         metric("mvllm_sim:engine_steps_total", "counter", "Engine steps run.", c.steps)
         return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -95,6 +95,7 @@ class SimServer:
 
     async def _run_engine(self, app: web.Application) -> Any:
         task = asyncio.create_task(self.runner.run())
+        task.add_done_callback(_engine_stopped)
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -171,7 +172,7 @@ class SimServer:
             for req in pending.requests:
                 self._pending.pop(req.id, None)
         if fault.drop_after_chunks is not None:
-            _drop(request)
+            _drop(request)  # the answer is lost; the engine had finished it
         outputs = [o for per_prompt in pending.outputs for o in per_prompt]
         return web.json_response(response_body(job, outputs, sum(len(p) for p in job.prompt_ids)))
 
@@ -246,6 +247,7 @@ class SimServer:
                 for i, out in enumerate(pending.outputs[r]):
                     await self._emit(stream, req, i, index=r * job.sampling.n + i, out=out, progress=progress[r][i])
             if stream.dropped:
+                self._abort(pending)  # as vLLM does when its client goes away
                 _drop(request)
                 return response
             if all(r.state == "finished" for r in pending.requests):
@@ -277,6 +279,13 @@ class _ChoiceProgress:
     sent: int = 0  # tokens sent
     offset: int = 0  # characters sent (text_offset of the next token)
     closed: bool = False  # the finish chunk went out
+
+
+def _engine_stopped(task: asyncio.Task[None]) -> None:
+    """The engine loop ends only on shutdown; if it fails, the server must not go on answering /health."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the engine loop failed", exc_info=task.exception())
+        os._exit(1)
 
 
 def _drop(request: web.Request) -> None:

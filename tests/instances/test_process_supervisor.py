@@ -207,3 +207,14 @@ def test_logs_follow_until_interrupted(sup: DaemonProcess) -> None:
     _, err = follower.communicate(timeout=30)
     assert follower.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
+
+
+def test_api_key_reaches_the_engine_but_not_its_command_line(sup: DaemonProcess) -> None:
+    done = sup.ctl("launch", "k", "--engine", "sim", "--api-key", "s3cret-key", *SIM_ARGS)
+    assert done.returncode == 0, done.stderr  # READY: the daemon's probes used the key
+    (inst,) = status(sup)
+    assert b"s3cret-key" not in Path(f"/proc/{inst['pid']}/cmdline").read_bytes()
+    body = {"model": "k", "prompt": "hi", "max_tokens": 1}
+    assert httpx.post(f"{inst['url']}/v1/completions", json=body).status_code == 401
+    headers = {"Authorization": "Bearer s3cret-key"}
+    assert httpx.post(f"{inst['url']}/v1/completions", json=body, headers=headers).status_code == 200

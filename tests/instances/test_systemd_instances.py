@@ -34,7 +34,9 @@ def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserManager]:
 def mvllmd(manager: UserManager, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """mvllmd as a unit of the user manager; yields `ctl(*args)` that runs mvllmctl inside."""
     config = tmp_path / "mvllmd.toml"
-    config.write_text("[inventory]\nsim_gpus = 4\n[instances]\nprobe_interval_s = 0.2\nport_base = 18700\n")
+    config.write_text(
+        "[inventory]\nsim_gpus = 4\n[instances]\nprobe_interval_s = 0.2\nport_base = 18700\nhang_timeout_s = 1.0\n"
+    )
     done = manager.run([str(BIN / "mvllmd"), "install-units", "--user", "--runtime", "--config", str(config)])
     assert done.returncode == 0, done.stderr
     assert manager.systemctl("start", "mvllmd").returncode == 0, manager.log()
@@ -122,3 +124,22 @@ def test_an_engine_that_exits_at_once_is_failed(manager: UserManager, mvllmd: Ca
     assert inst["state"] == "INSTANCE_STATE_FAILED"
     assert unit_state(manager, inst["unit"])["ActiveState"] in ("failed", "inactive")
     assert ctl("info").returncode == 0
+
+
+def test_a_hung_unit_is_killed_and_started_again(manager: UserManager, mvllmd: Callable[..., Any]) -> None:
+    ctl = mvllmd
+    done = ctl("launch", "m", "--engine", "sim", "--", "--time-scale", "0", "--hang-after-requests", "1")
+    assert done.returncode == 0, done.stderr
+    seen: set[str] = set()
+
+    def restarted() -> bool:
+        (inst,) = status(ctl)
+        seen.add(inst["state"])
+        return inst["restarts"] >= 1 and inst["state"] == "INSTANCE_STATE_READY"
+
+    try:
+        wait_for(restarted)
+    except AssertionError:
+        raise AssertionError(f"states seen {seen}; now {status(ctl)}; log:\n{manager.log()[-4000:]}") from None
+    assert "INSTANCE_STATE_UNHEALTHY" in seen
+    assert unit_state(manager, "mvllm-instance@m-0.service")["ActiveState"] == "active"

@@ -88,7 +88,7 @@ async def test_permanent_failures_are_recorded_and_the_job_goes_on(start_sim: St
 
 async def test_the_tail_is_hedged_onto_idle_fast_endpoints(start_sim: StartSim) -> None:
     fast = (await start_sim("--time-scale", "0.001"))[0]
-    slow = (await start_sim("--time-scale", "0.001", "--speed", "0.02"))[0]
+    slow = (await start_sim("--time-scale", "0.001", "--speed", "0.002"))[0]  # 0.2 s of wall time per request
     samples, dispatcher = await run_job([fast, slow], max_tokens=64)
     assert dispatcher.hedges > 0
     counts = by_endpoint(samples)

@@ -127,7 +127,8 @@ def test_cached_blocks_are_evicted_when_space_is_needed() -> None:
     drain(engine)
     again = engine.add(SimRequest(prompt_ids=prompt(1, 30 * BLOCK), targets=[1]))
     drain(engine)
-    assert again.cached_tokens < 30 * BLOCK  # the first prompt's blocks made room for the second's
+    # 20 of the first prompt's blocks made room for the second's: its last 20, so its first 10 still match.
+    assert again.cached_tokens == 10 * BLOCK
 
 
 def test_abort_frees_everything() -> None:

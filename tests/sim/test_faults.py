@@ -80,6 +80,8 @@ async def test_drop_mid_stream(start_sim: StartSim, http: aiohttp.ClientSession)
                     received.append(line)
     assert len(received) == 3
     assert all(b"[DONE]" not in line for line in received)
+    async with http.get(f"{base}/metrics") as r:  # the engine dropped the request too, as vLLM does
+        assert 'vllm:num_requests_running{engine="0",model_name="sim"} 0.0' in await r.text()
 
 
 @pytest.mark.parametrize("code", [429, 500, 503])

@@ -232,3 +232,13 @@ async def test_metrics_follow_what_was_served(start_sim: StartSim, http: aiohttp
     assert await metric(http, base, "vllm:num_requests_waiting") == 0
     assert await metric(http, base, "vllm:e2e_request_latency_seconds_count") == 3
     assert await metric(http, base, "mvllm_sim:simulated_seconds") == server.engine.now
+
+
+async def test_metrics_escape_odd_model_names(start_sim: StartSim, http: aiohttp.ClientSession) -> None:
+    base, _ = await start_sim("--time-scale", "0", "--served-model-name", 'we"ird\\name\nx')
+    async with http.get(f"{base}/metrics") as r:
+        text = await r.text()
+    assert 'model_name="we\\"ird\\\\name\\nx"' in text
+    for line in text.splitlines():  # a raw newline in a label would break a sample line in two
+        assert line.startswith(("#", "vllm:", "mvllm_sim:")), line
+        assert line.startswith("#") or float(line.rsplit(" ", 1)[1]) >= 0

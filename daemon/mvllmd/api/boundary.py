@@ -29,7 +29,8 @@ STATUS_BY_ERROR: dict[type[errors.MvllmError], grpc.StatusCode] = {
     errors.Conflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.AlreadyRunning: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.InventoryError: grpc.StatusCode.UNAVAILABLE,
+    errors.InventoryError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.UnitError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 Request = TypeVar("Request")

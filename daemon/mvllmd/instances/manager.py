@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mvllmd.config import Config
-from mvllmd.errors import InvalidRequest, NotFound, ResourceExhausted
+from mvllmd.errors import InvalidRequest, NotFound, ResourceExhausted, UnitError
 from mvllmd.instances.health import Prober
 from mvllmd.instances.placement import KIND_WORDS, Pool, assign, device_ref, instance_names, pick_ports, slug
 from mvllmd.instances.spec import (
@@ -40,7 +41,7 @@ from mvllmd.instances.spec import (
     spec_path,
     write_spec,
 )
-from mvllmd.instances.units import UnitBackend, UnitError
+from mvllmd.instances.units import UnitBackend
 from mvllmd.inventory import Device, DeviceKind, Inventory
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class _Health:
     last_progress: float = field(default_factory=time.monotonic)
     unhealthy_since: float | None = None
 
+    def reset(self) -> None:
+        self.last_tokens, self.last_progress, self.unhealthy_since = None, time.monotonic(), None
+
 
 @dataclass(eq=False)
 class _Instance:
@@ -114,7 +118,8 @@ class _Instance:
     restarts: list[float] = field(default_factory=list)
     ever_ready: bool = False
     ready_after_s: float = 0.0
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # launch, for ready_after_s
+    started_round: float = field(default_factory=time.monotonic)  # this (re)start, for the start deadline
     monitor: asyncio.Task[None] | None = None
 
 
@@ -190,7 +195,7 @@ class InstanceManager:
             names = instance_names(prefix, request.count, set(self._instances))
             taken_ports = {i.spec.port for i in self._instances.values()}
             base = request.port_base or self._config.instances.port_base
-            ports = pick_ports(request.host, base, request.count, taken_ports)
+            ports = await asyncio.to_thread(pick_ports, request.host, base, request.count, taken_ports)
             specs = [
                 self._spec(request, python, name, port, group)
                 for name, port, group in zip(names, ports, groups, strict=True)
@@ -231,15 +236,13 @@ class InstanceManager:
                 "--served-model-name", request.model]  # fmt: skip
         if request.max_num_seqs:
             argv += ["--max-num-seqs", str(request.max_num_seqs)]
-        if request.api_key:
-            argv += ["--api-key", request.api_key]
         argv += request.engine_args
         env = dict(request.env)
+        if request.api_key:
+            env["VLLM_API_KEY"] = request.api_key  # not in argv: /proc/PID/cmdline is world-readable
         indexes = ",".join(str(d.index) for d in devices)
         if devices[0].kind is DeviceKind.GPU:
             env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=indexes)  # NVML's numbering
-        elif devices[0].kind is DeviceKind.SIM_GPU:
-            env["MVLLM_SIM_DEVICES"] = indexes
         if self._config.engine.hf_home:
             env.setdefault("HF_HOME", str(self._config.engine.hf_home))
         return InstanceSpec(
@@ -293,7 +296,8 @@ class InstanceManager:
                 if not names:
                     raise InvalidRequest("name the instances to stop, or ask for all")
                 targets = [self._instances[n] for n in names]
-            await asyncio.gather(*(self._forget(inst, force) for inst in targets))
+            # Shielded: a client that stops waiting must not leave an engine half-stopped and untracked.
+            await asyncio.shield(asyncio.gather(*(self._forget(inst, force) for inst in targets)))
         return [self._view(inst) for inst in targets]
 
     async def _forget(self, inst: _Instance, force: bool) -> None:
@@ -332,29 +336,43 @@ class InstanceManager:
                 interval = self._config.instances.probe_interval_s
                 starting = inst.state in (InstanceState.STARTING, InstanceState.RESTARTING)
                 await asyncio.sleep(min(interval, STARTING_PROBE_S) if starting else interval)
-                status = await self._backend.status(inst.spec.name)
-                if status.stopped_outside:  # e.g. `systemctl stop mvllm-instances.target`
-                    log.info("instance %s was stopped outside mvllmd; forgetting it", inst.spec.name)
-                    await self._forget(inst, force=False)
-                    return
-                if not status.running:
-                    await self._on_exit(inst, status.detail)
-                    health = _Health()
-                    continue
-                inst.pid = status.pid
-                ok, why = await prober.ready()
-                if inst.state in (InstanceState.STARTING, InstanceState.RESTARTING):
-                    if ok:
-                        self._became_ready(inst)
-                        health.last_progress = time.monotonic()
-                    else:
-                        inst.message = why
-                    continue
-                if ok:
-                    ok, why = await self._progressing(prober, health)
-                await self._judge(inst, health, ok, why)
+                try:
+                    if not await self._round(inst, prober, health):
+                        return
+                except Exception:  # one bad round (systemctl, the log, a probe) must not end the watch
+                    log.exception("instance %s: monitoring round failed", inst.spec.name)
         finally:
             await prober.close()
+
+    async def _round(self, inst: _Instance, prober: Prober, health: _Health) -> bool:
+        """One look at the instance; False once there is nothing more to watch."""
+        status = await self._backend.status(inst.spec.name)
+        if status.stopped_outside:  # e.g. `systemctl stop mvllm-instances.target`
+            log.info("instance %s was stopped outside mvllmd; forgetting it", inst.spec.name)
+            await self._forget(inst, force=False)
+            return False
+        if not status.running:
+            await self._on_exit(inst, status.detail)
+            health.reset()
+            return True
+        inst.pid = status.pid
+        ok, why = await prober.ready()
+        if inst.state in (InstanceState.STARTING, InstanceState.RESTARTING):
+            if ok:
+                self._became_ready(inst)
+                health.last_progress = time.monotonic()
+            elif time.monotonic() - inst.started_round > self._config.instances.start_timeout_s:
+                await self._backend.stop(inst.spec.name, force=True)
+                self._set_state(
+                    inst, InstanceState.FAILED, f"not ready after {self._config.instances.start_timeout_s:g}s: {why}"
+                )
+            else:
+                inst.message = why
+            return True
+        if ok:
+            ok, why = await self._progressing(prober, health)
+        await self._judge(inst, health, ok, why)
+        return True
 
     async def _progressing(self, prober: Prober, health: _Health) -> tuple[bool, str]:
         """Did the engine make progress lately? Its token counters say so, or else a probe request."""
@@ -384,7 +402,7 @@ class InstanceManager:
             self._set_state(inst, InstanceState.UNHEALTHY, why)
         if now - health.unhealthy_since >= self._config.instances.hang_timeout_s:
             log.warning("instance %s: unhealthy for too long; killing it to start it again", inst.spec.name)
-            await self._backend.stop(inst.spec.name, force=True)  # the next round sees the exit
+            await self._backend.kill(inst.spec.name)  # the next round sees the exit and restarts it
 
     def _became_ready(self, inst: _Instance) -> None:
         if not inst.ever_ready:
@@ -405,6 +423,7 @@ class InstanceManager:
         self._set_state(inst, InstanceState.RESTARTING, why)
         await asyncio.sleep(min(MAX_BACKOFF_S, 2.0 ** len(recent) - 1))
         inst.restarts = [*recent, time.monotonic()]
+        inst.started_round = time.monotonic()
         try:
             await self._backend.start(inst.spec.name)
         except UnitError as exc:
@@ -419,7 +438,8 @@ class InstanceManager:
             return
         inst.state, inst.since = state, datetime.now(UTC)
         level = logging.WARNING if state in (InstanceState.FAILED, InstanceState.UNHEALTHY) else logging.INFO
-        log.log(level, "instance %s: %s -> %s %s", inst.spec.name, old, state, message)
+        # Not the engine's log lines: an engine may log requests, and prompts stay out of mvllmd's log.
+        log.log(level, "instance %s: %s -> %s %s", inst.spec.name, old, state, message.split("; log:", maxsplit=1)[0])
         self._publish(inst, old)
 
     def _publish(self, inst: _Instance, old: InstanceState | None) -> None:
@@ -452,8 +472,11 @@ def _validate(request: LaunchRequest) -> None:
             raise InvalidRequest(f"--env {key!r}: names are [A-Za-z_][A-Za-z0-9_]* and values hold no NUL")
     if any("\0" in arg for arg in request.engine_args):
         raise InvalidRequest("engine arguments cannot hold a NUL byte")
-    if not request.host or any(c.isspace() for c in request.host):
-        raise InvalidRequest(f"--host {request.host!r} is not an address")
+    if request.host != "localhost":
+        try:
+            ipaddress.ip_address(request.host)
+        except ValueError:
+            raise InvalidRequest(f"--host {request.host!r}: give an IP address of this host, e.g. 127.0.0.1") from None
 
 
 def _max_num_seqs(engine: EngineKind, engine_args: tuple[str, ...]) -> int:
@@ -467,8 +490,7 @@ def _max_num_seqs(engine: EngineKind, engine_args: tuple[str, ...]) -> int:
 
 
 def _api_key(spec: InstanceSpec) -> str:
-    argv = list(spec.argv)
-    return argv[argv.index("--api-key") + 1] if "--api-key" in argv[:-1] else ""
+    return spec.env.get("VLLM_API_KEY", "")
 
 
 def _tail(path: Path, count: int) -> tuple[int, list[str]]:

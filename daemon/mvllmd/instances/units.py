@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mvllmd.errors import MvllmError
+from mvllmd.errors import UnitError
 from mvllmd.install import Scope, reload_manager, render_text, systemd_quote, unit_dir
 from mvllmd.instances.spec import log_path, spec_dir
 
@@ -31,16 +31,11 @@ TARGET = "mvllm-instances.target"
 STOP_GRACE_S = 30.0
 
 
-class UnitError(MvllmError):
-    """The unit manager refused or failed an operation."""
-
-
 @dataclass(frozen=True)
 class UnitStatus:
     running: bool
     pid: int = 0
-    exit_status: int | None = None  # how it ended, when it has and that is known
-    detail: str = ""
+    detail: str = ""  # how it ended, when it has
     stopped_outside: bool = False  # someone stopped it on purpose (systemctl stop): not a crash
 
 
@@ -49,6 +44,7 @@ class UnitBackend(Protocol):
     async def prepare(self) -> None: ...
     async def start(self, name: str) -> None: ...
     async def stop(self, name: str, force: bool) -> None: ...
+    async def kill(self, name: str) -> None: ...
     async def status(self, name: str) -> UnitStatus: ...
     async def running(self) -> set[str]: ...
     async def close(self) -> None: ...
@@ -86,7 +82,10 @@ class ProcessSupervisor:
         return spec_dir(self._state_dir) / f"{name}.pid"
 
     async def start(self, name: str) -> None:
-        log_fd = os.open(log_path(self._state_dir, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            log_fd = os.open(log_path(self._state_dir, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise UnitError(f"cannot open the log of {name}: {exc.strerror}") from exc
         try:
             proc = subprocess.Popen(
                 launcher_argv(self._state_dir, name),
@@ -105,20 +104,26 @@ class ProcessSupervisor:
         self._pid_file(name).write_text(json.dumps({"pid": child.pid, "start_ticks": child.start_ticks}))
 
     async def stop(self, name: str, force: bool) -> None:
-        child = self._children.pop(name, None)
+        """SIGTERM the engine's group (SIGKILL when forced, or after the grace); forget it once it is dead."""
+        child = self._children.get(name)
+        if child is not None:
+            if _alive(child):
+                _signal_group(child, signal.SIGKILL if force else signal.SIGTERM)
+                deadline = time.monotonic() + (0 if force else STOP_GRACE_S)
+                while _alive(child) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+            _signal_group(child, signal.SIGKILL)  # what is left of the group: vLLM's EngineCore, workers
+            while _alive(child):
+                await asyncio.sleep(0.05)
+        self._children.pop(name, None)
         with contextlib.suppress(FileNotFoundError):
             self._pid_file(name).unlink()
-        if child is None or not _alive(child):
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL if force else signal.SIGTERM)
-        deadline = time.monotonic() + (0 if force else STOP_GRACE_S)
-        while _alive(child) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)  # what is left of the group: vLLM's EngineCore, workers
-        while _alive(child):
-            await asyncio.sleep(0.05)
+
+    async def kill(self, name: str) -> None:
+        """SIGKILL the engine's group but keep watching it: the monitor sees the exit and restarts it."""
+        child = self._children.get(name)
+        if child is not None:
+            _signal_group(child, signal.SIGKILL)
 
     async def status(self, name: str) -> UnitStatus:
         child = self._children.get(name)
@@ -128,16 +133,12 @@ class ProcessSupervisor:
             code = child.proc.poll()
             if code is None:
                 return UnitStatus(running=True, pid=child.pid)
-            self._reap_group(child)
-            return UnitStatus(running=False, exit_status=code, detail=_describe_exit(code))
+            _signal_group(child, signal.SIGKILL)  # its helpers (vLLM's EngineCore) must not outlive it
+            return UnitStatus(running=False, detail=_describe_exit(code))
         if _alive(child):
             return UnitStatus(running=True, pid=child.pid)
+        _signal_group(child, signal.SIGKILL)
         return UnitStatus(running=False, detail="exited (adopted after a daemon restart, so its status is unknown)")
-
-    def _reap_group(self, child: _Child) -> None:
-        """The main process is gone; its helpers (vLLM's EngineCore) must not outlive it."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.pid, signal.SIGKILL)
 
     async def running(self) -> set[str]:
         """Adopt engines left running by a daemon that died: only a PID whose start time matches."""
@@ -159,6 +160,27 @@ class ProcessSupervisor:
     async def close(self) -> None:
         """mvllmd is stopping: its engines stop with it (systemd-managed ones do not)."""
         await asyncio.gather(*(self.stop(name, force=False) for name in list(self._children)))
+
+
+def _signal_group(child: _Child, signum: int) -> None:
+    """Signal every process of the engine's group that is ours: in its group, and started no earlier
+    than the engine (a recycled PID cannot make us signal a stranger)."""
+    for pid in _group_members(child.pid):
+        if _start_ticks(pid) >= child.start_ticks:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
 
 
 def _start_ticks(pid: int) -> int:
@@ -243,6 +265,10 @@ class SystemdUnits:
         await self._systemctl("stop", unit)
         await self._systemctl("reset-failed", unit, check=False)
 
+    async def kill(self, name: str) -> None:
+        """SIGKILL the unit's processes; the unit ends up failed (Result=signal), which reads as a crash."""
+        await self._systemctl("kill", "--signal=SIGKILL", self.unit_name(name), check=False)
+
     async def status(self, name: str) -> UnitStatus:
         out = await self._systemctl(
             "show", "-p", "ActiveState,SubState,MainPID,ExecMainStatus,ExecMainCode,Result", self.unit_name(name)
@@ -253,10 +279,11 @@ class SystemdUnits:
             return UnitStatus(running=True, pid=pid)
         code = props.get("ExecMainStatus", "")
         detail = f"{props.get('ActiveState', '?')} ({props.get('Result', '?')}, status {code})"
+        # A unit stopped with systemctl stop (or its target) ends inactive with Result=success; one that
+        # crashed, was killed, or exited non-zero ends failed. An engine that exits 0 by itself also
+        # reads as stopped on purpose: a server that leaves cleanly was asked to.
         on_purpose = props.get("ActiveState") == "inactive" and props.get("Result") == "success"
-        return UnitStatus(
-            running=False, exit_status=int(code) if code.isdigit() else None, detail=detail, stopped_outside=on_purpose
-        )
+        return UnitStatus(running=False, detail=detail, stopped_outside=on_purpose)
 
     async def running(self) -> set[str]:
         out = await self._systemctl("list-units", "--all", "--plain", "--no-legend", f"{UNIT_PREFIX}*", check=False)
