@@ -18,6 +18,7 @@ from mvllm_sim.server import SimServer
 
 from daemonkit import DaemonProcess, Spawn, start_daemon
 from simkit import SimProcess, StartSim
+from usermanager import UserManager, available, remove_stale_cgroups
 
 
 @pytest.fixture
@@ -99,3 +100,14 @@ def sim_process() -> Iterator[Callable[..., SimProcess]]:
     yield _start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def user_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserManager]:
+    """A real systemd user manager in a private mount namespace (tests/usermanager.py), one per module."""
+    reason = available()
+    if reason is not None:  # never a silent skip: CI must prove this on every run
+        pytest.fail(f"cannot start a systemd user manager here: {reason}")
+    remove_stale_cgroups()
+    with UserManager(tmp_path_factory.mktemp("um") / "home") as um:
+        yield um

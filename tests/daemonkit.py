@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 VENV_BIN = Path(sys.executable).parent
 MVLLMD = str(VENV_BIN / "mvllmd")
@@ -100,3 +102,18 @@ def _address_of(args: Sequence[str], env: dict[str, str]) -> str:
 
 
 Spawn = Callable[..., DaemonProcess]
+
+
+def instance_status(ctl: Callable[..., subprocess.CompletedProcess[str]]) -> list[dict[str, Any]]:
+    """`mvllmctl status --json`, through any way of running mvllmctl."""
+    done = ctl("status", "--json")
+    assert done.returncode == 0, done.stderr
+    instances: list[dict[str, Any]] = json.loads(done.stdout)["instances"]
+    return instances
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)

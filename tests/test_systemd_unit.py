@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mvllmd.install import render, render_text, systemd_quote
 
-from usermanager import UserManager, available, remove_stale_cgroups
+from usermanager import UserManager
 
 pytestmark = pytest.mark.systemd
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserManager]:
-    reason = available()
-    if reason is not None:  # never a silent skip: CI must prove this on every run
-        pytest.fail(f"cannot start a systemd user manager here: {reason}")
-    remove_stale_cgroups()
-    with UserManager(tmp_path_factory.mktemp("um") / "home") as um:
-        yield um
+def manager(user_manager: UserManager) -> UserManager:
+    return user_manager
 
 
 def test_installed_unit_reaches_running_and_stops_cleanly(manager: UserManager, tmp_path: Path) -> None:

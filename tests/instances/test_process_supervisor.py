@@ -8,15 +8,13 @@ import os
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from daemonkit import MVLLMCTL, DaemonProcess, Spawn
+from daemonkit import MVLLMCTL, DaemonProcess, Spawn, instance_status, wait_for
 
 SIM_ARGS = ("--", "--time-scale", "0")  # engine arguments: answer at once
 
@@ -36,20 +34,6 @@ def sup(short_tmp: Path, spawn: Spawn) -> DaemonProcess:
     return spawn(args)
 
 
-def status(daemon: DaemonProcess) -> list[dict[str, Any]]:
-    done = daemon.ctl("status", "--json")
-    assert done.returncode == 0, done.stderr
-    instances: list[dict[str, Any]] = json.loads(done.stdout)["instances"]
-    return instances
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
-
-
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -62,7 +46,7 @@ def launch_two(daemon: DaemonProcess) -> list[dict[str, Any]]:
     done = daemon.ctl("launch", "sim-model", "--engine", "sim", "-n", "2", *SIM_ARGS)
     assert done.returncode == 0, done.stderr
     assert "URLs: " in done.stdout
-    instances = status(daemon)
+    instances = instance_status(daemon.ctl)
     assert [i["state"] for i in instances] == ["INSTANCE_STATE_READY"] * 2
     return instances
 
@@ -83,13 +67,18 @@ def test_launch_serve_restart_stop(sup: DaemonProcess) -> None:
     # kill -9 the engine: the monitor sees it, starts it again, and it is READY again.
     old_pid = instances[0]["pid"]
     os.kill(old_pid, signal.SIGKILL)
-    wait_for(lambda: status(sup)[0]["restarts"] == 1 and status(sup)[0]["state"] == "INSTANCE_STATE_READY")
-    assert status(sup)[0]["pid"] != old_pid
+    wait_for(
+        lambda: (
+            instance_status(sup.ctl)[0]["restarts"] == 1
+            and instance_status(sup.ctl)[0]["state"] == "INSTANCE_STATE_READY"
+        )
+    )
+    assert instance_status(sup.ctl)[0]["pid"] != old_pid
 
-    pids = [i["pid"] for i in status(sup)]
+    pids = [i["pid"] for i in instance_status(sup.ctl)]
     done = sup.ctl("stop", "--all")
     assert done.returncode == 0, done.stderr
-    assert status(sup) == []
+    assert instance_status(sup.ctl) == []
     assert not any(alive(pid) for pid in pids)
     devices = json.loads(sup.ctl("devices", "--json").stdout)["devices"]
     assert all(d["instance"] == "" for d in devices)
@@ -101,8 +90,8 @@ def test_daemon_killed_and_restarted_readopts(sup: DaemonProcess, spawn: Spawn, 
     sup.proc.wait()
     assert all(alive(i["pid"]) for i in before)  # the engines outlive the daemon...
     again = spawn(sup.argv[1:])
-    wait_for(lambda: [i["state"] for i in status(again)] == ["INSTANCE_STATE_READY"] * 2)
-    after = status(again)
+    wait_for(lambda: [i["state"] for i in instance_status(again.ctl)] == ["INSTANCE_STATE_READY"] * 2)
+    after = instance_status(again.ctl)
     assert [i["pid"] for i in after] == [i["pid"] for i in before]  # ...and are adopted, not doubled
     assert again.ctl("stop", "--all").returncode == 0
     assert not any(alive(i["pid"]) for i in before)
@@ -118,7 +107,7 @@ def test_a_request_that_does_not_fit(sup: DaemonProcess, short_tmp: Path) -> Non
     done = sup.ctl("launch", "m", "--engine", "sim", "-n", "3", "--tp", "2", *SIM_ARGS)
     assert done.returncode == 4
     assert "3 x TP2 needs 6 sim-gpus; 4 free: free 0-3" in done.stderr
-    assert status(sup) == []
+    assert instance_status(sup.ctl) == []
     assert list((short_tmp / "state" / "instances").glob("*.json")) == []  # nothing half-started
 
 
@@ -127,7 +116,7 @@ def test_explicit_devices_overlapping_a_running_instance(sup: DaemonProcess) -> 
     done = sup.ctl("launch", "b", "--engine", "sim", "--tp", "2", "--devices", "1-2", *SIM_ARGS)
     assert done.returncode == 1
     assert "sim-gpu 1 is held by instance a-0" in done.stderr
-    assert [i["name"] for i in status(sup)] == ["a-0"]
+    assert [i["name"] for i in instance_status(sup.ctl)] == ["a-0"]
     assert sup.ctl("info").returncode == 0
 
 
@@ -135,7 +124,7 @@ def test_model_string_with_shell_and_systemd_characters(sup: DaemonProcess) -> N
     model = 'org/we"ird; $HOME %d\nmodel'
     done = sup.ctl("launch", model, "--engine", "sim", *SIM_ARGS)
     assert done.returncode == 0, done.stderr
-    (inst,) = status(sup)
+    (inst,) = instance_status(sup.ctl)
     assert inst["name"] == "we-ird-home-d-model-0"
     assert inst["model"] == model  # reached the engine as one argv word, unchanged
     listed = httpx.get(f"{inst['url']}/v1/models").json()["data"]
@@ -146,7 +135,7 @@ def test_missing_engine_interpreter(sup: DaemonProcess, short_tmp: Path) -> None
     done = sup.ctl("launch", "org/model", "--cpu")
     assert done.returncode == 2
     assert f"the vLLM interpreter {short_tmp}/no-such-venv/bin/python does not exist" in done.stderr
-    assert status(sup) == []
+    assert instance_status(sup.ctl) == []
 
 
 def test_an_engine_that_exits_at_once(sup: DaemonProcess) -> None:
@@ -154,7 +143,7 @@ def test_an_engine_that_exits_at_once(sup: DaemonProcess) -> None:
     assert done.returncode == 1
     assert "the engine exited before it was ever ready" in done.stderr
     assert "--tensor-parallel-size 3 is not modelled" in done.stderr  # the engine's own words, from its log
-    (inst,) = status(sup)
+    (inst,) = instance_status(sup.ctl)
     assert inst["state"] == "INSTANCE_STATE_FAILED"
     assert "exited with status 2" in inst["message"]
     devices = json.loads(sup.ctl("devices", "--json").stdout)["devices"]
@@ -184,7 +173,7 @@ def test_a_hung_engine_is_unhealthy_then_restarted(short_tmp: Path, spawn: Spawn
     seen: set[str] = set()
 
     def restarted() -> bool:
-        (inst,) = status(daemon)
+        (inst,) = instance_status(daemon.ctl)
         seen.add(inst["state"])
         return inst["restarts"] >= 1 and inst["state"] == "INSTANCE_STATE_READY"
 
@@ -212,7 +201,7 @@ def test_logs_follow_until_interrupted(sup: DaemonProcess) -> None:
 def test_api_key_reaches_the_engine_but_not_its_command_line(sup: DaemonProcess) -> None:
     done = sup.ctl("launch", "k", "--engine", "sim", "--api-key", "s3cret-key", *SIM_ARGS)
     assert done.returncode == 0, done.stderr  # READY: the daemon's probes used the key
-    (inst,) = status(sup)
+    (inst,) = instance_status(sup.ctl)
     assert b"s3cret-key" not in Path(f"/proc/{inst['pid']}/cmdline").read_bytes()
     body = {"model": "k", "prompt": "hi", "max_tokens": 1}
     assert httpx.post(f"{inst['url']}/v1/completions", json=body).status_code == 401

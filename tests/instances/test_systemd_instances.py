@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,20 +13,16 @@ from typing import Any
 import httpx
 import pytest
 
-from usermanager import UserManager, available, remove_stale_cgroups
+from daemonkit import instance_status, wait_for
+from usermanager import UserManager
 
 pytestmark = pytest.mark.systemd
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserManager]:
-    reason = available()
-    if reason is not None:  # never a silent skip: CI must prove this on every run
-        pytest.fail(f"cannot start a systemd user manager here: {reason}")
-    remove_stale_cgroups()
-    with UserManager(tmp_path_factory.mktemp("um") / "home") as um:
-        yield um
+def manager(user_manager: UserManager) -> UserManager:
+    return user_manager
 
 
 @pytest.fixture
@@ -49,20 +44,6 @@ def mvllmd(manager: UserManager, tmp_path: Path) -> Iterator[Callable[..., Any]]
     manager.systemctl("stop", "mvllmd")
 
 
-def status(ctl: Callable[..., Any]) -> list[dict[str, Any]]:
-    done = ctl("status", "--json")
-    assert done.returncode == 0, done.stderr
-    instances: list[dict[str, Any]] = json.loads(done.stdout)["instances"]
-    return instances
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.2)
-
-
 def unit_state(manager: UserManager, unit: str) -> dict[str, str]:
     out = manager.systemctl("show", "-p", "ActiveState,SubState,MainPID,LoadState", unit).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
@@ -74,7 +55,7 @@ def test_sim_instances_as_units(manager: UserManager, mvllmd: Callable[..., Any]
     model = 'org/odd "name"; $HOME %i'
     done = ctl("launch", model, "--engine", "sim", "-n", "2", "--name", "sim", "--", "--time-scale", "0")
     assert done.returncode == 0, done.stderr + manager.log()[-3000:]
-    instances = status(ctl)
+    instances = instance_status(ctl)
     assert [i["unit"] for i in instances] == ["mvllm-instance@sim-0.service", "mvllm-instance@sim-1.service"]
     for inst in instances:
         assert unit_state(manager, inst["unit"])["ActiveState"] == "active"
@@ -89,19 +70,21 @@ def test_sim_instances_as_units(manager: UserManager, mvllmd: Callable[..., Any]
     old_pid = int(unit_state(manager, unit)["MainPID"])
     assert old_pid == instances[0]["pid"]
     manager.run(["kill", "-9", str(old_pid)])
-    wait_for(lambda: status(ctl)[0]["restarts"] == 1 and status(ctl)[0]["state"] == "INSTANCE_STATE_READY")
+    wait_for(
+        lambda: instance_status(ctl)[0]["restarts"] == 1 and instance_status(ctl)[0]["state"] == "INSTANCE_STATE_READY"
+    )
     assert int(unit_state(manager, unit)["MainPID"]) not in (0, old_pid)
 
     # The daemon restarts; the units keep running and are re-adopted.
-    pids = [i["pid"] for i in status(ctl)]
+    pids = [i["pid"] for i in instance_status(ctl)]
     assert manager.systemctl("restart", "mvllmd").returncode == 0
-    wait_for(lambda: [i["state"] for i in status(ctl)] == ["INSTANCE_STATE_READY"] * 2)
-    assert [i["pid"] for i in status(ctl)] == pids
+    wait_for(lambda: [i["state"] for i in instance_status(ctl)] == ["INSTANCE_STATE_READY"] * 2)
+    assert [i["pid"] for i in instance_status(ctl)] == pids
 
     assert ctl("stop", "--all").returncode == 0
     for inst in instances:
         assert unit_state(manager, inst["unit"])["ActiveState"] == "inactive"
-    assert status(ctl) == []
+    assert instance_status(ctl) == []
     devices = json.loads(ctl("devices", "--json").stdout)["devices"]
     assert all(d["instance"] == "" for d in devices)
 
@@ -112,7 +95,7 @@ def test_the_target_stops_them_all(manager: UserManager, mvllmd: Callable[..., A
     assert manager.systemctl("stop", "mvllm-instances.target").returncode == 0
     for name in ("m-0", "m-1"):
         assert unit_state(manager, f"mvllm-instance@{name}.service")["ActiveState"] == "inactive"
-    wait_for(lambda: status(ctl) == [])  # stopped on purpose: forgotten, not restarted
+    wait_for(lambda: instance_status(ctl) == [])  # stopped on purpose: forgotten, not restarted
 
 
 def test_an_engine_that_exits_at_once_is_failed(manager: UserManager, mvllmd: Callable[..., Any]) -> None:
@@ -120,7 +103,7 @@ def test_an_engine_that_exits_at_once_is_failed(manager: UserManager, mvllmd: Ca
     done = ctl("launch", "m", "--engine", "sim", "--", "--profile", "no-such-profile")
     assert done.returncode == 1
     assert "unknown profile 'no-such-profile'" in done.stderr
-    (inst,) = status(ctl)
+    (inst,) = instance_status(ctl)
     assert inst["state"] == "INSTANCE_STATE_FAILED"
     assert unit_state(manager, inst["unit"])["ActiveState"] in ("failed", "inactive")
     assert ctl("info").returncode == 0
@@ -133,13 +116,13 @@ def test_a_hung_unit_is_killed_and_started_again(manager: UserManager, mvllmd: C
     seen: set[str] = set()
 
     def restarted() -> bool:
-        (inst,) = status(ctl)
+        (inst,) = instance_status(ctl)
         seen.add(inst["state"])
         return inst["restarts"] >= 1 and inst["state"] == "INSTANCE_STATE_READY"
 
     try:
         wait_for(restarted)
     except AssertionError:
-        raise AssertionError(f"states seen {seen}; now {status(ctl)}; log:\n{manager.log()[-4000:]}") from None
+        raise AssertionError(f"states seen {seen}; now {instance_status(ctl)}; log:\n{manager.log()[-4000:]}") from None
     assert "INSTANCE_STATE_UNHEALTHY" in seen
     assert unit_state(manager, "mvllm-instance@m-0.service")["ActiveState"] == "active"

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from daemonkit import Spawn
+from daemonkit import Spawn, instance_status, wait_for
 from usermanager import UserManager, available, remove_stale_cgroups
 
 BIN = Path(sys.executable).parent
@@ -42,25 +41,11 @@ def config_text(engine: Path, port_base: int, hang_timeout_s: float = 30.0) -> s
     )
 
 
-def status(ctl: Callable[..., Any]) -> list[dict[str, Any]]:
-    done = ctl("status", "--json")
-    assert done.returncode == 0, done.stderr
-    instances: list[dict[str, Any]] = json.loads(done.stdout)["instances"]
-    return instances
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.5)
-
-
 def launch_and_serve(ctl: Callable[..., Any], model: str) -> list[dict[str, Any]]:
     done = ctl("launch", model, "-n", "2", "--cpu", "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--name", "tiny",
                "--wait-timeout", str(READY_TIMEOUT_S))  # fmt: skip
     assert done.returncode == 0, done.stderr
-    instances = status(ctl)
+    instances = instance_status(ctl)
     assert [i["state"] for i in instances] == ["INSTANCE_STATE_READY"] * 2
     assert [i["devices"] for i in instances] == [["cpu-slot:0"], ["cpu-slot:1"]]
     for inst in instances:
@@ -72,11 +57,11 @@ def launch_and_serve(ctl: Callable[..., Any], model: str) -> list[dict[str, Any]
 
 
 def kill_and_recover(ctl: Callable[..., Any], kill: Callable[[int], None]) -> None:
-    first = status(ctl)[0]
+    first = instance_status(ctl)[0]
     kill(first["pid"])
-    wait_for(lambda: status(ctl)[0]["state"] != "INSTANCE_STATE_READY", 30)  # the failure is seen
-    wait_for(lambda: status(ctl)[0]["state"] == "INSTANCE_STATE_READY", READY_TIMEOUT_S)
-    again = status(ctl)[0]
+    wait_for(lambda: instance_status(ctl)[0]["state"] != "INSTANCE_STATE_READY", 30)  # the failure is seen
+    wait_for(lambda: instance_status(ctl)[0]["state"] == "INSTANCE_STATE_READY", READY_TIMEOUT_S)
+    again = instance_status(ctl)[0]
     assert again["restarts"] == 1 and again["pid"] != first["pid"]
 
 
@@ -105,7 +90,7 @@ def test_vllm_instances_as_systemd_units(tmp_path_factory: pytest.TempPathFactor
         assert ctl("stop", "--all").returncode == 0
         for inst in instances:
             assert um.systemctl("is-active", inst["unit"]).stdout.strip() == "inactive"
-        assert status(ctl) == []
+        assert instance_status(ctl) == []
         devices = json.loads(ctl("devices", "--json").stdout)["devices"]
         assert [d["instance"] for d in devices] == ["", ""]
 
@@ -127,18 +112,18 @@ def test_vllm_instances_under_the_process_supervisor(short_tmp: Path, spawn: Spa
 
     # A real hang: SIGSTOP the engine's worker. /health keeps answering 200; the monitor's probe request
     # goes unanswered, the instance turns UNHEALTHY, and is killed and started again.
-    hung = status(ctl)[1]
+    hung = instance_status(ctl)[1]
     (worker,) = [pid for pid in _group(hung["pid"]) if Path(f"/proc/{pid}/comm").read_text().strip() == "VLLM::Worker"]
     os.kill(worker, signal.SIGSTOP)
     assert httpx.get(f"{hung['url']}/health", timeout=10).status_code == 200
-    wait_for(lambda: status(ctl)[1]["state"] == "INSTANCE_STATE_UNHEALTHY", 60)
-    wait_for(lambda: status(ctl)[1]["state"] == "INSTANCE_STATE_READY", READY_TIMEOUT_S)
-    assert status(ctl)[1]["restarts"] == 1 and status(ctl)[1]["pid"] != hung["pid"]
+    wait_for(lambda: instance_status(ctl)[1]["state"] == "INSTANCE_STATE_UNHEALTHY", 60)
+    wait_for(lambda: instance_status(ctl)[1]["state"] == "INSTANCE_STATE_READY", READY_TIMEOUT_S)
+    assert instance_status(ctl)[1]["restarts"] == 1 and instance_status(ctl)[1]["pid"] != hung["pid"]
     assert not _group(hung["pid"])  # the stopped worker was killed with its group
-    leaders = [i["pid"] for i in status(ctl)]
+    leaders = [i["pid"] for i in instance_status(ctl)]
     assert ctl("stop", "--all").returncode == 0
     assert all(not _group(pid) for pid in leaders)  # every process of every group is gone
-    assert status(ctl) == []
+    assert instance_status(ctl) == []
 
 
 def _group(pgid: int) -> set[int]:

@@ -46,6 +46,14 @@ def status_for(exc: errors.MvllmError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def _translate(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
+    """A domain error's status and message; anything else is INTERNAL, saying nothing of itself."""
+    if isinstance(exc, errors.MvllmError):
+        return status_for(exc), str(exc)
+    log.error("internal error in %s", where, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error in mvllmd; its log has the details"
+
+
 def rpc(method: Method[Servicer, Request, Response]) -> Method[Servicer, Request, Response]:
     """Wrap a unary servicer method: version metadata, error mapping, no leaked internals."""
 
@@ -54,12 +62,8 @@ def rpc(method: Method[Servicer, Request, Response]) -> Method[Servicer, Request
         await context.send_initial_metadata(((VERSION_METADATA_KEY, __version__),))
         try:
             return await method(self, request, context)
-        except errors.MvllmError as exc:
-            code, message = status_for(exc), str(exc)
-        except Exception:
-            log.exception("internal error in %s", method.__qualname__)
-            code, message = grpc.StatusCode.INTERNAL, "internal error in mvllmd; its log has the details"
-        await context.abort(code, message)
+        except Exception as exc:
+            await context.abort(*_translate(exc, method.__qualname__))
         raise AssertionError("context.abort returned")  # abort always raises
 
     return wrapper
@@ -77,12 +81,7 @@ def rpc_stream(method: StreamMethod[Servicer, Request, Response]) -> StreamMetho
         try:
             async for item in method(self, request, context):
                 yield item
-            return
-        except errors.MvllmError as exc:
-            code, message = status_for(exc), str(exc)
-        except Exception:
-            log.exception("internal error in %s", method.__qualname__)
-            code, message = grpc.StatusCode.INTERNAL, "internal error in mvllmd; its log has the details"
-        await context.abort(code, message)
+        except Exception as exc:
+            await context.abort(*_translate(exc, method.__qualname__))
 
     return wrapper
