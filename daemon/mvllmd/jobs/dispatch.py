@@ -132,6 +132,7 @@ class Dispatcher:
         self._input_done = False
         self.inflight = 0
         self.hedges = 0
+        self._stopping = False
 
     # --- feeding --------------------------------------------------------------------------------
 
@@ -141,6 +142,15 @@ class Dispatcher:
 
     def close_input(self) -> None:
         """No more work will be added: the tail begins once the queue drains."""
+        self._input_done = True
+        self._wake.set()
+
+    def drop_backlog(self) -> None:
+        """Stopping: send nothing new, retry nothing; the requests in flight may still finish."""
+        self._stopping = True
+        self._queue.clear()
+        self._retry.clear()
+        self._delayed.clear()
         self._input_done = True
         self._wake.set()
 
@@ -167,6 +177,8 @@ class Dispatcher:
             await asyncio.gather(*(f.task for f in self._flights.values() if f.task), return_exceptions=True)
 
     def _fill(self, session: aiohttp.ClientSession) -> None:
+        if self._stopping:
+            return
         now = time.monotonic()
         ready = [w for at, w in self._delayed if at <= now]
         self._delayed = [(at, w) for at, w in self._delayed if at > now]
@@ -300,6 +312,8 @@ class Dispatcher:
             self._trip(flight.endpoint)
         if any(f.hedge_of is flight or flight.hedge_of is f for f in self._flights.values()):
             return  # its twin still runs and will answer for these samples
+        if self._stopping:
+            return  # not retried now; a resumed job asks again
         work.attempts += 1
         work.last_error = str(exc)
         if exc.retryable and work.attempts < self._settings.max_attempts:

@@ -1,0 +1,206 @@
+"""One rollout job, start to finish: input batches -> dispatcher -> parts -> one sorted parquet.
+
+`prepare` checks everything that can be checked before any request is sent (the input, the output
+path, an existing output or earlier parts) and returns what the run needs. `run_job` feeds the
+dispatcher with backpressure (memory does not grow with the input), writes each finished sample to a
+part, and assembles OUT at the end. When `stop` is set (SIGTERM, cancel) it stops feeding, lets the
+requests in flight finish, writes their samples and returns with the parts kept: a later run with
+`resume` redoes only what no part holds. A manifest beside the parts records the job's arguments; a
+resume with other arguments is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import aiohttp
+
+from mvllmd.errors import Conflict, InvalidRequest
+from mvllmd.jobs.dispatch import Dispatcher, DispatchSettings, Endpoint, Work
+from mvllmd.jobs.input import InputInfo, inspect, iter_batches
+from mvllmd.jobs.output import (
+    MAX_SAMPLES,
+    DoneMap,
+    PartWriter,
+    Sample,
+    assemble,
+    load_done,
+    parts_dir,
+    result_schema,
+)
+from mvllmd.jobs.requests import Sampling
+
+log = logging.getLogger(__name__)
+
+OnError = Literal["record", "fail"]
+MANIFEST = "manifest.json"
+FEED_AHEAD = 4  # samples queued ahead of the dispatcher, per sample it may have in flight
+STOP_DRAIN_S = 30.0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    input_path: Path
+    output_path: Path
+    sampling: Sampling
+    num_samples: int = 1
+    prompt_column: str = "prompt"
+    on_error: OnError = "record"
+    resume: bool = False
+    overwrite: bool = False
+    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
+
+    def fingerprint(self) -> dict[str, object]:
+        """What must not change between a run and its resume."""
+        return {
+            "input": str(self.input_path),
+            "prompt_column": self.prompt_column,
+            "num_samples": self.num_samples,
+            "sampling": asdict(self.sampling),
+            "policy": self.dispatch.policy,
+        }
+
+
+@dataclass
+class Progress:
+    samples_total: int
+    samples_done: int = 0
+    errors: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    failed: str = ""  # why the job failed, with on_error = fail
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(1e-9, time.monotonic() - self.started)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    spec: JobSpec
+    source: InputInfo
+    done: DoneMap
+
+
+def prepare(spec: JobSpec) -> Prepared:
+    """Check the job before anything is sent; raise InvalidRequest or Conflict saying what is wrong."""
+    if not 1 <= spec.num_samples < MAX_SAMPLES:
+        raise InvalidRequest(f"--num-samples must be from 1 to {MAX_SAMPLES - 1}, got {spec.num_samples}")
+    source = inspect(spec.input_path, spec.prompt_column)
+    out = spec.output_path
+    if out.resolve() == spec.input_path.resolve():
+        raise InvalidRequest(f"the output {out} is the input; write somewhere else")
+    if out.suffix.lower() not in (".parquet", ".pq"):
+        raise InvalidRequest(f"the output {out} must be a .parquet file")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise InvalidRequest(f"cannot write the output: {out.parent} is not a writable directory")
+    if out.exists() and not (spec.resume or spec.overwrite):
+        raise Conflict(f"{out} exists; pass --resume to finish it, or --overwrite to replace it")
+    parts = parts_dir(out)
+    done = DoneMap(source.num_rows, spec.num_samples)
+    if spec.overwrite:
+        shutil.rmtree(parts, ignore_errors=True)
+    elif parts.exists():
+        if not spec.resume:
+            raise Conflict(f"{parts} holds an unfinished run; pass --resume to finish it, or --overwrite")
+        _check_manifest(parts, spec)
+        load_done(parts, done)
+    return Prepared(spec, source, done)
+
+
+def _check_manifest(parts: Path, spec: JobSpec) -> None:
+    try:
+        recorded = json.loads((parts / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise Conflict(f"{parts} has no readable {MANIFEST}; pass --overwrite to start again") from None
+    wanted = json.loads(json.dumps(spec.fingerprint()))
+    changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
+    if changed:
+        raise Conflict(f"cannot resume: {', '.join(changed)} differ from the run that wrote {parts}")
+
+
+async def run_job(
+    prepared: Prepared,
+    endpoints: list[Endpoint],
+    stop: asyncio.Event,
+    on_progress: Callable[[Progress], None] = lambda p: None,
+) -> Progress:
+    """Run the job; assemble OUT when every sample is done. Returns the final progress."""
+    spec, source, done = prepared.spec, prepared.source, prepared.done
+    if not endpoints:
+        raise InvalidRequest("no endpoint to send the job to")
+    parts = parts_dir(spec.output_path)
+    schema = result_schema(spec.sampling.logprobs is not None, spec.sampling.return_token_ids)
+    writer = PartWriter(parts, schema)
+    (parts / MANIFEST).write_text(json.dumps(spec.fingerprint(), indent=2))
+    progress = Progress(samples_total=source.num_rows * spec.num_samples, samples_done=done.count)
+
+    async def deliver(samples: list[Sample]) -> None:
+        for sample in samples:  # marked before any await: a hedged twin is filtered by is_done
+            if done.mark(sample.prompt_index, sample.sample_index):
+                writer.add(sample)
+                progress.samples_done += 1
+                progress.tokens += sample.completion_tokens or 0
+                if sample.error:
+                    progress.errors += 1
+                    if spec.on_error == "fail" and not progress.failed:
+                        progress.failed = f"prompt {sample.prompt_index}: {sample.error}"
+                        stop.set()
+        on_progress(progress)
+
+    dispatcher = Dispatcher(endpoints, spec.sampling, spec.dispatch, deliver, done.is_done)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        running = asyncio.create_task(dispatcher.run(session))
+        await _feed(prepared, dispatcher, stop)
+        dispatcher.close_input()
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if running.done():
+            await running  # its exception, if it failed
+        else:
+            await _drain(dispatcher, running)
+    writer.flush()
+    on_progress(progress)
+    if done.count == progress.samples_total and not progress.failed:
+        metadata = {"mvllm.job": json.dumps(spec.fingerprint()), "model": spec.sampling.model}
+        rows = await asyncio.to_thread(assemble, parts, spec.output_path, source, schema,
+                                       metadata=metadata, expected_rows=progress.samples_total)  # fmt: skip
+        log.info("job output %s: %d rows, %d errors", spec.output_path, rows, progress.errors)
+    return progress
+
+
+async def _feed(prepared: Prepared, dispatcher: Dispatcher, stop: asyncio.Event) -> None:
+    spec, done = prepared.spec, prepared.done
+    ahead = max(64, spec.dispatch.max_concurrent * FEED_AHEAD)
+    for batch in iter_batches(prepared.source):
+        for offset, prompt in enumerate(batch.prompts):
+            index = batch.start + offset
+            todo = [s for s in range(spec.num_samples) if not done.is_done(index, s)]
+            if not todo:
+                continue
+            while dispatcher.backlog * spec.num_samples > ahead and not stop.is_set():
+                await asyncio.sleep(0.01)  # backpressure: memory stays bounded whatever the input size
+            if stop.is_set():
+                return
+            dispatcher.add(Work(index, prompt, todo))
+        await asyncio.sleep(0)
+
+
+async def _drain(dispatcher: Dispatcher, running: asyncio.Task[None]) -> None:
+    """Stop sending new requests; give those in flight STOP_DRAIN_S to finish; cancel the rest."""
+    dispatcher.drop_backlog()
+    try:
+        await asyncio.wait_for(asyncio.shield(running), timeout=STOP_DRAIN_S)
+    except TimeoutError:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)

@@ -1,0 +1,105 @@
+"""A whole job against real (simulated) servers: parquet in, one sorted parquet out; stop and resume."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mvllmd.errors import Conflict, InvalidRequest
+from mvllmd.jobs.dispatch import DispatchSettings, Endpoint
+from mvllmd.jobs.output import parts_dir
+from mvllmd.jobs.requests import Sampling
+from mvllmd.jobs.runner import JobSpec, Progress, prepare, run_job
+
+from simkit import StartSim
+
+N, K = 300, 3
+
+
+def make_input(tmp: Path) -> Path:
+    path = tmp / "prompts.parquet"
+    pq.write_table(pa.table({"prompt": [f"question {i}" for i in range(N)], "id": list(range(N))}), path)
+    return path
+
+
+def spec(tmp: Path, **kw: object) -> JobSpec:
+    base: dict[str, object] = {
+        "input_path": make_input(tmp),
+        "output_path": tmp / "out.parquet",
+        "sampling": Sampling(model="sim", max_tokens=8, seed=3),
+        "num_samples": K,
+        "dispatch": DispatchSettings(max_concurrent=128),
+    }
+    base.update(kw)
+    return JobSpec(**base)  # type: ignore[arg-type]
+
+
+async def endpoints(start_sim: StartSim, n: int = 2) -> list[Endpoint]:
+    return [Endpoint((await start_sim("--time-scale", "0.001"))[0], capacity=64) for _ in range(n)]
+
+
+async def test_a_job_end_to_end(start_sim: StartSim, tmp_path: Path) -> None:
+    job = spec(tmp_path)
+    progress = await run_job(prepare(job), await endpoints(start_sim), asyncio.Event())
+    assert (progress.samples_done, progress.errors) == (N * K, 0)
+    table = pq.read_table(job.output_path)
+    assert table.num_rows == N * K
+    keys = list(zip(table.column("prompt_index").to_pylist(), table.column("sample_index").to_pylist(), strict=True))
+    assert keys == [(p, s) for p in range(N) for s in range(K)]  # sorted, each pair once
+    assert table.column("id").to_pylist()[: K + 1] == [0, 0, 0, 1]  # input columns carried through
+    assert table.column("seed").null_count == 0  # --seed given: every sample's seed is recorded
+    assert b"mvllm.job" in table.schema.metadata
+    assert not parts_dir(job.output_path).exists()
+
+
+async def test_stop_then_resume_redoes_only_what_is_missing(start_sim: StartSim, tmp_path: Path) -> None:
+    urls = await endpoints(start_sim)
+    stop = asyncio.Event()
+
+    def stop_halfway(progress: Progress) -> None:
+        if progress.samples_done >= N * K // 2:
+            stop.set()
+
+    first = await run_job(prepare(spec(tmp_path)), urls, stop, stop_halfway)
+    assert N * K // 2 <= first.samples_done < N * K
+    assert not (tmp_path / "out.parquet").exists()  # nothing half-written is presented as complete
+    assert list(parts_dir(tmp_path / "out.parquet").glob("part-*.parquet"))
+    with pytest.raises(Conflict, match="holds an unfinished run"):
+        prepare(spec(tmp_path))
+    with pytest.raises(Conflict, match="num_samples differ"):
+        prepare(spec(tmp_path, num_samples=4, resume=True))
+    resumed = prepare(spec(tmp_path, resume=True))
+    assert resumed.done.count == first.samples_done
+    second = await run_job(resumed, urls, asyncio.Event())
+    assert second.samples_done == N * K
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.num_rows == N * K
+    assert (
+        len(set(zip(table.column("prompt_index").to_pylist(), table.column("sample_index").to_pylist(), strict=True)))
+        == N * K
+    )
+
+
+async def test_refusals_before_anything_is_sent(tmp_path: Path) -> None:
+    job = spec(tmp_path)
+    with pytest.raises(InvalidRequest, match="is the input"):
+        prepare(spec(tmp_path, output_path=job.input_path))
+    with pytest.raises(InvalidRequest, match="not a writable directory"):
+        prepare(spec(tmp_path, output_path=tmp_path / "nowhere" / "out.parquet"))
+    job.output_path.write_bytes(b"an earlier result")
+    with pytest.raises(Conflict, match="exists; pass --resume"):
+        prepare(job)
+    assert job.output_path.read_bytes() == b"an earlier result"  # never touched
+    assert pq.read_table(job.input_path).num_rows == N  # nor is the input
+
+
+async def test_on_error_fail_stops_the_job(start_sim: StartSim, tmp_path: Path) -> None:
+    base, _ = await start_sim("--time-scale", "0", "--max-model-len", "16")
+    job = spec(tmp_path, sampling=Sampling(model="sim", max_tokens=20), on_error="fail")
+    progress = await run_job(prepare(job), [Endpoint(base, capacity=16)], asyncio.Event())
+    assert progress.failed.startswith("prompt ") and "HTTP 400" in progress.failed
+    assert not job.output_path.exists()
