@@ -8,8 +8,9 @@ keeps at most `max_concurrent` samples in flight overall, and at most each endpo
   fewest in-flight samples per unit of its observed speed (samples completed per second, smoothed).
   A prompt's samples go as one n=k request (the server prefills the prompt once) until the queue
   runs dry; from then on, what is left is split into single samples to spread across endpoints, and
-  an endpoint that falls idle takes a copy of the oldest request of the slowest endpoint (a hedge):
-  the first answer wins, the other is cancelled, and each sample is written once (DoneMap).
+  requests on endpoints that will take long to drain are copied onto endpoints that will drain in
+  less than half the time (a hedge): the first answer wins, the other is cancelled, and each sample
+  is written once (DoneMap).
 - `round-robin`, the seed's: endpoints in turn, one request per prompt's samples, no hedging.
 
 Failures: connection errors, timeouts, 429 and 5xx are retried elsewhere with backoff, up to
@@ -248,19 +249,30 @@ class Dispatcher:
         flight.task = asyncio.create_task(self._fly(session, flight))
 
     def _hedge(self, session: aiohttp.ClientSession, now: float) -> None:
-        """Idle endpoints take copies of the oldest requests on the slowest ones."""
-        idle = [e for e in self.endpoints if e.available(now) and e.inflight == 0]
-        if not idle:
-            return
-        candidates = sorted(
+        """In the tail, copy requests from endpoints that will take long to drain onto ones that will not."""
+        speeds = [e.speed for e in self.endpoints if e.speed > 0]
+        default = max(speeds) if speeds else 1.0
+
+        def drain_s(endpoint: Endpoint) -> float:
+            return endpoint.inflight / (endpoint.speed or default)
+
+        flights = sorted(
             (f for f in self._flights.values() if not f.hedged and f.hedge_of is None),
-            key=lambda f: (-(f.endpoint.inflight / (f.endpoint.speed or 1.0)), f.started),
+            key=lambda f: (-drain_s(f.endpoint), f.started),
         )
-        for endpoint, flight in zip(idle, (f for f in candidates if f.endpoint not in idle), strict=False):
+        for flight in flights:
+            if self.inflight >= self._settings.max_concurrent:
+                return
+            room = [e for e in self.endpoints if e is not flight.endpoint and e.available(now)]
+            if not room:
+                return
+            target = min(room, key=drain_s)
+            if drain_s(target) * 2 >= drain_s(flight.endpoint):
+                return  # the rest are on endpoints that will drain about as soon: no gain in copying
             flight.hedged = True
             self.hedges += 1
-            self._launch(session, Work(flight.work.prompt_index, flight.work.prompt, list(flight.work.samples)),
-                         endpoint, hedge_of=flight)  # fmt: skip
+            copy = Work(flight.work.prompt_index, flight.work.prompt, list(flight.work.samples))
+            self._launch(session, copy, target, hedge_of=flight)
 
     # --- one request ----------------------------------------------------------------------------
 
