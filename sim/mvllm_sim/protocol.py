@@ -63,6 +63,10 @@ class Job:
     prompt_ids: tuple[tuple[int, ...], ...]
     sampling: Sampling
 
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompt_ids)
+
 
 def parse_completion(body: Any, served: str, max_model_len: int) -> Job:
     body = _object(body)
@@ -299,7 +303,7 @@ def choice_body(job: Job, index: int, output: Output, prompt_ids: Sequence[int])
     return base
 
 
-def response_body(job: Job, outputs: Sequence[Output], prompt_tokens: int) -> dict[str, Any]:
+def response_body(job: Job, outputs: Sequence[Output]) -> dict[str, Any]:
     per_prompt = job.sampling.n
     choices = [choice_body(job, i, out, job.prompt_ids[i // per_prompt]) for i, out in enumerate(outputs)]
     completion_tokens = sum(len(o.words) for o in outputs)
@@ -309,12 +313,8 @@ def response_body(job: Job, outputs: Sequence[Output], prompt_tokens: int) -> di
         "created": int(time.time()),
         "model": job.model,
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(job.prompt_tokens, completion_tokens),
     }
     if job.chat and job.sampling.return_token_ids:
         body["prompt_token_ids"] = list(job.prompt_ids[0])
     return body
-
-
-def prompt_token_count(job: Job) -> int:
-    return sum(len(p) for p in job.prompt_ids)

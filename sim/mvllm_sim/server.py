@@ -174,7 +174,7 @@ class SimServer:
         if fault.drop_after_chunks is not None:
             _drop(request)  # the answer is lost; the engine had finished it
         outputs = [o for per_prompt in pending.outputs for o in per_prompt]
-        return web.json_response(response_body(job, outputs, sum(len(p) for p in job.prompt_ids)))
+        return web.json_response(response_body(job, outputs))
 
     async def _parse(self, request: web.Request, chat: bool) -> Job:
         try:
@@ -255,7 +255,7 @@ class SimServer:
             await pending.event.wait()
         if job.sampling.include_usage:
             completion = sum(len(o.words) for per in pending.outputs for o in per)
-            await stream.usage(usage(sum(len(p) for p in job.prompt_ids), completion))
+            await stream.usage(usage(job.prompt_tokens, completion))
         await stream.done()
         return response
 
