@@ -11,7 +11,8 @@ keeps at most `max_concurrent` samples in flight overall, and at most each endpo
   requests on endpoints that will take long to drain are copied onto endpoints that will drain in
   less than half the time (a hedge): the first answer wins, the other is cancelled, and each sample
   is written once (DoneMap).
-- `round-robin`, the seed's: endpoints in turn, one request per prompt's samples, no hedging.
+- `round-robin`, the seed's: endpoints in turn whatever they already hold (only `max_concurrent`
+  bounds it), one request per prompt's samples, no hedging.
 
 Failures: connection errors, timeouts, 429 and 5xx are retried elsewhere with backoff, up to
 `max_attempts`; then, like a permanent failure (a 4xx), the samples are recorded with their `error`.
@@ -216,23 +217,35 @@ class Dispatcher:
         return self._input_done and not self._queue
 
     def _pick(self, now: float, want: int) -> Endpoint | None:
-        ready = [e for e in self.endpoints if e.available(now)]
-        if not ready:
-            return None
         if self._settings.policy == "round-robin":
+            # The seed's: each request to the next endpoint in turn, whatever it holds already (the
+            # server queues what it cannot run); only an endpoint taken out by the breaker is skipped.
             assert self._rr is not None
             for _ in range(len(self.endpoints)):
                 candidate = self.endpoints[next(self._rr)]
-                if candidate in ready:
+                if now >= candidate.open_until:
                     return candidate
+            return None
+        ready = [e for e in self.endpoints if e.available(now) and e.inflight < self._share(e)]
+        if not ready:
             return None
         known = [e.speed for e in ready if e.speed > 0]
         default_speed = max(known) if known else 1.0
         return min(ready, key=lambda e: (e.inflight + want) / (e.speed or default_speed))
 
+    def _share(self, endpoint: Endpoint) -> int:
+        """least-loaded: a slower endpoint may hold less, in proportion to its measured speed, so that
+        little work is left stranded on it at the end; round-robin: its full capacity."""
+        fastest = max((e.speed for e in self.endpoints), default=0.0)
+        if self._settings.policy == "round-robin" or fastest <= 0 or endpoint.speed <= 0:
+            return endpoint.capacity
+        return max(1, int(endpoint.capacity * endpoint.speed / fastest))
+
     def _fit(self, work: Work, endpoint: Endpoint) -> Work:
         """No more samples in one request than the endpoint has room for, nor than the global cap."""
-        room = min(endpoint.capacity - endpoint.inflight, self._settings.max_concurrent - self.inflight)
+        room = self._settings.max_concurrent - self.inflight
+        if self._settings.policy != "round-robin":
+            room = min(room, self._share(endpoint) - endpoint.inflight)
         if len(work.samples) > room >= 1:
             self._retry.appendleft(Work(work.prompt_index, work.prompt, work.samples[room:], work.attempts))
             work = Work(work.prompt_index, work.prompt, work.samples[:room], work.attempts, work.last_error)
