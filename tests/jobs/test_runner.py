@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,7 +16,7 @@ from mvllmd.jobs.output import parts_dir
 from mvllmd.jobs.requests import Sampling
 from mvllmd.jobs.runner import JobSpec, Progress, prepare, run_job
 
-from simkit import StartSim
+from simkit import SimProcess, StartSim
 
 N, K = 300, 3
 
@@ -103,3 +104,18 @@ async def test_on_error_fail_stops_the_job(start_sim: StartSim, tmp_path: Path) 
     progress = await run_job(prepare(job), [Endpoint(base, capacity=16)], asyncio.Event())
     assert progress.failed.startswith("prompt ") and "HTTP 400" in progress.failed
     assert not job.output_path.exists()
+
+
+async def test_many_instant_answers_all_land(sim_process: Callable[..., SimProcess], tmp_path: Path) -> None:
+    # Fed with backpressure and hedged in the tail, some twins are cancelled before their task ever
+    # runs: none may stay "in flight", or the job never ends.
+    data = tmp_path / "many.parquet"
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(5000)]}), data)
+    sims = [sim_process("--time-scale", "0") for _ in range(2)]  # processes: the timing of real servers
+    for sim in sims:
+        sim.wait_listening()
+    urls = [Endpoint(sim.url, capacity=1024) for sim in sims]
+    sampling = Sampling(model="sim", max_tokens=8)
+    job = JobSpec(data, tmp_path / "many.out.parquet", sampling, dispatch=DispatchSettings(max_concurrent=256))
+    progress = await asyncio.wait_for(run_job(prepare(job), urls, asyncio.Event()), timeout=120)
+    assert progress.samples_done == 5000

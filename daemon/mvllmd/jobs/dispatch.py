@@ -260,6 +260,8 @@ class Dispatcher:
         endpoint.inflight += len(work.samples)
         self.inflight += len(work.samples)
         flight.task = asyncio.create_task(self._fly(session, flight))
+        # A task cancelled before it first runs never enters _fly: land it here too (landing is idempotent).
+        flight.task.add_done_callback(lambda _: self._landed(flight))
 
     def _hedge(self, session: aiohttp.ClientSession, now: float) -> None:
         """In the tail, copy requests from endpoints that will take long to drain onto ones that will not."""
@@ -309,6 +311,10 @@ class Dispatcher:
             self._cancel_twin(flight)
         finally:
             self._wake.set()
+
+    def _landed(self, flight: _Flight) -> None:
+        self._land(flight)
+        self._wake.set()
 
     def _land(self, flight: _Flight) -> None:
         if self._flights.pop(flight.id, None) is None:
