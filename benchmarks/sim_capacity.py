@@ -16,33 +16,11 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
 
-SIM = str(Path(sys.executable).parent / "mvllm-sim")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_ready(http: aiohttp.ClientSession, base: str) -> None:
-    for _ in range(200):
-        try:
-            async with http.get(f"{base}/health") as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise RuntimeError("mvllm-sim did not become healthy")
+from benchkit import sim_servers
 
 
 async def metrics(http: aiohttp.ClientSession, base: str) -> dict[str, float]:
@@ -105,22 +83,13 @@ async def main() -> None:
     p.add_argument("--requests", type=int, default=30000)
     p.add_argument("--concurrency", type=int, default=256)
     args = p.parse_args()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    sim = subprocess.Popen(
-        [SIM, "--model", "sim", "--port", str(port), "--time-scale", args.time_scale, "--log-level", "warning"]
-    )
-    try:
+    with sim_servers([["--time-scale", args.time_scale]]) as (base,):
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
-            await wait_ready(http, base)
             peak, running = await hold(http, base, args.hold)
             before = await metrics(http, base)
             rate, failures = await throughput(http, base, args.requests, args.concurrency)
             after = await metrics(http, base)
-    finally:
-        sim.terminate()
-        sim.wait(10)
     finished = after["vllm:request_success_total"] - before["vllm:request_success_total"]
     print(f"mvllm-sim capacity, {time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, --time-scale {args.time_scale}")  # fmt: skip

@@ -13,14 +13,10 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -28,11 +24,7 @@ from mvllmd.jobs.dispatch import DispatchSettings, Endpoint
 from mvllmd.jobs.requests import Sampling
 from mvllmd.jobs.runner import JobSpec, prepare, run_job
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from benchkit import sim_servers
 
 
 async def main() -> None:
@@ -41,51 +33,19 @@ async def main() -> None:
     p.add_argument("--servers", type=int, default=2)
     p.add_argument("--max-concurrent", type=int, default=256)
     args = p.parse_args()
-    ports = [free_port() for _ in range(args.servers)]
-    sims = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mvllm_sim",
-                "--model",
-                "sim",
-                "--port",
-                str(port),
-                "--time-scale",
-                "0",
-                "--log-level",
-                "warning",
-            ]
+    with sim_servers([["--time-scale", "0"]] * args.servers) as urls, tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "prompts.parquet"
+        pq.write_table(pa.table({"prompt": [f"Say something about {i}." for i in range(args.prompts)]}), data)
+        spec = JobSpec(
+            input_path=data,
+            output_path=Path(tmp) / "out.parquet",
+            sampling=Sampling(model="sim", max_tokens=8),
+            dispatch=DispatchSettings(max_concurrent=args.max_concurrent),
         )
-        for port in ports
-    ]
-    try:
-        urls = [f"http://127.0.0.1:{port}" for port in ports]
-        for url in urls:
-            for _ in range(200):
-                try:
-                    if httpx.get(f"{url}/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.05)
-        with tempfile.TemporaryDirectory(prefix="mv-tput-") as tmp:
-            data = Path(tmp) / "prompts.parquet"
-            pq.write_table(pa.table({"prompt": [f"Say something about {i}." for i in range(args.prompts)]}), data)
-            spec = JobSpec(
-                input_path=data,
-                output_path=Path(tmp) / "out.parquet",
-                sampling=Sampling(model="sim", max_tokens=8),
-                dispatch=DispatchSettings(max_concurrent=args.max_concurrent),
-            )
-            started = time.monotonic()
-            progress = await run_job(prepare(spec), [Endpoint(u, capacity=1024) for u in urls], asyncio.Event())
-            wall = time.monotonic() - started
-            rows = pq.read_metadata(spec.output_path).num_rows
-    finally:
-        for sim in sims:
-            sim.terminate()
-            sim.wait()
+        started = time.monotonic()
+        progress = await run_job(prepare(spec), [Endpoint(u, capacity=1024) for u in urls], asyncio.Event())
+        wall = time.monotonic() - started
+        rows = pq.read_metadata(spec.output_path).num_rows
     print(f"job throughput, {args.prompts:,} prompts x 1 sample, {args.servers} mvllm-sim at --time-scale 0, "
           f"{time.strftime('%Y-%m-%d')}, {platform.node()} ({os.cpu_count()} cores)\n")  # fmt: skip
     print("| samples | rows written | errors | wall (s) | samples/s |")
