@@ -5,16 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from mvllm import __version__
+from mvllm import VERSION_METADATA_KEY, __version__
 from mvllmctl.exit_codes import ExitStatus, for_status_code
+from mvllmd.addresses import ROOT_SOCKET, user_socket
 
-VERSION_METADATA_KEY = "mvllm-version"
-ROOT_SOCKET = "/run/mvllmd/mvllmd.sock"
 Response = TypeVar("Response")
 
 
@@ -33,8 +31,8 @@ def resolve_address(explicit: str | None, environ: Mapping[str, str]) -> str:
         return f"unix:{given}" if given.startswith("/") else given
     candidates = [ROOT_SOCKET]
     if environ.get("XDG_RUNTIME_DIR"):
-        candidates.insert(0, f"{environ['XDG_RUNTIME_DIR']}/mvllmd/mvllmd.sock")
-    found = next((c for c in candidates if Path(c).exists()), candidates[0])
+        candidates.insert(0, user_socket(environ["XDG_RUNTIME_DIR"]))
+    found = next((c for c in candidates if c.exists()), candidates[0])
     return f"unix:{found}"
 
 

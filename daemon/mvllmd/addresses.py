@@ -20,6 +20,11 @@ SOCKET_NAME = "mvllmd.sock"
 ROOT_SOCKET = Path("/run/mvllmd") / SOCKET_NAME
 
 
+def user_socket(xdg_runtime_dir: str) -> Path:
+    """The default socket of a user's mvllmd: $XDG_RUNTIME_DIR/mvllmd/mvllmd.sock."""
+    return Path(xdg_runtime_dir) / "mvllmd" / SOCKET_NAME
+
+
 @dataclass(frozen=True)
 class UnixAddress:
     path: Path
@@ -106,7 +111,7 @@ def default_socket(environ: Mapping[str, str], euid: int) -> UnixAddress:
         return UnixAddress(Path(runtime_directory) / SOCKET_NAME)
     xdg = environ.get("XDG_RUNTIME_DIR", "")
     if xdg:
-        return UnixAddress(Path(xdg) / "mvllmd" / SOCKET_NAME, default=True)
+        return UnixAddress(user_socket(xdg), default=True)
     if euid == 0:
         return UnixAddress(ROOT_SOCKET, default=True)
     raise AddressError("no default socket: XDG_RUNTIME_DIR is not set; pass --listen unix:/path/to/mvllmd.sock")

@@ -6,3 +6,7 @@ try:
     __version__ = version("mvllm")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
+
+# Every response of mvllmd carries its version in this initial-metadata key, so a client can warn
+# when its own differs without asking.
+VERSION_METADATA_KEY = "mvllm-version"

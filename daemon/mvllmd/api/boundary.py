@@ -14,12 +14,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from mvllm import __version__
+from mvllm import VERSION_METADATA_KEY, __version__
 from mvllmd import errors
 
 log = logging.getLogger(__name__)
-
-VERSION_METADATA_KEY = "mvllm-version"
 
 STATUS_BY_ERROR: dict[type[errors.MvllmError], grpc.StatusCode] = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
