@@ -58,6 +58,8 @@ class Work:
 class Endpoint:
     url: str  # base URL, without /v1
     capacity: int  # max_num_seqs: in-flight samples it can run at once
+    api_key: str = ""
+    retired: bool = False  # gone (its instance stopped or failed): nothing new is sent to it
     inflight: int = 0
     completed: int = 0
     tokens: int = 0
@@ -70,7 +72,7 @@ class Endpoint:
     requests: dict[int, _Flight] = field(default_factory=dict)
 
     def available(self, now: float) -> bool:
-        return now >= self.open_until and self.inflight < self.capacity
+        return not self.retired and now >= self.open_until and self.inflight < self.capacity
 
     def record_speed(self, samples: int, now: float) -> None:
         elapsed = max(1e-3, now - self._speed_at)
@@ -129,7 +131,7 @@ class Dispatcher:
         self._delayed: list[tuple[float, Work]] = []  # retries waiting out their backoff
         self._flights: dict[int, _Flight] = {}
         self._ids = itertools.count()
-        self._rr = itertools.cycle(range(len(self.endpoints))) if self.endpoints else None
+        self._rr = itertools.count()
         self._wake = asyncio.Event()
         self._input_done = False
         self.inflight = 0
@@ -154,6 +156,20 @@ class Dispatcher:
         self._retry.clear()
         self._delayed.clear()
         self._input_done = True
+        self._wake.set()
+
+    def add_endpoint(self, endpoint: Endpoint) -> None:
+        """A server joined (an instance became READY): it takes work from the next round."""
+        self.endpoints.append(endpoint)
+        self._wake.set()
+
+    def retire_endpoint(self, url: str) -> None:
+        """A server left (its instance stopped, failed or restarts): its requests go elsewhere."""
+        for endpoint in self.endpoints:
+            if endpoint.url == url and not endpoint.retired:
+                endpoint.retired = True
+                self._requeue(endpoint)
+        self.endpoints = [e for e in self.endpoints if not (e.retired and not e.requests)]
         self._wake.set()
 
     @property
@@ -220,10 +236,9 @@ class Dispatcher:
         if self._settings.policy == "round-robin":
             # The seed's: each request to the next endpoint in turn, whatever it holds already (the
             # server queues what it cannot run); only an endpoint taken out by the breaker is skipped.
-            assert self._rr is not None
             for _ in range(len(self.endpoints)):
-                candidate = self.endpoints[next(self._rr)]
-                if now >= candidate.open_until:
+                candidate = self.endpoints[next(self._rr) % len(self.endpoints)]
+                if not candidate.retired and now >= candidate.open_until:
                     return candidate
             return None
         ready = [e for e in self.endpoints if e.available(now) and e.inflight < self._share(e)]
@@ -297,7 +312,7 @@ class Dispatcher:
             if work.prompt is None:
                 raise RequestFailed("the prompt is missing or not a string or a list of messages", False)
             samples = await send(session, endpoint.url, self._sampling, work.prompt, work.prompt_index,
-                                 work.samples, self._settings.request_timeout_s)  # fmt: skip
+                                 work.samples, self._settings.request_timeout_s, endpoint.api_key)  # fmt: skip
         except asyncio.CancelledError:
             self._land(flight)
             raise
@@ -370,11 +385,15 @@ class Dispatcher:
                 endpoint.cooldown_s = max(endpoint.cooldown_s * 2, self._settings.hang_timeout_s)
                 endpoint.open_until = now + endpoint.cooldown_s
                 endpoint.last_completion = now
-                for flight in list(endpoint.requests.values()):
-                    if flight.task is not None:
-                        flight.task.cancel()
-                    if flight.hedge_of is None:
-                        self._retry.appendleft(flight.work)
+                self._requeue(endpoint)
+
+    def _requeue(self, endpoint: Endpoint) -> None:
+        """Cancel the endpoint's requests and send their samples elsewhere."""
+        for flight in list(endpoint.requests.values()):
+            if flight.task is not None:
+                flight.task.cancel()
+            if flight.hedge_of is None:
+                self._retry.appendleft(flight.work)
 
 
 def _failed_sample(work: Work, sample_index: int, error: str, endpoint: str) -> Sample:

@@ -90,6 +90,7 @@ async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments
     prompt_index: int,
     sample_indexes: Sequence[int],
     timeout_s: float | None = None,
+    api_key: str = "",
 ) -> list[Sample]:
     """Ask `endpoint` for these samples of one prompt in one request (n = len(sample_indexes))."""
     n = len(sample_indexes)
@@ -100,6 +101,7 @@ async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments
         async with session.post(
             endpoint + path,
             json=build_body(sampling, prompt, n, seed),
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as response:
             if response.status != 200:
