@@ -24,6 +24,8 @@ from mvllmd.daemon import Daemon
 from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.units import ProcessSupervisor
 from mvllmd.inventory import Inventory, read_inventory
+from mvllmd.jobs.manager import JobManager
+from mvllmd.jobs.store import JobStore
 from mvllmd.server import SERVER_OPTIONS, _add_services
 from mvllmd.unit_manager import UnitManager
 
@@ -42,7 +44,11 @@ async def served(tmp_path: Path) -> AsyncIterator[str]:
         return read_inventory("none", 1, 2)
 
     instances = InstanceManager(config, ProcessSupervisor(config.daemon.state_dir), inventory)
-    daemon = Daemon(config=config, unit_manager=UnitManager.PROCESS, under_systemd=False, instances=instances)
+    config.daemon.state_dir.mkdir(parents=True)
+    jobs = JobManager(JobStore(config.daemon.state_dir / "jobs.sqlite3"), instances, config.jobs)
+    daemon = Daemon(
+        config=config, unit_manager=UnitManager.PROCESS, under_systemd=False, instances=instances, jobs=jobs
+    )
     daemon.listen_addresses = (f"unix:{tmp_path}/s",)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     health = _add_services(server, daemon)
@@ -51,6 +57,7 @@ async def served(tmp_path: Path) -> AsyncIterator[str]:
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     yield f"unix:{tmp_path}/s"
     await server.stop(0)
+    await jobs.close()
 
 
 async def test_get_daemon_info(served: str) -> None:

@@ -69,6 +69,11 @@ Examples:
 @click.option("--hang-timeout", type=float, metavar="SECONDS", help="No progress this long: UNHEALTHY. [30]")
 @click.option("--max-restarts", type=int, metavar="N", help="Restarts in 5 minutes before FAILED. [5]")
 @click.option("--start-timeout", type=float, metavar="SECONDS", help="Not READY this long: FAILED. [1800]")
+@click.option("--max-running-jobs", type=int, metavar="N", help="Jobs running at once; more wait QUEUED. [4]")
+@click.option("--job-max-concurrent", type=int, metavar="N", help="A job's samples in flight, by default. [1024]")
+@click.option("--endpoint-max-num-seqs", type=int, metavar="N", help="Batch limit of --endpoints servers. [256]")
+@click.option("--job-hang-timeout", type=float, metavar="SECONDS", help="Server finishing nothing: hung. [120]")
+@click.option("--job-stop-drain", type=float, metavar="SECONDS", help="On cancel/SIGTERM, requests may finish. [20]")
 @click.pass_context
 def cli(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
     """mvllmd: owns this host's GPUs and the vLLM servers on them, and runs rollout jobs across them.

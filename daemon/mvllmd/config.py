@@ -70,6 +70,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("instances", "hang_timeout_s", float, 30.0, "--hang-timeout", minimum=0.5, maximum=3600),
     Option("instances", "max_restarts", int, 5, "--max-restarts", minimum=0, maximum=1000),
     Option("instances", "start_timeout_s", float, 1800.0, "--start-timeout", minimum=1, maximum=86400),
+    Option("jobs", "max_running", int, 4, "--max-running-jobs", minimum=1, maximum=1000),
+    Option("jobs", "max_concurrent", int, 1024, "--job-max-concurrent", minimum=1, maximum=1_000_000),
+    Option("jobs", "endpoint_max_num_seqs", int, 256, "--endpoint-max-num-seqs", minimum=1, maximum=100_000),
+    Option("jobs", "hang_timeout_s", float, 120.0, "--job-hang-timeout", minimum=1, maximum=86400),
+    Option("jobs", "stop_drain_s", float, 20.0, "--job-stop-drain", minimum=0, maximum=3600),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -109,11 +114,21 @@ class InstanceSettings:
 
 
 @dataclass(frozen=True)
+class JobSettings:
+    max_running: int  # jobs running at once; more wait QUEUED
+    max_concurrent: int  # a job's samples in flight, unless it says
+    endpoint_max_num_seqs: int  # the batch limit assumed for servers named by URL
+    hang_timeout_s: float  # an endpoint with requests in flight that completes nothing this long is hung
+    stop_drain_s: float  # on cancel or SIGTERM, how long requests in flight may finish
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonSettings
     inventory: InventorySettings
     engine: EngineSettings = EngineSettings(None, None, None)
     instances: InstanceSettings = InstanceSettings(8000, 2.0, 30.0, 5, 1800.0)
+    jobs: JobSettings = JobSettings(4, 1024, 256, 120.0, 20.0)
     config_file: Path | None = None
 
 
@@ -234,7 +249,14 @@ def _build(values: dict[str, Any], config_file: Path | None, environ: Mapping[st
         max_restarts=values["instances.max_restarts"],
         start_timeout_s=values["instances.start_timeout_s"],
     )
-    return Config(daemon=daemon, inventory=inventory, engine=engine, instances=instances, config_file=config_file)
+    jobs = JobSettings(
+        max_running=values["jobs.max_running"],
+        max_concurrent=values["jobs.max_concurrent"],
+        endpoint_max_num_seqs=values["jobs.endpoint_max_num_seqs"],
+        hang_timeout_s=values["jobs.hang_timeout_s"],
+        stop_drain_s=values["jobs.stop_drain_s"],
+    )
+    return Config(daemon, inventory, engine, instances, jobs, config_file)
 
 
 def _optional_path(text: str, what: str) -> Path | None:

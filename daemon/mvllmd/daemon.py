@@ -15,6 +15,7 @@ from mvllmd.config import Config
 from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.placement import device_ref
 from mvllmd.inventory import DeviceKind, Inventory, read_inventory
+from mvllmd.jobs.manager import JobManager
 from mvllmd.unit_manager import UnitManager
 
 
@@ -37,6 +38,7 @@ class Daemon:
     unit_manager: UnitManager
     under_systemd: bool
     instances: InstanceManager
+    jobs: JobManager
     listen_addresses: tuple[str, ...] = ()
     start_time: datetime = field(default_factory=lambda: datetime.now(UTC))
     _started: float = field(default_factory=time.monotonic)

@@ -22,15 +22,18 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from mvllm import __version__
-from mvllm.v1 import daemon_pb2, daemon_pb2_grpc, instance_pb2, instance_pb2_grpc
+from mvllm.v1 import daemon_pb2, daemon_pb2_grpc, instance_pb2, instance_pb2_grpc, job_pb2, job_pb2_grpc
 from mvllmd.api.daemon_service import DaemonServicer
 from mvllmd.api.instance_service import InstanceServicer
+from mvllmd.api.job_service import JobServicer
 from mvllmd.config import Config
 from mvllmd.daemon import Daemon
 from mvllmd.errors import ConfigError
 from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.units import ProcessSupervisor, SystemdUnits, UnitBackend
 from mvllmd.inventory import Inventory, read_inventory
+from mvllmd.jobs.manager import JobManager
+from mvllmd.jobs.store import JobStore
 from mvllmd.listeners import Listeners
 from mvllmd.locks import PidLock
 from mvllmd.notify import Notifier
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 SERVICES = (
     daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name,
     instance_pb2.DESCRIPTOR.services_by_name["InstanceService"].full_name,
+    job_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
 )
 SERVER_OPTIONS = (
     # gRPC turns SO_REUSEPORT on by default; with it, a second daemon could bind the same TCP port.
@@ -62,8 +66,11 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ
             await server.start()
             try:
                 await _run_until_signalled(daemon, health, notifier)
+                notifier.stopping(f"stopping jobs (up to {config.jobs.stop_drain_s:g}s for requests in flight)")
+                await daemon.jobs.close()
                 await _drain(server, health, notifier, config.daemon.drain_timeout_s)
             finally:
+                await daemon.jobs.close()
                 await daemon.instances.close()
         finally:
             state_lock.release()
@@ -101,7 +108,10 @@ async def _start_up(config: Config, notifier: Notifier, under_systemd: bool, env
     instances = InstanceManager(config, _backend(manager, config, environ), fresh_inventory)
     notifier.status("re-adopting instances")
     await instances.start()
-    return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd, instances=instances)
+    jobs = JobManager(JobStore(config.daemon.state_dir / "jobs.sqlite3"), instances, config.jobs)
+    notifier.status("resuming jobs")
+    await jobs.start()
+    return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd, instances=instances, jobs=jobs)
 
 
 def _backend(manager: UnitManager, config: Config, environ: Mapping[str, str]) -> UnitBackend:
@@ -122,6 +132,7 @@ async def _drain(server: Any, health: Any, notifier: Notifier, timeout_s: float)
 def _add_services(server: Any, daemon: Daemon) -> Any:
     daemon_pb2_grpc.add_DaemonServiceServicer_to_server(DaemonServicer(daemon), server)
     instance_pb2_grpc.add_InstanceServiceServicer_to_server(InstanceServicer(daemon.instances), server)
+    job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(daemon.jobs), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

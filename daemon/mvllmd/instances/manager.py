@@ -174,6 +174,11 @@ class InstanceManager:
             ref: inst.spec.name for inst in self._instances.values() if inst.state in LIVE for ref in inst.spec.devices
         }
 
+    def serving(self) -> list[tuple[InstanceView, str]]:
+        """READY instances with their API keys, for the job dispatcher (the API never shows a key)."""
+        ready = [i for i in self._instances.values() if i.state is InstanceState.READY]
+        return [(self._view(i), i.api_key) for i in sorted(ready, key=lambda i: i.spec.name)]
+
     def subscribe(self) -> asyncio.Queue[InstanceEvent]:
         queue: asyncio.Queue[InstanceEvent] = asyncio.Queue()
         self._subscribers.add(queue)

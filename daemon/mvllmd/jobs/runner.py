@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 import aiohttp
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mvllmd.errors import Conflict, InvalidRequest
 from mvllmd.jobs.dispatch import Dispatcher, DispatchSettings, Endpoint, Work
@@ -89,6 +91,11 @@ class Prepared:
     spec: JobSpec
     source: InputInfo
     done: DoneMap
+    complete: bool = False  # --resume of an output this job already finished: nothing to do
+
+    @property
+    def samples_total(self) -> int:
+        return self.source.num_rows * self.spec.num_samples
 
 
 def prepare(spec: JobSpec) -> Prepared:
@@ -107,6 +114,9 @@ def prepare(spec: JobSpec) -> Prepared:
         raise Conflict(f"{out} exists; pass --resume to finish it, or --overwrite to replace it")
     parts = parts_dir(out)
     done = DoneMap(source.num_rows, spec.num_samples)
+    if spec.resume and out.exists() and not parts.exists():
+        _check_finished(out, spec, source.num_rows * spec.num_samples)
+        return Prepared(spec, source, done, complete=True)
     if spec.overwrite:
         shutil.rmtree(parts, ignore_errors=True)
     elif parts.exists():
@@ -115,6 +125,17 @@ def prepare(spec: JobSpec) -> Prepared:
         _check_manifest(parts, spec)
         load_done(parts, done)
     return Prepared(spec, source, done)
+
+
+def _check_finished(out: Path, spec: JobSpec, rows: int) -> None:
+    """--resume of an existing OUT without parts: fine only if this very job wrote all of it."""
+    try:
+        meta = pq.read_metadata(out)
+        recorded = json.loads((meta.metadata or {}).get(b"mvllm.job", b"null"))
+    except (OSError, ValueError, pa.ArrowException):
+        raise Conflict(f"{out} exists and is not an mvllm output; pass --overwrite to replace it") from None
+    if recorded != json.loads(json.dumps(spec.fingerprint())) or meta.num_rows != rows:
+        raise Conflict(f"{out} exists and was written by a different job; pass --overwrite to replace it")
 
 
 def _check_manifest(parts: Path, spec: JobSpec) -> None:
@@ -132,10 +153,18 @@ async def run_job(
     prepared: Prepared,
     endpoints: list[Endpoint],
     stop: asyncio.Event,
+    *,
     on_progress: Callable[[Progress], None] = lambda p: None,
+    on_start: Callable[[Dispatcher], None] = lambda d: None,
+    stop_drain_s: float = STOP_DRAIN_S,
 ) -> Progress:
-    """Run the job; assemble OUT when every sample is done. Returns the final progress."""
+    """Run the job; assemble OUT when every sample is done. Returns the final progress.
+
+    `on_start` gets the dispatcher before the first request, so that the caller can add and retire
+    endpoints and read per-endpoint counts while the job runs."""
     spec, source, done = prepared.spec, prepared.source, prepared.done
+    if prepared.complete:
+        return Progress(samples_total=prepared.samples_total, samples_done=prepared.samples_total)
     if not endpoints:
         raise InvalidRequest("no endpoint to send the job to")
     parts = parts_dir(spec.output_path)
@@ -158,6 +187,7 @@ async def run_job(
         on_progress(progress)
 
     dispatcher = Dispatcher(endpoints, spec.sampling, spec.dispatch, deliver, done.is_done)
+    on_start(dispatcher)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         running = asyncio.create_task(dispatcher.run(session))
         await _feed(prepared, dispatcher, stop)
@@ -168,7 +198,7 @@ async def run_job(
         if running.done():
             await running  # its exception, if it failed
         else:
-            await _drain(dispatcher, running)
+            await _drain(dispatcher, running, stop_drain_s)
     writer.flush()
     on_progress(progress)
     if done.count == progress.samples_total and not progress.failed:
@@ -196,11 +226,11 @@ async def _feed(prepared: Prepared, dispatcher: Dispatcher, stop: asyncio.Event)
         await asyncio.sleep(0)
 
 
-async def _drain(dispatcher: Dispatcher, running: asyncio.Task[None]) -> None:
-    """Stop sending new requests; give those in flight STOP_DRAIN_S to finish; cancel the rest."""
+async def _drain(dispatcher: Dispatcher, running: asyncio.Task[None], drain_s: float) -> None:
+    """Stop sending new requests; give those in flight `drain_s` to finish; cancel the rest."""
     dispatcher.drop_backlog()
     try:
-        await asyncio.wait_for(asyncio.shield(running), timeout=STOP_DRAIN_S)
+        await asyncio.wait_for(asyncio.shield(running), timeout=drain_s)
     except TimeoutError:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)

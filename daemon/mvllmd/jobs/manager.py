@@ -1,0 +1,408 @@
+"""The daemon's jobs: submit, list, watch, cancel; a queue, fair shares, and resume after a restart.
+
+A submitted job is checked at once (input, output, model, targets), recorded in the store, and
+queued. At most `max_running` jobs run; the rest wait QUEUED, oldest first. Jobs that share a server
+share its batch: each gets an equal part of the server's max_num_seqs. A job on this daemon's
+instances follows them as they come and go: a new READY instance of its model takes work at once,
+one that stops, fails or restarts is retired (its requests go elsewhere).
+
+On SIGTERM (`close`), running jobs stop taking work, let their requests in flight finish within
+`stop_drain_s`, and keep their parts; their records stay RUNNING or QUEUED, so the next start
+resumes them. After a kill -9 the same happens from the last parts written: the parts directory,
+not the store, is the truth about which samples are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from mvllmd.config import JobSettings
+from mvllmd.errors import Conflict, InvalidRequest, MvllmError, NotFound
+from mvllmd.instances.manager import InstanceManager
+from mvllmd.jobs.dispatch import Dispatcher, DispatchSettings, Endpoint
+from mvllmd.jobs.output import MAX_SAMPLES, parts_dir
+from mvllmd.jobs.record import JobRecord, JobRequest, JobState
+from mvllmd.jobs.requests import Sampling
+from mvllmd.jobs.runner import Prepared, Progress, prepare, run_job
+from mvllmd.jobs.store import JobStore
+from mvllmd.jobs.targets import Target, endpoint_model, instance_model, instance_targets, normalize_url
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 1.0  # how often a running job's counts are written to the store
+WATCH_EVERY_S = 0.5
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+WAIT_MESSAGE = "waiting up to {s:g}s for a READY instance of {model}"
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    url: str
+    instance: str
+    inflight: int
+    completed: int
+    completion_tokens: int
+    out: bool
+
+
+@dataclass(frozen=True)
+class JobView:
+    record: JobRecord
+    tokens_per_s: float = 0.0
+    eta_s: float = 0.0
+    inflight: int = 0
+    endpoints: tuple[EndpointView, ...] = ()
+
+
+@dataclass(eq=False)
+class _Job:
+    record: JobRecord
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    prepared: Prepared | None = None
+    dispatcher: Dispatcher | None = None
+    progress: Progress | None = None
+    capacity: dict[str, int] = field(default_factory=dict)  # url -> the server's own max_num_seqs
+    instance_of: dict[str, str] = field(default_factory=dict)  # url -> instance name
+    cancelled: bool = False
+    saved_at: float = 0.0
+    done_at_start: int = 0
+
+    @property
+    def uses_instances(self) -> bool:
+        return not self.record.request.endpoints
+
+
+class JobManager:
+    def __init__(self, store: JobStore, instances: InstanceManager, settings: JobSettings) -> None:
+        self._store = store
+        self._instances = instances
+        self._settings = settings
+        self._jobs: dict[str, _Job] = {}
+        self._closing = False
+        self._targets_changed = asyncio.Event()
+        self._follower: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the records; resume the jobs that were queued or running when the daemon stopped."""
+        for record in self._store.load():
+            job = _Job(record)
+            self._jobs[record.id] = job
+            if not record.state.ended and record.started_at:
+                # It wrote parts already: finish them, never overwrite them.
+                record.request = replace(record.request, resume=True, overwrite=False)
+                log.info("job %s: resuming (%d of %d samples were done)", record.id, record.samples_done,
+                         record.samples_total)  # fmt: skip
+            if not record.state.ended:
+                record.state = JobState.QUEUED
+        self._follower = asyncio.create_task(self._follow_instances())
+        self._schedule()
+
+    async def close(self) -> None:
+        """Stop every running job (its parts are kept; it resumes on the next start). Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        running = [job for job in self._jobs.values() if job.task is not None]
+        for job in running:
+            job.stop.set()
+        await asyncio.gather(*(job.task for job in running if job.task), return_exceptions=True)
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+        self._store.close()
+
+    # --- the API --------------------------------------------------------------------------------
+
+    async def submit(self, request: JobRequest) -> JobView:
+        """Check the job and queue it; raise InvalidRequest or Conflict saying what is wrong."""
+        if self._closing:
+            raise Conflict("mvllmd is stopping; submit the job again when it is back")
+        request = await self._resolve(request)
+        for other in self._jobs.values():
+            if not other.record.state.ended and other.record.request.output_path == request.output_path:
+                raise Conflict(f"job {other.record.id} is already writing {request.output_path}")
+        prepared = await asyncio.to_thread(prepare, request.job_spec(self._dispatch_settings()))
+        record = JobRecord(id=uuid.uuid4().hex[:12], request=request)
+        record.samples_total, record.samples_done = prepared.samples_total, prepared.done.count
+        job = _Job(record, prepared=prepared)
+        self._jobs[record.id] = job
+        self._store.save(record)
+        log.info("job %s: submitted, %d samples to %s", record.id, record.samples_total, request.output_path)
+        self._schedule()
+        return self._view(job)
+
+    def get(self, job_id: str) -> JobView:
+        return self._view(self._job(job_id))
+
+    def list_jobs(self) -> list[JobView]:
+        return [self._view(job) for job in self._jobs.values()]
+
+    async def cancel(self, job_id: str) -> JobView:
+        job = self._job(job_id)
+        if job.record.state.ended:
+            raise Conflict(f"job {job_id} has ended already ({job.record.state.value})")
+        job.cancelled = True
+        if job.task is None:
+            self._end(job, JobState.CANCELLED, "cancelled before it started")
+        else:
+            job.stop.set()
+            await asyncio.wait({job.task}, timeout=self._settings.stop_drain_s + 10)
+        return self._view(job)
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobView]:
+        """The job's progress every WATCH_EVERY_S until it ends (or the daemon stops)."""
+        job = self._job(job_id)
+        while True:
+            yield self._view(job)
+            if job.record.state.ended or self._closing:
+                return
+            await asyncio.sleep(WATCH_EVERY_S)
+
+    def prune(self) -> tuple[list[str], list[str]]:
+        """Remove ended jobs' records, and the parts of those that did not succeed."""
+        ids, parts = [], []
+        for job in [j for j in self._jobs.values() if j.record.state.ended]:
+            folder = parts_dir(job.record.request.output_path)
+            busy = any(  # a later job (a --resume) may be finishing the same parts
+                o.record.request.output_path == job.record.request.output_path and not o.record.state.ended
+                for o in self._jobs.values()
+            )
+            if folder.is_dir() and not busy:
+                shutil.rmtree(folder, ignore_errors=True)
+                parts.append(str(folder))
+            self._store.delete(job.record.id)
+            del self._jobs[job.record.id]
+            ids.append(job.record.id)
+        return ids, parts
+
+    # --- checks before a job is accepted --------------------------------------------------------
+
+    async def _resolve(self, request: JobRequest) -> JobRequest:
+        for path, what in ((request.input_path, "input"), (request.output_path, "output")):
+            if not path.is_absolute():
+                raise InvalidRequest(f"the {what} path must be absolute, got {str(path)!r} (mvllmctl resolves it)")
+        if not 1 <= request.num_samples < MAX_SAMPLES:
+            raise InvalidRequest(f"--num-samples must be from 1 to {MAX_SAMPLES - 1}, got {request.num_samples}")
+        if request.wait_for_instances_s < 0:
+            raise InvalidRequest("--wait-for-instances must be 0 or more seconds")
+        _check_sampling(request.sampling)
+        model = request.sampling.model
+        if request.endpoints:
+            urls = tuple(dict.fromkeys(normalize_url(u) for u in request.endpoints))
+            model = await endpoint_model(list(urls), model)
+            return replace(request, endpoints=urls, sampling=replace(request.sampling, model=model))
+        model = instance_model(self._instances, model)
+        if not instance_targets(self._instances, model) and not request.wait_for_instances_s:
+            raise Conflict(
+                f"no instance serving {model} is READY yet (see `mvllmctl status`); "
+                "pass --wait-for-instances SECONDS to queue the job until one is"
+            )
+        return replace(request, sampling=replace(request.sampling, model=model))
+
+    # --- running --------------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if self._closing:
+            return
+        running = sum(1 for job in self._jobs.values() if job.task is not None)
+        for job in self._jobs.values():
+            if running >= self._settings.max_running:
+                return
+            if job.record.state is JobState.QUEUED and job.task is None:
+                job.task = asyncio.create_task(self._run(job))
+                running += 1
+
+    async def _run(self, job: _Job) -> None:
+        record = job.record
+        try:
+            targets = await self._wait_for_targets(job)
+            if targets is None:
+                return  # stopped while it waited
+            spec = record.request.job_spec(self._dispatch_settings())
+            prepared = job.prepared if job.prepared is not None else await asyncio.to_thread(prepare, spec)
+            job.prepared = None
+            record.state, record.message = JobState.RUNNING, ""
+            record.started_at = record.started_at or time.time()
+            record.samples_total, record.samples_done = prepared.samples_total, prepared.done.count
+            job.done_at_start = prepared.done.count
+            self._store.save(record)
+            job.capacity = {t.url: t.capacity for t in targets}
+            job.instance_of = {t.url: t.instance for t in targets if t.instance}
+            endpoints = [Endpoint(t.url, t.capacity, t.api_key) for t in targets]
+            progress = await run_job(
+                prepared,
+                endpoints,
+                job.stop,
+                on_progress=lambda p: self._progressed(job, p),
+                on_start=lambda d: self._started(job, d),
+                stop_drain_s=self._settings.stop_drain_s,
+            )
+            self._finish(job, progress)
+        except MvllmError as exc:
+            self._end(job, JobState.FAILED, str(exc))
+        except Exception:
+            log.exception("job %s failed", record.id)
+            self._end(job, JobState.FAILED, "internal error in mvllmd; its log has the details")
+        finally:
+            job.task, job.dispatcher = None, None
+            self._share_servers()
+            self._schedule()
+
+    async def _wait_for_targets(self, job: _Job) -> list[Target] | None:
+        request = job.record.request
+        if request.endpoints:
+            return [Target(url, self._settings.endpoint_max_num_seqs) for url in request.endpoints]
+        deadline = time.monotonic() + request.wait_for_instances_s
+        model = request.sampling.model
+        while not (targets := instance_targets(self._instances, model)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Conflict(f"no instance serving {model} became READY within {request.wait_for_instances_s:g}s")
+            job.record.message = WAIT_MESSAGE.format(s=request.wait_for_instances_s, model=model)
+            self._targets_changed.clear()
+            waiters = {asyncio.ensure_future(self._targets_changed.wait()), asyncio.ensure_future(job.stop.wait())}
+            await asyncio.wait(waiters, timeout=min(left, 1.0), return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if job.stop.is_set():
+                if job.cancelled:
+                    self._end(job, JobState.CANCELLED, "cancelled while it waited for an instance")
+                return None
+        return targets
+
+    def _started(self, job: _Job, dispatcher: Dispatcher) -> None:
+        job.dispatcher = dispatcher
+        self._share_servers()
+
+    def _progressed(self, job: _Job, progress: Progress) -> None:
+        job.progress = progress
+        record = job.record
+        record.samples_done, record.errors, record.completion_tokens = (
+            progress.samples_done,
+            progress.errors,
+            progress.tokens,
+        )
+        now = time.monotonic()
+        if now - job.saved_at >= PROGRESS_EVERY_S:
+            job.saved_at = now
+            self._store.save(record)
+
+    def _finish(self, job: _Job, progress: Progress) -> None:
+        record = job.record
+        self._progressed(job, progress)
+        parts = parts_dir(record.request.output_path)
+        if progress.failed:
+            self._end(job, JobState.FAILED, f"a sample failed and --on-error is fail: {progress.failed}; "
+                                            f"the finished samples are kept in {parts}")  # fmt: skip
+        elif progress.samples_done == progress.samples_total:
+            errors = f", {progress.errors} of them with an error" if progress.errors else ""
+            self._end(job, JobState.SUCCEEDED, f"{progress.samples_total} samples written{errors}")
+        elif job.cancelled:
+            self._end(job, JobState.CANCELLED, f"cancelled; {progress.samples_done} of {progress.samples_total} "
+                                               f"samples are kept in {parts}: submit it again with --resume to "
+                                               "finish it")  # fmt: skip
+        elif self._closing:
+            record.state, record.message = JobState.QUEUED, "mvllmd stopped; it resumes when mvllmd starts again"
+            self._store.save(record)
+        else:
+            missing = progress.samples_total - progress.samples_done
+            self._end(job, JobState.FAILED, f"{missing} samples were not done; the rest are kept in {parts}")
+
+    def _end(self, job: _Job, state: JobState, message: str) -> None:
+        record = job.record
+        record.state, record.message, record.finished_at = state, message, time.time()
+        self._store.save(record)
+        level = logging.INFO if state is JobState.SUCCEEDED else logging.WARNING
+        log.log(level, "job %s: %s: %s", record.id, state.value, message)
+
+    # --- servers --------------------------------------------------------------------------------
+
+    async def _follow_instances(self) -> None:
+        events = self._instances.subscribe()
+        try:
+            while True:
+                await events.get()
+                while not events.empty():
+                    events.get_nowait()
+                self._targets_changed.set()
+                for job in self._jobs.values():
+                    if job.dispatcher is not None and job.uses_instances:
+                        self._follow(job, job.dispatcher)
+                self._share_servers()
+        finally:
+            self._instances.unsubscribe(events)
+
+    def _follow(self, job: _Job, dispatcher: Dispatcher) -> None:
+        """Add the instances that became READY to a running job; retire those that left."""
+        targets = {t.url: t for t in instance_targets(self._instances, job.record.request.sampling.model)}
+        current = {e.url for e in dispatcher.endpoints if not e.retired}
+        for url in current - targets.keys():
+            log.info("job %s: %s left; its requests go elsewhere", job.record.id, job.instance_of.get(url, url))
+            dispatcher.retire_endpoint(url)
+        for url in targets.keys() - current:
+            target = targets[url]
+            job.capacity[url], job.instance_of[url] = target.capacity, target.instance
+            dispatcher.add_endpoint(Endpoint(url, target.capacity, target.api_key))
+
+    def _share_servers(self) -> None:
+        """Jobs that use the same server share its batch equally."""
+        live = [(job, job.dispatcher) for job in self._jobs.values() if job.dispatcher is not None]
+        users = Counter(e.url for _, dispatcher in live for e in dispatcher.endpoints if not e.retired)
+        for job, dispatcher in live:
+            for endpoint in dispatcher.endpoints:
+                own = job.capacity.get(endpoint.url, endpoint.capacity)
+                endpoint.capacity = max(1, own // max(1, users[endpoint.url]))
+
+    def _dispatch_settings(self) -> DispatchSettings:
+        settings = self._settings
+        return DispatchSettings(max_concurrent=settings.max_concurrent, hang_timeout_s=settings.hang_timeout_s)
+
+    # --- views ----------------------------------------------------------------------------------
+
+    def _job(self, job_id: str) -> _Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}; `mvllmctl jobs` lists them")
+        return job
+
+    def _view(self, job: _Job) -> JobView:
+        progress, dispatcher = job.progress, job.dispatcher
+        if progress is None or dispatcher is None:
+            return JobView(job.record)
+        elapsed = max(1e-6, time.monotonic() - progress.started)
+        rate = (progress.samples_done - job.done_at_start) / elapsed
+        left = progress.samples_total - progress.samples_done
+        now = time.monotonic()
+        endpoints = tuple(
+            EndpointView(e.url, job.instance_of.get(e.url, ""), e.inflight, e.completed, e.tokens, e.open_until > now)
+            for e in dispatcher.endpoints
+            if not e.retired
+        )
+        eta = left / rate if rate > 0 else 0.0
+        return JobView(job.record, progress.tokens_per_s, eta, dispatcher.inflight, endpoints)
+
+
+def _check_sampling(sampling: Sampling) -> None:
+    """What every server would refuse, refused once, before any request is sent."""
+    if sampling.max_tokens is not None and sampling.max_tokens < 1:
+        raise InvalidRequest(f"--max-tokens must be 1 or more, got {sampling.max_tokens}")
+    if not 0 <= sampling.temperature <= 100:
+        raise InvalidRequest(f"--temperature must be from 0 to 100, got {sampling.temperature:g}")
+    if not 0 < sampling.top_p <= 1:
+        raise InvalidRequest(f"--top-p must be above 0 and at most 1, got {sampling.top_p:g}")
+    if sampling.logprobs is not None and not 0 <= sampling.logprobs <= MAX_LOGPROBS:
+        raise InvalidRequest(f"--logprobs must be from 0 to {MAX_LOGPROBS}, got {sampling.logprobs}")
+    if sampling.seed is not None and not 0 <= sampling.seed < 2**63:
+        raise InvalidRequest(f"--seed must be from 0 to 2**63-1, got {sampling.seed}")
+    if any(not stop for stop in sampling.stop):
+        raise InvalidRequest("--stop cannot be an empty string")
