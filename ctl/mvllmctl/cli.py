@@ -20,6 +20,8 @@ from mvllmctl.daemon_commands import devices, info
 from mvllmctl.exit_codes import HELP as EXIT_HELP
 from mvllmctl.exit_codes import ExitStatus
 from mvllmctl.instance_commands import launch, logs, status, stop
+from mvllmctl.job_commands import cancel, job, jobs, submit, watch
+from mvllmctl.rollouts_command import generate_rollouts
 
 EPILOG = f"""\b
 Address: --address, else $MVLLM_ADDRESS, else the first socket that exists of
@@ -39,8 +41,8 @@ Shell completion: eval "$(mvllmctl completion bash)"   (also zsh, fish)
 @click.option("--timeout", type=float, default=30.0, show_default=True, metavar="SECONDS", help="Per-call deadline.")
 @click.pass_context
 def cli(ctx: click.Context, /, address: str | None, timeout: float) -> None:
-    """Control mvllmd: its devices, its engine instances (launch, status, stop, logs), and, as they
-    land, rollout jobs (submit, jobs, job, watch, cancel)."""
+    """Control mvllmd: its devices, its engine instances (launch, status, stop, logs), and rollout jobs
+    (submit, jobs, job, watch, cancel; generate-rollouts for the seed script's flags)."""
     client = Client(resolve_address(address, os.environ), timeout)
     ctx.call_on_close(client.close)
     ctx.obj = Ctl(client=client)
@@ -55,7 +57,7 @@ def completion(shell: str) -> None:
     click.echo(completion_class(cli, {}, "mvllmctl", "_MVLLMCTL_COMPLETE").source())
 
 
-for command in (info, devices, launch, status, stop, logs):
+for command in (info, devices, launch, status, stop, logs, submit, jobs, job, watch, cancel, generate_rollouts):
     cli.add_command(command)
 
 

@@ -153,9 +153,10 @@ def _print_ready(instances: Sequence[pb.Instance]) -> None:
     if ready:
         urls = ",".join(f"{i.url}/v1" for i in ready)
         click.echo(f"\nURLs: {urls}")
-        # The seed's own job script takes this list as it is (mvllmctl's jobs will take the instances themselves).
         model = shlex.quote(ready[0].model)
-        click.echo(f'\npython scripts/generate_rollouts.py --use_vllm --vllm_base_url "{urls}" \\')
+        click.echo(f"\nmvllmctl submit --model {model} --data prompts.parquet --output rollouts.parquet -k 8 --wait")
+        # The seed's own job script takes the list as it is.
+        click.echo(f'python scripts/generate_rollouts.py --use_vllm --vllm_base_url "{urls}" \\')
         click.echo(f"    --model_path {model} --data_path data.parquet --output_path rollouts.parquet")
 
 

@@ -65,7 +65,7 @@ async def test_stop_then_resume_redoes_only_what_is_missing(start_sim: StartSim,
         if progress.samples_done >= N * K // 2:
             stop.set()
 
-    first = await run_job(prepare(spec(tmp_path)), urls, stop, stop_halfway)
+    first = await run_job(prepare(spec(tmp_path)), urls, stop, on_progress=stop_halfway)
     assert N * K // 2 <= first.samples_done < N * K
     assert not (tmp_path / "out.parquet").exists()  # nothing half-written is presented as complete
     assert list(parts_dir(tmp_path / "out.parquet").glob("part-*.parquet"))
@@ -89,8 +89,10 @@ async def test_refusals_before_anything_is_sent(tmp_path: Path) -> None:
     job = spec(tmp_path)
     with pytest.raises(InvalidRequest, match="is the input"):
         prepare(spec(tmp_path, output_path=job.input_path))
-    with pytest.raises(InvalidRequest, match="not a writable directory"):
+    with pytest.raises(InvalidRequest, match="nowhere is not a directory"):
         prepare(spec(tmp_path, output_path=tmp_path / "nowhere" / "out.parquet"))
+    with pytest.raises(InvalidRequest, match="cannot write the output in /proc"):  # root may write anywhere but here
+        prepare(spec(tmp_path, output_path=Path("/proc/out.parquet")))
     job.output_path.write_bytes(b"an earlier result")
     with pytest.raises(Conflict, match="exists; pass --resume"):
         prepare(job)

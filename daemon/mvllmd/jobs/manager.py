@@ -71,6 +71,7 @@ class _Job:
     progress: Progress | None = None
     capacity: dict[str, int] = field(default_factory=dict)  # url -> the server's own max_num_seqs
     instance_of: dict[str, str] = field(default_factory=dict)  # url -> instance name
+    final_endpoints: tuple[EndpointView, ...] = ()  # the per-server counts when it last ran
     cancelled: bool = False
     saved_at: float = 0.0
     done_at_start: int = 0
@@ -133,7 +134,7 @@ class JobManager:
                 raise Conflict(f"job {other.record.id} is already writing {request.output_path}")
         prepared = await asyncio.to_thread(prepare, request.job_spec(self._dispatch_settings()))
         record = JobRecord(id=uuid.uuid4().hex[:12], request=request)
-        record.samples_total, record.samples_done = prepared.samples_total, prepared.done.count
+        record.samples_total, record.samples_done = prepared.samples_total, _done(prepared)
         job = _Job(record, prepared=prepared)
         self._jobs[record.id] = job
         self._store.save(record)
@@ -233,8 +234,8 @@ class JobManager:
             job.prepared = None
             record.state, record.message = JobState.RUNNING, ""
             record.started_at = record.started_at or time.time()
-            record.samples_total, record.samples_done = prepared.samples_total, prepared.done.count
-            job.done_at_start = prepared.done.count
+            record.samples_total, record.samples_done = prepared.samples_total, _done(prepared)
+            job.done_at_start = record.samples_done
             self._store.save(record)
             job.capacity = {t.url: t.capacity for t in targets}
             job.instance_of = {t.url: t.instance for t in targets if t.instance}
@@ -254,6 +255,7 @@ class JobManager:
             log.exception("job %s failed", record.id)
             self._end(job, JobState.FAILED, "internal error in mvllmd; its log has the details")
         finally:
+            job.final_endpoints = self._endpoint_views(job)
             job.task, job.dispatcher = None, None
             self._share_servers()
             self._schedule()
@@ -377,19 +379,28 @@ class JobManager:
 
     def _view(self, job: _Job) -> JobView:
         progress, dispatcher = job.progress, job.dispatcher
-        if progress is None or dispatcher is None:
-            return JobView(job.record)
-        elapsed = max(1e-6, time.monotonic() - progress.started)
-        rate = (progress.samples_done - job.done_at_start) / elapsed
+        if progress is None:
+            return JobView(job.record, endpoints=job.final_endpoints)
+        running = dispatcher is not None and not job.record.state.ended
+        rate = (progress.samples_done - job.done_at_start) / progress.elapsed_s
         left = progress.samples_total - progress.samples_done
+        eta = left / rate if rate > 0 and running else 0.0
+        inflight = dispatcher.inflight if dispatcher is not None else 0
+        return JobView(job.record, progress.tokens_per_s, eta, inflight, self._endpoint_views(job))
+
+    def _endpoint_views(self, job: _Job) -> tuple[EndpointView, ...]:
+        if job.dispatcher is None:
+            return job.final_endpoints
         now = time.monotonic()
-        endpoints = tuple(
+        return tuple(
             EndpointView(e.url, job.instance_of.get(e.url, ""), e.inflight, e.completed, e.tokens, e.open_until > now)
-            for e in dispatcher.endpoints
-            if not e.retired
+            for e in job.dispatcher.endpoints
+            if not e.retired or e.completed
         )
-        eta = left / rate if rate > 0 else 0.0
-        return JobView(job.record, progress.tokens_per_s, eta, dispatcher.inflight, endpoints)
+
+
+def _done(prepared: Prepared) -> int:
+    return prepared.samples_total if prepared.complete else prepared.done.count
 
 
 def _check_sampling(sampling: Sampling) -> None:

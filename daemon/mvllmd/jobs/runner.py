@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -80,10 +81,15 @@ class Progress:
     tokens: int = 0
     started: float = field(default_factory=time.monotonic)
     failed: str = ""  # why the job failed, with on_error = fail
+    ended: float = 0.0  # when this run ended (monotonic); 0 while it runs
+
+    @property
+    def elapsed_s(self) -> float:
+        return max(1e-9, (self.ended or time.monotonic()) - self.started)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / max(1e-9, time.monotonic() - self.started)
+        return self.tokens / self.elapsed_s
 
 
 @dataclass(frozen=True)
@@ -108,8 +114,7 @@ def prepare(spec: JobSpec) -> Prepared:
         raise InvalidRequest(f"the output {out} is the input; write somewhere else")
     if out.suffix.lower() not in (".parquet", ".pq"):
         raise InvalidRequest(f"the output {out} must be a .parquet file")
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        raise InvalidRequest(f"cannot write the output: {out.parent} is not a writable directory")
+    _check_writable(out.parent)
     if out.exists() and not (spec.resume or spec.overwrite):
         raise Conflict(f"{out} exists; pass --resume to finish it, or --overwrite to replace it")
     parts = parts_dir(out)
@@ -125,6 +130,18 @@ def prepare(spec: JobSpec) -> Prepared:
         _check_manifest(parts, spec)
         load_done(parts, done)
     return Prepared(spec, source, done)
+
+
+def _check_writable(folder: Path) -> None:
+    """Create and remove a file there: permission bits say nothing to root, nor of /proc or a full disk."""
+    if not folder.is_dir():
+        raise InvalidRequest(f"cannot write the output: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mvllm-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InvalidRequest(f"cannot write the output in {folder}: {exc.strerror}") from None
 
 
 def _check_finished(out: Path, spec: JobSpec, rows: int) -> None:
@@ -200,6 +217,7 @@ async def run_job(
         else:
             await _drain(dispatcher, running, stop_drain_s)
     writer.flush()
+    progress.ended = time.monotonic()
     on_progress(progress)
     if done.count == progress.samples_total and not progress.failed:
         metadata = {"mvllm.job": json.dumps(spec.fingerprint()), "model": spec.sampling.model}

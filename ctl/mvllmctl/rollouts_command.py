@@ -1,0 +1,146 @@
+"""`mvllmctl generate-rollouts`: the seed's generate_rollouts.py flags, so existing scripts keep working.
+
+With mvllmd running it submits a job there and waits for it; without, it runs the same job runner in
+this process. Either way the output has mvllm's schema (one row per prompt and sample, sorted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+
+from mvllm.v1 import daemon_pb2, daemon_pb2_grpc
+from mvllm.v1 import job_pb2 as pb
+from mvllmctl.client import CtlError
+from mvllmctl.context import Ctl, pass_ctl
+from mvllmctl.exit_codes import ExitStatus
+from mvllmctl.job_commands import follow, print_summary, stub
+from mvllmctl.progress import JobProgress
+from mvllmd.errors import MvllmError
+from mvllmd.jobs.dispatch import DispatchSettings, Endpoint
+from mvllmd.jobs.output import parts_dir
+from mvllmd.jobs.requests import Sampling
+from mvllmd.jobs.runner import JobSpec, Progress, prepare, run_job
+from mvllmd.jobs.targets import endpoint_model, normalize_url
+
+PROBE_TIMEOUT_S = 2.0
+DEFAULT_MAX_NUM_SEQS = 256
+
+
+@click.command("generate-rollouts", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--use_vllm", is_flag=True, help="Accepted for the seed's scripts; generation always uses vLLM servers.")
+@click.option("--vllm_base_url", metavar="URL,URL", help="Comma-separated servers. [mvllmd's READY instances]")
+@click.option("--model_path", metavar="MODEL", help="The served model. [the only one served]")
+@click.option("--data_path", required=True, type=click.Path(path_type=Path), help="Prompts: .parquet or .jsonl.")
+@click.option("--output_path", required=True, type=click.Path(path_type=Path), help="One .parquet file.")
+@click.option("--num_samples", type=click.IntRange(1), default=1, show_default=True, help="Samples per prompt.")
+@click.option("--vllm_max_concurrent", type=click.IntRange(1), default=200, show_default=True, help="Requests at once.")
+@click.option("--resume", is_flag=True, help="Finish an existing output or its parts.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@pass_ctl
+def generate_rollouts(ctl: Ctl, /, **options: Any) -> int:
+    """The seed script's command line (generate_rollouts.py), on mvllm's job runner: balanced, retried,
+    resumable. Uses mvllmd when it runs (`mvllmctl submit` has every option), else runs here.
+
+    \b
+    mvllmctl generate-rollouts --use_vllm \\
+        --vllm_base_url "http://localhost:8000/v1,http://localhost:8001/v1" \\
+        --model_path Qwen/Qwen2.5-7B-Instruct --data_path data.parquet \\
+        --output_path rollouts.parquet --num_samples 10 --vllm_max_concurrent 200
+    """
+    if options["resume"] and options["overwrite"]:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    urls = [u.strip() for u in (options["vllm_base_url"] or "").split(",") if u.strip()]
+    if _daemon_answers(ctl):
+        click.echo(f"using mvllmd at {ctl.client.address}", err=True)
+        spec = pb.JobSpec(
+            input_path=str(options["data_path"].absolute()),
+            output_path=str(options["output_path"].absolute()),
+            num_samples=options["num_samples"],
+            model=options["model_path"] or "",
+            max_concurrent=options["vllm_max_concurrent"],
+            endpoints=urls,
+            resume=options["resume"],
+            overwrite=options["overwrite"],
+        )
+        submitted = ctl.client.call(stub(ctl).SubmitJob, pb.SubmitJobRequest(spec=spec)).job
+        click.echo(f"job {submitted.id}: {submitted.samples_total} samples -> {submitted.output_path}", err=True)
+        return follow(ctl, submitted.id, as_json=False)
+    if not urls:
+        raise CtlError(
+            f"mvllmd is not running at {ctl.client.address}, so --vllm_base_url is needed to run here",
+            ExitStatus.USAGE,
+        )
+    click.echo("mvllmd is not running: generating in this process", err=True)
+    return asyncio.run(_run_here(options, urls))
+
+
+def _daemon_answers(ctl: Ctl) -> bool:
+    try:
+        daemon_pb2_grpc.DaemonServiceStub(ctl.client.channel()).GetDaemonInfo(
+            daemon_pb2.GetDaemonInfoRequest(), timeout=PROBE_TIMEOUT_S
+        )
+    except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return False
+        raise
+    return True
+
+
+async def _run_here(options: dict[str, Any], urls: list[str]) -> int:
+    try:
+        endpoints = list(dict.fromkeys(normalize_url(u) for u in urls))
+        model = await endpoint_model(endpoints, options["model_path"] or "")
+        spec = JobSpec(
+            input_path=options["data_path"].absolute(),
+            output_path=options["output_path"].absolute(),
+            sampling=Sampling(model=model),
+            num_samples=options["num_samples"],
+            resume=options["resume"],
+            overwrite=options["overwrite"],
+            dispatch=DispatchSettings(max_concurrent=options["vllm_max_concurrent"]),
+        )
+        prepared = await asyncio.to_thread(prepare, spec)
+    except MvllmError as exc:
+        raise CtlError(str(exc), ExitStatus.USAGE) from None
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+    with JobProgress() as bar:
+        progress = await run_job(
+            prepared,
+            [Endpoint(url, DEFAULT_MAX_NUM_SEQS) for url in endpoints],
+            stop,
+            on_progress=lambda p: bar.update(_as_job(p, spec, pb.JOB_STATE_RUNNING)),
+        )
+    state = pb.JOB_STATE_SUCCEEDED if progress.samples_done == progress.samples_total else pb.JOB_STATE_CANCELLED
+    print_summary(_as_job(progress, spec, state))
+    if state != pb.JOB_STATE_SUCCEEDED:
+        click.echo(
+            f"\ninterrupted: {progress.samples_done} of {progress.samples_total} samples are kept in "
+            f"{parts_dir(spec.output_path)}; run the same command with --resume to finish",
+            err=True,
+        )
+        return ExitStatus.INTERRUPTED
+    return ExitStatus.SUCCESS
+
+
+def _as_job(progress: Progress, spec: JobSpec, state: int) -> pb.Job:
+    """This process's progress in the daemon's terms, for the same progress bar and summary."""
+    job = pb.Job(
+        id="local",
+        state=state,  # type: ignore[arg-type]
+        samples_total=progress.samples_total,
+        samples_done=progress.samples_done,
+        errors=progress.errors,
+        output_path=str(spec.output_path),
+        completion_tokens=progress.tokens,
+        tokens_per_second=progress.tokens_per_s,
+    )
+    job.started_at.FromNanoseconds(int((time.time() - (time.monotonic() - progress.started)) * 1e9))
+    return job
