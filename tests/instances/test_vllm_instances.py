@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from daemonkit import Spawn, instance_status, wait_for
@@ -105,6 +108,7 @@ def test_vllm_instances_under_the_process_supervisor(short_tmp: Path, spawn: Spa
         return daemon.ctl(*args, timeout=READY_TIMEOUT_S + 60)
 
     instances = launch_and_serve(ctl, str(engine / "tiny-qwen2"))
+    rollouts_on_real_vllm(ctl, short_tmp, instances)
     groups = [_group(i["pid"]) for i in instances]
     assert all(len(g) >= 2 for g in groups)  # vLLM's API server plus its EngineCore, in one group
     kill_and_recover(ctl, lambda pid: os.kill(pid, 9))
@@ -124,6 +128,32 @@ def test_vllm_instances_under_the_process_supervisor(short_tmp: Path, spawn: Spa
     assert ctl("stop", "--all").returncode == 0
     assert all(not _group(pid) for pid in leaders)  # every process of every group is gone
     assert instance_status(ctl) == []
+
+
+def rollouts_on_real_vllm(ctl: Callable[..., Any], tmp: Path, instances: list[dict[str, Any]]) -> None:
+    """A job on the two real engines: text prompts to /v1/completions, chat messages to
+    /v1/chat/completions, and a prompt longer than the context recorded as an error, not a failed job."""
+    text = [f"Question {i}: what comes next?" for i in range(20)] + ["word " * 3000]  # > 2,048 tokens
+    pq.write_table(pa.table({"prompt": text, "id": list(range(len(text)))}), tmp / "text.parquet")
+    chats = [json.dumps({"prompt": [{"role": "user", "content": f"Say {i}"}]}) for i in range(10)]
+    (tmp / "chat.jsonl").write_text("\n".join(chats) + "\n")
+    for source, rows in (("text.parquet", len(text)), ("chat.jsonl", len(chats))):
+        out = tmp / f"{source}.out.parquet"
+        done = ctl("submit", "--data", str(tmp / source), "--output", str(out), "-k", "2", "--max-tokens", "8",
+                   "--wait", "--json")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["state"] == "JOB_STATE_SUCCEEDED"
+        table = pq.read_table(out)
+        keys = list(zip(table["prompt_index"].to_pylist(), table["sample_index"].to_pylist(), strict=True))
+        assert keys == [(p, s) for p in range(rows) for s in range(2)]
+        fine = table.filter(pc.is_null(table["error"]))
+        assert all(0 < n <= 8 for n in fine["completion_tokens"].to_pylist())
+        assert set(fine["endpoint"].to_pylist()) == {i["url"] for i in instances}  # both engines took work
+        if source == "text.parquet":  # the over-long prompt: refused by vLLM for good, recorded, job went on
+            assert fine.num_rows == 2 * (rows - 1)
+            assert "2048" in table["error"][-1].as_py()  # what vLLM says: the limit it was over
+        else:
+            assert fine.num_rows == 2 * rows
 
 
 def _group(pgid: int) -> set[int]:
