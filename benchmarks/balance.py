@@ -1,12 +1,14 @@
-"""Balance: the dispatcher's policies over heterogeneous simulated servers (a first look).
+"""Balance: the dispatcher's policies over heterogeneous and homogeneous simulated servers.
 
-    .venv/bin/python benchmarks/balance.py [--prompts 2000] [--samples 8] [--time-scale 0.2]
+    .venv/bin/python benchmarks/balance.py [--prompts 2000] [--samples 8] [--time-scale 0.2] [--case both]
 
-Four mvllm-sim processes with --speed 1, 1, 0.5 and 0.25 (the default long-tailed output lengths),
-one job per policy through the job runner, in this process. Makespan is wall time divided by the
-time scale. The capacity lower bound is the useful work (the tokens generated) over the servers'
-summed full-batch throughput (measured on the simulated clock by a single full batch), or the longest
-single sequence's decode time, whichever is larger. Prints a table.
+Four mvllm-sim processes, with --speed 1, 1, 0.5 and 0.25 (case "heterogeneous") or all at 1 (case
+"homogeneous"), the default long-tailed output lengths; one job per policy and case through the job
+runner, in this process. Makespan is wall time divided by the time scale; the dispatcher reads the
+servers' /metrics every simulated second (its interval is scaled as the servers' clocks are).
+The capacity lower bound is the useful work (the tokens generated) over the servers' summed
+full-batch throughput (measured on the simulated clock by a single full batch), or the longest
+single sequence's decode time, whichever is larger. Prints a table of both cases and the ratios.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from mvllmd.jobs.runner import JobSpec, prepare, run_job
 
 from benchkit import sim_servers
 
-SPEEDS = (1.0, 1.0, 0.5, 0.25)
+CASES = {"heterogeneous": (1.0, 1.0, 0.5, 0.25), "homogeneous": (1.0, 1.0, 1.0, 1.0)}
+POLICIES: tuple[Policy, ...] = ("round-robin", "least-loaded")
 MAX_TOKENS = 2048
 
 
@@ -45,14 +48,16 @@ def full_batch_tokens_per_s(speed: float) -> float:
     return engine.counters.generation_tokens / engine.now
 
 
-async def one_run(policy: Policy, urls: list[str], data: Path, out: Path, samples: int) -> tuple[float, int, int]:
+async def one_run(  # noqa: PLR0917
+    policy: Policy, urls: list[str], data: Path, out: Path, samples: int, scale: float
+) -> tuple[float, int, int]:
     spec = JobSpec(
         input_path=data,
         output_path=out,
         sampling=Sampling(model="sim", max_tokens=MAX_TOKENS),
         num_samples=samples,
         overwrite=True,
-        dispatch=DispatchSettings(policy=policy, max_concurrent=4096),
+        dispatch=DispatchSettings(policy=policy, max_concurrent=4096, metrics_interval_s=scale),
     )
     endpoints = [Endpoint(url, capacity=1024) for url in urls]
     started = time.monotonic()
@@ -66,28 +71,41 @@ async def main() -> None:
     p.add_argument("--prompts", type=int, default=2000)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--time-scale", default="0.2")
+    p.add_argument("--case", choices=[*CASES, "both"], default="both")
+    p.add_argument("--policy", choices=[*POLICIES, "both"], default="both")
     args = p.parse_args()
     scale = float(args.time_scale)
-    capacity = sum(full_batch_tokens_per_s(s) for s in SPEEDS)
     per_token_s = step_model("h100-8b").step_time(1, 300, 1)  # one sequence alone, fastest server
-    rows = []
+    cases = list(CASES) if args.case == "both" else [args.case]
+    policies = POLICIES if args.policy == "both" else (args.policy,)
+    rows: dict[tuple[str, str], tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="mv-balance-") as tmp:
         data = Path(tmp) / "prompts.parquet"
         pq.write_table(
             pa.table({"prompt": [f"Question number {i}: say something." for i in range(args.prompts)]}), data
         )
-        for policy in ("round-robin", "least-loaded"):
-            with sim_servers([["--speed", str(speed), "--time-scale", args.time_scale] for speed in SPEEDS]) as urls:
-                wall, tokens, longest = await one_run(policy, urls, data, Path(tmp) / "out.parquet", args.samples)  # type: ignore[arg-type]
-            bound = max(tokens / capacity, longest * per_token_s)
-            rows.append((policy, wall / scale, bound))
-    print(f"balance, speeds {SPEEDS}, {args.prompts} prompts x {args.samples} samples, --time-scale {scale}, "
+        for case in cases:
+            speeds = CASES[case]
+            capacity = sum(full_batch_tokens_per_s(s) for s in speeds)
+            for policy in policies:
+                argv = [["--speed", str(speed), "--time-scale", args.time_scale] for speed in speeds]
+                with sim_servers(argv) as urls:
+                    out = Path(tmp) / "out.parquet"
+                    wall, tokens, longest = await one_run(policy, urls, data, out, args.samples, scale)
+                bound = max(tokens / capacity, longest * per_token_s)
+                rows[case, policy] = (wall / scale, bound)
+    print(f"balance, {args.prompts} prompts x {args.samples} samples, --time-scale {scale}, "
           f"{time.strftime('%Y-%m-%d')}, {platform.node()} ({os.cpu_count()} cores)\n")  # fmt: skip
-    print("| policy | makespan (simulated s) | capacity lower bound (s) | makespan / bound |")
-    print("|---|---|---|---|")
-    for policy, makespan, bound in rows:
-        print(f"| {policy} | {makespan:.1f} | {bound:.1f} | {makespan / bound:.2f} |")
-    print(f"\nleast-loaded / round-robin: {rows[1][1] / rows[0][1]:.2f}")
+    print("| case (speeds) | policy | makespan (simulated s) | capacity lower bound (s) | makespan / bound |")
+    print("|---|---|---|---|---|")
+    for (case, policy), (makespan, bound) in rows.items():
+        speeds = ", ".join(f"{s:g}" for s in CASES[case])
+        print(f"| {case} ({speeds}) | {policy} | {makespan:.1f} | {bound:.1f} | {makespan / bound:.2f} |")
+    print()
+    for case in cases:
+        if (case, "round-robin") in rows and (case, "least-loaded") in rows:
+            ratio = rows[case, "least-loaded"][0] / rows[case, "round-robin"][0]
+            print(f"{case}: least-loaded / round-robin = {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import Callable
 
 import aiohttp
 
@@ -10,7 +12,7 @@ from mvllmd.jobs.dispatch import Dispatcher, DispatchSettings, Endpoint, Policy,
 from mvllmd.jobs.output import DoneMap, Sample
 from mvllmd.jobs.requests import Sampling
 
-from simkit import StartSim
+from simkit import SimProcess, StartSim
 
 PROMPTS, SAMPLES = 120, 4
 
@@ -93,3 +95,55 @@ async def test_the_tail_is_hedged_onto_idle_fast_endpoints(start_sim: StartSim) 
     assert dispatcher.hedges > 0
     counts = by_endpoint(samples)
     assert counts[fast] > counts[slow]
+
+
+async def test_a_server_that_queues_is_sent_about_what_it_runs(sim_process: Callable[..., SimProcess]) -> None:
+    # The server runs 4 sequences at a time; the endpoint says 32: its waiting gauge shows the rest queue.
+    server = sim_process("--time-scale", "0.1", "--max-num-seqs", "4", "--log-level", "warning")
+    server.wait_listening()
+    url = server.url
+    done = DoneMap(PROMPTS, SAMPLES)
+
+    async def deliver(samples: list[Sample]) -> None:
+        for s in samples:
+            assert done.mark(s.prompt_index, s.sample_index), "a sample delivered twice"
+
+    endpoint = Endpoint(url, capacity=32)
+    settings = DispatchSettings(max_concurrent=256, metrics_interval_s=0.02)
+    dispatcher = Dispatcher([endpoint], Sampling(model="sim", max_tokens=16), settings, deliver, done.is_done)
+    for p in range(PROMPTS):
+        dispatcher.add(Work(p, f"prompt number {p}", list(range(SAMPLES))))
+    dispatcher.close_input()
+    limits: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            limits.append(endpoint.limit)
+            assert endpoint.inflight <= endpoint.capacity
+            await asyncio.sleep(0.01)
+
+    async with aiohttp.ClientSession() as session:
+        watcher = asyncio.create_task(watch())
+        await dispatcher.run(session)
+        assert not watcher.done()  # its checks held throughout
+        watcher.cancel()
+    assert done.count == PROMPTS * SAMPLES
+    assert endpoint.gauges.ok
+    assert min(limits) <= 8  # lowered toward the 4 it runs
+    assert endpoint.limit > min(limits)  # grown back once nothing waited
+
+
+async def test_other_clients_sequences_count_as_load(start_sim: StartSim, http: aiohttp.ClientSession) -> None:
+    busy, server = await start_sim("--time-scale", "0.02")
+    idle = (await start_sim("--time-scale", "0.02"))[0]
+    # Another client's long request runs on `busy` the whole time.
+    body = {"model": "sim", "prompt": "other", "n": 48, "max_tokens": 4000, "ignore_eos": True}
+    other = asyncio.create_task(http.post(f"{busy}/v1/completions", json=body))
+    while server.engine.num_running < 48:
+        await asyncio.sleep(0.01)
+    samples, dispatcher = await run_job([busy, idle], max_tokens=16, metrics_interval_s=0.02)
+    other.cancel()
+    busy_endpoint = next(e for e in dispatcher.endpoints if e.url == busy)
+    assert busy_endpoint.external > 0
+    counts = by_endpoint(samples)
+    assert counts[idle] > counts[busy]

@@ -1,16 +1,27 @@
 """The dispatcher: samples to endpoints, balanced, retried, hedged at the tail, around broken servers.
 
 Work is a queue of `Work` items: one prompt and the sample indexes it still needs. The dispatcher
-keeps at most `max_concurrent` samples in flight overall, and at most each endpoint's capacity (its
-`max_num_seqs`) on each. Policies:
+keeps at most `max_concurrent` samples in flight overall, and at most each endpoint's capacity in
+effect (`limit`: its `max_num_seqs` at first) on each, counting other clients' sequences there.
+
+Gauges: every `metrics_interval_s` each server's Prometheus /metrics is read (gauges.py): requests
+running and waiting, tokens generated. Sequences running or waiting beyond ours are other clients'
+load. A server that keeps requests waiting (`WAITING_POLLS` readings in a row) has its limit lowered
+toward what it runs; with none waiting the limit grows back toward the capacity. A server whose
+/metrics fails has no gauges, and is dispatched to without them.
+
+Policies:
 
 - `least-loaded` (the default) sends work where it will be done soonest: to the endpoint with the
-  fewest in-flight samples per unit of its observed speed (samples completed per second, smoothed).
-  A prompt's samples go as one n=k request (the server prefills the prompt once) until the queue
-  runs dry; from then on, what is left is split into single samples to spread across endpoints, and
-  requests on endpoints that will take long to drain are copied onto endpoints that will drain in
-  less than half the time (a hedge): the first answer wins, the other is cancelled, and each sample
-  is written once (DoneMap).
+  least load (in-flight samples and other clients' sequences) per unit of its observed speed
+  (samples completed per second, smoothed); a slower endpoint holds less, in proportion to its
+  speed. A prompt's samples go as one n=k request (the server prefills the prompt once) until the
+  queue runs dry; from then on, what is left is split into single samples to spread across
+  endpoints, and requests are copied (a hedge) from where they go slowly onto endpoints where they
+  will go at least twice as fast: by the servers' decode step (seconds per token of a running
+  sequence, from the gauges, grown in proportion to the batch the copies add) when every endpoint
+  has gauges, else by how long each endpoint's requests in flight take to drain. The first answer
+  wins, the other is cancelled, and each sample is written once (DoneMap).
 - `round-robin`, the seed's: endpoints in turn whatever they already hold (only `max_concurrent`
   bounds it), one request per prompt's samples, no hedging.
 
@@ -36,6 +47,7 @@ from typing import Literal
 
 import aiohttp
 
+from mvllmd.jobs.gauges import Gauges, scrape
 from mvllmd.jobs.output import Sample
 from mvllmd.jobs.requests import RequestFailed, Sampling, send
 
@@ -43,6 +55,7 @@ log = logging.getLogger(__name__)
 
 Policy = Literal["least-loaded", "round-robin"]
 SPEED_HALF_LIFE_S = 10.0
+WAITING_POLLS = 3  # readings in a row with requests waiting before a server is sent less
 
 
 @dataclass
@@ -70,9 +83,21 @@ class Endpoint:
     last_completion: float = field(default_factory=time.monotonic)
     _speed_at: float = field(default_factory=time.monotonic)
     requests: dict[int, _Flight] = field(default_factory=dict)
+    gauges: Gauges = field(default_factory=Gauges)
+    limit: int = 0  # the capacity in effect: lowered while the server queues what it is sent
+    external: int = 0  # sequences on the server that are not ours (other clients), from its gauges
+    _inflight_at_poll: int = 0
+
+    def __post_init__(self) -> None:
+        self.limit = self.limit or self.capacity
 
     def available(self, now: float) -> bool:
-        return not self.retired and now >= self.open_until and self.inflight < self.capacity
+        return not self.retired and now >= self.open_until and self.load < self.limit
+
+    @property
+    def load(self) -> int:
+        """Sequences on the server: ours in flight, and other clients' as its gauges last said."""
+        return self.inflight + self.external
 
     def record_speed(self, samples: int, now: float) -> None:
         elapsed = max(1e-3, now - self._speed_at)
@@ -102,6 +127,7 @@ class DispatchSettings:
     breaker_cooldown_s: float = 2.0
     hang_timeout_s: float = 60.0
     request_timeout_s: float | None = None
+    metrics_interval_s: float = 1.0  # how often each server's /metrics is read; 0: never
 
 
 Deliver = Callable[[list[Sample]], Awaitable[None]]
@@ -180,6 +206,7 @@ class Dispatcher:
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         """Dispatch until the input is closed and every sample is delivered."""
+        poller = asyncio.create_task(self._poll(session)) if self._settings.metrics_interval_s > 0 else None
         try:
             while not (self._input_done and not self.backlog and not self._flights):
                 self._wake.clear()
@@ -189,10 +216,48 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=max(0.01, min(0.5, soonest - time.monotonic())))
         finally:
+            if poller is not None:
+                poller.cancel()
+                await asyncio.gather(poller, return_exceptions=True)
             for flight in list(self._flights.values()):
                 if flight.task is not None:
                     flight.task.cancel()
             await asyncio.gather(*(f.task for f in self._flights.values() if f.task), return_exceptions=True)
+
+    async def _poll(self, session: aiohttp.ClientSession) -> None:
+        """Read every server's gauges each interval; a server whose /metrics fails just has none."""
+        interval = self._settings.metrics_interval_s
+        while True:
+            endpoints = [e for e in self.endpoints if not e.retired]
+            for endpoint in endpoints:
+                endpoint._inflight_at_poll = endpoint.inflight
+            readings = await asyncio.gather(
+                *(scrape(session, e.url, e.api_key, max(0.1, min(2.0, interval))) for e in endpoints),
+                return_exceptions=True,
+            )
+            now = time.monotonic()
+            for endpoint, reading in zip(endpoints, readings, strict=True):
+                if isinstance(reading, dict):
+                    endpoint.gauges.update(reading, now)
+                    self._adapt(endpoint)
+                elif isinstance(reading, (aiohttp.ClientError, TimeoutError, ValueError)):
+                    endpoint.gauges.fail()
+                    endpoint.external = 0
+                elif isinstance(reading, BaseException):
+                    raise reading
+            self._wake.set()
+            await asyncio.sleep(interval)
+
+    def _adapt(self, endpoint: Endpoint) -> None:
+        """Follow the server's gauges: other clients' sequences count as load; a server that keeps
+        requests waiting is allowed less, down to what it runs; one with none waiting grows back."""
+        g = endpoint.gauges
+        endpoint.external = max(0, int(g.running + g.waiting) - endpoint._inflight_at_poll)
+        if g.waiting_polls >= WAITING_POLLS:
+            runs = max(1, int(g.running))
+            endpoint.limit = min(endpoint.limit, max(runs, (endpoint.limit + runs) // 2))
+        elif g.waiting == 0 and endpoint.limit < endpoint.capacity:
+            endpoint.limit = min(endpoint.capacity, endpoint.limit + max(1, endpoint.limit // 4))
 
     def _fill(self, session: aiohttp.ClientSession) -> None:
         if self._stopping:
@@ -241,26 +306,26 @@ class Dispatcher:
                 if not candidate.retired and now >= candidate.open_until:
                     return candidate
             return None
-        ready = [e for e in self.endpoints if e.available(now) and e.inflight < self._share(e)]
+        ready = [e for e in self.endpoints if e.available(now) and e.load < self._share(e)]
         if not ready:
             return None
         known = [e.speed for e in ready if e.speed > 0]
         default_speed = max(known) if known else 1.0
-        return min(ready, key=lambda e: (e.inflight + want) / (e.speed or default_speed))
+        return min(ready, key=lambda e: (e.load + want) / (e.speed or default_speed))
 
     def _share(self, endpoint: Endpoint) -> int:
         """least-loaded: a slower endpoint may hold less, in proportion to its measured speed, so that
         little work is left stranded on it at the end; round-robin: its full capacity."""
         fastest = max((e.speed for e in self.endpoints), default=0.0)
         if self._settings.policy == "round-robin" or fastest <= 0 or endpoint.speed <= 0:
-            return endpoint.capacity
-        return max(1, int(endpoint.capacity * endpoint.speed / fastest))
+            return endpoint.limit
+        return max(1, int(endpoint.limit * endpoint.speed / fastest))
 
     def _fit(self, work: Work, endpoint: Endpoint) -> Work:
         """No more samples in one request than the endpoint has room for, nor than the global cap."""
         room = self._settings.max_concurrent - self.inflight
         if self._settings.policy != "round-robin":
-            room = min(room, self._share(endpoint) - endpoint.inflight)
+            room = min(room, self._share(endpoint) - endpoint.load)
         if len(work.samples) > room >= 1:
             self._retry.appendleft(Work(work.prompt_index, work.prompt, work.samples[room:], work.attempts))
             work = Work(work.prompt_index, work.prompt, work.samples[:room], work.attempts, work.last_error)
@@ -279,30 +344,45 @@ class Dispatcher:
         flight.task.add_done_callback(lambda _: self._landed(flight))
 
     def _hedge(self, session: aiohttp.ClientSession, now: float) -> None:
-        """In the tail, copy requests from endpoints that will take long to drain onto ones that will not."""
-        speeds = [e.speed for e in self.endpoints if e.speed > 0]
-        default = max(speeds) if speeds else 1.0
-
-        def drain_s(endpoint: Endpoint) -> float:
-            return endpoint.inflight / (endpoint.speed or default)
-
+        """In the tail, copy requests from endpoints where they will take long onto ones where they
+        will not: with gauges, where a sequence's decode step is at most half as long; without, where
+        the requests in flight drain in less than half the time."""
+        live = [e for e in self.endpoints if not e.retired]
+        timed = all(e.gauges.ok and e.gauges.step_s > 0 for e in live)
+        cost = self._step_after if timed else self._drain_s
         flights = sorted(
             (f for f in self._flights.values() if not f.hedged and f.hedge_of is None),
-            key=lambda f: (-drain_s(f.endpoint), f.started),
+            key=lambda f: (-cost(f.endpoint, 0), f.started),
         )
         for flight in flights:
-            if self.inflight >= self._settings.max_concurrent:
+            want = len(flight.work.samples)
+            if self.inflight + want > self._settings.max_concurrent:
                 return
-            room = [e for e in self.endpoints if e is not flight.endpoint and e.available(now)]
+            room = [e for e in live if e is not flight.endpoint and e.available(now)]
             if not room:
                 return
-            target = min(room, key=drain_s)
-            if drain_s(target) * 2 >= drain_s(flight.endpoint):
-                return  # the rest are on endpoints that will drain about as soon: no gain in copying
+            target = min(room, key=lambda e: cost(e, want))
+            if cost(target, want) * 2 > cost(flight.endpoint, 0):
+                return  # the rest are on endpoints where they go about as fast: no gain in copying
             flight.hedged = True
             self.hedges += 1
             copy = Work(flight.work.prompt_index, flight.work.prompt, list(flight.work.samples))
             self._launch(session, copy, target, hedge_of=flight)
+
+    def _step_after(self, endpoint: Endpoint, more: int) -> float:
+        """The server's decode step (s per token of a sequence) with `more` sequences than at its last
+        reading: the step grows in proportion to the batch, never below the fastest seen (an idle
+        server's step is its fastest)."""
+        g = endpoint.gauges
+        step = g.step_s if g.running >= 1 else g.min_step_s
+        running = max(1.0, g.running)
+        batch = max(1.0, g.running + endpoint.inflight - endpoint._inflight_at_poll + more)
+        return max(g.min_step_s, step * batch / running)
+
+    def _drain_s(self, endpoint: Endpoint, more: int) -> float:
+        """How long the endpoint's requests in flight (and `more`) take at its completion speed."""
+        default = max((e.speed for e in self.endpoints), default=0.0) or 1.0
+        return (endpoint.inflight + more) / (endpoint.speed or default)
 
     # --- one request ----------------------------------------------------------------------------
 

@@ -1,0 +1,107 @@
+"""What a server says of its own load: vLLM's Prometheus /metrics, read while a job runs.
+
+`parse` reads the exposition text and sums each wanted metric over its label sets (vLLM labels its
+gauges by engine and model: `vllm:num_requests_waiting{engine="0",model_name="m"} 3.0`). `scrape`
+fetches one endpoint's /metrics over the job's session. `Gauges` keeps the latest reading of one
+endpoint and what follows from two readings: the server's generation rate (tokens/s) and the time
+each running sequence takes per token (its decode step, which grows with the batch). A server
+without /metrics, or one that answers badly, simply has no gauges (`ok` is False).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import aiohttp
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+GENERATED = "vllm:generation_tokens_total"
+WANTED = (RUNNING, WAITING, GENERATED)
+
+
+def parse(text: str, names: tuple[str, ...] = WANTED) -> dict[str, float]:
+    """The sum over label sets of each metric in `names` that the text holds."""
+    found: dict[str, float] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        cuts = [i for i in (line.find("{"), line.find(" ")) if i > 0]
+        if line.startswith("#") or not cuts or line[: min(cuts)] not in names:
+            continue
+        name, rest = line[: min(cuts)], line[min(cuts) :]
+        if rest.startswith("{"):
+            rest = rest[_label_end(rest) + 1 :]
+        value = _value(rest)
+        if value is not None:
+            found[name] = found.get(name, 0.0) + value
+    return found
+
+
+def _label_end(text: str) -> int:
+    """The index of the `}` that closes a label set (label values may hold escaped quotes and braces)."""
+    quoted = escaped = False
+    for i, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "}" and not quoted:
+            return i
+    return len(text)
+
+
+def _value(rest: str) -> float | None:
+    fields = rest.split()
+    if not fields:
+        return None
+    try:
+        value = float(fields[0])
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+async def scrape(
+    session: aiohttp.ClientSession, url: str, api_key: str = "", timeout_s: float = 2.0
+) -> dict[str, float]:
+    """One endpoint's wanted gauges; raises aiohttp.ClientError, TimeoutError or ValueError."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with session.get(url + "/metrics", headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        if resp.status != 200:
+            raise ValueError(f"/metrics answered HTTP {resp.status}")
+        values = parse(await resp.text())
+    if RUNNING not in values or WAITING not in values:
+        raise ValueError("/metrics has no vLLM request gauges")
+    return values
+
+
+@dataclass
+class Gauges:
+    """The latest reading of one endpoint's /metrics and the rates between the last two."""
+
+    ok: bool = False
+    running: float = 0.0
+    waiting: float = 0.0
+    at: float = 0.0
+    tokens_per_s: float = 0.0  # the whole server's generation rate, every client's
+    step_s: float = 0.0  # seconds per token of one running sequence; 0 until measured
+    min_step_s: float = 0.0  # the fastest seen: the server's step with a small batch
+    waiting_polls: int = 0  # readings in a row with requests waiting
+    _generated: float = -1.0
+
+    def update(self, values: dict[str, float], now: float) -> None:
+        running, generated = values[RUNNING], values.get(GENERATED, -1.0)
+        if self.ok and generated >= self._generated >= 0 and now > self.at:
+            self.tokens_per_s = (generated - self._generated) / (now - self.at)
+            busy = (running + self.running) / 2
+            if busy >= 1 and self.tokens_per_s > 0:
+                self.step_s = busy / self.tokens_per_s
+                self.min_step_s = min(self.min_step_s or self.step_s, self.step_s)
+        self.ok, self.running, self.waiting, self.at, self._generated = True, running, values[WAITING], now, generated
+        self.waiting_polls = self.waiting_polls + 1 if self.waiting > 0 else 0
+
+    def fail(self) -> None:
+        self.ok, self.step_s, self.waiting_polls, self._generated = False, 0.0, 0, -1.0
