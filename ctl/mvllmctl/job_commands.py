@@ -172,7 +172,7 @@ def print_summary(job: pb.Job) -> None:
             ("rows", f"{job.samples_done} of {job.samples_total}"),
             ("errors", str(job.errors)),
             ("tokens", f"{job.completion_tokens} ({rate:,.0f} tokens/s)"),
-            ("elapsed", duration(elapsed)),
+            ("elapsed", f"{elapsed:.1f}s" if elapsed < 60 else duration(elapsed)),
             ("output", job.output_path),
         ]
     )
