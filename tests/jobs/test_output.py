@@ -99,3 +99,16 @@ def test_jsonl_input_with_chat_prompts(tmp_path: Path) -> None:
     assert table.column("tag").to_pylist() == [True, False, True, False, True]
     assert table.column("token_ids").to_pylist()[0] == [1, 2]
     assert table.column("seed").to_pylist() == [42] * 5
+
+
+def test_a_slow_job_writes_parts_by_age_not_only_by_count(tmp_path: Path) -> None:
+    parts = tmp_path / "out.parquet.parts"
+    by_count = PartWriter(parts, result_schema(False, False), flush_rows=1000, flush_age_s=3600)
+    by_count.add(sample(0, 0))
+    assert (by_count.pending, list(parts.glob("part-*"))) == (1, [])  # held: neither 1,000 rows nor an hour
+    by_age = PartWriter(parts, result_schema(False, False), flush_rows=1000, flush_age_s=0)
+    by_age.add(sample(1, 0))
+    assert by_age.pending == 0 and len(list(parts.glob("part-*"))) == 1  # old enough at once: on disk
+    done = DoneMap(2, 1)
+    load_done(parts, done)
+    assert (done.is_done(0, 0), done.is_done(1, 0)) == (False, True)

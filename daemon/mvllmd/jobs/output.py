@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -129,10 +130,16 @@ def load_done(parts: Path, done: DoneMap) -> int:
 
 
 class PartWriter:
-    def __init__(self, parts: Path, schema: pa.Schema, flush_rows: int = 4096) -> None:
+    """Finished samples to `part-NNNNNN.parquet` files, each written atomically: every `flush_rows`
+    samples, or once the oldest unwritten one is `flush_age_s` old (a slow job loses at most that much
+    to a kill -9)."""
+
+    def __init__(self, parts: Path, schema: pa.Schema, flush_rows: int = 4096, flush_age_s: float = 5.0) -> None:
         self._dir = parts
         self._schema = schema
         self._flush_rows = flush_rows
+        self._flush_age_s = flush_age_s
+        self._oldest = 0.0
         self._rows: list[Sample] = []
         parts.mkdir(mode=0o755, parents=True, exist_ok=True)
         existing = [int(p.stem.split("-")[1]) for p in parts.glob("part-*.parquet")]
@@ -143,8 +150,11 @@ class PartWriter:
         return len(self._rows)
 
     def add(self, sample: Sample) -> None:
+        now = time.monotonic()
+        if not self._rows:
+            self._oldest = now
         self._rows.append(sample)
-        if len(self._rows) >= self._flush_rows:
+        if len(self._rows) >= self._flush_rows or now - self._oldest >= self._flush_age_s:
             self.flush()
 
     def flush(self) -> None:
