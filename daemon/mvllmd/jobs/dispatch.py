@@ -86,10 +86,20 @@ class Endpoint:
     gauges: Gauges = field(default_factory=Gauges)
     limit: int = 0  # the capacity in effect: lowered while the server queues what it is sent
     external: int = 0  # sequences on the server that are not ours (other clients), from its gauges
+    # What other jobs of this daemon have in flight there: their share is theirs already (see
+    # set_capacity), so they do not count as outside load too.
+    siblings: Callable[[], int] = field(default=lambda: 0)
     _inflight_at_poll: int = 0
+    _siblings_at_poll: int = 0
 
     def __post_init__(self) -> None:
         self.limit = self.limit or self.capacity
+
+    def set_capacity(self, capacity: int) -> None:
+        """A new share of the server's batch; a limit lowered by its gauges stays lowered."""
+        lowered = self.limit < self.capacity
+        self.capacity = capacity
+        self.limit = min(self.limit, capacity) if lowered else capacity
 
     def available(self, now: float) -> bool:
         return not self.retired and now >= self.open_until and self.load < self.limit
@@ -231,6 +241,7 @@ class Dispatcher:
             endpoints = [e for e in self.endpoints if not e.retired]
             for endpoint in endpoints:
                 endpoint._inflight_at_poll = endpoint.inflight
+                endpoint._siblings_at_poll = endpoint.siblings()
             readings = await asyncio.gather(
                 *(scrape(session, e.url, e.api_key, max(0.1, min(2.0, interval))) for e in endpoints),
                 return_exceptions=True,
@@ -252,7 +263,8 @@ class Dispatcher:
         """Follow the server's gauges: other clients' sequences count as load; a server that keeps
         requests waiting is allowed less, down to what it runs; one with none waiting grows back."""
         g = endpoint.gauges
-        endpoint.external = max(0, int(g.running + g.waiting) - endpoint._inflight_at_poll)
+        ours = endpoint._inflight_at_poll + endpoint._siblings_at_poll
+        endpoint.external = max(0, int(g.running + g.waiting) - ours)
         if g.waiting_polls >= WAITING_POLLS:
             runs = max(1, int(g.running))
             endpoint.limit = min(endpoint.limit, max(runs, (endpoint.limit + runs) // 2))

@@ -15,11 +15,11 @@ not the store, is the truth about which samples are done.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
@@ -357,13 +357,20 @@ class JobManager:
             dispatcher.add_endpoint(Endpoint(url, target.capacity, target.api_key))
 
     def _share_servers(self) -> None:
-        """Jobs that use the same server share its batch equally."""
+        """Jobs that use the same server share its batch equally, and do not count each other's
+        sequences there as outside load."""
         live = [(job, job.dispatcher) for job in self._jobs.values() if job.dispatcher is not None]
-        users = Counter(e.url for _, dispatcher in live for e in dispatcher.endpoints if not e.retired)
+        by_url: dict[str, list[Endpoint]] = {}
+        for _, dispatcher in live:
+            for endpoint in dispatcher.endpoints:
+                if not endpoint.retired:
+                    by_url.setdefault(endpoint.url, []).append(endpoint)
         for job, dispatcher in live:
             for endpoint in dispatcher.endpoints:
+                peers = [e for e in by_url.get(endpoint.url, []) if e is not endpoint]
                 own = job.capacity.get(endpoint.url, endpoint.capacity)
-                endpoint.capacity = max(1, own // max(1, users[endpoint.url]))
+                endpoint.set_capacity(max(1, own // (1 + len(peers))))
+                endpoint.siblings = functools.partial(_inflight_of, peers)
 
     def _dispatch_settings(self) -> DispatchSettings:
         settings = self._settings
@@ -397,6 +404,10 @@ class JobManager:
             for e in job.dispatcher.endpoints
             if not e.retired or e.completed
         )
+
+
+def _inflight_of(endpoints: list[Endpoint]) -> int:
+    return sum(e.inflight for e in endpoints)
 
 
 def _done(prepared: Prepared) -> int:
