@@ -202,7 +202,7 @@ class JobManager:
             urls = tuple(dict.fromkeys(normalize_url(u) for u in request.endpoints))
             model = await endpoint_model(list(urls), model)
             return replace(request, endpoints=urls, sampling=replace(request.sampling, model=model))
-        model = instance_model(self._instances, model)
+        model = instance_model(self._instances, model, waiting=request.wait_for_instances_s > 0)
         if not instance_targets(self._instances, model) and not request.wait_for_instances_s:
             raise Conflict(
                 f"no instance serving {model} is READY yet (see `mvllmctl status`); "

@@ -45,10 +45,17 @@ def normalize_url(text: str) -> str:
     return url
 
 
-def instance_model(instances: InstanceManager, requested: str) -> str:
-    """The served model name a job asks this daemon's instances for; raise saying what is served."""
+def instance_model(instances: InstanceManager, requested: str, waiting: bool = False) -> str:
+    """The served model name a job asks this daemon's instances for; raise saying what is served.
+
+    A job that may wait for instances (`waiting`) is taken while none runs yet, if it names its model:
+    it waits for an instance that serves that name."""
     live = [v.spec for v in instances.list_instances() if v.state in LIVE]
     served = sorted({s.served_model_name for s in live})
+    if not live and waiting:
+        if not requested:
+            raise InvalidRequest("no instance runs yet to say which model to wait for; pass --model")
+        return requested
     if not live:
         raise Conflict("no instance is running; launch one (mvllmctl launch MODEL) or pass --endpoints URL,...")
     if not requested:
