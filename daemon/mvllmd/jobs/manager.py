@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0  # how often a running job's counts are written to the store
 WATCH_EVERY_S = 0.5
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+RESUME_WAIT_S = 1800.0  # a job resumed at start waits this long for a READY instance (the default start timeout)
 WAIT_MESSAGE = "waiting up to {s:g}s for a READY instance of {model}"
 
 
@@ -99,8 +100,10 @@ class JobManager:
             job = _Job(record)
             self._jobs[record.id] = job
             if not record.state.ended and record.started_at:
-                # It wrote parts already: finish them, never overwrite them.
-                record.request = replace(record.request, resume=True, overwrite=False)
+                # It wrote parts already: finish them, never overwrite them. Its instances are being
+                # adopted or started again at this very moment: wait for them as a start may take.
+                wait_s = max(record.request.wait_for_instances_s, RESUME_WAIT_S)
+                record.request = replace(record.request, resume=True, overwrite=False, wait_for_instances_s=wait_s)
                 log.info("job %s: resuming (%d of %d samples were done)", record.id, record.samples_done,
                          record.samples_total)  # fmt: skip
             if not record.state.ended:
