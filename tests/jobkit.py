@@ -51,9 +51,13 @@ def job_daemon(spawn: Spawn, tmp: Path, *extra: str, name: str = "j") -> DaemonP
 
 
 def launch(daemon: DaemonProcess, n: int = 2, *engine_args: str, name: str = "", model: str = "m") -> list[str]:
-    """Launch n sim instances of `model`; return their names."""
-    named = ["--name", name] if name else []
-    done = daemon.ctl("launch", model, "--engine", "sim", "-n", str(n), *named, "--", *engine_args)
+    """Launch n sim instances of `model` (engine_args: SLOW_SIM, FAST_SIM, faults); return their names."""
+    options = ["--name", name] if name else []
+    if "--max-num-seqs" in engine_args:  # the daemon's option, so that jobs know each server's batch
+        at = engine_args.index("--max-num-seqs")
+        options += engine_args[at : at + 2]
+        engine_args = engine_args[:at] + engine_args[at + 2 :]
+    done = daemon.ctl("launch", model, "--engine", "sim", "-n", str(n), *options, "--", *engine_args)
     assert done.returncode == 0, done.stderr
     prefix = name or model
     return [f"{prefix}-{i}" for i in range(n)]

@@ -14,6 +14,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from mvllm.v1 import job_pb2
+from mvllm_sim.text import chat_prompt, token_ids
+
+from daemonkit import DaemonProcess, Spawn, start_daemon
 from jobkit import (
     FAST_SIM,
     SLOW_PROMPTS,
@@ -34,11 +39,6 @@ from jobkit import (
     wait_samples,
     write_prompts,
 )
-
-from mvllm.v1 import job_pb2
-from mvllm_sim.text import chat_prompt, token_ids
-
-from daemonkit import DaemonProcess, Spawn, start_daemon
 
 N, K = 300, 4
 

@@ -1,0 +1,138 @@
+"""Jobs that meet faults mid-way, through the real daemon: an instance killed, hung, answering 500s or
+stopped; mvllmd itself killed or stopped and started again. Every job must still succeed with every
+(prompt, sample) exactly once and no sample in error.
+
+Each fault is struck when the job's samples_done has crossed a threshold (polled), on instances slow
+enough (jobkit.SLOW_SIM) that the job is still far from its end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from mvllm.v1 import job_pb2
+
+from daemonkit import MVLLMCTL, DaemonProcess, Spawn, instance_status
+from jobkit import (
+    SLOW_PROMPTS,
+    SLOW_SIM,
+    assert_each_pair_once,
+    instance,
+    job_daemon,
+    launch,
+    progress,
+    submit,
+    wait_ended,
+    wait_samples,
+    write_prompts,
+)
+
+K = 4
+TOTAL = SLOW_PROMPTS * K
+FAULT_AT = TOTAL // 8  # the fault strikes once this many samples are done
+
+
+def start_job(daemon: DaemonProcess, tmp: Path) -> tuple[str, Path]:
+    data, out = write_prompts(tmp / "in.parquet", SLOW_PROMPTS), tmp / "out.parquet"
+    return submit(daemon, data, out, "-k", str(K), "--max-tokens", "8"), out
+
+
+def assert_succeeded(daemon: DaemonProcess, job_id: str, out: Path) -> dict[str, object]:
+    found = wait_ended(daemon, job_id)
+    assert found["state"] == "JOB_STATE_SUCCEEDED", (found, daemon.stderr[-3000:])
+    assert (found["samples_done"], found["errors"]) == (TOTAL, 0)
+    assert_each_pair_once(pq.read_table(out), SLOW_PROMPTS, K)
+    assert not out.with_name(out.name + ".parts").exists()
+    return found
+
+
+# --- instances -----------------------------------------------------------------------------------
+
+
+def test_an_instance_killed_mid_job(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = job_daemon(spawn, short_tmp)
+    launch(daemon, 2, *SLOW_SIM)
+    job_id, out = start_job(daemon, short_tmp)
+    wait_samples(daemon, job_id, FAULT_AT)
+    os.kill(instance(daemon, "m-0")["pid"], signal.SIGKILL)
+    assert_succeeded(daemon, job_id, out)
+    assert instance(daemon, "m-0")["restarts"] >= 1  # the kill did land
+
+
+def test_an_instance_stopped_mid_job(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = job_daemon(spawn, short_tmp)
+    launch(daemon, 2, *SLOW_SIM)
+    job_id, out = start_job(daemon, short_tmp)
+    wait_samples(daemon, job_id, FAULT_AT)
+    assert daemon.ctl("stop", "m-0").returncode == 0
+    found = assert_succeeded(daemon, job_id, out)
+    assert [i["name"] for i in instance_status(daemon.ctl)] == ["m-1"]
+    assert found["endpoints"]
+
+
+def test_an_instance_that_hangs_mid_job(short_tmp: Path, spawn: Spawn) -> None:
+    # The job gives up on a server that finishes nothing for 2 s; the daemon restarts an instance that
+    # makes no progress for 2 s (and it hangs again: each start answers a few requests, then none).
+    daemon = job_daemon(spawn, short_tmp, "--job-hang-timeout", "1", "--hang-timeout", "2")
+    launch(daemon, 1, *SLOW_SIM)
+    launch(daemon, 1, *SLOW_SIM, "--hang-after-requests", "40", name="hangs")
+    job_id, out = start_job(daemon, short_tmp)
+    wait_samples(daemon, job_id, FAULT_AT)
+    found = assert_succeeded(daemon, job_id, out)
+    table = pq.read_table(out)
+    hung_url = instance(daemon, "hangs-0")["url"]
+    assert 0 < table.column("endpoint").to_pylist().count(hung_url) < TOTAL / 2  # it took part, then hung
+    assert found["endpoints"]
+
+
+def test_an_instance_answering_500s(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = job_daemon(spawn, short_tmp)
+    launch(daemon, 1, *SLOW_SIM)
+    launch(daemon, 1, *SLOW_SIM, "--error-rate", "1", "--error-status", "500", name="broken")
+    job_id, out = start_job(daemon, short_tmp)
+    assert_succeeded(daemon, job_id, out)
+    table = pq.read_table(out)
+    assert set(table.column("endpoint").to_pylist()) == {instance(daemon, "m-0")["url"]}
+
+
+# --- the daemon ----------------------------------------------------------------------------------
+
+
+def test_mvllmd_killed_mid_job_resumes_it_by_itself(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = job_daemon(spawn, short_tmp)
+    launch(daemon, 2, *SLOW_SIM)
+    job_id, out = start_job(daemon, short_tmp)
+    wait_samples(daemon, job_id, FAULT_AT)
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    assert out.with_name(out.name + ".parts").is_dir() and not out.exists()
+
+    again = spawn(daemon.argv[1:])  # the same state directory: the engines are adopted, the job resumed
+    resumed = progress(again, job_id)
+    assert resumed.state in (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING), resumed.message
+    assert resumed.spec.resume
+    assert_succeeded(again, job_id, out)
+    assert "resuming" in again.stderr
+
+
+def test_mvllmd_stopped_mid_job_resumes_it_on_the_next_start(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = job_daemon(spawn, short_tmp)
+    launch(daemon, 2, *SLOW_SIM)
+    job_id, out = start_job(daemon, short_tmp)
+    watcher = subprocess.Popen([MVLLMCTL, "--address", daemon.address, "watch", job_id],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env)  # fmt: skip
+    assert watcher.stderr is not None
+    assert f"job {job_id} " in watcher.stderr.readline()  # it follows the job (a line per state change)
+    wait_samples(daemon, job_id, FAULT_AT)
+    assert daemon.stop() == 0  # SIGTERM: requests in flight finish, the parts are kept
+    _, watched = watcher.communicate(timeout=60)
+    assert watcher.returncode == 1, watched
+    assert f"mvllmd stopped before job {job_id} ended; it resumes when mvllmd starts again" in watched
+    assert out.with_name(out.name + ".parts").is_dir() and not out.exists()
+
+    again = spawn(daemon.argv[1:])
+    assert_succeeded(again, job_id, out)
