@@ -10,7 +10,7 @@ import asyncio
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import grpc
@@ -22,12 +22,9 @@ from mvllmctl.context import Ctl, pass_ctl
 from mvllmctl.exit_codes import ExitStatus
 from mvllmctl.job_commands import follow, print_summary, stub
 from mvllmctl.progress import JobProgress
-from mvllmd.errors import MvllmError
-from mvllmd.jobs.dispatch import DispatchSettings, Endpoint
-from mvllmd.jobs.output import parts_dir
-from mvllmd.jobs.requests import Sampling
-from mvllmd.jobs.runner import JobSpec, Progress, prepare, run_job
-from mvllmd.jobs.targets import endpoint_model, normalize_url
+
+if TYPE_CHECKING:
+    from mvllmd.jobs.runner import JobSpec, Progress
 
 PROBE_TIMEOUT_S = 2.0
 DEFAULT_MAX_NUM_SEQS = 256
@@ -94,6 +91,15 @@ def _daemon_answers(ctl: Ctl) -> bool:
 
 
 async def _run_here(options: dict[str, Any], urls: list[str]) -> int:
+    # The job runner (pyarrow, numpy, aiohttp) is imported here, not at the top: every other command
+    # of mvllmctl would pay for it at each start (half a second of CPU).
+    from mvllmd.errors import MvllmError  # noqa: PLC0415
+    from mvllmd.jobs.dispatch import DispatchSettings, Endpoint  # noqa: PLC0415
+    from mvllmd.jobs.output import parts_dir  # noqa: PLC0415
+    from mvllmd.jobs.requests import Sampling  # noqa: PLC0415
+    from mvllmd.jobs.runner import JobSpec, prepare, run_job  # noqa: PLC0415
+    from mvllmd.jobs.targets import endpoint_model, normalize_url  # noqa: PLC0415
+
     try:
         endpoints = list(dict.fromkeys(normalize_url(u) for u in urls))
         model = await endpoint_model(endpoints, options["model_path"] or "")
