@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,6 +32,7 @@ from jobkit import (
     launch,
     leftovers,
     progress,
+    run_ctl,
     snapshot,
     submit,
     wait_ended,
@@ -39,6 +40,7 @@ from jobkit import (
     wait_samples,
     write_prompts,
 )
+from simkit import SimProcess
 
 N, K = 300, 4
 
@@ -379,3 +381,60 @@ def test_wait_for_instances_gives_up_with_a_clear_message(short_tmp: Path, spawn
     assert done.returncode == 1
     assert "no instance serving m became READY within 1s" in done.stdout
     assert not out.exists()
+
+
+# --- generate-rollouts: the seed script's flags --------------------------------------------------
+
+
+def test_generate_rollouts_without_mvllmd_runs_in_process(
+    short_tmp: Path, clean_env: dict[str, str], sim_process: Callable[..., SimProcess]
+) -> None:
+    sims = [sim_process(*FAST_SIM) for _ in range(2)]
+    for sim in sims:
+        sim.wait_listening()
+    env = dict(clean_env, MVLLM_ADDRESS=f"unix:{short_tmp}/nobody-listens.sock")
+    data, out = write_prompts(short_tmp / "in.parquet", 100, id=list(range(100))), short_tmp / "out.parquet"
+    urls = f"{sims[0].url}/v1,{sims[1].url}"  # with and without /v1, as the seed's users write them
+    done = run_ctl(env, "generate-rollouts", "--use_vllm", "--vllm_base_url", urls, "--data_path", str(data),
+                   "--output_path", str(out), "--num_samples", "3", "--vllm_max_concurrent", "50")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "mvllmd is not running: generating in this process" in done.stderr
+    assert "SUCCEEDED" in done.stdout
+    table = pq.read_table(out)
+    assert table.schema.names[:10] == ["prompt_index", "sample_index", "response", "finish_reason", "prompt_tokens",
+                                       "completion_tokens", "endpoint", "latency_s", "seed", "error"]  # fmt: skip
+    assert_each_pair_once(table, 100, 3)
+    assert set(table.column("endpoint").to_pylist()) == {sims[0].url, sims[1].url}
+    assert table.column("id").to_pylist() == [p for p in range(100) for _ in range(3)]
+    assert table.schema.metadata[b"model"] == b"sim"  # learned from /v1/models: no --model_path given
+
+
+def test_generate_rollouts_uses_mvllmd_when_it_runs(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = job_daemon(spawn, short_tmp)
+    launch(daemon, 2, *FAST_SIM)
+    env = dict(daemon.env, MVLLM_ADDRESS=daemon.address)
+    data, out = write_prompts(short_tmp / "in.parquet", 100), short_tmp / "out.parquet"
+    done = run_ctl(env, "generate-rollouts", "--use_vllm", "--model_path", "m", "--data_path", str(data),
+                   "--output_path", str(out), "--num_samples", "2")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"using mvllmd at {daemon.address}" in done.stderr
+    assert_each_pair_once(pq.read_table(out), 100, 2)
+    (listed,) = jobs(daemon)
+    assert listed["state"] == "JOB_STATE_SUCCEEDED"
+    assert int(listed["spec"]["max_concurrent"]) == 200  # --vllm_max_concurrent's default, as the seed's
+
+
+def test_generate_rollouts_refusals(short_tmp: Path, clean_env: dict[str, str]) -> None:
+    env = dict(clean_env, MVLLM_ADDRESS=f"unix:{short_tmp}/nobody-listens.sock")
+    data = write_prompts(short_tmp / "in.parquet", 5)
+    common = ["generate-rollouts", "--data_path", str(data), "--output_path", str(short_tmp / "out.parquet")]
+    unknown = run_ctl(env, *common, "--vllm_temperature", "0.7")
+    assert unknown.returncode == 2
+    assert "Error: No such option '--vllm_temperature'" in unknown.stderr
+    no_servers = run_ctl(env, *common)
+    assert no_servers.returncode == 2
+    assert "mvllmd is not running" in no_servers.stderr and "--vllm_base_url is needed" in no_servers.stderr
+    dead = run_ctl(env, *common, "--vllm_base_url", "http://127.0.0.1:9/v1")
+    assert dead.returncode == 2
+    assert "none of the endpoints (http://127.0.0.1:9) answered /v1/models; pass --model" in dead.stderr
+    assert sorted(p.name for p in short_tmp.glob("out*")) == []
