@@ -174,9 +174,11 @@ class InstanceManager:
             ref: inst.spec.name for inst in self._instances.values() if inst.state in LIVE for ref in inst.spec.devices
         }
 
-    def serving(self) -> list[tuple[InstanceView, str]]:
-        """READY instances with their API keys, for the job dispatcher (the API never shows a key)."""
-        ready = [i for i in self._instances.values() if i.state is InstanceState.READY]
+    def serving(self, *states: InstanceState) -> list[tuple[InstanceView, str]]:
+        """Instances in these states (READY unless told) with their API keys, for the job dispatcher
+        (the API never shows a key)."""
+        wanted = states or (InstanceState.READY,)
+        ready = [i for i in self._instances.values() if i.state in wanted]
         return [(self._view(i), i.api_key) for i in sorted(ready, key=lambda i: i.spec.name)]
 
     def subscribe(self) -> asyncio.Queue[InstanceEvent]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from mvllmd.config import JobSettings
 from mvllmd.errors import Conflict, InvalidRequest, MvllmError, NotFound
 from mvllmd.instances.manager import InstanceManager
+from mvllmd.instances.spec import InstanceState
 from mvllmd.jobs.dispatch import Dispatcher, DispatchSettings, Endpoint
 from mvllmd.jobs.output import MAX_SAMPLES, parts_dir
 from mvllmd.jobs.record import JobRecord, JobRequest, JobState
@@ -348,10 +349,16 @@ class JobManager:
             self._instances.unsubscribe(events)
 
     def _follow(self, job: _Job, dispatcher: Dispatcher) -> None:
-        """Add the instances that became READY to a running job; retire those that left."""
-        targets = {t.url: t for t in instance_targets(self._instances, job.record.request.sampling.model)}
+        """Add the instances that became READY to a running job; retire those that stopped, failed or
+        restart. An UNHEALTHY one stays: the dispatcher's own hang detection and breaker judge its
+        requests, and the instance manager restarts it if it stays so."""
+        model = job.record.request.sampling.model
+        targets = {t.url: t for t in instance_targets(self._instances, model)}
+        staying = {
+            t.url for t in instance_targets(self._instances, model, InstanceState.READY, InstanceState.UNHEALTHY)
+        }
         current = {e.url for e in dispatcher.endpoints if not e.retired}
-        for url in current - targets.keys():
+        for url in current - staying:
             log.info("job %s: %s left; its requests go elsewhere", job.record.id, job.instance_of.get(url, url))
             dispatcher.retire_endpoint(url)
         for url in targets.keys() - current:

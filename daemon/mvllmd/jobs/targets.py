@@ -68,10 +68,11 @@ def instance_model(instances: InstanceManager, requested: str, waiting: bool = F
     raise InvalidRequest(f"no instance serves model {requested!r}; served: {', '.join(served)}")
 
 
-def instance_targets(instances: InstanceManager, model: str) -> list[Target]:
+def instance_targets(instances: InstanceManager, model: str, *states: InstanceState) -> list[Target]:
+    """This daemon's instances of `model` in these states (READY unless told)."""
     return [
         Target(view.spec.url, view.spec.max_num_seqs, key, view.spec.name)
-        for view, key in instances.serving()
+        for view, key in instances.serving(*states)
         if view.spec.served_model_name == model
     ]
 
