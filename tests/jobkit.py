@@ -27,7 +27,7 @@ ENDED = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
 FAST_SIM = ("--time-scale", "0.001")  # answers at once, or nearly
 # 400 prompts x 4 samples take several seconds, mostly asleep: room to act on a job mid-way, even on a
 # loaded machine where each mvllmctl call takes a second or more.
-SLOW_SIM = ("--time-scale", "2", "--max-num-seqs", "16")
+SLOW_SIM = ("--time-scale", "1", "--max-num-seqs", "16")
 SLOW_PROMPTS = 400
 JOB_TIMEOUT_S = 90.0
 
@@ -121,7 +121,7 @@ def job(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr
     found: dict[str, Any] = json.loads(done.stdout)
     for key in ("samples_total", "samples_done", "errors", "completion_tokens", "inflight"):
-        found[key] = int(found.get(key, 0))
+        found[key] = int(found[key])  # every field is printed, defaults too
     return found
 
 

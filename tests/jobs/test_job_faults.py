@@ -18,6 +18,7 @@ from mvllm.v1 import job_pb2
 
 from daemonkit import MVLLMCTL, DaemonProcess, Spawn, instance_status
 from jobkit import (
+    FAST_SIM,
     SLOW_PROMPTS,
     SLOW_SIM,
     assert_each_pair_once,
@@ -56,9 +57,10 @@ def assert_succeeded(daemon: DaemonProcess, job_id: str, out: Path) -> dict[str,
 def test_an_instance_killed_mid_job(short_tmp: Path, spawn: Spawn) -> None:
     daemon = job_daemon(spawn, short_tmp)
     launch(daemon, 2, *SLOW_SIM)
+    pid = instance(daemon, "m-0")["pid"]
     job_id, out = start_job(daemon, short_tmp)
     wait_samples(daemon, job_id, FAULT_AT)
-    os.kill(instance(daemon, "m-0")["pid"], signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
     assert_succeeded(daemon, job_id, out)
     assert instance(daemon, "m-0")["restarts"] >= 1  # the kill did land
 
@@ -75,7 +77,7 @@ def test_an_instance_stopped_mid_job(short_tmp: Path, spawn: Spawn) -> None:
 
 
 def test_an_instance_that_hangs_mid_job(short_tmp: Path, spawn: Spawn) -> None:
-    # The job gives up on a server that finishes nothing for 2 s; the daemon restarts an instance that
+    # The job gives up on a server that finishes nothing for 1 s; the daemon restarts an instance that
     # makes no progress for 2 s (and it hangs again: each start answers a few requests, then none).
     daemon = job_daemon(spawn, short_tmp, "--job-hang-timeout", "1", "--hang-timeout", "2")
     launch(daemon, 1, *SLOW_SIM)
@@ -91,8 +93,8 @@ def test_an_instance_that_hangs_mid_job(short_tmp: Path, spawn: Spawn) -> None:
 
 def test_an_instance_answering_500s(short_tmp: Path, spawn: Spawn) -> None:
     daemon = job_daemon(spawn, short_tmp)
-    launch(daemon, 1, *SLOW_SIM)
-    launch(daemon, 1, *SLOW_SIM, "--error-rate", "1", "--error-status", "500", name="broken")
+    launch(daemon, 1, *FAST_SIM)  # the errors come from the start: no need to wait for a moment mid-job
+    launch(daemon, 1, *FAST_SIM, "--error-rate", "1", "--error-status", "500", name="broken")
     job_id, out = start_job(daemon, short_tmp)
     assert_succeeded(daemon, job_id, out)
     table = pq.read_table(out)

@@ -168,12 +168,14 @@ def test_a_changed_resume_is_refused(short_tmp: Path, spawn: Spawn) -> None:
 
 
 def test_with_one_job_at_a_time_the_second_waits_queued(short_tmp: Path, spawn: Spawn) -> None:
-    daemon = job_daemon(spawn, short_tmp, "--max-running-jobs", "1")
-    launch(daemon, 2, "--time-scale", "10", "--max-num-seqs", "16")  # the first job would take a minute
+    # The first job would take a minute; cancelled, it lets its requests in flight finish for 1 s at most.
+    daemon = job_daemon(spawn, short_tmp, "--max-running-jobs", "1", "--job-stop-drain", "1")
+    launch(daemon, 2, "--time-scale", "10", "--max-num-seqs", "16")
     data = write_prompts(short_tmp / "in.parquet", SLOW_PROMPTS)
     first = submit(daemon, data, short_tmp / "a.parquet", "-k", str(K), "--max-tokens", "8")
     wait_samples(daemon, first, 20)
-    second = submit(daemon, data, short_tmp / "b.parquet", "--max-tokens", "8")
+    small = write_prompts(short_tmp / "small.parquet", 40)
+    second = submit(daemon, small, short_tmp / "b.parquet", "--max-tokens", "8")
 
     listing = daemon.ctl("jobs")
     assert listing.returncode == 0, listing.stderr
@@ -183,7 +185,7 @@ def test_with_one_job_at_a_time_the_second_waits_queued(short_tmp: Path, spawn: 
 
     assert daemon.ctl("cancel", first).returncode == 0  # the queue moves on at once
     assert wait_ended(daemon, second)["state"] == "JOB_STATE_SUCCEEDED"
-    assert_each_pair_once(pq.read_table(short_tmp / "b.parquet"), SLOW_PROMPTS, 1)
+    assert_each_pair_once(pq.read_table(short_tmp / "b.parquet"), 40, 1)
 
     pruned = daemon.ctl("jobs", "--prune", "--json")
     assert pruned.returncode == 0, pruned.stderr
@@ -204,6 +206,12 @@ def test_two_running_jobs_share_the_instances(short_tmp: Path, spawn: Spawn) -> 
         return all(j.state == job_pb2.JOB_STATE_RUNNING and 0 < j.samples_done < j.samples_total for j in found)
 
     wait_job(daemon, ids[0], both_progress)  # both at once, neither waiting for the other to end
+    busy = daemon.ctl("submit", "-d", str(data), "-o", str(short_tmp / "a.parquet"), "--overwrite")
+    assert busy.returncode == 1
+    assert f"job {ids[0]} is already writing {short_tmp / 'a.parquet'}" in busy.stderr
+    watched = daemon.ctl("watch", ids[0])  # follows the running job to its end
+    assert watched.returncode == 0, watched.stderr
+    assert "SUCCEEDED" in watched.stdout and f"{SLOW_PROMPTS * K} of {SLOW_PROMPTS * K}" in watched.stdout
     for job_id, name in zip(ids, "ab", strict=True):
         found = wait_ended(daemon, job_id)
         assert found["state"] == "JOB_STATE_SUCCEEDED"
@@ -232,17 +240,26 @@ def test_chat_messages_from_jsonl_go_to_chat_completions(short_tmp: Path, spawn:
     assert table.column("n").to_pylist() == [i for i in range(40) for _ in range(2)]
 
 
-def test_seeded_jobs_record_their_seeds_and_repeat(short_tmp: Path, spawn: Spawn) -> None:
-    daemon = job_daemon(spawn, short_tmp)
-    launch(daemon, 2, *FAST_SIM)
-    data = write_prompts(short_tmp / "in.parquet", 200)
+BATCHED_SIM = ("--time-scale", "0.05", "--max-num-seqs", "16")  # small batches: requests queue, timing varies
+
+
+def seeded_runs(daemon: DaemonProcess, tmp: Path, policy: str) -> list[pa.Table]:
+    data = write_prompts(tmp / "in.parquet", 200)
     tables = []
     for name in ("one", "two"):
-        out = short_tmp / f"{name}.parquet"
+        out = tmp / f"{policy}-{name}.parquet"
         done = daemon.ctl("submit", "-d", str(data), "-o", str(out), "-k", "3", "--max-tokens", "8", "--seed", "7",
-                          "--policy", "round-robin", "--wait")  # fmt: skip
+                          "--policy", policy, "--wait")  # fmt: skip
         assert done.returncode == 0, done.stderr
         tables.append(pq.read_table(out))
+    return tables
+
+
+def test_seeded_jobs_record_their_seeds_and_repeat(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = job_daemon(spawn, short_tmp)
+    launch(daemon, 2, *BATCHED_SIM)
+    data = write_prompts(short_tmp / "in.parquet", 200)
+    tables = seeded_runs(daemon, short_tmp, "round-robin")
     for table in tables:
         assert_each_pair_once(table, 200, 3)
         assert table.column("seed").null_count == 0
@@ -251,6 +268,19 @@ def test_seeded_jobs_record_their_seeds_and_repeat(short_tmp: Path, spawn: Spawn
     unseeded = short_tmp / "none.parquet"
     assert daemon.ctl("submit", "-d", str(data), "-o", str(unseeded), "--max-tokens", "8", "--wait").returncode == 0
     assert pq.read_table(unseeded).column("seed").null_count == 200  # no --seed: none sent, none recorded
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="least-loaded groups a prompt's samples into requests by timing (n=k, split to fit a server's room, "
+    "single samples in the tail), and a sample's seed depends on its request (requests.request_seed: "
+    "derive(seed, prompt) for n>1, derive(seed, prompt, sample) for n=1), so a rerun asks for other samples",
+)
+def test_seeded_least_loaded_jobs_repeat(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = job_daemon(spawn, short_tmp)
+    launch(daemon, 2, *BATCHED_SIM)
+    one, two = seeded_runs(daemon, short_tmp, "least-loaded")
+    assert one.column("response").to_pylist() == two.column("response").to_pylist()
 
 
 @pytest.mark.xfail(
@@ -372,6 +402,17 @@ def test_wait_for_instances_runs_the_job_once_one_is_ready(short_tmp: Path, spaw
     launch(daemon, 1, *FAST_SIM)
     assert wait_ended(daemon, job_id)["state"] == "JOB_STATE_SUCCEEDED"
     assert_each_pair_once(pq.read_table(out), 100, 1)
+
+
+def test_a_job_waiting_for_instances_can_be_cancelled(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = job_daemon(spawn, short_tmp)
+    data, out = write_prompts(short_tmp / "in.parquet", 10), short_tmp / "out.parquet"
+    job_id = submit(daemon, data, out, "--model", "m", "--wait-for-instances", "600")
+    wait_job(daemon, job_id, lambda j: j.message != "")
+    done = daemon.ctl("cancel", job_id)
+    assert done.returncode == 0, done.stderr
+    assert "CANCELLED: cancelled while it waited for an instance" in done.stdout
+    assert not out.exists() and not (short_tmp / "out.parquet.parts").exists()
 
 
 def test_wait_for_instances_gives_up_with_a_clear_message(short_tmp: Path, spawn: Spawn) -> None:
