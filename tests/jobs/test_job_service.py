@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from mvllm.v1 import job_pb2
 from mvllm_sim.text import chat_prompt, token_ids
 
-from daemonkit import DaemonProcess, Spawn, start_daemon
+from daemonkit import MVLLMCTL, DaemonProcess, Spawn, start_daemon
 from jobkit import (
     FAST_SIM,
     SLOW_PROMPTS,
@@ -125,11 +127,20 @@ def test_the_cli_around_a_finished_job(short_tmp: Path, spawn: Spawn) -> None:
 
 def test_cancel_keeps_the_parts_and_resume_finishes_each_pair_once(short_tmp: Path, spawn: Spawn) -> None:
     daemon = job_daemon(spawn, short_tmp)
-    launch(daemon, 2, *SLOW_SIM)
+    launch(daemon, 2, "--time-scale", "2", "--max-num-seqs", "16")  # slower: two mvllmctl calls land mid-job
     prompts = SLOW_PROMPTS
     data, out = write_prompts(short_tmp / "in.parquet", prompts), short_tmp / "out.parquet"
-    job_id = submit(daemon, data, out, "-k", str(K), "--max-tokens", "8")
+    argv = ["submit", "-d", str(data), "-o", str(out), "-k", str(K), "--max-tokens", "8", "--wait"]
+    waiting = subprocess.Popen([MVLLMCTL, "--address", daemon.address, *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=daemon.env)  # fmt: skip
+    assert waiting.stderr is not None
+    job_id = waiting.stderr.readline().split()[1].rstrip(":")  # "job ID: N samples (0 done) -> OUT"
     wait_samples(daemon, job_id, 200)
+    waiting.send_signal(signal.SIGINT)  # Ctrl-C detaches from the job; it goes on
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 130, err
+    assert f"detached; job {job_id} goes on" in err and "Traceback" not in err
+    assert progress(daemon, job_id).state == job_pb2.JOB_STATE_RUNNING
 
     cancelled = daemon.ctl("cancel", job_id)
     assert cancelled.returncode == 0, cancelled.stderr
@@ -448,6 +459,30 @@ def test_generate_rollouts_without_mvllmd_runs_in_process(
     assert set(table.column("endpoint").to_pylist()) == {sims[0].url, sims[1].url}
     assert table.column("id").to_pylist() == [p for p in range(100) for _ in range(3)]
     assert table.schema.metadata[b"model"] == b"sim"  # learned from /v1/models: no --model_path given
+
+
+def test_generate_rollouts_interrupted_then_resumed(
+    short_tmp: Path, clean_env: dict[str, str], sim_process: Callable[..., SimProcess]
+) -> None:
+    sim = sim_process("--time-scale", "1", "--max-num-seqs", "16")
+    sim.wait_listening()
+    env = dict(clean_env, MVLLM_ADDRESS=f"unix:{short_tmp}/nobody-listens.sock")
+    data, out = write_prompts(short_tmp / "in.parquet", SLOW_PROMPTS), short_tmp / "out.parquet"
+    argv = [MVLLMCTL, "generate-rollouts", "--vllm_base_url", sim.url, "--data_path", str(data),
+            "--output_path", str(out), "--num_samples", "2", "--vllm_max_concurrent", "16"]  # fmt: skip
+    running = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert running.stderr is not None
+    assert "generating in this process" in running.stderr.readline()
+    assert "job local running" in running.stderr.readline()  # the first progress line: it sends requests
+    running.send_signal(signal.SIGINT)
+    _, err = running.communicate(timeout=60)
+    assert running.returncode == 130, err
+    assert "run the same command with --resume to finish" in err and "Traceback" not in err
+    assert (short_tmp / "out.parquet.parts").is_dir() and not out.exists()
+
+    done = run_ctl(env, *argv[1:], "--resume")
+    assert done.returncode == 0, done.stderr
+    assert_each_pair_once(pq.read_table(out), SLOW_PROMPTS, 2)
 
 
 def test_generate_rollouts_uses_mvllmd_when_it_runs(short_tmp: Path, spawn: Spawn) -> None:
