@@ -7,8 +7,9 @@ Hello , world !. A token's id is crc32(token) mod 32000, so ids are stable acros
 Chat prompts are rendered as `<|im_start|> role content <|im_end|>` per message, plus
 `<|im_start|> assistant` for the reply: 2 + pieces(role) + pieces(content) tokens per message, plus 2.
 
-Output: each choice's length and words are drawn from random.Random seeded with a hash of
-(prompt, choice index, seed); without a seed, the seed part is fixed, so output is still deterministic.
+Output: each choice's length and words are drawn from random.Random seeded with a hash of the prompt
+and, for a seeded request, seed + choice index (vLLM's seed of choice i), else the choice index alone:
+output is deterministic either way.
 Lengths are log-normal (median exp(mu), spread sigma), capped by max_tokens and the context left.
 """
 
@@ -48,7 +49,10 @@ class LengthModel:
 
 
 def sample_key(prompt: str, index: int, seed: int | None) -> int:
-    digest = hashlib.blake2b(f"{seed}\x00{index}\x00{prompt}".encode(), digest_size=8).digest()
+    """Choice `index` of a request. Seeded, as vLLM does it: choice i draws with seed + i alone, so the
+    same seed gives the same output whichever request (and n) it came in."""
+    part = f"seed {seed + index}" if seed is not None else f"choice {index}"
+    digest = hashlib.blake2b(f"{part}\x00{prompt}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 

@@ -281,12 +281,6 @@ def test_seeded_jobs_record_their_seeds_and_repeat(short_tmp: Path, spawn: Spawn
     assert pq.read_table(unseeded).column("seed").null_count == 200  # no --seed: none sent, none recorded
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="least-loaded groups a prompt's samples into requests by timing (n=k, split to fit a server's room, "
-    "single samples in the tail), and a sample's seed depends on its request (requests.request_seed: "
-    "derive(seed, prompt) for n>1, derive(seed, prompt, sample) for n=1), so a rerun asks for other samples",
-)
 def test_seeded_least_loaded_jobs_repeat(short_tmp: Path, spawn: Spawn) -> None:
     daemon = job_daemon(spawn, short_tmp)
     launch(daemon, 2, *BATCHED_SIM)
@@ -294,11 +288,6 @@ def test_seeded_least_loaded_jobs_repeat(short_tmp: Path, spawn: Spawn) -> None:
     assert one.column("response").to_pylist() == two.column("response").to_pylist()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with --seed, a prompt whose samples are split over several requests gets the same seed for each "
-    "part (requests.request_seed: derive(seed, prompt) for any n>1 request), so the parts repeat each other",
-)
 def test_seeded_samples_of_a_prompt_differ_when_its_request_is_split(short_tmp: Path, spawn: Spawn) -> None:
     daemon = job_daemon(spawn, short_tmp)
     launch(daemon, 1, *FAST_SIM)

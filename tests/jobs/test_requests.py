@@ -5,17 +5,18 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from mvllmd.jobs.requests import RequestFailed, Sampling, build_body, derive_seed, request_seed, send
+from mvllmd.jobs.requests import RequestFailed, Sampling, build_body, derive_seed, sample_seed, send
 
 from simkit import StartSim
 
 
 def test_seeds_derive_from_the_indexes() -> None:
     s = Sampling(model="m", seed=7)
-    assert request_seed(s, 3, 1, n=1) == derive_seed(7, 3, 1) != derive_seed(7, 3, 2)
-    assert request_seed(s, 3, 0, n=4) == derive_seed(7, 3)  # an n=k request: one seed per prompt
-    assert request_seed(Sampling(model="m"), 3, 1, n=1) is None  # no --seed: none is sent
-    assert 0 <= derive_seed(2**62, 10**9, 65535) < 2**31
+    assert sample_seed(s, 3, 0) == derive_seed(7, 3)  # what an n=k request for all of them sends
+    assert sample_seed(s, 3, 2) == derive_seed(7, 3) + 2  # vLLM's seed of choice 2 of that request
+    assert sample_seed(s, 4, 0) != sample_seed(s, 3, 0)
+    assert sample_seed(Sampling(model="m"), 3, 1) is None  # no --seed: none is sent
+    assert 0 <= derive_seed(2**62, 10**9) < 2**31
 
 
 def test_bodies() -> None:
@@ -37,9 +38,25 @@ async def test_samples_from_completions_and_chat(start_sim: StartSim) -> None:
     assert [(s.prompt_index, s.sample_index) for s in texts] == [(4, 0), (4, 1), (4, 2)]
     assert all(s.response and s.error is None and s.endpoint == base for s in texts)
     assert all(s.completion_tokens == len(s.token_ids or []) for s in texts)  # exact per choice, n = 3
-    assert texts[0].seed == derive_seed(1, 4)
-    assert chats[0].sample_index == 3 and chats[0].seed == derive_seed(1, 5, 3)
+    assert [t.seed for t in texts] == [derive_seed(1, 4) + i for i in range(3)]
+    assert chats[0].sample_index == 3 and chats[0].seed == derive_seed(1, 5) + 3
     assert chats[0].prompt_tokens and chats[0].latency_s is not None
+
+
+async def test_a_seeded_sample_is_the_same_in_any_request(start_sim: StartSim) -> None:
+    """A sample's output depends on its own seed only: asked with its siblings in one n=k request, or
+    alone, or in a run starting elsewhere, it is the same sample (vLLM's rule, which the simulator follows)."""
+    base, _ = await start_sim("--time-scale", "0")
+    sampling = Sampling(model="sim", max_tokens=30, seed=9)
+    async with aiohttp.ClientSession() as session:
+        together = await send(session, base, sampling, "Tell me a story", 0, [0, 1, 2, 3])
+        alone = [await send(session, base, sampling, "Tell me a story", 0, [i]) for i in range(4)]
+        run = await send(session, base, sampling, "Tell me a story", 0, [2, 3])
+        with pytest.raises(ValueError, match="contiguous run"):
+            await send(session, base, sampling, "Tell me a story", 0, [0, 2])
+    assert [s.response for s in together] == [a[0].response for a in alone]
+    assert [s.response for s in run] == [s.response for s in together[2:]]
+    assert len({s.response for s in together}) == 4  # and the samples of a prompt differ
 
 
 async def test_failures_say_whether_to_retry(start_sim: StartSim) -> None:

@@ -80,6 +80,7 @@ class Endpoint:
     open_until: float = 0.0  # circuit breaker: out until then
     cooldown_s: float = 0.0
     speed: float = 0.0  # samples per second, smoothed; 0 until measured
+    latency_s: float = 0.0  # a request's time from sent to answered, smoothed; 0 until measured
     last_completion: float = field(default_factory=time.monotonic)
     _speed_at: float = field(default_factory=time.monotonic)
     requests: dict[int, _Flight] = field(default_factory=dict)
@@ -156,8 +157,11 @@ class Dispatcher:
         settings: DispatchSettings,
         deliver: Deliver,
         is_done: Callable[[int, int], bool],
+        *,
+        remaining: Callable[[], int] | None = None,
     ) -> None:
         self.endpoints = list(endpoints)
+        self._remaining = remaining  # samples the job still needs, fed or not; None: unknown
         self._sampling = sampling
         self._settings = settings
         self._deliver = deliver
@@ -296,6 +300,8 @@ class Dispatcher:
         while source:
             work = source.popleft()
             work.samples = [s for s in work.samples if not self._is_done(work.prompt_index, s)]
+            if work.samples and self._sampling.seed is not None:
+                self._contiguous(work)
             if work.samples:
                 if self._tail() and self._settings.policy == "least-loaded" and len(work.samples) > 1:
                     # The tail: spread what is left, one sample per request.
@@ -305,6 +311,14 @@ class Dispatcher:
                 return work
             source = self._retry or self._queue
         return None
+
+    def _contiguous(self, work: Work) -> None:
+        """Seeded, a request asks for a run of consecutive samples (its choice i has the seed of its
+        first plus i): the samples after the first gap wait for a request of their own."""
+        run = next((i for i in range(1, len(work.samples)) if work.samples[i] != work.samples[i - 1] + 1), None)
+        if run is not None:
+            self._retry.appendleft(Work(work.prompt_index, work.prompt, work.samples[run:], work.attempts))
+            work.samples = work.samples[:run]
 
     def _tail(self) -> bool:
         return self._input_done and not self._queue
@@ -321,9 +335,24 @@ class Dispatcher:
         ready = [e for e in self.endpoints if e.available(now) and e.load < self._share(e)]
         if not ready:
             return None
+        ready = self._not_closing(ready)
         known = [e.speed for e in ready if e.speed > 0]
         default_speed = max(known) if known else 1.0
         return min(ready, key=lambda e: (e.load + want) / (e.speed or default_speed))
+
+    def _not_closing(self, ready: list[Endpoint]) -> list[Endpoint]:
+        """The end game: an endpoint whose requests take longer than the job has left is sent nothing
+        new (what it would get would finish last), unless it is the quickest there is."""
+        left = self._time_left_s()
+        quickest = min((e.latency_s for e in self.endpoints if not e.retired and e.latency_s > 0), default=0.0)
+        return [e for e in ready if e.latency_s <= max(left, quickest)] or ready
+
+    def _time_left_s(self) -> float:
+        """Samples left over the summed completion speed; infinite while either is unknown."""
+        rate = sum(e.speed for e in self.endpoints if not e.retired)
+        if self._remaining is None or rate <= 0 or any(e.speed <= 0 for e in self.endpoints if not e.retired):
+            return float("inf")
+        return self._remaining() / rate
 
     def _share(self, endpoint: Endpoint) -> int:
         """least-loaded: a slower endpoint may hold less, in proportion to its measured speed, so that
@@ -437,6 +466,8 @@ class Dispatcher:
         endpoint.tokens += sum(s.completion_tokens or 0 for s in samples)
         endpoint.last_completion = now
         endpoint.record_speed(len(samples), now)
+        took = now - flight.started
+        endpoint.latency_s = took if endpoint.latency_s == 0 else 0.9 * endpoint.latency_s + 0.1 * took
 
     def _cancel_twin(self, flight: _Flight) -> None:
         twins = [f for f in self._flights.values() if f.hedge_of is flight or flight.hedge_of is f]

@@ -7,9 +7,12 @@ the answer into `Sample`s, or raises `RequestFailed`, which says whether trying 
 help: connection errors, timeouts, 429 and 5xx can; other 4xx (a prompt too long for the context, say)
 cannot, and become the `error` of those samples.
 
-Seeds: without --seed none is sent. With it, a sample's seed derives from (seed, prompt_index,
-sample_index), and an n=k request's from (seed, prompt_index): a rerun with the same policy asks for the
-same samples, and the seed is recorded with each one.
+Seeds: without --seed none is sent. With it, sample s of prompt p has the seed
+derive_seed(seed, p) + s, and a request for samples s..s+k-1 (always a contiguous run; see the
+dispatcher) sends the seed of its first: vLLM gives choice i of a request the seed `seed + i`, so each
+sample gets its own seed whatever the grouping, and a request for all of a prompt's samples sends
+derive_seed(seed, p) itself. A rerun asks for the same samples (on the same model and engine), and the
+seed is recorded with each one.
 """
 
 from __future__ import annotations
@@ -52,12 +55,11 @@ def derive_seed(seed: int, *parts: int) -> int:
     return int.from_bytes(digest, "big") & 0x7FFF_FFFF
 
 
-def request_seed(sampling: Sampling, prompt_index: int, sample_index: int, n: int) -> int | None:
+def sample_seed(sampling: Sampling, prompt_index: int, sample_index: int) -> int | None:
+    """Sample `sample_index` of the prompt's seed, or None without --seed."""
     if sampling.seed is None:
         return None
-    if n > 1:
-        return derive_seed(sampling.seed, prompt_index)
-    return derive_seed(sampling.seed, prompt_index, sample_index)
+    return derive_seed(sampling.seed, prompt_index) + sample_index
 
 
 def build_body(sampling: Sampling, prompt: str | list[dict[str, str]], n: int, seed: int | None) -> dict[str, Any]:
@@ -94,7 +96,9 @@ async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments
 ) -> list[Sample]:
     """Ask `endpoint` for these samples of one prompt in one request (n = len(sample_indexes))."""
     n = len(sample_indexes)
-    seed = request_seed(sampling, prompt_index, sample_indexes[0], n)
+    if sampling.seed is not None and list(sample_indexes) != list(range(sample_indexes[0], sample_indexes[0] + n)):
+        raise ValueError(f"a seeded request asks for a contiguous run of samples, not {list(sample_indexes)}")
+    seed = sample_seed(sampling, prompt_index, sample_indexes[0])
     path = "/v1/completions" if isinstance(prompt, str) else "/v1/chat/completions"
     started = time.monotonic()
     try:
@@ -140,7 +144,7 @@ def _samples(  # noqa: PLR0917  (private; every argument is a fact of the one an
         raise RequestFailed(f"{endpoint} answered {len(choices)} choices for n={len(sample_indexes)}", True)
     prompt_tokens = usage.get("prompt_tokens")
     samples = []
-    for sample_index, choice in zip(sample_indexes, choices, strict=True):
+    for offset, (sample_index, choice) in enumerate(zip(sample_indexes, choices, strict=True)):
         text = choice.get("text")
         if text is None:
             text = (choice.get("message") or {}).get("content")
@@ -154,7 +158,7 @@ def _samples(  # noqa: PLR0917  (private; every argument is a fact of the one an
                 completion_tokens=_choice_tokens(choice, usage, len(choices)),
                 endpoint=endpoint,
                 latency_s=latency,
-                seed=seed,
+                seed=None if seed is None else seed + offset,  # vLLM's seed of choice i: seed + i
                 error=None,
                 logprobs=_logprobs(choice.get("logprobs")),
                 token_ids=choice.get("token_ids") if sampling.return_token_ids else None,

@@ -203,7 +203,8 @@ async def run_job(
                         stop.set()
         on_progress(progress)
 
-    dispatcher = Dispatcher(endpoints, spec.sampling, spec.dispatch, deliver, done.is_done)
+    dispatcher = Dispatcher(endpoints, spec.sampling, spec.dispatch, deliver, done.is_done,
+                            remaining=lambda: progress.samples_total - progress.samples_done)  # fmt: skip
     on_start(dispatcher)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         running = asyncio.create_task(dispatcher.run(session))
