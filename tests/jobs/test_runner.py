@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,8 @@ N, K = 300, 3
 
 def make_input(tmp: Path) -> Path:
     path = tmp / "prompts.parquet"
+    if path.exists():
+        return path  # the same file: a rewrite would change its time, and a resume would be refused
     pq.write_table(pa.table({"prompt": [f"question {i}" for i in range(N)], "id": list(range(N))}), path)
     return path
 
@@ -73,6 +76,12 @@ async def test_stop_then_resume_redoes_only_what_is_missing(start_sim: StartSim,
         prepare(spec(tmp_path))
     with pytest.raises(Conflict, match="num_samples differ"):
         prepare(spec(tmp_path, num_samples=4, resume=True))
+    source = tmp_path / "prompts.parquet"
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the input touched since
+    with pytest.raises(Conflict, match=r"the input file \(its size or time\) differ"):
+        prepare(spec(tmp_path, resume=True))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     resumed = prepare(spec(tmp_path, resume=True))
     assert resumed.done.count == first.samples_done
     second = await run_job(resumed, urls, asyncio.Event())

@@ -63,9 +63,16 @@ class JobSpec:
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
 
     def fingerprint(self) -> dict[str, object]:
-        """What must not change between a run and its resume."""
+        """What must not change between a run and its resume (the input file itself included: a
+        resume against an edited input would mix old samples with new prompts)."""
+        try:
+            stat = self.input_path.stat()
+            identity: list[int] | None = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            identity = None
         return {
             "input": str(self.input_path),
+            "input_size_mtime": identity,
             "prompt_column": self.prompt_column,
             "num_samples": self.num_samples,
             "sampling": asdict(self.sampling),
@@ -163,7 +170,12 @@ def _check_manifest(parts: Path, spec: JobSpec) -> None:
     wanted = json.loads(json.dumps(spec.fingerprint()))
     changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
     if changed:
-        raise Conflict(f"cannot resume: {', '.join(changed)} differ from the run that wrote {parts}")
+        names = ", ".join(
+            "the input file (its size or time)" if k == "input_size_mtime" else k for k in changed
+        )
+        raise Conflict(
+            f"cannot resume: {names} differ from the run that wrote {parts}; pass --overwrite to start again"
+        )
 
 
 async def run_job(
