@@ -170,9 +170,7 @@ def _check_manifest(parts: Path, spec: JobSpec) -> None:
     wanted = json.loads(json.dumps(spec.fingerprint()))
     changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
     if changed:
-        names = ", ".join(
-            "the input file (its size or time)" if k == "input_size_mtime" else k for k in changed
-        )
+        names = ", ".join("the input file (its size or time)" if k == "input_size_mtime" else k for k in changed)
         raise Conflict(
             f"cannot resume: {names} differ from the run that wrote {parts}; pass --overwrite to start again"
         )
