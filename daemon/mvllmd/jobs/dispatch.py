@@ -125,7 +125,8 @@ class _Flight:
     endpoint: Endpoint
     task: asyncio.Task[None] | None = None
     started: float = field(default_factory=time.monotonic)
-    hedge_of: _Flight | None = None
+    hedge_of: _Flight | None = None  # on a copy: the request it copies
+    copy: _Flight | None = None  # on a hedged request: its copy
     hedged: bool = False
 
 
@@ -376,6 +377,8 @@ class Dispatcher:
         self, session: aiohttp.ClientSession, work: Work, endpoint: Endpoint, hedge_of: _Flight | None = None
     ) -> None:
         flight = _Flight(next(self._ids), work, endpoint, hedge_of=hedge_of)
+        if hedge_of is not None:
+            hedge_of.copy = flight
         self._flights[flight.id] = flight
         endpoint.requests[flight.id] = flight
         endpoint.inflight += len(work.samples)
@@ -470,7 +473,7 @@ class Dispatcher:
         endpoint.latency_s = took if endpoint.latency_s == 0 else 0.9 * endpoint.latency_s + 0.1 * took
 
     def _cancel_twin(self, flight: _Flight) -> None:
-        twins = [f for f in self._flights.values() if f.hedge_of is flight or flight.hedge_of is f]
+        twins = [f for f in (flight.copy, flight.hedge_of) if f is not None and f.id in self._flights]
         for twin in twins:
             if twin.task is not None:
                 twin.task.cancel()
@@ -479,7 +482,7 @@ class Dispatcher:
         work = flight.work
         if exc.retryable:
             self._trip(flight.endpoint)
-        if any(f.hedge_of is flight or flight.hedge_of is f for f in self._flights.values()):
+        if any(f is not None and f.id in self._flights for f in (flight.copy, flight.hedge_of)):
             return  # its twin still runs and will answer for these samples
         if self._stopping:
             return  # not retried now; a resumed job asks again
