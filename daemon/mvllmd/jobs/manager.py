@@ -341,10 +341,13 @@ class JobManager:
                 while not events.empty():
                     events.get_nowait()
                 self._targets_changed.set()
-                for job in self._jobs.values():
-                    if job.dispatcher is not None and job.uses_instances:
-                        self._follow(job, job.dispatcher)
-                self._share_servers()
+                try:
+                    for job in self._jobs.values():
+                        if job.dispatcher is not None and job.uses_instances:
+                            self._follow(job, job.dispatcher)
+                    self._share_servers()
+                except Exception:  # a bug here must not stop jobs from following instances
+                    log.exception("following the instances' changes failed")
         finally:
             self._instances.unsubscribe(events)
 
