@@ -68,7 +68,10 @@ for _ in $(seq 1 100); do  # up to 20 s
   if ! kill -0 "$pid" 2>/dev/null; then echo "mvllmd exited early:" >&2; cat "$work/mvllmd.log" >&2; exit 1; fi
   sleep 0.2
 done
-"$BIN/mvllmctl" devices
+echo; echo "==> mvllmctl info"
+"$BIN/mvllmctl" info
+echo; echo "==> mvllmctl devices --json"
+"$BIN/mvllmctl" devices --json
 
 echo; echo "==> mvllmctl launch (two instances; a real engine takes a minute or so to load)"
 "$BIN/mvllmctl" launch "$MODEL" --name demo "${launch_args[@]}"
