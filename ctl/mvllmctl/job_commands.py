@@ -71,6 +71,7 @@ def sampling_options(f: Any) -> Any:
 @click.option("--max-concurrent", type=click.IntRange(1), help="Samples in flight at most. [daemon's, 1024]")
 @click.option("--policy", type=click.Choice(sorted(POLICIES)), default="least-loaded", show_default=True)
 @click.option("--endpoints", metavar="URL,URL", help="Servers not run by mvllmd (with or without /v1).")
+@click.option("--api-key", envvar="MVLLM_ENDPOINT_API_KEY", help="For --endpoints servers. [$MVLLM_ENDPOINT_API_KEY]")
 @click.option(
     "--wait-for-instances", type=click.FloatRange(0), default=0, metavar="SECONDS", help="Queue until one is READY."
 )
@@ -131,6 +132,7 @@ def job_spec(options: dict[str, Any]) -> pb.JobSpec:
         on_error=ON_ERROR[options["on_error"]],
         resume=options["resume"],
         overwrite=options["overwrite"],
+        endpoint_api_key=options["api_key"] or "",
     )
 
 

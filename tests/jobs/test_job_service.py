@@ -503,3 +503,24 @@ def test_generate_rollouts_refusals(short_tmp: Path, clean_env: dict[str, str]) 
     assert dead.returncode == 2
     assert "none of the endpoints (http://127.0.0.1:9) answered /v1/models; pass --model" in dead.stderr
     assert sorted(p.name for p in short_tmp.glob("out*")) == []
+
+
+def test_endpoints_that_need_an_api_key(short_tmp: Path, spawn: Spawn, sim_process: Callable[..., SimProcess]) -> None:
+    """--endpoints servers behind a key: asked for their model and sent every request with it; the key
+    is never shown back nor written to mvllmd's log."""
+    secret = "sk-test-0123456789"
+    sim = sim_process("--time-scale", "0", "--api-key", secret)
+    sim.wait_listening()
+    daemon = job_daemon(spawn, short_tmp)
+    data, out = write_prompts(short_tmp / "in.parquet", 50), short_tmp / "out.parquet"
+    refused = daemon.ctl("submit", "-d", str(data), "-o", str(out), "--endpoints", sim.url)
+    assert refused.returncode == 2 and "answered /v1/models; pass --model" in refused.stderr  # 401 without it
+    done = daemon.ctl("submit", "-d", str(data), "-o", str(out), "--endpoints", f"{sim.url}/v1", "--api-key", secret,
+                      "-k", "2", "--max-tokens", "8", "--wait", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["state"] == "JOB_STATE_SUCCEEDED"
+    assert_each_pair_once(pq.read_table(out), 50, 2)
+    shown = daemon.ctl("jobs", "--json").stdout
+    assert secret not in shown and secret not in daemon.stderr
+    mixed = daemon.ctl("submit", "-d", str(data), "-o", str(short_tmp / "x.parquet"), "--api-key", secret)
+    assert mixed.returncode == 2 and "--api-key is for --endpoints servers" in mixed.stderr

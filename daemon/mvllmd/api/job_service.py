@@ -89,6 +89,7 @@ def request_from_proto(spec: pb.JobSpec) -> JobRequest:
         on_error=ON_ERROR[spec.on_error],
         resume=spec.resume,
         overwrite=spec.overwrite,
+        endpoint_api_key=spec.endpoint_api_key,
     )
 
 

@@ -201,10 +201,12 @@ class JobManager:
         if request.wait_for_instances_s < 0:
             raise InvalidRequest("--wait-for-instances must be 0 or more seconds")
         _check_sampling(request.sampling)
+        if request.endpoint_api_key and not request.endpoints:
+            raise InvalidRequest("--api-key is for --endpoints servers; mvllmd's instances use their own keys")
         model = request.sampling.model
         if request.endpoints:
             urls = tuple(dict.fromkeys(normalize_url(u) for u in request.endpoints))
-            model = await endpoint_model(list(urls), model)
+            model = await endpoint_model(list(urls), model, request.endpoint_api_key)
             return replace(request, endpoints=urls, sampling=replace(request.sampling, model=model))
         model = instance_model(self._instances, model, waiting=request.wait_for_instances_s > 0)
         if not instance_targets(self._instances, model) and not request.wait_for_instances_s:
@@ -267,7 +269,8 @@ class JobManager:
     async def _wait_for_targets(self, job: _Job) -> list[Target] | None:
         request = job.record.request
         if request.endpoints:
-            return [Target(url, self._settings.endpoint_max_num_seqs) for url in request.endpoints]
+            capacity, key = self._settings.endpoint_max_num_seqs, request.endpoint_api_key
+            return [Target(url, capacity, key) for url in request.endpoints]
         deadline = time.monotonic() + request.wait_for_instances_s
         model = request.sampling.model
         while not (targets := instance_targets(self._instances, model)):

@@ -44,6 +44,7 @@ class JobRequest:
     on_error: OnError = "record"
     resume: bool = False
     overwrite: bool = False
+    endpoint_api_key: str = field(default="", repr=False)  # for the --endpoints servers; never shown
 
     def job_spec(self, settings: DispatchSettings) -> JobSpec:
         return JobSpec(

@@ -77,11 +77,11 @@ def instance_targets(instances: InstanceManager, model: str, *states: InstanceSt
     ]
 
 
-async def endpoint_model(urls: list[str], requested: str) -> str:
+async def endpoint_model(urls: list[str], requested: str, api_key: str = "") -> str:
     """The model to ask servers named by URL for: `requested`, checked against what they list, or
     the only one they serve. Servers that do not answer are not held against the job."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=MODELS_TIMEOUT_S)) as session:
-        answers = await asyncio.gather(*(_models(session, url) for url in urls))
+        answers = await asyncio.gather(*(_models(session, url, api_key) for url in urls))
     listed = [models for models in answers if models is not None]
     served = sorted({m for models in listed for m in models})
     if requested:
@@ -95,9 +95,10 @@ async def endpoint_model(urls: list[str], requested: str) -> str:
     return served[0]
 
 
-async def _models(session: aiohttp.ClientSession, url: str) -> list[str] | None:
+async def _models(session: aiohttp.ClientSession, url: str, api_key: str) -> list[str] | None:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
-        async with session.get(url + "/v1/models") as response:
+        async with session.get(url + "/v1/models", headers=headers) as response:
             if response.status != 200:
                 return None
             body = await response.json(content_type=None)
