@@ -21,9 +21,14 @@ Policies:
   will go at least twice as fast: by the servers' decode step (seconds per token of a running
   sequence, from the gauges, grown in proportion to the batch the copies add) when every endpoint
   has gauges, else by how long each endpoint's requests in flight take to drain. The first answer
-  wins, the other is cancelled, and each sample is written once (DoneMap).
+  wins, the other is cancelled, and each sample is written once (DoneMap). The end game: an endpoint
+  whose requests take longer (smoothed latency) than the job has left (samples left over the summed
+  completion speed) is sent nothing new, unless it is the quickest there is.
 - `round-robin`, the seed's: endpoints in turn whatever they already hold (only `max_concurrent`
   bounds it), one request per prompt's samples, no hedging.
+
+Seeded jobs: a request asks for a contiguous run of a prompt's samples (vLLM gives choice i the
+request's seed + i; see requests.py), so work is cut at the first gap in its sample indexes.
 
 Failures: connection errors, timeouts, 429 and 5xx are retried elsewhere with backoff, up to
 `max_attempts`; then, like a permanent failure (a 4xx), the samples are recorded with their `error`.
