@@ -142,13 +142,17 @@ def rollouts_on_real_vllm(ctl: Callable[..., Any], tmp: Path, instances: list[di
         done = ctl("submit", "--data", str(tmp / source), "--output", str(out), "-k", "2", "--max-tokens", "8",
                    "--wait", "--json")  # fmt: skip
         assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["state"] == "JOB_STATE_SUCCEEDED"
+        finished = json.loads(done.stdout)
+        assert finished["state"] == "JOB_STATE_SUCCEEDED"
+        assert {e["instance"] for e in finished["endpoints"]} == {i["name"] for i in instances}  # both served it
         table = pq.read_table(out)
         keys = list(zip(table["prompt_index"].to_pylist(), table["sample_index"].to_pylist(), strict=True))
         assert keys == [(p, s) for p in range(rows) for s in range(2)]
         fine = table.filter(pc.is_null(table["error"]))
         assert all(0 < n <= 8 for n in fine["completion_tokens"].to_pylist())
-        assert set(fine["endpoint"].to_pylist()) == {i["url"] for i in instances}  # both engines took work
+        # Who answered: either engine (in a job this small every request is in the tail, and the faster
+        # engine's copies of the slower one's requests may win them all).
+        assert set(fine["endpoint"].to_pylist()) <= {i["url"] for i in instances}
         if source == "text.parquet":  # the over-long prompt: refused by vLLM for good, recorded, job went on
             assert fine.num_rows == 2 * (rows - 1)
             assert "2048" in table["error"][-1].as_py()  # what vLLM says: the limit it was over
