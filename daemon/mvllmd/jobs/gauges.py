@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from mvllmd.jobs.requests import bearer
+
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 GENERATED = "vllm:generation_tokens_total"
@@ -68,8 +70,8 @@ async def scrape(
     session: aiohttp.ClientSession, url: str, api_key: str = "", timeout_s: float = 2.0
 ) -> dict[str, float]:
     """One endpoint's wanted gauges; raises aiohttp.ClientError, TimeoutError or ValueError."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    async with session.get(url + "/metrics", headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with session.get(url + "/metrics", headers=bearer(api_key), timeout=timeout) as resp:
         if resp.status != 200:
             raise ValueError(f"/metrics answered HTTP {resp.status}")
         values = parse(await resp.text())

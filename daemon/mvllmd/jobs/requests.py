@@ -49,6 +49,11 @@ class RequestFailed(Exception):
         self.retryable = retryable
 
 
+def bearer(api_key: str) -> dict[str, str] | None:
+    """The Authorization header of a server that wants an API key (vLLM's --api-key), or none."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else None
+
+
 def derive_seed(seed: int, *parts: int) -> int:
     """A 31-bit seed from the job's seed and indexes: stable across runs, machines and Python versions."""
     digest = hashlib.blake2b(":".join(map(str, (seed, *parts))).encode(), digest_size=8).digest()
@@ -105,7 +110,7 @@ async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments
         async with session.post(
             endpoint + path,
             json=build_body(sampling, prompt, n, seed),
-            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+            headers=bearer(api_key),
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as response:
             if response.status != 200:

@@ -14,11 +14,11 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from mvllmd.errors import Conflict, InvalidRequest
-from mvllmd.instances.manager import InstanceManager
+from mvllmd.instances.manager import LIVE, InstanceManager
 from mvllmd.instances.spec import InstanceState
+from mvllmd.jobs.requests import bearer
 
 MODELS_TIMEOUT_S = 10.0
-LIVE = (InstanceState.STARTING, InstanceState.READY, InstanceState.UNHEALTHY, InstanceState.RESTARTING)
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,8 @@ async def endpoint_model(urls: list[str], requested: str, api_key: str = "") -> 
 
 
 async def _models(session: aiohttp.ClientSession, url: str, api_key: str) -> list[str] | None:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
-        async with session.get(url + "/v1/models", headers=headers) as response:
+        async with session.get(url + "/v1/models", headers=bearer(api_key)) as response:
             if response.status != 200:
                 return None
             body = await response.json(content_type=None)
