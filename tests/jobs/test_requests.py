@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-import aiohttp
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 
+from mvllmd.jobs.http import Client
 from mvllmd.jobs.requests import RequestFailed, Sampling, build_body, derive_seed, sample_seed, send
 
 from simkit import StartSim
+
+
+@contextlib.contextmanager
+def client() -> Iterator[Client]:
+    http = Client()
+    try:
+        yield http
+    finally:
+        http.close()
 
 
 def test_seeds_derive_from_the_indexes() -> None:
@@ -32,7 +44,7 @@ def test_bodies() -> None:
 async def test_samples_from_completions_and_chat(start_sim: StartSim) -> None:
     base, _ = await start_sim("--time-scale", "0")
     sampling = Sampling(model="sim", max_tokens=6, seed=1, return_token_ids=True)
-    async with aiohttp.ClientSession() as session:
+    with client() as session:
         texts = await send(session, base, sampling, "Once upon a time", 4, [0, 1, 2])
         chats = await send(session, base, sampling, [{"role": "user", "content": "hi"}], 5, [3])
     assert [(s.prompt_index, s.sample_index) for s in texts] == [(4, 0), (4, 1), (4, 2)]
@@ -48,7 +60,7 @@ async def test_a_seeded_sample_is_the_same_in_any_request(start_sim: StartSim) -
     alone, or in a run starting elsewhere, it is the same sample (vLLM's rule, which the simulator follows)."""
     base, _ = await start_sim("--time-scale", "0")
     sampling = Sampling(model="sim", max_tokens=30, seed=9)
-    async with aiohttp.ClientSession() as session:
+    with client() as session:
         together = await send(session, base, sampling, "Tell me a story", 0, [0, 1, 2, 3])
         alone = [await send(session, base, sampling, "Tell me a story", 0, [i]) for i in range(4)]
         run = await send(session, base, sampling, "Tell me a story", 0, [2, 3])
@@ -61,7 +73,7 @@ async def test_a_seeded_sample_is_the_same_in_any_request(start_sim: StartSim) -
 
 async def test_failures_say_whether_to_retry(start_sim: StartSim) -> None:
     base, _ = await start_sim("--time-scale", "0", "--max-model-len", "64")
-    async with aiohttp.ClientSession() as session:
+    with client() as session:
         with pytest.raises(RequestFailed) as too_long:
             await send(session, base, Sampling(model="sim", max_tokens=100), "x", 0, [0])
         assert not too_long.value.retryable and "HTTP 400: max_tokens=100 cannot be greater" in str(too_long.value)
@@ -75,7 +87,6 @@ async def test_failures_say_whether_to_retry(start_sim: StartSim) -> None:
 
 async def test_server_errors_are_retryable(start_sim: StartSim) -> None:
     base, _ = await start_sim("--time-scale", "0", "--error-rate", "1", "--error-status", "503")
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(RequestFailed) as unavailable:
-            await send(session, base, Sampling(model="sim"), "x", 0, [0])
+    with client() as session, pytest.raises(RequestFailed) as unavailable:
+        await send(session, base, Sampling(model="sim"), "x", 0, [0])
     assert unavailable.value.retryable and "HTTP 503" in str(unavailable.value)

@@ -52,6 +52,7 @@ from typing import Literal
 
 import aiohttp
 
+from mvllmd.jobs import http
 from mvllmd.jobs.gauges import Gauges, scrape
 from mvllmd.jobs.output import Sample
 from mvllmd.jobs.requests import RequestFailed, Sampling, send
@@ -183,6 +184,8 @@ class Dispatcher:
         self.inflight = 0
         self.hedges = 0
         self._stopping = False
+        self._fault: Exception | None = None  # an unexpected error in a request's task; run() raises it
+        self._http = http.Client()  # the requests' keep-alive connections; /metrics goes by aiohttp
 
     # --- feeding --------------------------------------------------------------------------------
 
@@ -229,9 +232,11 @@ class Dispatcher:
         poller = asyncio.create_task(self._poll(session)) if self._settings.metrics_interval_s > 0 else None
         try:
             while not (self._input_done and not self.backlog and not self._flights):
+                if self._fault is not None:
+                    raise self._fault
                 self._wake.clear()
                 self._check_hangs()
-                self._fill(session)
+                self._fill()
                 soonest = min((at for at, _ in self._delayed), default=time.monotonic() + 0.5)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=max(0.01, min(0.5, soonest - time.monotonic())))
@@ -243,6 +248,7 @@ class Dispatcher:
                 if flight.task is not None:
                     flight.task.cancel()
             await asyncio.gather(*(f.task for f in self._flights.values() if f.task), return_exceptions=True)
+            self._http.close()
 
     async def _poll(self, session: aiohttp.ClientSession) -> None:
         """Read every server's gauges each interval; a server whose /metrics fails just has none."""
@@ -281,7 +287,7 @@ class Dispatcher:
         elif g.waiting == 0 and endpoint.limit < endpoint.capacity:
             endpoint.limit = min(endpoint.capacity, endpoint.limit + max(1, endpoint.limit // 4))
 
-    def _fill(self, session: aiohttp.ClientSession) -> None:
+    def _fill(self) -> None:
         if self._stopping:
             return
         now = time.monotonic()
@@ -297,9 +303,9 @@ class Dispatcher:
                 self._retry.appendleft(work)
                 break
             work = self._fit(work, endpoint)
-            self._launch(session, work, endpoint)
+            self._launch(work, endpoint)
         if self._tail() and self._settings.policy == "least-loaded":
-            self._hedge(session, now)
+            self._hedge(now)
 
     def _next_work(self) -> Work | None:
         source = self._retry or self._queue
@@ -378,9 +384,7 @@ class Dispatcher:
             work = Work(work.prompt_index, work.prompt, work.samples[:room], work.attempts, work.last_error)
         return work
 
-    def _launch(
-        self, session: aiohttp.ClientSession, work: Work, endpoint: Endpoint, hedge_of: _Flight | None = None
-    ) -> None:
+    def _launch(self, work: Work, endpoint: Endpoint, hedge_of: _Flight | None = None) -> None:
         flight = _Flight(next(self._ids), work, endpoint, hedge_of=hedge_of)
         if hedge_of is not None:
             hedge_of.copy = flight
@@ -388,11 +392,11 @@ class Dispatcher:
         endpoint.requests[flight.id] = flight
         endpoint.inflight += len(work.samples)
         self.inflight += len(work.samples)
-        flight.task = asyncio.create_task(self._fly(session, flight))
+        flight.task = asyncio.create_task(self._fly(flight))
         # A task cancelled before it first runs never enters _fly: land it here too (landing is idempotent).
         flight.task.add_done_callback(lambda _: self._landed(flight))
 
-    def _hedge(self, session: aiohttp.ClientSession, now: float) -> None:
+    def _hedge(self, now: float) -> None:
         """In the tail, copy requests from endpoints where they will take long onto ones where they
         will not: with gauges, where a sequence's decode step is at most half as long; without, where
         the requests in flight drain in less than half the time."""
@@ -416,7 +420,7 @@ class Dispatcher:
             flight.hedged = True
             self.hedges += 1
             copy = Work(flight.work.prompt_index, flight.work.prompt, list(flight.work.samples))
-            self._launch(session, copy, target, hedge_of=flight)
+            self._launch(copy, target, hedge_of=flight)
 
     def _step_after(self, endpoint: Endpoint, more: int) -> float:
         """The server's decode step (s per token of a sequence) with `more` sequences than at its last
@@ -435,12 +439,12 @@ class Dispatcher:
 
     # --- one request ----------------------------------------------------------------------------
 
-    async def _fly(self, session: aiohttp.ClientSession, flight: _Flight) -> None:
+    async def _fly(self, flight: _Flight) -> None:
         work, endpoint = flight.work, flight.endpoint
         try:
             if work.prompt is None:
                 raise RequestFailed("the prompt is missing or not a string or a list of messages", False)
-            samples = await send(session, endpoint.url, self._sampling, work.prompt, work.prompt_index,
+            samples = await send(self._http, endpoint.url, self._sampling, work.prompt, work.prompt_index,
                                  work.samples, self._settings.request_timeout_s, endpoint.api_key)  # fmt: skip
         except asyncio.CancelledError:
             self._land(flight)
@@ -448,6 +452,9 @@ class Dispatcher:
         except RequestFailed as exc:
             self._land(flight)
             await self._failed(flight, exc)
+        except Exception as exc:  # a fault of mvllmd's own: the job fails, rather than lose these samples
+            self._land(flight)
+            self._fault = self._fault or exc
         else:
             self._land(flight)
             self._succeeded(flight, samples)

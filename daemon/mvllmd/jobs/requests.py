@@ -2,7 +2,7 @@
 
 `Sampling` holds a job's sampling parameters. `build_body` makes the request body for a prompt: a
 string goes to /v1/completions, a list of {role, content} messages to /v1/chat/completions; `n` is the
-number of samples asked for in this request. `send` posts it over a shared aiohttp session and turns
+number of samples asked for in this request. `send` posts it over the job's keep-alive connections (http.py) and turns
 the answer into `Sample`s, or raises `RequestFailed`, which says whether trying again (elsewhere) can
 help: connection errors, timeouts, 429 and 5xx can; other 4xx (a prompt too long for the context, say)
 cannot, and become the `error` of those samples.
@@ -17,14 +17,16 @@ seed is recorded with each one.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
+from mvllmd.jobs import http
 from mvllmd.jobs.output import Sample
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -90,7 +92,7 @@ def build_body(sampling: Sampling, prompt: str | list[dict[str, str]], n: int, s
 
 
 async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments are the request)
-    session: aiohttp.ClientSession,
+    client: http.Client,
     endpoint: str,
     sampling: Sampling,
     prompt: str | list[dict[str, str]],
@@ -105,28 +107,30 @@ async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments
         raise ValueError(f"a seeded request asks for a contiguous run of samples, not {list(sample_indexes)}")
     seed = sample_seed(sampling, prompt_index, sample_indexes[0])
     path = "/v1/completions" if isinstance(prompt, str) else "/v1/chat/completions"
+    body = json.dumps(build_body(sampling, prompt, n, seed)).encode()
     started = time.monotonic()
     try:
-        async with session.post(
-            endpoint + path,
-            json=build_body(sampling, prompt, n, seed),
-            headers=bearer(api_key),
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-        ) as response:
-            if response.status != 200:
-                raise RequestFailed(await _error_text(response), response.status in RETRYABLE_STATUS)
-            answer = await response.json(content_type=None)
-    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        async with asyncio.timeout(timeout_s):
+            response = await client.pool(endpoint).post(path, body, _headers(api_key))
+        if response.status != 200:
+            raise RequestFailed(_error_text(response), response.status in RETRYABLE_STATUS)
+        answer = json.loads(response.body)
+    except (TimeoutError, OSError, http.HttpError, ValueError) as exc:
         raise RequestFailed(f"{type(exc).__name__}: {exc}"[:300], retryable=True) from exc
     latency = time.monotonic() - started
     return _samples(answer, endpoint, sampling, prompt_index, sample_indexes, seed, latency)
 
 
-async def _error_text(response: aiohttp.ClientResponse) -> str:
+@functools.lru_cache(maxsize=64)
+def _headers(api_key: str) -> dict[str, str]:
+    return {"Content-Type": "application/json", **(bearer(api_key) or {})}
+
+
+def _error_text(response: http.Response) -> str:
     try:
-        body = await response.json(content_type=None)
+        body = json.loads(response.body)
         message = body["error"]["message"] if isinstance(body.get("error"), dict) else body.get("error")
-    except (ValueError, KeyError, TypeError, AttributeError, aiohttp.ClientError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         message = None
     return f"HTTP {response.status}: {message or response.reason}"[:500]
 

@@ -1,0 +1,199 @@
+"""The data plane's HTTP/1.1 client against a real socket server that answers as each test scripts it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from mvllmd.jobs.http import Client, HttpError, Pool
+
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]  # False: close the connection
+
+
+class Server:
+    """A loopback server: reads each request whole, and answers with the next scripted answer."""
+
+    def __init__(self, answers: list[Answer]) -> None:
+        self.answers = answers
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.closed_by_client = asyncio.Event()
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))  # fmt: skip
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                if not await self.answers.pop(0)(reader, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.closed_by_client.set()
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[list[Answer]], Awaitable[Server]]]:
+    servers: list[Server] = []
+
+    async def start(answers: list[Answer]) -> Server:
+        server = Server(answers)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def json_answer(body: bytes = b'{"ok": 1}', extra: bytes = b"") -> Answer:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
+                     % (len(body), extra, body))  # fmt: skip
+        await writer.drain()
+        return b"close" not in extra
+
+    return answer
+
+
+def in_pieces(*pieces: bytes, keep: bool = True) -> Answer:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        return keep
+
+    return answer
+
+
+def close_silently() -> Answer:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        return False
+
+    return answer
+
+
+def never() -> Answer:
+    """No answer: waits for the client to close the connection."""
+
+    async def answer(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> bool:
+        await reader.read()
+        raise ConnectionError("closed by the client")
+
+    return answer
+
+
+async def test_keep_alive_reuses_one_connection(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    server = await serve([json_answer(), json_answer(b'{"second": 2}')])
+    client = Client()
+    first = await client.pool(server.url).post("/v1/completions", b'{"a": 1}', {"Authorization": "Bearer k"})
+    second = await client.pool(server.url).post("/v1/completions", b"{}", {})
+    client.close()
+    assert (first.status, first.body, second.body) == (200, b'{"ok": 1}', b'{"second": 2}')
+    assert server.connections == 1
+    assert server.requests[0].startswith(b"POST /v1/completions HTTP/1.1\r\n")
+    assert b"\r\nAuthorization: Bearer k\r\n" in server.requests[0] and server.requests[0].endswith(b'{"a": 1}')
+    assert f"Host: {server.url.removeprefix('http://')}".encode() in server.requests[0]
+
+
+async def test_a_base_path_prefixes_the_request(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    server = await serve([json_answer()])
+    await Pool(server.url + "/proxy/").post("/v1/completions", b"{}", {})
+    assert server.requests[0].startswith(b"POST /proxy/v1/completions HTTP/1.1\r\n")
+
+
+async def test_chunked_and_split_answers(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    server = await serve([
+        in_pieces(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"4\r\n{\"a\"\r\n", b"5;x=1\r\n: 1}\n\r\n",
+                  b"0\r\n\r\n"),
+        in_pieces(b"HTTP/1.1 20", b"0 OK\r\ncontent-length: 4\r", b"\n\r\nab", b"cd"),
+    ])  # fmt: skip
+    pool = Pool(server.url)
+    assert (await pool.post("/", b"", {})).body == b'{"a": 1}\n'
+    assert (await pool.post("/", b"", {})).body == b"abcd"
+    assert server.connections == 1
+
+
+async def test_an_answer_read_to_the_close(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    server = await serve([in_pieces(b"HTTP/1.1 500 Oops\r\nconnection: close\r\n\r\n", b"all of it", keep=False),
+                          json_answer()])  # fmt: skip
+    pool = Pool(server.url)
+    answer = await pool.post("/", b"", {})
+    assert (answer.status, answer.reason, answer.body) == (500, "Oops", b"all of it")
+    assert (await pool.post("/", b"", {})).status == 200
+    assert server.connections == 2  # "connection: close" is not reused
+
+
+async def test_a_stale_keep_alive_connection_is_replaced(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    """The server closes a keep-alive connection just as the next request comes (uvicorn closes idle
+    ones after 5 s): that request goes once more, on a new connection, and succeeds."""
+    server = await serve([json_answer(), close_silently(), json_answer(b'{"again": 1}')])
+    pool = Pool(server.url)
+    await pool.post("/", b"", {})
+    assert (await pool.post("/", b"x", {})).body == b'{"again": 1}'
+    assert server.connections == 2 and server.requests[1] == server.requests[2]
+
+
+async def test_a_server_gone_after_answering_is_not_reused(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    server = await serve([in_pieces(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", keep=False), json_answer()])
+    pool = Pool(server.url)
+    await pool.post("/", b"", {})
+    await asyncio.sleep(0.1)  # the close arrives
+    assert (await pool.post("/", b"", {})).status == 200
+    assert server.connections == 2 and len(server.requests) == 2  # never sent on the closed connection
+
+
+async def test_a_connection_closed_on_its_first_request(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    """On a new connection, a close before the whole answer is an error, not an empty answer."""
+    server = await serve([in_pieces(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", keep=False)])
+    with pytest.raises(HttpError, match="closed the connection"):
+        await Pool(server.url).post("/", b"", {})
+
+
+async def test_garbage_is_an_error(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    server = await serve([in_pieces(b"SSH-2.0-OpenSSH\r\n\r\n"), in_pieces(b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n"),
+                          in_pieces(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n")])  # fmt: skip
+    pool = Pool(server.url)
+    for message in ("not an HTTP/1.1 answer", "malformed header line", "bad Content-Length"):
+        with pytest.raises(HttpError, match=message):
+            await pool.post("/", b"", {})
+
+
+async def test_a_cancelled_request_closes_its_connection(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    server = await serve([never(), json_answer()])
+    pool = Pool(server.url)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await pool.post("/", b"", {})
+    assert not pool._idle  # its answer may still come: the connection is not reused
+    await asyncio.wait_for(server.closed_by_client.wait(), 5)
+    assert (await pool.post("/", b"", {})).status == 200
+    assert server.connections == 2
+
+
+async def test_refused_and_bad_input() -> None:
+    with pytest.raises(OSError):
+        await Pool("http://127.0.0.1:9").post("/", b"", {})
+    with pytest.raises(ValueError, match="not an http"):
+        Pool("ftp://host/")
+    with pytest.raises(ValueError, match="line break"):
+        await Pool("http://127.0.0.1:9").post("/", b"", {"X-Key": "a\r\nInjected: 1"})
