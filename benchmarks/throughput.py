@@ -13,8 +13,9 @@ flight, three ways:
 - seed:        the seed document's way: one AsyncOpenAI client per base URL, round robin over them, an
                asyncio.Semaphore(max_concurrent), results gathered and written with pandas to parquet
                (completions, like the job, not chat);
-- bare loop:   a ceiling, not a way to run a job: one aiohttp session, a semaphore, round robin, the
-               job's request bodies, answers parsed and dropped; no job logic, nothing written.
+- bare loop:   not a way to run a job: one aiohttp session, a semaphore, round robin, the job's
+               request bodies, answers parsed and dropped; no job logic, nothing written. What aiohttp
+               alone costs (the job runner sends its requests with its own lean client, jobs/http.py).
 
 The daemon, the simulators and this process share the machine's cores: one simulator by default, so
 that on 2 cores the simulator and the client (the daemon's one event loop) each have about one; two
@@ -182,7 +183,7 @@ def main() -> None:
              self_cpu_s, out),
             ("seed: AsyncOpenAI + semaphore + round robin + pandas",
              lambda: seed(urls, seed_data, out, args.max_concurrent), self_cpu_s, out),
-            ("ceiling: bare aiohttp loop, no job logic, nothing written",
+            ("for comparison: bare aiohttp loop, no job logic, nothing written",
              lambda: bare_loop(urls, data, args.max_concurrent), self_cpu_s, None),
         ]  # fmt: skip
         for _ in range(args.repeats):
