@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import aiohttp
+import pytest
 
 from mvllmd.jobs.dispatch import Dispatcher, DispatchSettings, Endpoint, Policy, Work
 from mvllmd.jobs.output import DoneMap, Sample
@@ -147,3 +148,23 @@ async def test_other_clients_sequences_count_as_load(start_sim: StartSim, http: 
     assert busy_endpoint.external > 0
     counts = by_endpoint(samples)
     assert counts[idle] > counts[busy]
+
+
+async def test_a_fault_of_its_own_stops_the_dispatcher_with_it(start_sim: StartSim) -> None:
+    """What the dispatcher cannot handle (here: writing the answers fails, as on a full disk) ends
+    run() with that error, so the job fails with a reason instead of missing samples quietly."""
+    url, _ = await start_sim("--time-scale", "0")
+
+    async def deliver(samples: list[Sample]) -> None:
+        raise OSError(28, "No space left on device")
+
+    done = DoneMap(PROMPTS, SAMPLES)
+    dispatcher = Dispatcher([Endpoint(url, capacity=8)], Sampling(model="sim", max_tokens=4), DispatchSettings(),
+                            deliver, done.is_done)  # fmt: skip
+    for p in range(PROMPTS):
+        dispatcher.add(Work(p, f"prompt number {p}", list(range(SAMPLES))))
+    dispatcher.close_input()
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(OSError, match="No space left"):
+            await asyncio.wait_for(dispatcher.run(session), 30)
+    assert done.count == 0

@@ -440,6 +440,15 @@ class Dispatcher:
     # --- one request ----------------------------------------------------------------------------
 
     async def _fly(self, flight: _Flight) -> None:
+        try:
+            await self._request(flight)
+        except Exception as exc:  # mvllmd's own fault (a bug, a full disk): run() raises it, the job fails
+            self._land(flight)
+            self._fault = self._fault or exc
+        finally:
+            self._wake.set()
+
+    async def _request(self, flight: _Flight) -> None:
         work, endpoint = flight.work, flight.endpoint
         try:
             if work.prompt is None:
@@ -452,16 +461,11 @@ class Dispatcher:
         except RequestFailed as exc:
             self._land(flight)
             await self._failed(flight, exc)
-        except Exception as exc:  # a fault of mvllmd's own: the job fails, rather than lose these samples
-            self._land(flight)
-            self._fault = self._fault or exc
         else:
             self._land(flight)
             self._succeeded(flight, samples)
             await self._deliver([s for s in samples if not self._is_done(s.prompt_index, s.sample_index)])
             self._cancel_twin(flight)
-        finally:
-            self._wake.set()
 
     def _landed(self, flight: _Flight) -> None:
         self._land(flight)

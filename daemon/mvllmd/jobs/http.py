@@ -70,7 +70,10 @@ class _Connection(asyncio.Protocol):
         self._buffer.clear()
         self._head = None
         self.received_any = self.reusable = False
-        self.transport.write(data)
+        if self.lost:  # closed between connecting and this request: no answer will come
+            self._waiter.set_exception(HttpError("the server closed the connection"))
+        else:
+            self.transport.write(data)
         return self._waiter
 
     def data_received(self, data: bytes) -> None:
