@@ -1,0 +1,162 @@
+"""A model of the balance benchmark on one simulated clock, to try dispatch policies in seconds.
+
+    .venv/bin/python benchmarks/balance_model.py [--seeds 3]
+
+Four of mvllm-sim's engines (profile h100-8b at speeds 1, 1, 0.5 and 0.25) run in this process on one
+clock, with no HTTP and no wall time: the engine with the earliest clock steps next, and after each
+step the policy places work. The workload is balance.py's (2,000 prompts x 8 samples, lengths
+lognormal with the simulator's defaults, capped at 2,048), one sample per request, and the bound is
+balance.py's exact work bound. It is a research tool for the open balance goal (makespan at most 1.2
+x the bound), not a measurement of mvllmd: its policies see the engines' true speeds and steps where
+the dispatcher estimates them from /metrics.
+
+Policies:
+- least-loaded: the dispatcher's rule (least in flight per unit of speed, each engine holding at most
+  its share of 1,024 in proportion to its speed); when the queue is empty, running samples are copied
+  (hedged) onto engines whose step is `gain` times shorter, the first answer winning;
+- the same, copying only onto the fastest engines;
+- longest first: a clairvoyant reference that knows every length and sends the longest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mvllm_sim.engine import Engine, SimRequest
+from mvllm_sim.profiles import step_model
+
+SPEEDS = (1.0, 1.0, 0.5, 0.25)
+PROMPTS, SAMPLES, MAX_TOKENS, PROMPT_TOKENS, CAPACITY = 2000, 8, 2048, 8, 1024
+
+
+def workload(seed: int) -> list[list[int]]:
+    rng = random.Random(seed)  # noqa: S311  (a workload, not a secret)
+    return [[min(MAX_TOKENS, max(1, round(rng.lognormvariate(5.3, 0.8)))) for _ in range(SAMPLES)]
+            for _ in range(PROMPTS)]  # fmt: skip
+
+
+def bound_s(lengths: list[list[int]]) -> float:
+    """balance.py's bound: the work priced at full batch over the summed speed, or the longest alone."""
+    m = step_model("h100-8b")
+    flat = [n for row in lengths for n in row]
+    context = sum(PROMPT_TOKENS * n + n * (n + 1) // 2 for n in flat)
+    per_token = m.per_token_s + m.per_seq_s + m.overhead_s / m.max_num_seqs
+    work = (sum(flat) * per_token + context * m.per_ctx_token_s) / sum(SPEEDS)
+    return max(work, max(flat) * m.step_time(1, 300, 1))
+
+
+@dataclass
+class Run:
+    """One job over the engines; `policy` settings decide where samples and their copies go."""
+
+    lengths: list[list[int]]
+    gain: float = 2.0  # a copy goes where a token takes `gain` times less time
+    fastest_only: bool = False  # copies go to the fastest engines only
+    longest_first: bool = False  # clairvoyant: the queue sorted by length
+    engines: list[Engine] = field(default_factory=list)
+
+    def makespan(self) -> float:
+        self.engines = [self._engine(s) for s in SPEEDS]
+        self.inflight = [0] * len(SPEEDS)
+        self.done: set[tuple[int, int]] = set()
+        self.copies: dict[tuple[int, int], list[tuple[int, SimRequest]]] = {}
+        self.hedged: set[tuple[int, int]] = set()
+        self._keys: dict[int, tuple[int, int]] = {}  # id() of a request -> its sample
+        keys = [(p, s) for p in range(PROMPTS) for s in range(SAMPLES)]
+        if self.longest_first:
+            keys.sort(key=lambda k: -self.lengths[k[0]][k[1]])
+        self.queue = collections.deque(keys)
+        for i, engine in enumerate(self.engines):
+            engine.on_finish = self._on_finish(i)
+        self._place(0.0)
+        while len(self.done) < len(keys):
+            busy = [e for e in self.engines if not e.idle]
+            if not busy:
+                self._place(max(e.now for e in self.engines))
+                continue
+            engine = min(busy, key=lambda e: e.now)
+            engine.step()
+            self._place(engine.now)
+        return max(e.now for e in self.engines)
+
+    @staticmethod
+    def _engine(speed: float) -> Engine:
+        m = step_model("h100-8b", speed=speed)
+        return Engine(m, m.max_num_seqs, m.max_num_batched_tokens, m.kv_tokens)
+
+    def _on_finish(self, i: int) -> Callable[[SimRequest], None]:
+        def finished(request: SimRequest) -> None:
+            self.inflight[i] -= 1
+            key = self._keys[id(request)]
+            if key in self.done:
+                return
+            self.done.add(key)
+            for j, twin in self.copies.pop(key, []):
+                if twin is not request and twin.state not in {"finished", "aborted"}:
+                    self.engines[j].abort(twin)
+                    self.inflight[j] -= 1
+
+        return finished
+
+    def _send(self, i: int, key: tuple[int, int], now: float) -> None:
+        engine = self.engines[i]
+        if engine.idle:
+            engine.now = max(engine.now, now)
+        prompt = [key[0] * 100 + j for j in range(PROMPT_TOKENS)]
+        request = engine.add(SimRequest(prompt_ids=prompt, targets=[self.lengths[key[0]][key[1]]]))
+        self._keys[id(request)] = key
+        self.inflight[i] += 1
+        self.copies.setdefault(key, []).append((i, request))
+
+    def _share(self, i: int) -> float:
+        return CAPACITY * SPEEDS[i] / max(SPEEDS)
+
+    def _step(self, i: int) -> float:
+        e = self.engines[i]
+        return e.model.step_time(max(1, e.num_running), e._context_sum, max(1, e.num_running))
+
+    def _place(self, now: float) -> None:
+        while self.queue:
+            room = [i for i in range(len(SPEEDS)) if self.inflight[i] < self._share(i)]
+            if not room:
+                return
+            key = self.queue.popleft()
+            if key not in self.done:
+                self._send(min(room, key=lambda i: (self.inflight[i] + 1) / SPEEDS[i]), key, now)
+        fastest = [i for i in range(len(SPEEDS)) if SPEEDS[i] == max(SPEEDS)]
+        targets = fastest if self.fastest_only else range(len(SPEEDS))
+        for i in sorted(targets, key=self._step):
+            while self.inflight[i] < self._share(i):
+                running = [(j, r) for j in range(len(SPEEDS)) if j != i and self._step(i) * self.gain <= self._step(j)
+                           for r in self.engines[j]._running.values()
+                           if self._keys[id(r)] not in self.hedged and self._keys[id(r)] not in self.done]  # fmt: skip
+                if not running:
+                    break
+                _, oldest = min(running, key=lambda jr: jr[1].arrival)
+                self.hedged.add(self._keys[id(oldest)])
+                self._send(i, self._keys[id(oldest)], now)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=3, help="workloads drawn [3]")
+    args = p.parse_args()
+    policies: dict[str, dict[str, object]] = {
+        "least-loaded, copies where a token is 2x quicker (the dispatcher's rule)": {},
+        "least-loaded, copies to the fastest engines where 1.5x quicker": {"gain": 1.5, "fastest_only": True},
+        "longest first (clairvoyant), no copies": {"longest_first": True, "gain": float("inf")},
+    }
+    print("| policy | " + " | ".join(f"makespan / bound, seed {s}" for s in range(1, args.seeds + 1)) + " |")
+    print("|---|" + "---|" * args.seeds)
+    loads = [workload(s) for s in range(1, args.seeds + 1)]
+    for name, settings in policies.items():
+        ratios = [Run(lengths, **settings).makespan() / bound_s(lengths) for lengths in loads]  # type: ignore[arg-type]
+        print(f"| {name} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |")
+
+
+if __name__ == "__main__":
+    main()
