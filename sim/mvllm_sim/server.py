@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -77,6 +78,7 @@ class SimServer:
         self.metrics = Metrics(config.served_model_name)
         self.started = time.monotonic()
         self._pending: dict[int, _Pending] = {}
+        self._requests = itertools.count()  # numbers unseeded requests: each draws its own output
         self.engine.on_finish = self._on_finish
         self.engine.on_progress = self._on_progress
 
@@ -194,7 +196,8 @@ class SimServer:
         for prompt, ids in zip(job.prompts, job.prompt_ids, strict=True):
             room = s.max_model_len - len(ids)
             cap = min(job.sampling.max_tokens or room, room)
-            keys = [sample_key(prompt, i, job.sampling.seed) for i in range(job.sampling.n)]
+            request = next(self._requests)
+            keys = [sample_key(prompt, i, job.sampling.seed, request) for i in range(job.sampling.n)]
             outputs = [generate(k, s.lengths, cap, job.sampling.ignore_eos, job.sampling.stop) for k in keys]
             req = SimRequest(
                 prompt_ids=ids, targets=[max(1, len(o.words)) for o in outputs], stream=job.sampling.stream

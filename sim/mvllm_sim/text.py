@@ -8,8 +8,9 @@ Chat prompts are rendered as `<|im_start|> role content <|im_end|>` per message,
 `<|im_start|> assistant` for the reply: 2 + pieces(role) + pieces(content) tokens per message, plus 2.
 
 Output: each choice's length and words are drawn from random.Random seeded with a hash of the prompt
-and, for a seeded request, seed + choice index (vLLM's seed of choice i), else the choice index alone:
-output is deterministic either way.
+and, for a seeded request, seed + choice index (vLLM's seed of choice i), else the request's number
+on this server and the choice index: output is deterministic for a given order of requests, and two
+unseeded requests for one prompt get different answers, as from vLLM.
 Lengths are log-normal (median exp(mu), spread sigma), capped by max_tokens and the context left.
 """
 
@@ -48,10 +49,11 @@ class LengthModel:
     sigma: float = 0.8
 
 
-def sample_key(prompt: str, index: int, seed: int | None) -> int:
+def sample_key(prompt: str, index: int, seed: int | None, request: int = 0) -> int:
     """Choice `index` of a request. Seeded, as vLLM does it: choice i draws with seed + i alone, so the
-    same seed gives the same output whichever request (and n) it came in."""
-    part = f"seed {seed + index}" if seed is not None else f"choice {index}"
+    same seed gives the same output whichever request (and n) it came in. Unseeded, each request draws
+    anew (`request` numbers the server's requests), as vLLM does: two requests for one prompt differ."""
+    part = f"seed {seed + index}" if seed is not None else f"request {request} choice {index}"
     digest = hashlib.blake2b(f"{part}\x00{prompt}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 

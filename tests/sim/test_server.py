@@ -65,7 +65,10 @@ async def test_completion_shape_and_determinism(start_sim: StartSim, http: aioht
     assert first["usage"]["prompt_tokens"] == len(pieces("The quick brown fox"))
     assert first["usage"]["completion_tokens"] == sum(len(t.split()) for t in texts)
     _, again = await post(http, url, completion_body(n=3))
-    assert [c["text"] for c in again["choices"]] == texts  # deterministic without a seed
+    assert not set(c["text"] for c in again["choices"]) & set(texts)  # unseeded, each request draws anew
+    fresh, _ = await start_sim("--time-scale", "0")
+    _, replayed = await post(http, f"{fresh}/v1/completions", completion_body(n=3))
+    assert [c["text"] for c in replayed["choices"]] == texts  # the same requests in the same order: the same
     _, seeded = await post(http, url, completion_body(n=3, seed=7))
     assert [c["text"] for c in seeded["choices"]] != texts
     _, seeded_again = await post(http, url, completion_body(n=3, seed=7))
@@ -79,11 +82,11 @@ async def test_lengths_stop_and_ignore_eos(start_sim: StartSim, http: aiohttp.Cl
     lengths = [len(c["text"].split()) for c in capped["choices"]]
     assert all(1 <= n < 64 for n in lengths) and len(set(lengths)) > 1  # log-normal around e^2 ~ 7
     assert {c["finish_reason"] for c in capped["choices"]} == {"stop"}
-    _, forced = await post(http, url, completion_body(max_tokens=64, ignore_eos=True))
+    _, forced = await post(http, url, completion_body(max_tokens=64, ignore_eos=True, seed=3))
     assert len(forced["choices"][0]["text"].split()) == 64
     assert forced["choices"][0]["finish_reason"] == "length"
     word = forced["choices"][0]["text"].split()[10]
-    _, stopped = await post(http, url, completion_body(max_tokens=64, ignore_eos=True, stop=[word]))
+    _, stopped = await post(http, url, completion_body(max_tokens=64, ignore_eos=True, stop=[word], seed=3))
     assert word not in stopped["choices"][0]["text"]
     assert stopped["choices"][0]["finish_reason"] == "stop"
 
@@ -110,7 +113,7 @@ async def test_chat_completion(start_sim: StartSim, http: aiohttp.ClientSession)
 
 async def test_streaming_matches_the_plain_answer(start_sim: StartSim, http: aiohttp.ClientSession) -> None:
     base, _ = await start_sim("--time-scale", "0.002")
-    body = completion_body(n=2, max_tokens=40, ignore_eos=True)
+    body = completion_body(n=2, max_tokens=40, ignore_eos=True, seed=5)  # seeded: both requests, one answer
     _, plain = await post(http, f"{base}/v1/completions", body)
     events = await sse(
         http, f"{base}/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -128,7 +131,8 @@ async def test_streaming_matches_the_plain_answer(start_sim: StartSim, http: aio
 
 async def test_chat_streaming(start_sim: StartSim, http: aiohttp.ClientSession) -> None:
     base, _ = await start_sim("--time-scale", "0")
-    body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "ignore_eos": True}
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "ignore_eos": True,
+            "seed": 5}  # fmt: skip
     _, plain = await post(http, f"{base}/v1/chat/completions", body)
     events = await sse(http, f"{base}/v1/chat/completions", {**body, "stream": True})
     chunks = events[:-1]
@@ -142,15 +146,15 @@ async def test_openai_client(start_sim: StartSim) -> None:
     base, _ = await start_sim("--time-scale", "0")
     client = AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
     async with client:
-        completion = await client.completions.create(model="sim", prompt="Once upon a time", max_tokens=8, n=2)
+        completion = await client.completions.create(model="sim", prompt="Once upon a time", max_tokens=8, n=2, seed=4)
         assert len(completion.choices) == 2 and completion.usage is not None
         chat = await client.chat.completions.create(
-            model="sim", messages=[{"role": "user", "content": "hi"}], max_tokens=6
+            model="sim", messages=[{"role": "user", "content": "hi"}], max_tokens=6, seed=2
         )
         assert chat.choices[0].message.content
         streamed = ""
         stream = await client.chat.completions.create(
-            model="sim", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True
+            model="sim", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True, seed=2
         )
         async for chunk in stream:
             if chunk.choices:
@@ -158,7 +162,7 @@ async def test_openai_client(start_sim: StartSim) -> None:
         assert streamed == chat.choices[0].message.content
         text = ""
         async for part in await client.completions.create(
-            model="sim", prompt="Once upon a time", max_tokens=8, stream=True
+            model="sim", prompt="Once upon a time", max_tokens=8, stream=True, seed=4
         ):
             text += part.choices[0].text
         assert text == completion.choices[0].text
