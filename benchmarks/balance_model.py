@@ -15,7 +15,8 @@ Policies:
   its share of 1,024 in proportion to its speed); when the queue is empty, running samples are copied
   (hedged) onto engines whose step is `gain` times shorter, the first answer winning;
 - the same, copying only onto the fastest engines;
-- longest first: a clairvoyant reference that knows every length and sends the longest first.
+- longest first: a clairvoyant reference that knows every length and sends the longest first, with
+  the same limits and with half of them.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Run:
     gain: float = 2.0  # a copy goes where a token takes `gain` times less time
     fastest_only: bool = False  # copies go to the fastest engines only
     longest_first: bool = False  # clairvoyant: the queue sorted by length
+    capacity: int = CAPACITY  # what the fastest engine may hold; the others in proportion to speed
     engines: list[Engine] = field(default_factory=list)
 
     def makespan(self) -> float:
@@ -113,7 +115,7 @@ class Run:
         self.copies.setdefault(key, []).append((i, request))
 
     def _share(self, i: int) -> float:
-        return CAPACITY * SPEEDS[i] / max(SPEEDS)
+        return self.capacity * SPEEDS[i] / max(SPEEDS)
 
     def _step(self, i: int) -> float:
         e = self.engines[i]
@@ -149,6 +151,11 @@ def main() -> None:
         "least-loaded, copies where a token is 2x quicker (the dispatcher's rule)": {},
         "least-loaded, copies to the fastest engines where 1.5x quicker": {"gain": 1.5, "fastest_only": True},
         "longest first (clairvoyant), no copies": {"longest_first": True, "gain": float("inf")},
+        "longest first (clairvoyant), no copies, half the batch": {
+            "longest_first": True,
+            "gain": float("inf"),
+            "capacity": CAPACITY // 2,
+        },
     }
     print("| policy | " + " | ".join(f"makespan / bound, seed {s}" for s in range(1, args.seeds + 1)) + " |")
     print("|---|" + "---|" * args.seeds)
