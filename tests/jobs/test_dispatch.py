@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -44,6 +44,14 @@ async def run_job(
         await dispatcher.run(session)
     assert done.count == PROMPTS * SAMPLES
     return delivered, dispatcher
+
+
+def deliver_to(done: DoneMap) -> Callable[[list[Sample]], Awaitable[None]]:
+    async def deliver(samples: list[Sample]) -> None:
+        for s in samples:
+            assert done.mark(s.prompt_index, s.sample_index), "a sample delivered twice"
+
+    return deliver
 
 
 def by_endpoint(samples: list[Sample]) -> Counter[str]:
@@ -131,7 +139,16 @@ async def test_a_server_that_queues_is_sent_about_what_it_runs(sim_process: Call
     assert done.count == PROMPTS * SAMPLES
     assert endpoint.gauges.ok
     assert min(limits) <= 8  # lowered toward the 4 it runs
-    assert endpoint.limit > min(limits)  # grown back once nothing waited
+    # A next job sends it less than it runs (2 long samples): nothing waits there, and the limit grows back.
+    lowered = endpoint.limit
+    small = DoneMap(1, 2)
+    again = Dispatcher([endpoint], Sampling(model="sim", max_tokens=200), settings, deliver_to(small), small.is_done)
+    again.add(Work(0, "one more prompt", [0, 1]))
+    again.close_input()
+    async with aiohttp.ClientSession() as session:
+        await again.run(session)
+    assert small.count == 2
+    assert endpoint.limit > lowered or lowered == endpoint.capacity > min(limits)  # (or it grew back already)
 
 
 async def test_other_clients_sequences_count_as_load(start_sim: StartSim, http: aiohttp.ClientSession) -> None:
