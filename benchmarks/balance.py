@@ -60,13 +60,13 @@ def work_bound_s(prompt_tokens: list[int], completion_tokens: list[int], speeds:
     A step costs overhead + max(weight read, per-token compute) + per-context-token reads + per-sequence
     work (profiles.toml). Summed over a job's steps, whatever the schedule, that is at least
     per-token and per-sequence cost for every generated token, the context read for every generated
-    token (a sample of L tokens after a prompt of P reads P*L + L*(L+1)/2 context tokens), and one
+    token (a sample of L tokens after a prompt of P reads at least P*L + L*(L-1)/2 context tokens), and one
     overhead per full batch of max_num_seqs tokens. Prefill and the weight-read floor are left out,
     which keeps it a lower bound. Work splits across servers, each at its speed, so the makespan is at
     least the total over the summed speeds."""
     model = step_model("h100-8b")
     tokens = sum(completion_tokens)
-    context = sum(p * n + n * (n + 1) // 2 for p, n in zip(prompt_tokens, completion_tokens, strict=True))
+    context = sum(p * n + n * (n - 1) // 2 for p, n in zip(prompt_tokens, completion_tokens, strict=True))
     per_token = model.per_token_s + model.per_seq_s + model.overhead_s / model.max_num_seqs
     return (tokens * per_token + context * model.per_ctx_token_s) / sum(speeds)
 

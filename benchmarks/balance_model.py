@@ -44,7 +44,7 @@ def bound_s(lengths: list[list[int]]) -> float:
     """balance.py's bound: the work priced at full batch over the summed speed, or the longest alone."""
     m = step_model("h100-8b")
     flat = [n for row in lengths for n in row]
-    context = sum(PROMPT_TOKENS * n + n * (n + 1) // 2 for n in flat)
+    context = sum(PROMPT_TOKENS * n + n * (n - 1) // 2 for n in flat)
     per_token = m.per_token_s + m.per_seq_s + m.overhead_s / m.max_num_seqs
     work = (sum(flat) * per_token + context * m.per_ctx_token_s) / sum(SPEEDS)
     return max(work, max(flat) * m.step_time(1, 300, 1))
