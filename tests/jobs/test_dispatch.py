@@ -19,7 +19,11 @@ PROMPTS, SAMPLES = 120, 4
 
 
 async def run_job(
-    urls: list[str], policy: Policy = "least-loaded", max_tokens: int = 8, **settings: float
+    urls: list[str],
+    policy: Policy = "least-loaded",
+    max_tokens: int = 8,
+    watch: Callable[[Dispatcher], Awaitable[None]] | None = None,
+    **settings: float,
 ) -> tuple[list[Sample], Dispatcher]:
     done = DoneMap(PROMPTS, SAMPLES)
     delivered: list[Sample] = []
@@ -40,8 +44,11 @@ async def run_job(
     for p in range(PROMPTS):
         dispatcher.add(Work(p, f"prompt number {p}", list(range(SAMPLES))))
     dispatcher.close_input()
+    watcher = asyncio.create_task(watch(dispatcher)) if watch else None
     async with aiohttp.ClientSession() as session:
         await dispatcher.run(session)
+    if watcher is not None:
+        watcher.cancel()
     assert done.count == PROMPTS * SAMPLES
     return delivered, dispatcher
 
@@ -159,10 +166,17 @@ async def test_other_clients_sequences_count_as_load(start_sim: StartSim, http: 
     other = asyncio.create_task(http.post(f"{busy}/v1/completions", json=body))
     while server.engine.num_running < 48:
         await asyncio.sleep(0.01)
-    samples, dispatcher = await run_job([busy, idle], max_tokens=16, metrics_interval_s=0.02)
+    seen: list[int] = []  # what the busy endpoint counted as other clients' load, as the job went
+
+    async def watch(dispatcher: Dispatcher) -> None:
+        busy_endpoint = next(e for e in dispatcher.endpoints if e.url == busy)
+        while True:
+            seen.append(busy_endpoint.external)
+            await asyncio.sleep(0.005)
+
+    samples, _ = await run_job([busy, idle], max_tokens=16, watch=watch, metrics_interval_s=0.02)
     other.cancel()
-    busy_endpoint = next(e for e in dispatcher.endpoints if e.url == busy)
-    assert busy_endpoint.external > 0
+    assert max(seen) > 0
     counts = by_endpoint(samples)
     assert counts[idle] > counts[busy]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -188,6 +190,25 @@ async def test_a_cancelled_request_closes_its_connection(serve: Callable[[list[A
     await asyncio.wait_for(server.closed_by_client.wait(), 5)
     assert (await pool.post("/", b"", {})).status == 200
     assert server.connections == 2
+
+
+async def test_a_server_that_never_accepts_times_out() -> None:
+    """A listener whose backlog is full drops new connections' SYNs: a black hole on loopback."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = [socket.socket() for _ in range(4)]
+    for sock in queued:
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.connect(("127.0.0.1", port))
+    try:
+        with pytest.raises(HttpError, match=rf"no connection to 127\.0\.0\.1:{port} within 0\.3 s"):
+            await Pool(f"http://127.0.0.1:{port}", connect_timeout_s=0.3).post("/", b"", {})
+    finally:
+        for sock in [*queued, listener]:
+            sock.close()
 
 
 async def test_refused_and_bad_input() -> None:

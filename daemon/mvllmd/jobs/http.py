@@ -12,7 +12,8 @@ asyncio protocols, about 85 us (README, the choices table). It does only what th
 - `https://` with the system's trust store; no proxies, no redirects, no cookies;
 - a request cancelled (a hedge lost, a deadline) closes its connection: its answer would still come.
 
-Everything that goes wrong on the wire raises `HttpError`, or `OSError` from connecting.
+Everything that goes wrong on the wire raises `HttpError` (also a connection not accepted within
+CONNECT_TIMEOUT_S), or `OSError` from connecting (refused, unreachable).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 IDLE_S = 4.0  # keep-alive connections idle longer are closed: uvicorn (vLLM) closes them after 5 s
+CONNECT_TIMEOUT_S = 10.0  # a server that does not accept in this time is failing, whatever it generates
 MAX_HEAD = 64 * 1024
 MAX_BODY = 256 * 1024 * 1024
 
@@ -177,7 +179,7 @@ def _dechunk(buffer: bytearray, start: int) -> bytes | None:
 class Pool:
     """Keep-alive connections to one server (scheme, host and port of `base_url`)."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -188,6 +190,7 @@ class Pool:
         host_header = parts.netloc.rpartition("@")[2]  # never send userinfo
         self._host_line = f"Host: {host_header}\r\n".encode("latin-1")
         self._idle: list[_Connection] = []
+        self.connect_timeout_s = connect_timeout_s
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
         """POST `body` to `path` (after the base URL's own path); the whole answer."""
@@ -228,9 +231,13 @@ class Pool:
                 return connection, True
             connection.close()
         loop = asyncio.get_running_loop()
-        _, connection = await loop.create_connection(
-            _Connection, self.host, self.port, ssl=self._ssl, server_hostname=self.host if self._ssl else None
-        )
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):  # (no task of its own, unlike wait_for)
+                _, connection = await loop.create_connection(
+                    _Connection, self.host, self.port, ssl=self._ssl, server_hostname=self.host if self._ssl else None
+                )
+        except TimeoutError as exc:
+            raise HttpError(f"no connection to {self.host}:{self.port} within {self.connect_timeout_s:g} s") from exc
         return connection, False
 
     def close(self) -> None:
