@@ -49,7 +49,7 @@ class LengthModel:
     sigma: float = 0.8
 
 
-def sample_key(prompt: str, index: int, seed: int | None, request: int = 0) -> int:
+def sample_key(prompt: str, index: int, seed: int | None, request: int) -> int:
     """Choice `index` of a request. Seeded, as vLLM does it: choice i draws with seed + i alone, so the
     same seed gives the same output whichever request (and n) it came in. Unseeded, each request draws
     anew (`request` numbers the server's requests), as vLLM does: two requests for one prompt differ."""
