@@ -70,6 +70,12 @@ def sampling_options(f: Any) -> Any:
 @click.option("--prompt-column", default="prompt", show_default=True, help="String or list of {role, content}.")
 @click.option("--max-concurrent", type=click.IntRange(1), help="Samples in flight at most. [daemon's, 1024]")
 @click.option("--policy", type=click.Choice(sorted(POLICIES)), default="least-loaded", show_default=True)
+@click.option(
+    "--no-hedge",
+    is_flag=True,
+    help="Never copy slow requests to quicker servers in the tail. Unseeded, a copy is a new draw and the"
+    " first answer wins, which favours short samples a little; seeded copies are identical.",
+)
 @click.option("--endpoints", metavar="URL,URL", help="Servers not run by mvllmd (with or without /v1).")
 @click.option("--api-key", envvar="MVLLM_ENDPOINT_API_KEY", help="For --endpoints servers. [$MVLLM_ENDPOINT_API_KEY]")
 @click.option(
@@ -133,6 +139,7 @@ def job_spec(options: dict[str, Any]) -> pb.JobSpec:
         resume=options["resume"],
         overwrite=options["overwrite"],
         endpoint_api_key=options["api_key"] or "",
+        no_hedge=options["no_hedge"],
     )
 
 
@@ -246,12 +253,13 @@ def job(ctl: Ctl, job_id: str, as_json: bool) -> None:
         return
     print_summary(found)
     spec = found.spec
+    policy = pb.Policy.Name(spec.policy).removeprefix("POLICY_").lower().replace("_", "-")
     click.echo("")
     print_fields(
         [
             ("input", spec.input_path),
             ("samples per prompt", str(spec.num_samples)),
-            ("policy", pb.Policy.Name(spec.policy).removeprefix("POLICY_").lower().replace("_", "-")),
+            ("policy", policy + (", no hedging" if spec.no_hedge else "")),
             ("endpoints", ",".join(spec.endpoints) or "this daemon's instances"),
         ]
     )

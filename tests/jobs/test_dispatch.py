@@ -23,6 +23,7 @@ async def run_job(
     policy: Policy = "least-loaded",
     max_tokens: int = 8,
     watch: Callable[[Dispatcher], Awaitable[None]] | None = None,
+    seed: int | None = None,
     **settings: float,
 ) -> tuple[list[Sample], Dispatcher]:
     done = DoneMap(PROMPTS, SAMPLES)
@@ -36,7 +37,7 @@ async def run_job(
     endpoints = [Endpoint(url, capacity=64) for url in urls]
     dispatcher = Dispatcher(
         endpoints,
-        Sampling(model="sim", max_tokens=max_tokens),
+        Sampling(model="sim", max_tokens=max_tokens, seed=seed),
         DispatchSettings(policy=policy, max_concurrent=256, **settings),  # type: ignore[arg-type]
         deliver,
         done.is_done,
@@ -111,6 +112,25 @@ async def test_the_tail_is_hedged_onto_idle_fast_endpoints(start_sim: StartSim) 
     assert dispatcher.hedges > 0
     counts = by_endpoint(samples)
     assert counts[fast] > counts[slow]
+
+
+async def test_seeded_copies_ask_for_the_same_samples(start_sim: StartSim) -> None:
+    fast = (await start_sim("--time-scale", "0.001"))[0]
+    slow = (await start_sim("--time-scale", "0.001", "--speed", "0.002"))[0]
+    hedged, dispatcher = await run_job([fast, slow], max_tokens=64, seed=7)
+    assert dispatcher.hedges > 0
+    plain, _ = await run_job([fast], max_tokens=64, seed=7)  # one server: nothing is copied
+    assert {(s.prompt_index, s.sample_index): s.response for s in hedged} == {
+        (s.prompt_index, s.sample_index): s.response for s in plain
+    }
+
+
+async def test_no_hedge_copies_nothing(start_sim: StartSim) -> None:
+    fast = (await start_sim("--time-scale", "0.001"))[0]
+    slow = (await start_sim("--time-scale", "0.001", "--speed", "0.002"))[0]
+    samples, dispatcher = await run_job([fast, slow], max_tokens=64, hedge=False)
+    assert dispatcher.hedges == 0
+    assert len(samples) == PROMPTS * SAMPLES
 
 
 async def test_a_server_that_queues_is_sent_about_what_it_runs(sim_process: Callable[..., SimProcess]) -> None:

@@ -87,7 +87,7 @@ def test_the_cli_around_a_finished_job(short_tmp: Path, spawn: Spawn) -> None:
     daemon = job_daemon(spawn, short_tmp)
     launch(daemon, 1, *FAST_SIM)
     data, out = write_prompts(short_tmp / "in.parquet", 50), short_tmp / "out.parquet"
-    job_id = submit(daemon, data, out, "-k", "2", "--max-tokens", "4")
+    job_id = submit(daemon, data, out, "-k", "2", "--max-tokens", "4", "--no-hedge")
     wait_ended(daemon, job_id)
 
     table = daemon.ctl("jobs")
@@ -99,6 +99,10 @@ def test_the_cli_around_a_finished_job(short_tmp: Path, spawn: Spawn) -> None:
     shown = daemon.ctl("job", job_id)
     assert shown.returncode == 0, shown.stderr
     assert "SUCCEEDED" in shown.stdout and str(data) in shown.stdout and "m-0" in shown.stdout
+    assert "least-loaded, no hedging" in shown.stdout
+    as_json = daemon.ctl("job", job_id, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["spec"]["no_hedge"] is True
 
     watched = daemon.ctl("watch", job_id)  # an ended job: its summary at once, and its outcome as exit status
     assert watched.returncode == 0, watched.stderr

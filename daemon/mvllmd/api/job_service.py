@@ -90,6 +90,7 @@ def request_from_proto(spec: pb.JobSpec) -> JobRequest:
         resume=spec.resume,
         overwrite=spec.overwrite,
         endpoint_api_key=spec.endpoint_api_key,
+        hedge=not spec.no_hedge,
     )
 
 
@@ -142,6 +143,7 @@ def job_to_proto(view: JobView) -> pb.Job:
         on_error=ON_ERROR_TO_PROTO[request.on_error],
         resume=request.resume,
         overwrite=request.overwrite,
+        no_hedge=not request.hedge,
     )
     return pb.Job(
         id=record.id,

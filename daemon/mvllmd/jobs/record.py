@@ -45,6 +45,7 @@ class JobRequest:
     resume: bool = False
     overwrite: bool = False
     endpoint_api_key: str = field(default="", repr=False)  # for the --endpoints servers; never shown
+    hedge: bool = True  # least-loaded: copy slow requests in the tail
 
     def job_spec(self, settings: DispatchSettings) -> JobSpec:
         return JobSpec(
@@ -57,7 +58,10 @@ class JobRequest:
             resume=self.resume,
             overwrite=self.overwrite,
             dispatch=replace(
-                settings, policy=self.policy, max_concurrent=self.max_concurrent or settings.max_concurrent
+                settings,
+                policy=self.policy,
+                max_concurrent=self.max_concurrent or settings.max_concurrent,
+                hedge=self.hedge,
             ),
         )
 
