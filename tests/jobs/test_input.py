@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -47,6 +48,31 @@ def test_jsonl(tmp_path: Path) -> None:
     (batch,) = iter_batches(info)
     assert batch.prompts == ["a", "b"]
     assert batch.columns.column("extra").to_pylist() == [None, [1]]
+
+
+def test_jsonl_fields_keep_one_type_across_batches(tmp_path: Path) -> None:
+    # Batches of 4 rows: a field that first appears in a later batch, ints that become floats, and a
+    # field whose values cannot share a type; every batch must have the same columns and types.
+    lines = [{"prompt": f"p{i}", "n": i} for i in range(6)]
+    lines += [{"prompt": "p6", "n": 6.5, "late": "x", "mixed": 1}, {"prompt": "p7", "n": 7, "mixed": "one"}]
+    lines[1]["mixed"] = [1]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    info = inspect(path)
+    batches = list(iter_batches(info, batch_rows=4))
+    assert len(batches) == 2
+    assert batches[0].columns.schema == batches[1].columns.schema
+    assert batches[0].columns.schema.field("n").type == pa.float64()
+    assert batches[0].columns.column("late").to_pylist() == [None] * 4
+    assert batches[1].columns.column("late").to_pylist() == [None, None, "x", None]
+    assert batches[1].columns.column("mixed").to_pylist() == [None, None, "1", '"one"']  # as JSON text
+
+
+def test_jsonl_every_prompt_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(f'{{"prompt": "p{i}"}}\n' for i in range(5000)) + '{"prompt": {"text": "x"}}\n')
+    with pytest.raises(InputError, match=r"in.jsonl:5001: 'prompt' must be a string or a list"):
+        inspect(path)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,10 @@ The prompt column (`prompt` unless told) holds, per row, either a string (sent t
 list of {role, content} messages (sent to /v1/chat/completions). `inspect` checks the file before a job
 is accepted: readable, a known format, the column present and of a usable type. Rows are numbered
 from 0 in file order: that is the prompt_index of the output.
+
+JSONL has no schema: `inspect` reads the whole file once (a batch at a time) and settles one type per
+field for all of it (ints and floats as floats, a field missing from some rows as null there, a field
+whose values cannot share a type as JSON text), so that every batch has the same columns and types.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class InputInfo:
     prompt_column: str
     prompt_kind: PromptKind
     columns: tuple[str, ...]
+    types: tuple[pa.DataType | None, ...] = ()  # JSONL: each column's type for the whole file; None: JSON text
 
 
 def input_format(path: Path) -> Format:
@@ -81,7 +86,9 @@ def _kind(dtype: pa.DataType, path: Path, column: str) -> PromptKind:
 
 
 def _inspect_jsonl(path: Path, column: str) -> InputInfo:
-    rows, kind, columns = 0, None, {}
+    rows, kind = 0, None
+    types: dict[str, pa.DataType | None] = {}
+    records: list[dict[str, Any]] = []
     try:
         with path.open("rb") as f:
             for number, line in enumerate(f, start=1):
@@ -89,14 +96,47 @@ def _inspect_jsonl(path: Path, column: str) -> InputInfo:
                     continue
                 record = _json_record(line, path, number)
                 rows += 1
-                columns.update(dict.fromkeys(record))
-                if kind is None and record.get(column) is not None:
-                    kind = _value_kind(record[column], path, number, column)
+                value = record.get(column)
+                if value is not None:
+                    found = _value_kind(value, path, number, column)
+                    kind = kind or found
+                records.append(record)
+                if len(records) >= BATCH_ROWS:
+                    _settle_types(types, records)
+                    records = []
     except OSError as exc:
         raise InputError(f"{path}: cannot read it ({exc.strerror})") from exc
-    if rows and column not in columns:
-        raise InputError(f"{path}: no field {column!r}; fields: {', '.join(columns)} (see --prompt-column)")
-    return InputInfo(path, "jsonl", rows, column, kind or "text", tuple(columns))
+    _settle_types(types, records)
+    if rows and column not in types:
+        raise InputError(f"{path}: no field {column!r}; fields: {', '.join(types)} (see --prompt-column)")
+    return InputInfo(path, "jsonl", rows, column, kind or "text", tuple(types), tuple(types.values()))
+
+
+def _settle_types(types: dict[str, pa.DataType | None], records: list[dict[str, Any]]) -> None:
+    """Widen each field's type (None: JSON text) to cover these records as well."""
+    names = dict.fromkeys(name for r in records for name in r)
+    for name in types.keys() - names.keys():
+        names[name] = None  # absent from every one of these records: null there, whatever its type
+    for name in names:
+        seen = _infer([r.get(name) for r in records])
+        types[name] = _widen(types[name], seen) if name in types else seen
+
+
+def _infer(values: list[Any]) -> pa.DataType | None:
+    try:
+        return pa.array(values).type
+    except (pa.ArrowException, TypeError, ValueError):
+        return None  # values that cannot share a type: JSON text
+
+
+def _widen(old: pa.DataType | None, new: pa.DataType | None) -> pa.DataType | None:
+    if old is None or new is None:
+        return None
+    try:
+        merged = pa.unify_schemas([pa.schema([("v", old)]), pa.schema([("v", new)])], promote_options="permissive")
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+    return merged.field("v").type
 
 
 def _json_record(line: bytes, path: Path, number: int) -> dict[str, Any]:
@@ -150,16 +190,21 @@ def iter_batches(info: InputInfo, batch_rows: int = BATCH_ROWS) -> Iterator[Inpu
 
 
 def _jsonl_batch(start: int, records: list[dict[str, Any]], info: InputInfo) -> InputBatch:
-    arrays = {name: _column([r.get(name) for r in records]) for name in info.columns}
+    arrays = [
+        _column([r.get(name) for r in records], dtype, info.path, name)
+        for name, dtype in zip(info.columns, info.types, strict=True)
+    ]
     prompts = [_prompt(r.get(info.prompt_column)) for r in records]
-    return InputBatch(start, pa.RecordBatch.from_pydict(arrays), prompts)
+    return InputBatch(start, pa.RecordBatch.from_arrays(arrays, names=list(info.columns)), prompts)
 
 
-def _column(values: list[Any]) -> pa.Array:
-    try:
-        return pa.array(values)
-    except (pa.ArrowException, TypeError, ValueError):  # mixed types: each value carried as JSON text
+def _column(values: list[Any], dtype: pa.DataType | None, path: Path, name: str) -> pa.Array:
+    if dtype is None:  # values of several kinds: each one carried as JSON text
         return pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
+    try:
+        return pa.array(values, type=dtype)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: field {name!r} changed type since the file was checked ({_short(exc)})") from exc
 
 
 def _prompt(value: Any) -> Any:
