@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -92,6 +93,41 @@ async def test_stop_then_resume_redoes_only_what_is_missing(start_sim: StartSim,
         len(set(zip(table.column("prompt_index").to_pylist(), table.column("sample_index").to_pylist(), strict=True)))
         == N * K
     )
+
+
+async def test_samples_are_on_disk_soon_even_when_the_job_stalls(start_sim: StartSim, tmp_path: Path) -> None:
+    # The server answers 5 requests and then hangs: no sample arrives after those to trigger a write.
+    base, _ = await start_sim("--time-scale", "0", "--hang-after-requests", "5")
+    job = spec(tmp_path, dispatch=DispatchSettings(max_concurrent=8, hang_timeout_s=600))
+    seen: list[int] = []
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_job(prepare(job), [Endpoint(base, capacity=8)], stop,
+                                          on_progress=lambda p: seen.append(p.samples_done),
+                                          stop_drain_s=0.1, flush_age_s=0.2))  # fmt: skip
+    while not seen:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # more than the age limit and its clock: the answered samples are written
+    parts = sorted(parts_dir(job.output_path).glob("part-*.parquet"))
+    assert parts and not running.done()  # still stalled, and yet:
+    assert sum(pq.read_metadata(p).num_rows for p in parts) == seen[-1] > 0
+    stop.set()
+    await running
+
+
+async def test_a_jsonl_input_of_many_batches(start_sim: StartSim, tmp_path: Path) -> None:
+    # More rows than one input batch (4,096), with a field that appears only after the first batch
+    # and one whose ints become floats: assembly joins every batch's columns onto the output.
+    data = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"question {i}", "score": i} for i in range(5000)]
+    rows[4500].update(score=0.5, note="late")
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = spec(tmp_path, input_path=data, num_samples=1)
+    progress = await run_job(prepare(job), await endpoints(start_sim), asyncio.Event())
+    assert (progress.samples_done, progress.errors) == (5000, 0)
+    table = pq.read_table(job.output_path)
+    assert table.num_rows == 5000
+    assert table.column("score").to_pylist()[4499:4502] == [4499.0, 0.5, 4501.0]
+    assert table.column("note").to_pylist()[4500] == "late" and table.column("note").null_count == 4999
 
 
 async def test_refusals_before_anything_is_sent(tmp_path: Path) -> None:

@@ -131,8 +131,8 @@ def load_done(parts: Path, done: DoneMap) -> int:
 
 class PartWriter:
     """Finished samples to `part-NNNNNN.parquet` files, each written atomically: every `flush_rows`
-    samples, or once the oldest unwritten one is `flush_age_s` old (a slow job loses at most that much
-    to a kill -9)."""
+    samples, or once the oldest unwritten one is `flush_age_s` old, checked as samples arrive and by
+    the job's clock (`flush_if_old`) when none do: a kill -9 loses at most that much."""
 
     def __init__(self, parts: Path, schema: pa.Schema, flush_rows: int = 4096, flush_age_s: float = 5.0) -> None:
         self._dir = parts
@@ -154,7 +154,13 @@ class PartWriter:
         if not self._rows:
             self._oldest = now
         self._rows.append(sample)
-        if len(self._rows) >= self._flush_rows or now - self._oldest >= self._flush_age_s:
+        if len(self._rows) >= self._flush_rows:
+            self.flush()
+        else:
+            self.flush_if_old(now)
+
+    def flush_if_old(self, now: float | None = None) -> None:
+        if self._rows and (now or time.monotonic()) - self._oldest >= self._flush_age_s:
             self.flush()
 
     def flush(self) -> None:

@@ -48,6 +48,7 @@ OnError = Literal["record", "fail"]
 MANIFEST = "manifest.json"
 FEED_AHEAD = 4  # samples queued ahead of the dispatcher, per sample it may have in flight
 STOP_DRAIN_S = 30.0
+FLUSH_AGE_S = 5.0  # finished samples are on disk within this long (parts)
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ async def run_job(
     on_progress: Callable[[Progress], None] = lambda p: None,
     on_start: Callable[[Dispatcher], None] = lambda d: None,
     stop_drain_s: float = STOP_DRAIN_S,
+    flush_age_s: float = FLUSH_AGE_S,
 ) -> Progress:
     """Run the job; assemble OUT when every sample is done. Returns the final progress.
 
@@ -196,7 +198,7 @@ async def run_job(
         raise InvalidRequest("no endpoint to send the job to")
     parts = parts_dir(spec.output_path)
     schema = result_schema(spec.sampling.logprobs is not None, spec.sampling.return_token_ids)
-    writer = PartWriter(parts, schema)
+    writer = PartWriter(parts, schema, flush_age_s=flush_age_s)
     (parts / MANIFEST).write_text(json.dumps(spec.fingerprint(), indent=2))
     progress = Progress(samples_total=source.num_rows * spec.num_samples, samples_done=done.count)
 
@@ -216,17 +218,21 @@ async def run_job(
     dispatcher = Dispatcher(endpoints, spec.sampling, spec.dispatch, deliver, done.is_done,
                             remaining=lambda: progress.samples_total - progress.samples_done)  # fmt: skip
     on_start(dispatcher)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        running = asyncio.create_task(dispatcher.run(session))
-        await _feed(prepared, dispatcher, stop)
-        dispatcher.close_input()
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        if running.done():
-            await running  # its exception, if it failed
-        else:
-            await _drain(dispatcher, running, stop_drain_s)
+    clock = asyncio.create_task(_flush_when_old(writer, flush_age_s))
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            running = asyncio.create_task(dispatcher.run(session))
+            await _feed(prepared, dispatcher, stop)
+            dispatcher.close_input()
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if running.done():
+                await running  # its exception, if it failed
+            else:
+                await _drain(dispatcher, running, stop_drain_s)
+    finally:
+        clock.cancel()
     writer.flush()
     progress.ended = time.monotonic()
     on_progress(progress)
@@ -236,6 +242,14 @@ async def run_job(
                                        metadata=metadata, expected_rows=progress.samples_total)  # fmt: skip
         log.info("job output %s: %d rows, %d errors", spec.output_path, rows, progress.errors)
     return progress
+
+
+async def _flush_when_old(writer: PartWriter, age_s: float) -> None:
+    """Samples that finish just before a job stalls (a hung server, a slow tail) are written within
+    the age limit all the same."""
+    while True:
+        await asyncio.sleep(min(1.0, age_s))
+        writer.flush_if_old()
 
 
 async def _feed(prepared: Prepared, dispatcher: Dispatcher, stop: asyncio.Event) -> None:
