@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from mvllm.v1 import job_pb2
+from mvllmd.jobs.output import DoneMap, load_done, parts_dir
 
 from daemonkit import MVLLMCTL, DaemonProcess, Spawn, instance_status
 from jobkit import (
@@ -109,9 +110,12 @@ def test_mvllmd_killed_mid_job_resumes_it_by_itself(short_tmp: Path, spawn: Spaw
     launch(daemon, 2, *SLOW_SIM)
     job_id, out = start_job(daemon, short_tmp)
     wait_samples(daemon, job_id, FAULT_AT)
+    reported = progress(daemon, job_id).samples_done
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
-    assert out.with_name(out.name + ".parts").is_dir() and not out.exists()
+    assert not out.exists()
+    # Every sample it had reported done survived the kill (in parts or the journal): none is asked again.
+    assert load_done(parts_dir(out), DoneMap(SLOW_PROMPTS, K)) >= reported >= FAULT_AT
 
     again = spawn(daemon.argv[1:])  # the same state directory: the engines are adopted, the job resumed
     resumed = progress(again, job_id)
@@ -130,11 +134,15 @@ def test_mvllmd_stopped_mid_job_resumes_it_on_the_next_start(short_tmp: Path, sp
     assert watcher.stderr is not None
     assert f"job {job_id} " in watcher.stderr.readline()  # it follows the job (a line per state change)
     wait_samples(daemon, job_id, FAULT_AT)
+    before = progress(daemon, job_id)
     assert daemon.stop() == 0  # SIGTERM: requests in flight finish, the parts are kept
     _, watched = watcher.communicate(timeout=60)
     assert watcher.returncode == 1, watched
     assert f"mvllmd stopped before job {job_id} ended; it resumes when mvllmd starts again" in watched
-    assert out.with_name(out.name + ".parts").is_dir() and not out.exists()
+    assert not out.exists()
+    # What was in flight at the stop was let finish and written: no request was cut off.
+    assert load_done(parts_dir(out), DoneMap(SLOW_PROMPTS, K)) >= before.samples_done + before.inflight
+    assert before.inflight > 0
 
     again = spawn(daemon.argv[1:])
     assert_succeeded(again, job_id, out)

@@ -50,8 +50,8 @@ def test_parts_assemble_sorted_once_with_input_columns(
     keys = [(p, s) for p in range(n) for s in range(k)]
     random.Random(1).shuffle(keys)
     for p, s in keys + keys[:40]:  # 40 duplicates, as hedged requests can give
-        writer.add(sample(p, s, error="too long" if p == 7 else None))
-    writer.flush()
+        writer.add([sample(p, s, error="too long" if p == 7 else None)])
+    writer.close()
     done = DoneMap(n, k)
     assert load_done(parts_dir(out), done) == n * k
     rows = assemble(parts_dir(out), out, source, schema, metadata={"model": "m"}, expected_rows=n * k)
@@ -73,8 +73,8 @@ def test_assembly_refuses_a_short_output_and_keeps_the_parts(tmp_path: Path) -> 
     schema = result_schema(False, False)
     writer = PartWriter(parts_dir(out), schema)
     for p in range(9):
-        writer.add(sample(p, 0))
-    writer.flush()
+        writer.add([sample(p, 0)])
+    writer.close()
     with pytest.raises(OutputError, match="assembled 9 rows where 10 were expected"):
         assemble(parts_dir(out), out, source, schema, metadata={}, expected_rows=10)
     assert not out.exists()
@@ -92,8 +92,8 @@ def test_jsonl_input_with_chat_prompts(tmp_path: Path) -> None:
     schema = result_schema(False, True)
     writer = PartWriter(parts_dir(out), schema)
     for p in reversed(range(5)):
-        writer.add(Sample(p, 0, "x", "length", 1, 1, "e", 0.0, 42, None, token_ids=[1, 2]))
-    writer.flush()
+        writer.add([Sample(p, 0, "x", "length", 1, 1, "e", 0.0, 42, None, token_ids=[1, 2])])
+    writer.close()
     assemble(parts_dir(out), out, source, schema, metadata={}, expected_rows=5)
     table = pq.read_table(out)
     assert table.column("tag").to_pylist() == [True, False, True, False, True]
@@ -102,13 +102,33 @@ def test_jsonl_input_with_chat_prompts(tmp_path: Path) -> None:
 
 
 def test_a_slow_job_writes_parts_by_age_not_only_by_count(tmp_path: Path) -> None:
-    parts = tmp_path / "out.parquet.parts"
-    by_count = PartWriter(parts, result_schema(False, False), flush_rows=1000, flush_age_s=3600)
-    by_count.add(sample(0, 0))
-    assert (by_count.pending, list(parts.glob("part-*"))) == (1, [])  # held: neither 1,000 rows nor an hour
-    by_age = PartWriter(parts, result_schema(False, False), flush_rows=1000, flush_age_s=0)
-    by_age.add(sample(1, 0))
-    assert by_age.pending == 0 and len(list(parts.glob("part-*"))) == 1  # old enough at once: on disk
-    done = DoneMap(2, 1)
-    load_done(parts, done)
-    assert (done.is_done(0, 0), done.is_done(1, 0)) == (False, True)
+    by_count = PartWriter(tmp_path / "a.parts", result_schema(False, False), flush_rows=1000, flush_age_s=3600)
+    by_count.add([sample(0, 0)])
+    assert (by_count.pending, list((tmp_path / "a.parts").glob("part-*"))) == (1, [])  # neither 1,000 rows nor an hour
+    by_age = PartWriter(tmp_path / "b.parts", result_schema(False, False), flush_rows=1000, flush_age_s=0)
+    by_age.add([sample(1, 0)])
+    assert by_age.pending == 0 and len(list((tmp_path / "b.parts").glob("part-*"))) == 1  # old enough: on disk
+
+
+def test_a_finished_sample_outlives_the_process_through_the_journal(tmp_path: Path) -> None:
+    parts, schema = tmp_path / "out.parquet.parts", result_schema(True, True)
+    writer = PartWriter(parts, schema, flush_rows=1000, flush_age_s=3600)
+    writer.add([sample(0, 0), sample(2, 1, error="too long")])
+    writer.add([Sample(1, 0, "ünïcode\n", "length", 4, 2, "e", 0.25, 7, None, logprobs=[-0.5, -1.0], token_ids=[5, 6])])
+    assert writer.pending == 3 and not list(parts.glob("part-*"))
+    # The process dies here (nothing more is called on the writer), in the middle of its next write:
+    with (parts / output.JOURNAL).open("ab") as journal:
+        journal.write(b'[3, 0, "cut sh')
+    done = DoneMap(4, 2)
+    assert load_done(parts, done) == 3  # what the journal holds is done; the cut line is not
+    assert not done.is_done(3, 0)
+    again = PartWriter(parts, schema)  # a restart: the journal becomes a part, and empties
+    assert again.pending == 0 and (parts / output.JOURNAL).stat().st_size == 0
+    (part,) = parts.glob("part-*.parquet")
+    table = pq.read_table(part)
+    assert table.column("prompt_index").to_pylist() == [0, 1, 2]
+    assert table.column("response").to_pylist()[1] == "ünïcode\n"
+    assert table.column("logprobs").to_pylist()[1] == [-0.5, -1.0]
+    assert table.column("error").to_pylist()[2] == "too long"
+    again.close()
+    assert load_done(parts, DoneMap(4, 2)) == 3

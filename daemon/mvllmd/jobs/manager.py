@@ -8,8 +8,8 @@ one that stops, fails or restarts is retired (its requests go elsewhere).
 
 On SIGTERM (`close`), running jobs stop taking work, let their requests in flight finish within
 `stop_drain_s`, and keep their parts; their records stay RUNNING or QUEUED, so the next start
-resumes them. After a kill -9 the same happens from the last parts written: the parts directory,
-not the store, is the truth about which samples are done.
+resumes them. After a kill -9 the same happens from what the parts and their journal hold: the
+parts directory, not the store, is the truth about which samples are done.
 """
 
 from __future__ import annotations

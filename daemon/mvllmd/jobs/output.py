@@ -1,9 +1,13 @@
 """A job's output: parts written as samples finish, then one sorted parquet file.
 
-While a job runs, finished samples go to `OUT.parts/part-NNNNNN.parquet`, each part sorted by
-(prompt_index, sample_index) and written atomically (temp file, fsync, rename), so a crash at any point
-loses no sample that was written and leaves no half-written part. `DoneMap` (one bit per sample) says
-which samples the parts already hold, for resuming.
+While a job runs, each finished sample is appended at once to `OUT.parts/journal.jsonl` (one JSON
+line, one write per answer; no fsync), and in bulk to `OUT.parts/part-NNNNNN.parquet`, each part
+sorted by (prompt_index, sample_index) and written atomically (temp file, fsync, rename), after which
+the journal is emptied. A process that dies at any point (kill -9 included) loses no finished sample:
+what no part holds yet is in the journal, whose lines a restart turns into a part (a line cut short
+is dropped and its sample asked again). A power loss can lose what the page cache held: at most the
+part writer's age limit. `DoneMap` (one bit per sample) says which samples the parts and the journal
+already hold, for resuming.
 
 At the end, `assemble` merges the parts out of core (k-way, in bounded windows; in several passes when
 there are many parts), joins the input's columns back by prompt_index (an input column whose name
@@ -13,6 +17,8 @@ over OUT. Only then are the parts removed: OUT exists only when it is complete.
 
 from __future__ import annotations
 
+import json
+import operator
 import os
 import shutil
 import time
@@ -32,6 +38,7 @@ KEY_BITS = 16  # sample_index < 65536: the sort key is prompt_index << 16 | samp
 MAX_SAMPLES = 1 << KEY_BITS
 MERGE_FAN_IN = 32
 WINDOW_ROWS = 8192
+JOURNAL = "journal.jsonl"
 
 
 class OutputError(MvllmError):
@@ -116,14 +123,33 @@ class DoneMap:
 
 
 def load_done(parts: Path, done: DoneMap) -> int:
-    """Mark what the parts already hold (only their key columns are read); return how many samples."""
+    """Mark what the parts and the journal already hold (only the parts' key columns are read);
+    return how many samples."""
     before = done.count
+    keys: list[tuple[int, int]] = []
     for part in sorted(parts.glob("part-*.parquet")):
-        keys = pq.read_table(part, columns=["prompt_index", "sample_index"])
-        for p, s in zip(keys.column(0).to_pylist(), keys.column(1).to_pylist(), strict=True):
-            if p < done.num_prompts and s < done.num_samples:
-                done.mark(p, s)
+        table = pq.read_table(part, columns=["prompt_index", "sample_index"])
+        keys.extend(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
+    keys.extend((s.prompt_index, s.sample_index) for s in read_journal(parts))
+    for p, s in keys:
+        if p < done.num_prompts and s < done.num_samples:
+            done.mark(p, s)
     return done.count - before
+
+
+def read_journal(parts: Path) -> list[Sample]:
+    """The journal's samples; a last line cut short by a crash is left out."""
+    try:
+        data = (parts / JOURNAL).read_bytes()
+    except FileNotFoundError:
+        return []
+    samples = []
+    for line in data.split(b"\n"):
+        try:
+            samples.append(Sample(*json.loads(line)))
+        except (ValueError, TypeError):
+            continue  # cut short (only the last line can be): that sample is asked again
+    return samples
 
 
 # --- parts ---------------------------------------------------------------------------------------
@@ -144,16 +170,24 @@ class PartWriter:
         parts.mkdir(mode=0o755, parents=True, exist_ok=True)
         existing = [int(p.stem.split("-")[1]) for p in parts.glob("part-*.parquet")]
         self._next = max(existing, default=0) + 1
+        self._rows = read_journal(parts)  # what a process that died had not put in a part yet
+        self._journal = os.open(parts / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self.flush()
 
     @property
     def pending(self) -> int:
         return len(self._rows)
 
-    def add(self, sample: Sample) -> None:
+    def add(self, samples: Sequence[Sample]) -> None:
+        """Journal the samples (one write), then hold them for the next part."""
+        if not samples:
+            return
+        line = "".join(json.dumps(_values(s)) + "\n" for s in samples)
+        _write_all(self._journal, line.encode())
         now = time.monotonic()
         if not self._rows:
             self._oldest = now
-        self._rows.append(sample)
+        self._rows.extend(samples)
         if len(self._rows) >= self._flush_rows:
             self.flush()
         else:
@@ -172,8 +206,23 @@ class PartWriter:
         table = pa.Table.from_pydict(columns, schema=self._schema)
         path = self._dir / f"part-{self._next:06d}.parquet"
         _write_atomically(table, path)
+        os.ftruncate(self._journal, 0)  # a crash before this leaves samples twice; assembly keeps one
         self._next += 1
         self._rows.clear()
+
+    def close(self) -> None:
+        """Flush, and close the journal."""
+        self.flush()
+        os.close(self._journal)
+
+
+_values = operator.attrgetter(*(f.name for f in fields(Sample)))  # a Sample as a tuple, in field order
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _write_atomically(table: pa.Table, path: Path) -> None:

@@ -203,16 +203,17 @@ async def run_job(
     progress = Progress(samples_total=source.num_rows * spec.num_samples, samples_done=done.count)
 
     async def deliver(samples: list[Sample]) -> None:
-        for sample in samples:  # marked before any await: a hedged twin is filtered by is_done
-            if done.mark(sample.prompt_index, sample.sample_index):
-                writer.add(sample)
-                progress.samples_done += 1
-                progress.tokens += sample.completion_tokens or 0
-                if sample.error:
-                    progress.errors += 1
-                    if spec.on_error == "fail" and not progress.failed:
-                        progress.failed = f"prompt {sample.prompt_index}: {sample.error}"
-                        stop.set()
+        # Marked before any await: a hedged twin's answer is filtered by is_done.
+        fresh = [s for s in samples if done.mark(s.prompt_index, s.sample_index)]
+        writer.add(fresh)
+        for sample in fresh:
+            progress.samples_done += 1
+            progress.tokens += sample.completion_tokens or 0
+            if sample.error:
+                progress.errors += 1
+                if spec.on_error == "fail" and not progress.failed:
+                    progress.failed = f"prompt {sample.prompt_index}: {sample.error}"
+                    stop.set()
         on_progress(progress)
 
     dispatcher = Dispatcher(endpoints, spec.sampling, spec.dispatch, deliver, done.is_done,
@@ -233,7 +234,7 @@ async def run_job(
                 await _drain(dispatcher, running, stop_drain_s)
     finally:
         clock.cancel()
-    writer.flush()
+        writer.close()
     progress.ended = time.monotonic()
     on_progress(progress)
     if done.count == progress.samples_total and not progress.failed:
