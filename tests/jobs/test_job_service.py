@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 
 from mvllm.v1 import job_pb2
 from mvllm_sim.text import chat_prompt, token_ids
+from mvllmd.jobs.output import DoneMap, load_done, parts_dir
 
 from daemonkit import MVLLMCTL, DaemonProcess, Spawn, start_daemon
 from jobkit import (
@@ -159,6 +161,7 @@ def test_cancel_keeps_the_parts_and_resume_finishes_each_pair_once(short_tmp: Pa
     resumed = daemon.ctl("submit", "-d", str(data), "-o", str(out), "-k", str(K), "--max-tokens", "8", "--resume",
                          "--wait", "--json")  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
+    assert f"({found['samples_done']} done)" in resumed.stderr.splitlines()[0]  # the parts' samples count: reused
     final = json.loads(resumed.stdout)
     assert final["state"] == "JOB_STATE_SUCCEEDED"
     assert int(final["samples_done"]) == prompts * K
@@ -255,6 +258,55 @@ def test_chat_messages_from_jsonl_go_to_chat_completions(short_tmp: Path, spawn:
     assert table.column("n").to_pylist() == [i for i in range(40) for _ in range(2)]
 
 
+def test_logprobs_and_token_ids_for_text_and_chat_prompts(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = job_daemon(spawn, short_tmp)
+    launch(daemon, 1, *FAST_SIM)
+    text = write_prompts(short_tmp / "text.parquet", 20)
+    chat = short_tmp / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"q {i}"}]}) + "\n" for i in range(20)))
+    for data in (text, chat):
+        out = short_tmp / f"{data.stem}.out.parquet"
+        done = daemon.ctl("submit", "-d", str(data), "-o", str(out), "-k", "2", "--max-tokens", "8", "--logprobs", "2",
+                          "--return-token-ids", "--wait")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        table = pq.read_table(out)
+        assert_each_pair_once(table, 20, 2)
+        lengths = table.column("completion_tokens").to_pylist()
+        assert all(n and n > 0 for n in lengths), data
+        assert [len(v) for v in table.column("logprobs").to_pylist()] == lengths  # one per token
+        assert [len(v) for v in table.column("token_ids").to_pylist()] == lengths
+        assert all(v <= 0 for row in table.column("logprobs").to_pylist() for v in row)
+
+
+def test_a_prompt_that_fails_for_good_is_recorded_or_fails_the_job(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = job_daemon(spawn, short_tmp)
+    launch(daemon, 1, *FAST_SIM, "--max-model-len", "32")
+    prompts = [f"question {i}" for i in range(1000)]
+    prompts[40] = " ".join(["word"] * 40)  # longer than the context: refused with 400, whatever is retried
+    data = short_tmp / "in.parquet"
+    pq.write_table(pa.table({"prompt": prompts}), data)
+    recorded, failed = short_tmp / "recorded.parquet", short_tmp / "failed.parquet"
+
+    done = daemon.ctl("submit", "-d", str(data), "-o", str(recorded), "-k", "2", "--max-tokens", "8", "--wait")
+    assert done.returncode == 0, done.stderr  # errors recorded: the job still succeeded
+    assert "SUCCEEDED" in done.stdout and re.search(r"errors\s+2\n", done.stdout), done.stdout
+    table = pq.read_table(recorded)
+    keys = list(zip(table.column("prompt_index").to_pylist(), table.column("sample_index").to_pylist(), strict=True))
+    assert keys == [(p, s) for p in range(1000) for s in range(2)]
+    errors = table.column("error").to_pylist()
+    assert [i for i, e in enumerate(errors) if e] == [80, 81] and "HTTP 400" in errors[80]
+
+    stopped = daemon.ctl("submit", "-d", str(data), "-o", str(failed), "-k", "2", "--max-tokens", "8",
+                         "--on-error", "fail", "--max-concurrent", "16", "--wait", "--json")  # fmt: skip
+    assert stopped.returncode == 1, stopped.stderr
+    found = json.loads(stopped.stdout)
+    assert found["state"] == "JOB_STATE_FAILED"
+    assert int(found.get("samples_done", 0)) < 1000  # it stopped there, far from the end
+    assert "prompt 40" in found["message"] and "HTTP 400" in found["message"]
+    assert not failed.exists()
+    assert daemon.ctl("info").returncode == 0
+
+
 BATCHED_SIM = ("--time-scale", "0.05", "--max-num-seqs", "16")  # small batches: requests queue, timing varies
 
 
@@ -325,6 +377,7 @@ def served() -> Iterator[tuple[DaemonProcess, Path]]:
         pq.write_table(pa.table({"text": ["a", "b"]}), work / "nocolumn.parquet")
         pq.write_table(pa.table({"prompt": [1, 2, 3]}), work / "ints.parquet")
         (work / "bad.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "broken\n{"prompt": "fine"}\n')
+        (work / "adir.parquet").mkdir()
         yield daemon, work
     finally:
         daemon.stop()
@@ -343,6 +396,7 @@ REFUSALS = [
     ("output dir missing", "in.parquet", "nodir/x.parquet", (), 2, "nodir is not a directory"),
     ("output is input", "in.parquet", "in.parquet", (), 2, "is the input; write somewhere else"),
     ("output not parquet", "in.parquet", "out.csv", (), 2, "must be a .parquet file"),
+    ("output is a directory", "in.parquet", "adir.parquet", ("--overwrite",), 2, "exists and is not a file"),
     ("unknown model", "in.parquet", "out.parquet", ("--model", "zzz"), 2, "no instance serves model 'zzz'; served: m"),
 ]
 
@@ -352,15 +406,15 @@ def test_bad_input_is_refused_before_anything_runs(
     served: tuple[DaemonProcess, Path], case: str, data: str, out: str, extra: tuple[str, ...], code: int, message: str
 ) -> None:
     daemon, work = served
-    files = {p.name: snapshot(p) for p in work.iterdir()}
+    files = {p.name: snapshot(p) for p in work.iterdir() if p.is_file()}
     count = job_count(daemon)
     done = daemon.ctl("submit", "-d", str(work / data), "-o", str(work / out), *extra, "--wait")
     assert done.returncode == code, (done.returncode, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
-    assert {p.name: snapshot(p) for p in work.iterdir()} == files  # no output, input untouched
-    assert not Path(out).exists() or out == "in.parquet"
+    assert {p.name: snapshot(p) for p in work.iterdir() if p.is_file()} == files  # no output, input untouched
+    assert not (work / out).exists() or out in ("in.parquet", "adir.parquet")
     assert job_count(daemon) == count  # nothing recorded
     assert daemon.ctl("info").returncode == 0  # still serving
 
@@ -471,7 +525,8 @@ def test_generate_rollouts_interrupted_then_resumed(
     _, err = running.communicate(timeout=60)
     assert running.returncode == 130, err
     assert "run the same command with --resume to finish" in err and "Traceback" not in err
-    assert (short_tmp / "out.parquet.parts").is_dir() and not out.exists()
+    assert not out.exists()
+    assert load_done(parts_dir(out), DoneMap(SLOW_PROMPTS, 2)) > 0  # what was in flight was let finish, kept
 
     done = run_ctl(env, *argv[1:], "--resume")
     assert done.returncode == 0, done.stderr

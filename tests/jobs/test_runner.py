@@ -145,6 +145,29 @@ async def test_refusals_before_anything_is_sent(tmp_path: Path) -> None:
     assert pq.read_table(job.input_path).num_rows == N  # nor is the input
 
 
+async def test_overwrite_replaces_an_output_and_stale_parts(start_sim: StartSim, tmp_path: Path) -> None:
+    job = spec(tmp_path, overwrite=True)
+    job.output_path.write_bytes(b"an earlier result")
+    stale = parts_dir(job.output_path)
+    stale.mkdir()
+    (stale / "part-000001.parquet").write_bytes(b"not even parquet")
+    (stale / "journal.jsonl").write_text('[0, 0, "a sample of another run"]\n')
+    progress = await run_job(prepare(job), await endpoints(start_sim), asyncio.Event())
+    assert progress.samples_done == N * K
+    table = pq.read_table(job.output_path)
+    assert table.num_rows == N * K and "another run" not in table.column("response").to_pylist()
+    assert not stale.exists()
+
+
+async def test_a_finished_output_resumed_with_other_arguments_is_refused(start_sim: StartSim, tmp_path: Path) -> None:
+    job = spec(tmp_path)
+    await run_job(prepare(job), await endpoints(start_sim), asyncio.Event())
+    assert prepare(spec(tmp_path, resume=True)).complete  # the same job: nothing to do
+    with pytest.raises(Conflict, match="was written by a different job; pass --overwrite"):
+        prepare(spec(tmp_path, resume=True, num_samples=K + 1))
+    assert pq.read_table(job.output_path).num_rows == N * K  # untouched
+
+
 async def test_on_error_fail_stops_the_job(start_sim: StartSim, tmp_path: Path) -> None:
     base, _ = await start_sim("--time-scale", "0", "--max-model-len", "16")
     job = spec(tmp_path, sampling=Sampling(model="sim", max_tokens=20), on_error="fail")

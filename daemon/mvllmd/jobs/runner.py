@@ -123,6 +123,8 @@ def prepare(spec: JobSpec) -> Prepared:
     if out.suffix.lower() not in (".parquet", ".pq"):
         raise InvalidRequest(f"the output {out} must be a .parquet file")
     _check_writable(out.parent)
+    if out.is_dir() or (out.exists() and not out.is_file()):
+        raise InvalidRequest(f"the output {out} exists and is not a file; name a file")
     if out.exists() and not (spec.resume or spec.overwrite):
         raise Conflict(f"{out} exists; pass --resume to finish it, or --overwrite to replace it")
     parts = parts_dir(out)
