@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -129,6 +131,37 @@ def test_the_cli_around_a_finished_job(short_tmp: Path, spawn: Spawn) -> None:
     assert "removed 2 job records" in pruned.stdout
     assert jobs(daemon) == []
     assert pq.read_table(out).num_rows == 100  # pruning forgets records, never outputs
+
+
+def test_submit_wait_draws_a_live_bar_on_a_terminal(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = job_daemon(spawn, short_tmp)
+    launch(daemon, 1, *SLOW_SIM)  # a few seconds: several redraws
+    data, out = write_prompts(short_tmp / "in.parquet", 100), short_tmp / "out.parquet"
+    primary, secondary = pty.openpty()  # stderr is a terminal; stdout is not
+    argv = [MVLLMCTL, "--address", daemon.address, "submit", "-d", str(data), "-o", str(out), "-k", "2",
+            "--max-tokens", "8", "--wait"]  # fmt: skip
+    env = dict(daemon.env, COLUMNS="120", TERM="xterm")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=secondary, env=env)
+    os.close(secondary)
+    drawn = b""
+    while True:  # read as it draws: a full terminal buffer would stall it
+        ready, _, _ = select.select([primary], [], [], 60)
+        assert ready, "no output for 60 s"
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the other end closed, the process has ended
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(primary)
+    summary, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    text = drawn.decode(errors="replace")
+    assert text.count("running") >= 2, text  # redrawn in place while it ran
+    assert "200/200" in text and "tok/s" in text and "in flight" in text
+    assert b"\x1b[" in drawn  # terminal control sequences: a bar, not log lines
+    assert b"SUCCEEDED" in summary
 
 
 def test_cancel_keeps_the_parts_and_resume_finishes_each_pair_once(short_tmp: Path, spawn: Spawn) -> None:
