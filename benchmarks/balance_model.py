@@ -16,7 +16,10 @@ Policies:
   (hedged) onto engines whose step is `gain` times shorter, the first answer winning;
 - the same, copying only onto the fastest engines;
 - longest first: a clairvoyant reference that knows every length and sends the longest first, with
-  the same limits and with half of them.
+  the same limits and with half of them;
+- tried and not taken (neither ends below 1.2 x the bound on every workload): lower limits once the
+  queue is short (`late_queue`, `late_capacity`), and, when the queue runs dry, aborting the newest
+  requests beyond `shed_to` per engine (they go back to the queue).
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class Run:
     fastest_only: bool = False  # copies go to the fastest engines only
     longest_first: bool = False  # clairvoyant: the queue sorted by length
     capacity: int = CAPACITY  # what the fastest engine may hold; the others in proportion to speed
+    late_queue: int = 0  # once fewer samples than this are queued, the capacity is late_capacity
+    late_capacity: int = CAPACITY
+    shed_to: int | None = None  # when the queue runs dry, abort the newest requests beyond this
     engines: list[Engine] = field(default_factory=list)
 
     def makespan(self) -> float:
@@ -72,6 +78,7 @@ class Run:
         if self.longest_first:
             keys.sort(key=lambda k: -self.lengths[k[0]][k[1]])
         self.queue = collections.deque(keys)
+        self._shed = False
         for i, engine in enumerate(self.engines):
             engine.on_finish = self._on_finish(i)
         self._place(0.0)
@@ -115,20 +122,32 @@ class Run:
         self.copies.setdefault(key, []).append((i, request))
 
     def _share(self, i: int) -> float:
-        return self.capacity * SPEEDS[i] / max(SPEEDS)
+        capacity = self.capacity
+        if self._shed and self.shed_to is not None:
+            capacity = self.shed_to
+        elif len(self.queue) < self.late_queue:
+            capacity = self.late_capacity
+        return capacity * SPEEDS[i] / max(SPEEDS)
 
     def _step(self, i: int) -> float:
         e = self.engines[i]
         return e.model.step_time(max(1, e.num_running), e._context_sum, max(1, e.num_running))
 
     def _place(self, now: float) -> None:
+        if not self.queue and self.shed_to is not None and not self._shed:
+            self._shed = True
+            self._shed_newest()
         while self.queue:
             room = [i for i in range(len(SPEEDS)) if self.inflight[i] < self._share(i)]
             if not room:
-                return
+                break
             key = self.queue.popleft()
             if key not in self.done:
                 self._send(min(room, key=lambda i: (self.inflight[i] + 1) / SPEEDS[i]), key, now)
+        if not self.queue:
+            self._copy(now)
+
+    def _copy(self, now: float) -> None:
         fastest = [i for i in range(len(SPEEDS)) if SPEEDS[i] == max(SPEEDS)]
         targets = fastest if self.fastest_only else range(len(SPEEDS))
         for i in sorted(targets, key=self._step):
@@ -141,6 +160,16 @@ class Run:
                 _, oldest = min(running, key=lambda jr: jr[1].arrival)
                 self.hedged.add(self._keys[id(oldest)])
                 self._send(i, self._keys[id(oldest)], now)
+
+    def _shed_newest(self) -> None:
+        for i, engine in enumerate(self.engines):
+            newest = sorted(engine._running.values(), key=lambda r: -r.arrival)
+            for request in newest[: max(0, int(self.inflight[i] - self._share(i)))]:
+                key = self._keys[id(request)]
+                engine.abort(request)
+                self.inflight[i] -= 1
+                self.copies[key] = [(j, r) for j, r in self.copies.get(key, []) if r is not request]
+                self.queue.append(key)
 
 
 def main() -> None:
@@ -156,6 +185,11 @@ def main() -> None:
             "gain": float("inf"),
             "capacity": CAPACITY // 2,
         },
+        "tried: a quarter of the batch once fewer than 2,000 samples are queued": {
+            "late_queue": 2000,
+            "late_capacity": CAPACITY // 4,
+        },
+        "tried: when the queue runs dry, the newest requests beyond 256 back to it": {"shed_to": 256},
     }
     print("| policy | " + " | ".join(f"makespan / bound, seed {s}" for s in range(1, args.seeds + 1)) + " |")
     print("|---|" + "---|" * args.seeds)
