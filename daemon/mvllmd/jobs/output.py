@@ -156,9 +156,10 @@ def read_journal(parts: Path) -> list[Sample]:
 
 
 class PartWriter:
-    """Finished samples to `part-NNNNNN.parquet` files, each written atomically: every `flush_rows`
-    samples, or once the oldest unwritten one is `flush_age_s` old, checked as samples arrive and by
-    the job's clock (`flush_if_old`) when none do: a kill -9 loses at most that much."""
+    """Finished samples to the journal at once, and to `part-NNNNNN.parquet` files, each written
+    atomically: every `flush_rows` samples, or once the oldest unwritten one is `flush_age_s` old,
+    checked as samples arrive and by the job's clock (`flush_if_old`) when none do. A kill -9 loses
+    nothing (the journal holds it); a power cut at most what is younger than `flush_age_s`."""
 
     def __init__(self, parts: Path, schema: pa.Schema, flush_rows: int = 4096, flush_age_s: float = 5.0) -> None:
         self._dir = parts
@@ -194,7 +195,7 @@ class PartWriter:
             self.flush_if_old(now)
 
     def flush_if_old(self, now: float | None = None) -> None:
-        if self._rows and (now or time.monotonic()) - self._oldest >= self._flush_age_s:
+        if self._rows and (time.monotonic() if now is None else now) - self._oldest >= self._flush_age_s:
             self.flush()
 
     def flush(self) -> None:
