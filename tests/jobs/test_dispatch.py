@@ -181,8 +181,9 @@ async def test_a_server_that_queues_is_sent_about_what_it_runs(sim_process: Call
 async def test_other_clients_sequences_count_as_load(start_sim: StartSim, http: aiohttp.ClientSession) -> None:
     busy, server = await start_sim("--time-scale", "0.02")
     idle = (await start_sim("--time-scale", "0.02"))[0]
-    # Another client's long request runs on `busy` the whole time.
-    body = {"model": "sim", "prompt": "other", "n": 48, "max_tokens": 4000, "ignore_eos": True}
+    # Another client's long request runs on `busy` the whole time (30,000 tokens: several seconds even
+    # at this time scale, however slow the machine; it is cancelled at the end).
+    body = {"model": "sim", "prompt": "other", "n": 48, "max_tokens": 30000, "ignore_eos": True}
     other = asyncio.create_task(http.post(f"{busy}/v1/completions", json=body))
     while server.engine.num_running < 48:
         await asyncio.sleep(0.01)

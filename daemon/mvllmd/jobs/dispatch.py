@@ -263,7 +263,7 @@ class Dispatcher:
                 endpoint._inflight_at_poll = endpoint.inflight
                 endpoint._siblings_at_poll = endpoint.siblings()
             readings = await asyncio.gather(
-                *(scrape(session, e.url, e.api_key, max(0.1, min(2.0, interval))) for e in endpoints),
+                *(scrape(session, e.url, e.api_key, max(1.0, min(2.0, interval))) for e in endpoints),
                 return_exceptions=True,
             )
             now = time.monotonic()
