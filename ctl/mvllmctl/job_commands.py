@@ -74,7 +74,8 @@ def sampling_options(f: Any) -> Any:
     "--no-hedge",
     is_flag=True,
     help="Never copy slow requests to quicker servers in the tail. Unseeded, a copy is a new draw and the"
-    " first answer wins, which favours short samples a little; seeded copies are identical.",
+    " first answer wins, which favours short samples (at most 2% of a job's are copied); seeded copies"
+    " are identical.",
 )
 @click.option("--endpoints", metavar="URL,URL", help="Servers not run by mvllmd (with or without /v1).")
 @click.option("--api-key", envvar="MVLLM_ENDPOINT_API_KEY", help="For --endpoints servers. [$MVLLM_ENDPOINT_API_KEY]")
