@@ -98,6 +98,32 @@ async def test_a_hung_endpoint_loses_nothing(start_sim: StartSim) -> None:
     assert by_endpoint(samples)[good] >= PROMPTS * SAMPLES - 4 * SAMPLES  # at most the 4 answered before
 
 
+async def test_an_endpoint_wrongly_taken_for_hung_comes_back(start_sim: StartSim) -> None:
+    # A stalled machine can make a healthy server look hung (CI saw both of a job's servers taken out
+    # at once). Back from its cooldown it must be judged on its new requests, not on its last answer
+    # from before the cooldown: else it was taken out again at once, for ever, and the job never ended.
+    # Its requests take 0.7 s (100 tokens at full speed): longer than the dispatcher's loop waits
+    # between checks (0.5 s at most), so a check lands while the first requests after the cooldown run.
+    good = (await start_sim("--time-scale", "1"))[0]
+    alarms: list[int] = []
+
+    async def false_alarm(dispatcher: Dispatcher) -> None:
+        endpoint = dispatcher.endpoints[0]
+        while not endpoint.requests:
+            await asyncio.sleep(0.001)
+        endpoint.last_completion -= 60  # as if the machine had stalled for a minute
+        for flight in endpoint.requests.values():
+            flight.started -= 60
+        dispatcher._check_hangs()  # judged now, before an answer lands
+        alarms.append(1)
+
+    job = run_job([good], max_tokens=100, hang_timeout_s=2.0, watch=false_alarm)
+    samples, dispatcher = await asyncio.wait_for(job, 40)
+    assert alarms and dispatcher.endpoints[0].open_until > 0  # it was taken out ...
+    assert len(samples) == PROMPTS * SAMPLES  # ... and came back to finish the job
+    assert all(s.error is None for s in samples)
+
+
 async def test_permanent_failures_are_recorded_and_the_job_goes_on(start_sim: StartSim) -> None:
     base = (await start_sim("--time-scale", "0", "--max-model-len", "16"))[0]
     samples, _ = await run_job([base], max_tokens=20)  # 20 > the context of 16: refused, for good

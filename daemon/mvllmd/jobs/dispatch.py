@@ -418,8 +418,10 @@ class Dispatcher:
         )
         for flight in flights:
             want = len(flight.work.samples)
-            if self.inflight + want > self._settings.max_concurrent or not self._may_copy(want):
+            if self.inflight + want > self._settings.max_concurrent:
                 return
+            if not self._may_copy(want):
+                continue  # a smaller request may still fit the budget
             room = [e for e in live if e is not flight.endpoint and e.available(now)]
             if not room:
                 return
@@ -435,8 +437,8 @@ class Dispatcher:
     def _may_copy(self, samples: int) -> bool:
         """Seeded, a copy asks for the same samples: always. Unseeded, a copy is a new draw and the
         first answer wins, which favours short samples: at most HEDGE_BUDGET of the job's samples may
-        come from such a race (a large job's tail needs far fewer; a small job, all in flight at once,
-        would otherwise copy half of itself)."""
+        come from such a race (the balance benchmark's tail uses about 1.8%; a small job, all in flight
+        at once, would otherwise copy half of itself)."""
         if self._sampling.seed is not None:
             return True
         return self.copied_samples + samples <= HEDGE_BUDGET * self._asked
@@ -538,11 +540,18 @@ class Dispatcher:
             log.warning("endpoint %s taken out for %.0fs after repeated failures", endpoint.url, endpoint.cooldown_s)
 
     def _check_hangs(self) -> None:
+        """An endpoint is hung when it has had requests in flight for `hang_timeout_s` and completed
+        none in that time: counted from its last completion or from its oldest request in flight,
+        whichever is later (an endpoint back from a cooldown, or idle for a while, is judged on the
+        requests it has now, not on how long ago it last answered)."""
         now = time.monotonic()
         for endpoint in self.endpoints:
-            if endpoint.requests and now - endpoint.last_completion > self._settings.hang_timeout_s:
+            if not endpoint.requests:
+                continue
+            since = max(endpoint.last_completion, min(f.started for f in endpoint.requests.values()))
+            if now - since > self._settings.hang_timeout_s:
                 log.warning("endpoint %s completed nothing for %.0fs with requests in flight: treating it as hung",
-                            endpoint.url, now - endpoint.last_completion)  # fmt: skip
+                            endpoint.url, now - since)  # fmt: skip
                 endpoint.cooldown_s = max(endpoint.cooldown_s * 2, self._settings.hang_timeout_s)
                 endpoint.open_until = now + endpoint.cooldown_s
                 endpoint.last_completion = now
