@@ -546,8 +546,8 @@ class Dispatcher:
         requests it has now, not on how long ago it last answered)."""
         now = time.monotonic()
         for endpoint in self.endpoints:
-            if not endpoint.requests:
-                continue
+            if not endpoint.requests or now - endpoint.last_completion <= self._settings.hang_timeout_s:
+                continue  # answered lately: not hung, without looking at each request (this runs per wake)
             since = max(endpoint.last_completion, min(f.started for f in endpoint.requests.values()))
             if now - since > self._settings.hang_timeout_s:
                 log.warning("endpoint %s completed nothing for %.0fs with requests in flight: treating it as hung",

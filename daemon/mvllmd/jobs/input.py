@@ -114,10 +114,8 @@ def _inspect_jsonl(path: Path, column: str) -> InputInfo:
 
 def _settle_types(types: dict[str, pa.DataType | None], records: list[dict[str, Any]]) -> None:
     """Widen each field's type (None: JSON text) to cover these records as well."""
-    names = dict.fromkeys(name for r in records for name in r)
-    for name in types.keys() - names.keys():
-        names[name] = None  # absent from every one of these records: null there, whatever its type
-    for name in names:
+    # Fields known before but absent from every one of these records are null here: their type stays.
+    for name in dict.fromkeys([*types, *(name for r in records for name in r)]):
         seen = _infer([r.get(name) for r in records])
         types[name] = _widen(types[name], seen) if name in types else seen
 
