@@ -11,7 +11,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from mvllm_sim.cli import config_from, parser
 from mvllm_sim.server import SimServer
@@ -66,21 +65,17 @@ def daemon(short_tmp: Path, spawn: Spawn) -> DaemonProcess:
 @pytest.fixture
 async def start_sim() -> AsyncIterator[StartSim]:
     """`await start_sim("--time-scale", "0", ...)` -> (base URL, server), built from mvllm-sim's own flags."""
-    runners: list[web.AppRunner] = []
+    servers: list[SimServer] = []
 
     async def _start(*args: str) -> tuple[str, SimServer]:
         server = SimServer(config_from(parser().parse_args(["--model", "sim", *args])))
-        runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        host, port = runner.addresses[0][:2]
+        servers.append(server)
+        host, port = await server.start("127.0.0.1", 0)
         return f"http://{host}:{port}", server
 
     yield _start
-    for runner in runners:
-        await runner.cleanup()
+    for server in servers:
+        await server.close()
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from mvllm_sim.faults import ERROR_STATUSES, FaultConfig
 from mvllm_sim.profiles import ProfileError, load_profiles, step_model
 from mvllm_sim.server import SimConfig, SimServer
@@ -118,12 +116,9 @@ def config_from(args: argparse.Namespace) -> SimConfig:
 
 async def serve(config: SimConfig, host: str, port: int) -> None:
     server = SimServer(config)
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
     if config.faults.startup_mode == "refuse" and config.faults.startup_delay_s > 0:
         await asyncio.sleep(config.faults.startup_delay_s)  # the port stays closed meanwhile
-    site = web.TCPSite(runner, host, port, backlog=4096)
-    await site.start()
+    await server.start(host, port)
     log.info("mvllm-sim serving %s on http://%s:%d (profile %s, TP%d, time scale %g)",
              config.served_model_name, host, port, config.step_model.name, config.step_model.tp,
              config.time_scale)  # fmt: skip
@@ -134,7 +129,7 @@ async def serve(config: SimConfig, host: str, port: int) -> None:
     try:
         await asyncio.Event().wait()
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The HTTP side: vLLM's OpenAI-compatible endpoints over the simulated engine (aiohttp).
+"""The HTTP side: vLLM's OpenAI-compatible endpoints over the simulated engine (on httpd.py).
 
 GET /health, /v1/models, /metrics, /version; POST /v1/completions, /v1/chat/completions (with SSE
 streaming). A client that disconnects has its request aborted in the engine, as vLLM does.
@@ -13,14 +13,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-
 from mvllm_sim.engine import Engine, SimRequest
 from mvllm_sim.faults import CRASH_EXIT_STATUS, HEADER, FaultConfig, FaultPlan, RequestFault, error_for
+from mvllm_sim.httpd import Handler, Request, Response, Stream, json_response, text_response
+from mvllm_sim.httpd import Server as HttpServer
 from mvllm_sim.metrics import Metrics
 from mvllm_sim.profiles import StepModel
 from mvllm_sim.protocol import (
@@ -39,7 +39,6 @@ from mvllm_sim.text import LengthModel, Output, generate, sample_key
 
 log = logging.getLogger(__name__)
 VLLM_VERSION = "0.32.0"
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -79,39 +78,49 @@ class SimServer:
         self.started = time.monotonic()
         self._pending: dict[int, _Pending] = {}
         self._requests = itertools.count()  # numbers unseeded requests: each draws its own output
+        self._http: HttpServer | None = None
+        self._engine_task: asyncio.Task[None] | None = None
         self.engine.on_finish = self._on_finish
         self.engine.on_progress = self._on_progress
 
-    # --- app ------------------------------------------------------------------------------------
+    # --- serving --------------------------------------------------------------------------------
 
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors])
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/metrics", self.metrics_endpoint)
-        app.router.add_get("/version", self.version)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.cleanup_ctx.append(self._run_engine)
-        return app
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Run the engine loop and listen; returns the address bound (port 0 picks a free one)."""
+        self._engine_task = asyncio.create_task(self.runner.run())
+        self._engine_task.add_done_callback(_engine_stopped)
+        routes = {
+            ("GET", "/health"): self.health,
+            ("GET", "/v1/models"): self.models,
+            ("GET", "/metrics"): self.metrics_endpoint,
+            ("GET", "/version"): self.version,
+            ("POST", "/v1/completions"): self.completions,
+            ("POST", "/v1/chat/completions"): self.chat_completions,
+        }
+        self._http = HttpServer({route: self._guarded(handler) for route, handler in routes.items()})
+        return await self._http.start(host, port)
 
-    async def _run_engine(self, app: web.Application) -> Any:
-        task = asyncio.create_task(self.runner.run())
-        task.add_done_callback(_engine_stopped)
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        if self._engine_task is not None:
+            self._engine_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._engine_task
 
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        key = self.config.api_key
-        if key and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {key}":
-            return web.json_response({"error": "Unauthorized"}, status=401)
-        try:
-            return await handler(request)
-        except ApiError as exc:
-            return web.json_response(exc.body(), status=exc.status)
+    def _guarded(self, handler: Handler) -> Handler:
+        """The API key check on /v1/*, and vLLM's error envelope for an ApiError."""
+
+        async def guarded(request: Request) -> Response:
+            key = self.config.api_key
+            if key and request.path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {key}":
+                return json_response({"error": "Unauthorized"}, status=401)
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return json_response(exc.body(), status=exc.status)
+
+        return guarded
 
     def _starting(self) -> bool:
         faults = self.config.faults
@@ -119,13 +128,13 @@ class SimServer:
 
     # --- small endpoints ------------------------------------------------------------------------
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=503 if self._starting() else 200)
+    async def health(self, request: Request) -> Response:
+        return Response(status=503 if self._starting() else 200)
 
-    async def version(self, request: web.Request) -> web.Response:
-        return web.json_response({"version": VLLM_VERSION})
+    async def version(self, request: Request) -> Response:
+        return json_response({"version": VLLM_VERSION})
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: Request) -> Response:
         card = {
             "id": self.config.served_model_name,
             "object": "model",
@@ -135,24 +144,23 @@ class SimServer:
             "parent": None,
             "max_model_len": self.config.max_model_len,
         }
-        return web.json_response({"object": "list", "data": [card]})
+        return json_response({"object": "list", "data": [card]})
 
-    async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        text = self.metrics.render(self.engine)
-        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return text_response(self.metrics.render(self.engine))
 
     # --- generation -----------------------------------------------------------------------------
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    async def completions(self, request: Request) -> Response:
         return await self._generate(request, chat=False)
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
 
-    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def _generate(self, request: Request, chat: bool) -> Response:
         if self._starting():
             raise ApiError(503, "the server is starting", "ServiceUnavailableError")
-        fault = self.faults.for_request(request.headers.get(HEADER))
+        fault = self.faults.for_request(request.headers.get(HEADER.lower()))
         if fault.crash:
             log.error("injected crash after %d requests", self.faults.requests_seen - 1)
             os._exit(CRASH_EXIT_STATUS)
@@ -167,20 +175,20 @@ class SimServer:
             if job.sampling.stream:
                 return await self._stream(request, pending, fault)
             await self._wait_all(pending)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError):  # the client went away
             self._abort(pending)
             raise
         finally:
             for req in pending.requests:
                 self._pending.pop(req.id, None)
         if fault.drop_after_chunks is not None:
-            _drop(request)  # the answer is lost; the engine had finished it
+            request.cut()  # the answer is lost; the engine had finished it
         outputs = [o for per_prompt in pending.outputs for o in per_prompt]
-        return web.json_response(response_body(job, outputs))
+        return json_response(response_body(job, outputs))
 
-    async def _parse(self, request: web.Request, chat: bool) -> Job:
+    async def _parse(self, request: Request, chat: bool) -> Job:
         try:
-            body = json.loads(await request.read())
+            body = json.loads(request.body)
         except (ValueError, UnicodeDecodeError) as exc:
             # vLLM answers a body that is not JSON through its request validation: type "Bad Request".
             raise ApiError(400, f"1 validation error: JSON decode error: {exc}", "Bad Request", "body") from None
@@ -238,10 +246,9 @@ class SimServer:
 
     # --- streaming ------------------------------------------------------------------------------
 
-    async def _stream(self, request: web.Request, pending: _Pending, fault: RequestFault) -> web.StreamResponse:
+    async def _stream(self, request: Request, pending: _Pending, fault: RequestFault) -> Response:
         job = pending.job
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
+        response = await request.stream({"content-type": "text/event-stream", "cache-control": "no-cache"})
         stream = _SseWriter(response, job, new_id(job.chat), fault.drop_after_chunks)
         progress = [[_ChoiceProgress() for _ in range(job.sampling.n)] for _ in pending.requests]
         while True:
@@ -251,7 +258,7 @@ class SimServer:
                     await self._emit(stream, req, i, index=r * job.sampling.n + i, out=out, progress=progress[r][i])
             if stream.dropped:
                 self._abort(pending)  # as vLLM does when its client goes away
-                _drop(request)
+                request.cut()
                 return response
             if all(r.state == "finished" for r in pending.requests):
                 break
@@ -291,14 +298,8 @@ def _engine_stopped(task: asyncio.Task[None]) -> None:
         os._exit(1)
 
 
-def _drop(request: web.Request) -> None:
-    """Cut the connection as a crashing or overloaded proxy would: no answer, no clean close."""
-    if request.transport is not None:
-        request.transport.abort()
-
-
 class _SseWriter:
-    def __init__(self, response: web.StreamResponse, job: Job, ident: str, drop_after: int | None) -> None:
+    def __init__(self, response: Stream, job: Job, ident: str, drop_after: int | None) -> None:
         self._response, self._job, self._id = response, job, ident
         self._created = int(time.time())
         self._chunks = 0
