@@ -14,7 +14,7 @@ import click
 from click.shell_completion import get_completion_class
 
 from mvllm import __version__
-from mvllmctl.client import Client, CtlError, resolve_address
+from mvllmctl.client import Client, CtlError, resolve_address, resolve_tls
 from mvllmctl.context import Ctl
 from mvllmctl.daemon_commands import devices, info
 from mvllmctl.exit_codes import HELP as EXIT_HELP
@@ -27,6 +27,7 @@ EPILOG = f"""\b
 Address: --address, else $MVLLM_ADDRESS, else the first socket that exists of
 $XDG_RUNTIME_DIR/mvllmd/mvllmd.sock and /run/mvllmd/mvllmd.sock.
 Forms: unix:/abs/path (or just /abs/path), host:port.
+A daemon on TCP with TLS: --tls-ca, and --tls-cert/--tls-key for mutual TLS.
 
 {EXIT_HELP}
 
@@ -39,11 +40,22 @@ Shell completion: eval "$(mvllmctl completion bash)"   (also zsh, fish)
 @click.version_option(__version__, "--version", prog_name="mvllmctl")
 @click.option("--address", "-a", metavar="ADDR", help="The daemon's address (see below).")
 @click.option("--timeout", type=float, default=30.0, show_default=True, metavar="SECONDS", help="Per-call deadline.")
+@click.option("--tls-ca", metavar="PEM", help="CA of the daemon's TLS certificate (TCP). [$MVLLM_TLS_CA]")
+@click.option("--tls-cert", metavar="PEM", help="Client certificate, for mutual TLS. [$MVLLM_TLS_CERT]")
+@click.option("--tls-key", metavar="PEM", help="Its private key. [$MVLLM_TLS_KEY]")
 @click.pass_context
-def cli(ctx: click.Context, /, address: str | None, timeout: float) -> None:
+def cli(
+    ctx: click.Context,
+    /,
+    address: str | None,
+    timeout: float,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+) -> None:
     """Control mvllmd: its devices, its engine instances (launch, status, stop, logs), and rollout jobs
     (submit, jobs, job, watch, cancel; generate-rollouts for the seed script's flags)."""
-    client = Client(resolve_address(address, os.environ), timeout)
+    client = Client(resolve_address(address, os.environ), timeout, resolve_tls(tls_ca, tls_cert, tls_key, os.environ))
     ctx.call_on_close(client.close)
     ctx.obj = Ctl(client=client)
 

@@ -3,7 +3,8 @@
     unix:/abs/path        a unix socket (also accepted: unix:///abs/path)
     host:port             TCP; IPv6 literals in brackets: [::1]:7070
 
-Plaintext TCP is allowed on loopback only; any other host needs TLS, or an explicit `--insecure-tcp`.
+Plaintext TCP is allowed on loopback only; any other host needs mutual TLS (a server certificate and
+a CA for client certificates), or an explicit `--insecure-tcp`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mvllmd.errors import AddressError
+from mvllmd.tls import TlsFiles
 
 SOCKET_NAME = "mvllmd.sock"
 ROOT_SOCKET = Path("/run/mvllmd") / SOCKET_NAME
@@ -94,13 +96,22 @@ def _parse_tcp(text: str) -> TcpAddress:
     return TcpAddress(host, int(port_text))
 
 
-def check_tcp_policy(address: ListenAddress, insecure_tcp: bool) -> None:
-    """Refuse plaintext TCP off loopback unless the operator said --insecure-tcp."""
-    if isinstance(address, TcpAddress) and not address.is_loopback and not insecure_tcp:
+def check_tcp_policy(address: ListenAddress, insecure_tcp: bool, tls: TlsFiles | None = None) -> None:
+    """Off loopback, a TCP listener needs mutual TLS, unless the operator said --insecure-tcp: with
+    plaintext, or TLS without client certificates, anyone who reaches the port could control mvllmd."""
+    if not isinstance(address, TcpAddress) or address.is_loopback or insecure_tcp:
+        return
+    if tls is None:
         raise AddressError(
             f"refusing to listen on {address}: it is not a loopback address, and anyone who reaches it could "
-            "control this daemon. TLS is not supported yet; listen on 127.0.0.1 and tunnel, or pass "
-            "--insecure-tcp (insecure_tcp = true) if the network is trusted."
+            "control this daemon. Give it mutual TLS (--tls-cert, --tls-key and --tls-client-ca), listen on "
+            "127.0.0.1 and tunnel, or pass --insecure-tcp (insecure_tcp = true) if the network is trusted."
+        )
+    if not tls.mutual:
+        raise AddressError(
+            f"refusing to listen on {address} with TLS but no --tls-client-ca: the traffic is encrypted, but "
+            "anyone who reaches the port could still control this daemon. Give the CA that signs your clients' "
+            "certificates, or pass --insecure-tcp (insecure_tcp = true) if the network is trusted."
         )
 
 

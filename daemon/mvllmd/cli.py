@@ -30,7 +30,8 @@ EPILOG = """\b
 Addresses use gRPC target syntax: unix:/abs/path or host:port.
 Default socket, the first that applies: $RUNTIME_DIRECTORY/mvllmd.sock (under systemd),
 $XDG_RUNTIME_DIR/mvllmd/mvllmd.sock, /run/mvllmd/mvllmd.sock (root).
-Plain TCP is allowed on loopback only, unless --insecure-tcp.
+Plain TCP is allowed on loopback only. Off loopback, mvllmd needs mutual TLS
+(--tls-cert, --tls-key, --tls-client-ca), or --insecure-tcp for a trusted network.
 
 \b
 Exit status: 0 stopped cleanly, 1 failed, 2 usage or configuration error, 130 interrupted.
@@ -39,6 +40,8 @@ Exit status: 0 stopped cleanly, 1 failed, 2 usage or configuration error, 130 in
 Examples:
   mvllmd --sim-gpus 8                         # default socket, 8 simulated GPUs
   mvllmd --listen unix:/tmp/m.sock --listen 127.0.0.1:7070
+  mvllmd --listen 0.0.0.0:7070 --tls-cert /etc/mvllm/server.pem --tls-key /etc/mvllm/server.key \\
+         --tls-client-ca /etc/mvllm/clients-ca.pem
   mvllmd --config /etc/mvllm/mvllmd.toml      # see examples/mvllmd.toml
   mvllmd install-units --user                 # then: systemctl --user enable --now mvllmd
 """
@@ -50,7 +53,10 @@ Examples:
 @click.option("--listen", multiple=True, metavar="ADDR", help="Listen address; repeat for several. [default socket]")
 @click.option("--state-dir", type=click.Path(resolve_path=True), help="Where state is kept.")
 @click.option("--socket-group", metavar="GROUP", help="Group that owns the unix socket (mode 0660).")
-@click.option("--insecure-tcp/--no-insecure-tcp", default=None, help="Allow plaintext TCP off loopback.")
+@click.option("--insecure-tcp/--no-insecure-tcp", default=None, help="Allow TCP off loopback without mutual TLS.")
+@click.option("--tls-cert", type=click.Path(resolve_path=True), metavar="PEM", help="Certificate: TCP speaks TLS.")
+@click.option("--tls-key", type=click.Path(resolve_path=True), metavar="PEM", help="The certificate's private key.")
+@click.option("--tls-client-ca", type=click.Path(resolve_path=True), metavar="PEM", help="CA of clients (mutual TLS).")
 @click.option("--drain-timeout", type=float, metavar="SECONDS", help="On SIGTERM, wait this long for calls. [30]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[info]")
 @click.option("--unit-manager", type=click.Choice(["auto", "systemd-system", "systemd-user", "process"]), help="[auto]")

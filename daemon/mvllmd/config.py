@@ -19,6 +19,7 @@ from typing import Any, Literal, cast
 from mvllmd.addresses import ListenAddress, check_tcp_policy, default_socket, first_path, parse_address
 from mvllmd.errors import AddressError, ConfigError
 from mvllmd.inventory import GpuSourceChoice
+from mvllmd.tls import TlsFiles, tls_files
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 UnitManagerChoice = Literal["auto", "systemd-system", "systemd-user", "process"]
@@ -49,6 +50,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("daemon", "state_dir", str, "", "--state-dir"),
     Option("daemon", "socket_group", str, "", "--socket-group"),
     Option("daemon", "insecure_tcp", bool, False, "--insecure-tcp"),
+    Option("daemon", "tls_cert", str, "", "--tls-cert"),
+    Option("daemon", "tls_key", str, "", "--tls-key"),
+    Option("daemon", "tls_client_ca", str, "", "--tls-client-ca"),
     Option("daemon", "drain_timeout_s", float, 30.0, "--drain-timeout", minimum=0, maximum=3600),
     Option("daemon", "log_level", str, "info", "--log-level", choices=("debug", "info", "warning", "error")),
     Option(
@@ -88,6 +92,7 @@ class DaemonSettings:
     drain_timeout_s: float
     log_level: LogLevel
     unit_manager: UnitManagerChoice
+    tls: TlsFiles | None = None  # TLS on every TCP listener; None: plaintext (loopback only)
 
 
 @dataclass(frozen=True)
@@ -223,14 +228,16 @@ def _check_type(option: Option, value: Any, where: str) -> Any:
 
 
 def _build(values: dict[str, Any], config_file: Path | None, environ: Mapping[str, str], euid: int) -> Config:
+    tls = tls_files(values["daemon.tls_cert"], values["daemon.tls_key"], values["daemon.tls_client_ca"])
     daemon = DaemonSettings(
-        listen=_listen(values["daemon.listen"], values["daemon.insecure_tcp"], environ, euid),
+        listen=_listen(values["daemon.listen"], values["daemon.insecure_tcp"], tls, environ, euid),
         state_dir=_state_dir(values["daemon.state_dir"], environ),
         socket_group=_group(values["daemon.socket_group"]),
         insecure_tcp=values["daemon.insecure_tcp"],
         drain_timeout_s=values["daemon.drain_timeout_s"],
         log_level=cast(LogLevel, values["daemon.log_level"]),
         unit_manager=cast(UnitManagerChoice, values["daemon.unit_manager"]),
+        tls=tls,
     )
     inventory = InventorySettings(
         cpu_slots=values["inventory.cpu_slots"],
@@ -268,10 +275,12 @@ def _optional_path(text: str, what: str) -> Path | None:
     return path
 
 
-def _listen(texts: list[str], insecure_tcp: bool, environ: Mapping[str, str], euid: int) -> tuple[ListenAddress, ...]:
+def _listen(
+    texts: list[str], insecure_tcp: bool, tls: TlsFiles | None, environ: Mapping[str, str], euid: int
+) -> tuple[ListenAddress, ...]:
     addresses = [parse_address(t) for t in texts] or [default_socket(environ, euid)]
     for address in addresses:
-        check_tcp_policy(address, insecure_tcp)
+        check_tcp_policy(address, insecure_tcp, tls)
     seen = [str(a) for a in addresses]
     duplicates = sorted({s for s in seen if seen.count(s) > 1})
     if duplicates:

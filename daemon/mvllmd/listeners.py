@@ -5,6 +5,7 @@
 - Each unix socket has a lock file beside it (`mvllmd.sock.lock`): gRPC replaces a socket file that
   exists, so without the lock a second daemon would silently steal the first one's socket.
 - An explicit socket path's directory must exist; only the default socket's directory is created.
+- A TCP listener speaks TLS when the daemon has a certificate (tls.py), mutual TLS with a client CA.
 - A TCP port is checked before gRPC binds it, for a clear "in use" message. gRPC's SO_REUSEPORT is
   off (see server.py), so two daemons can never share a port.
 - If any address fails, every address bound so far is released before the error is raised: nothing is
@@ -26,6 +27,7 @@ from typing import Any
 from mvllmd.addresses import ListenAddress, TcpAddress, UnixAddress
 from mvllmd.errors import AddressError, MvllmError
 from mvllmd.locks import PidLock
+from mvllmd.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,9 @@ SOCKET_MODE = 0o660
 
 
 class Listeners:
-    def __init__(self, addresses: tuple[ListenAddress, ...], socket_group: str) -> None:
+    def __init__(self, addresses: tuple[ListenAddress, ...], socket_group: str, tls: TlsFiles | None = None) -> None:
         self._addresses = addresses
+        self._tls = tls
         self._gid = grp.getgrnam(socket_group).gr_gid if socket_group else -1
         self._locks: list[PidLock] = []
         self._sockets: list[Path] = []
@@ -64,7 +67,8 @@ class Listeners:
     def _bind_one(self, server: Any, address: ListenAddress) -> str:
         if isinstance(address, UnixAddress):
             return self._bind_unix(server, address)
-        return _bind_tcp(server, address)
+        credentials = self._tls.server_credentials() if self._tls is not None else None
+        return _bind_tcp(server, address, credentials)
 
     def _bind_unix(self, server: Any, address: UnixAddress) -> str:
         path = address.path
@@ -99,9 +103,9 @@ class Listeners:
             os.chown(parent, -1, self._gid)
 
 
-def _bind_tcp(server: Any, address: TcpAddress) -> str:
+def _bind_tcp(server: Any, address: TcpAddress, credentials: Any) -> str:
     _check_port_free(address)
-    port = _add_port(server, address)
+    port = _add_port(server, address, credentials)
     return str(TcpAddress(address.host, port))
 
 
@@ -119,9 +123,12 @@ def _check_port_free(address: TcpAddress) -> None:
             raise AddressError(f"cannot listen on {address}: {exc.strerror}") from exc
 
 
-def _add_port(server: Any, address: ListenAddress) -> int:
+def _add_port(server: Any, address: ListenAddress, credentials: Any = None) -> int:
     try:
-        port = int(server.add_insecure_port(str(address)))
+        if credentials is not None:
+            port = int(server.add_secure_port(str(address), credentials))
+        else:
+            port = int(server.add_insecure_port(str(address)))
     except RuntimeError as exc:
         raise AddressError(f"cannot listen on {address}: gRPC could not bind it") from exc
     if port == 0:

@@ -55,7 +55,7 @@ SERVER_OPTIONS = (
 async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ: Mapping[str, str]) -> None:
     """Run the daemon until SIGTERM or SIGINT. Raises MvllmError when it cannot start."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    listeners = Listeners(config.daemon.listen, config.daemon.socket_group)
+    listeners = Listeners(config.daemon.listen, config.daemon.socket_group, config.daemon.tls)
     try:
         bound = listeners.bind(server)  # first: a bad address fails before anything is touched
         state_lock = _lock_state_dir(config)

@@ -1,0 +1,73 @@
+"""TLS for mvllmd's TCP listeners: the PEM files, checked at start-up, and gRPC's server credentials.
+
+With a certificate and key, every TCP listener speaks TLS (unix sockets stay plain: their file mode
+guards them). With a client CA too, a client must present a certificate that CA signed (mutual TLS):
+that, not encryption alone, is what keeps a daemon reachable off loopback from being controlled by
+anyone who reaches its port, so off loopback mvllmd asks for it (addresses.check_tcp_policy).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from mvllmd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path  # the server's certificate chain (PEM)
+    key: Path  # its private key (PEM)
+    client_ca: Path | None = None  # CA bundle (PEM) that client certificates must chain to
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca is not None
+
+    def server_credentials(self) -> Any:
+        root = self.client_ca.read_bytes() if self.client_ca else None
+        pair = (self.key.read_bytes(), self.cert.read_bytes())
+        return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
+
+
+def tls_files(cert: str, key: str, client_ca: str) -> TlsFiles | None:
+    """The TLS settings from the config's three paths (empty: not given), checked; None without TLS."""
+    if not (cert or key or client_ca):
+        return None
+    if not cert or not key:
+        raise ConfigError("TLS needs both tls_cert (--tls-cert) and tls_key (--tls-key)")
+    files = TlsFiles(
+        _path(cert, "tls_cert"), _path(key, "tls_key"), _path(client_ca, "tls_client_ca") if client_ca else None
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(files.cert, files.key)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"tls_cert {files.cert} and tls_key {files.key} are not a PEM certificate and its private key "
+            f"({exc.reason or exc})"
+        ) from None
+    if files.client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=files.client_ca)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"tls_client_ca {files.client_ca} holds no PEM certificate ({exc.reason or exc})"
+            ) from None
+    return files
+
+
+def _path(text: str, key: str) -> Path:
+    path = Path(text)
+    if not path.is_absolute():
+        raise ConfigError(f"[daemon] {key} must be an absolute path, got {text!r}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"[daemon] {key}: cannot read {path}: {exc.strerror}") from None
+    return path
