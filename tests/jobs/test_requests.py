@@ -39,6 +39,9 @@ def test_bodies() -> None:
     chat = build_body(s, [{"role": "user", "content": "hi"}], n=1, seed=11)
     assert chat["messages"][0]["content"] == "hi" and chat["seed"] == 11
     assert chat["logprobs"] is True and chat["top_logprobs"] == 2
+    # Token ids are asked for when n > 1 (the exact count of each choice) or when the job wants them.
+    assert text["return_token_ids"] is True and "return_token_ids" not in chat
+    assert build_body(Sampling(model="m", return_token_ids=True), "hi", n=1, seed=None)["return_token_ids"] is True
 
 
 async def test_samples_from_completions_and_chat(start_sim: StartSim) -> None:
@@ -53,6 +56,9 @@ async def test_samples_from_completions_and_chat(start_sim: StartSim) -> None:
     assert [t.seed for t in texts] == [derive_seed(1, 4) + i for i in range(3)]
     assert chats[0].sample_index == 3 and chats[0].seed == derive_seed(1, 5) + 3
     assert chats[0].prompt_tokens and chats[0].latency_s is not None
+    with client() as session:
+        (alone,) = await send(session, base, Sampling(model="sim", max_tokens=6), "Once upon a time", 0, [0])
+    assert alone.token_ids is None and alone.completion_tokens == len(alone.response.split())  # from the usage
 
 
 async def test_a_seeded_sample_is_the_same_in_any_request(start_sim: StartSim) -> None:

@@ -87,7 +87,10 @@ def build_body(sampling: Sampling, prompt: str | list[dict[str, str]], n: int, s
             body["logprobs"] = sampling.logprobs
         else:
             body.update(logprobs=True, top_logprobs=sampling.logprobs)
-    body["return_token_ids"] = True  # always: the only exact per-choice token count when n > 1
+    if n > 1 or sampling.return_token_ids:
+        # With n > 1 the token ids are the only exact count of each choice's tokens; with n = 1 the
+        # usage says it, and leaving them out spares both sides the prompt's and the answer's ids.
+        body["return_token_ids"] = True
     return body
 
 
