@@ -80,6 +80,9 @@ def test_tls_files_are_checked_with_clear_errors(pki: Path) -> None:
         tls_files(cert, str(pki / "client.key"), "")  # another certificate's key
     with pytest.raises(ConfigError, match="holds no PEM certificate"):
         tls_files(cert, key, str(pki / "server.ext"))
+    gone = TlsFiles(pki / "gone.pem", Path(key))  # a file removed after the check, before the listeners bind
+    with pytest.raises(ConfigError, match=r"cannot read .*gone.pem: No such file"):
+        gone.server_credentials()
 
 
 def test_off_loopback_needs_mutual_tls_or_insecure_tcp(pki: Path) -> None:

@@ -29,8 +29,11 @@ class TlsFiles:
         return self.client_ca is not None
 
     def server_credentials(self) -> Any:
-        root = self.client_ca.read_bytes() if self.client_ca else None
-        pair = (self.key.read_bytes(), self.cert.read_bytes())
+        try:
+            root = self.client_ca.read_bytes() if self.client_ca else None
+            pair = (self.key.read_bytes(), self.cert.read_bytes())
+        except OSError as exc:  # checked at start-up, but a file can go before the listeners bind
+            raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
         return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
 
 
