@@ -164,7 +164,7 @@ class _Connection(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()  # the client went away: its handler stops, as aiohttp's and uvicorn's do
         if self._drained is not None and not self._drained.done():
-            self._drained.set_exception(ConnectionResetError("the client closed the connection"))
+            self._drained.set_result(None)  # a writer waiting for room wakes, and finds the connection closed
 
     def pause_writing(self) -> None:
         self._drained = asyncio.get_running_loop().create_future()
@@ -259,6 +259,8 @@ class _Connection(asyncio.Protocol):
         self._transport.write(data)  # type: ignore[union-attr]
         if self._drained is not None:
             await self._drained
+            if self._gone():
+                raise ConnectionResetError("the client closed the connection")
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer a request that cannot be parsed or taken, then close: the stream is out of step."""

@@ -166,3 +166,34 @@ async def test_a_stream_is_chunked_and_a_cut_ends_the_connection_without_an_answ
             async with http.get(f"http://{host}:{port}/cut") as r:
                 await r.read()
     await srv.close()
+
+
+async def test_a_stream_waits_for_a_slow_reader_and_ends_when_it_leaves() -> None:
+    """Flow control: a writer whose client does not read is held (not buffered without bound), and
+    stops when the client goes away."""
+    written, ended = 0, asyncio.Event()
+
+    async def flood(request: Request) -> Stream:
+        nonlocal written
+        out = await request.stream({"content-type": "application/octet-stream"})
+        try:
+            while True:
+                await out.write(b"x" * 65536)
+                written += 65536
+        finally:
+            ended.set()
+
+    srv = Server({("GET", "/flood"): flood})
+    host, port = await srv.start("127.0.0.1", 0)
+    _, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")
+    for _ in range(50):  # nothing is read: the writer must come to a stop
+        before = written
+        await asyncio.sleep(0.05)
+        if written == before and written > 0:
+            break
+    assert 0 < written < 64 * 1024 * 1024
+    assert not ended.is_set()
+    writer.close()
+    await asyncio.wait_for(ended.wait(), 5)
+    await srv.close()
