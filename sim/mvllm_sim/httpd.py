@@ -73,6 +73,7 @@ class Request:
     async def stream(self, headers: Mapping[str, str]) -> Stream:
         """Send a 200 with `headers` and chunked transfer encoding; the handler then writes the body."""
         self._conn.write_head(200, {**headers, "transfer-encoding": "chunked"}, self.keep_alive)
+        self._conn.streaming = True
         return Stream(self._conn)
 
     def cut(self) -> None:
@@ -141,6 +142,7 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._too_large = False
         self.closed = False
+        self.streaming = False  # a chunked answer's head has gone out
         self.idle_since: float | None = time.monotonic()
 
     # --- asyncio.Protocol --------------------------------------------------------------------
@@ -227,9 +229,13 @@ class _Connection(asyncio.Protocol):
                 if self._gone():
                     return  # it failed writing to a client that had left
                 log.exception("the handler of %s %s failed", request.method, request.path)
+                if self.streaming:
+                    self.cut()  # the head went out: the client must not take what it got for a whole answer
+                    return
                 response = json_response({"error": {"message": "Internal Server Error", "code": 500}}, 500)
             if self._gone():
                 return  # cut by the handler, or the client left
+            self.streaming = False
             if isinstance(response, Stream):
                 self._transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
             else:

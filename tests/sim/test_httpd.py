@@ -145,6 +145,21 @@ async def test_a_failing_handler_gets_500_and_the_connection_goes_on() -> None:
     await srv.close()
 
 
+async def test_a_stream_that_fails_midway_is_cut_not_ended() -> None:
+    async def broken(request: Request) -> Stream:
+        out = await request.stream({"content-type": "text/event-stream"})
+        await out.write(b"data: 0\n\n")
+        raise RuntimeError("boom")
+
+    srv = Server({("GET", "/broken"): broken})
+    host, port = await srv.start("127.0.0.1", 0)
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientPayloadError):  # no terminating chunk: the answer is incomplete
+            async with http.get(f"http://{host}:{port}/broken") as r:
+                await r.read()
+    await srv.close()
+
+
 async def test_a_stream_is_chunked_and_a_cut_ends_the_connection_without_an_answer() -> None:
     async def stream(request: Request) -> Stream:
         out = await request.stream({"content-type": "text/event-stream"})
