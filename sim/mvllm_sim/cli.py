@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import uvloop
+
 from mvllm_sim.faults import ERROR_STATUSES, FaultConfig
 from mvllm_sim.profiles import ProfileError, load_profiles, step_model
 from mvllm_sim.server import SimConfig, SimServer
@@ -143,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"mvllm-sim: error: {exc}", file=sys.stderr)
         sys.exit(2)
     try:
-        asyncio.run(serve(config, args.host, args.port))
+        uvloop.run(serve(config, args.host, args.port))  # the event loop `vllm serve` runs too
     except OSError as exc:
         print(f"mvllm-sim: error: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         sys.exit(1)
