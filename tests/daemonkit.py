@@ -69,6 +69,23 @@ class DaemonProcess:
     def stderr(self) -> str:
         return self.stderr_path.read_text()
 
+    @property
+    def tcp_port(self) -> int:
+        """The port its TCP listener bound, from READY's STATUS ("serving on ...:PORT")."""
+        ready = next(m for m in self.notify.messages if "READY=1" in m)
+        return int(ready.rsplit(":", 1)[1])
+
+
+def run_mvllmd(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MVLLMD, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False)
+
+
+def assert_short_error(done: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    for fragment in fragments:
+        assert fragment in done.stderr, done.stderr
+
 
 def start_daemon(
     tmp: Path, env: dict[str, str], args: Sequence[str], watchdog_usec: int | None = None

@@ -10,18 +10,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from daemonkit import MVLLMCTL, MVLLMD, DaemonProcess, Spawn
-
-
-def run_mvllmd(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MVLLMD, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False)
-
-
-def assert_short_error(done: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
-    assert done.returncode == code, (done.returncode, done.stderr)
-    assert "Traceback" not in done.stderr
-    for fragment in fragments:
-        assert fragment in done.stderr, done.stderr
+from daemonkit import MVLLMCTL, DaemonProcess, Spawn, assert_short_error, run_mvllmd
 
 
 def test_ready_status_and_socket_mode(daemon: DaemonProcess, short_tmp: Path) -> None:
@@ -146,8 +135,7 @@ def test_non_loopback_tcp_is_refused_without_insecure_tcp(short_tmp: Path, clean
 def test_insecure_tcp_is_allowed_when_asked(short_tmp: Path, spawn: Spawn) -> None:
     args = ["--listen", "0.0.0.0:0", "--insecure-tcp", "--state-dir", str(short_tmp / "s")]
     daemon = spawn(args)
-    ready = next(m for m in daemon.notify.messages if "READY=1" in m)
-    port = int(ready.rsplit(":", 1)[1])
+    port = daemon.tcp_port
     assert port > 0
     assert daemon.ctl("info", address=f"127.0.0.1:{port}").returncode == 0
 

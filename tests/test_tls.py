@@ -10,15 +10,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_daemon_process import assert_short_error, run_mvllmd
 
 from mvllmd.addresses import TcpAddress, check_tcp_policy
+from mvllmd.config import load_config
 from mvllmd.errors import AddressError, ConfigError
 from mvllmd.tls import TlsFiles, tls_files
 
-from daemonkit import Spawn
+from daemonkit import Spawn, assert_short_error, run_mvllmd
 
 OPENSSL = "openssl"
+ENV = {"XDG_RUNTIME_DIR": "/run/user/1000", "HOME": "/home/u"}
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -64,23 +65,23 @@ def client_tls(pki: Path, name: str = "client") -> list[str]:
 
 
 def test_no_tls_settings_mean_no_tls() -> None:
-    assert tls_files("", "", "") is None
+    assert tls_files(None, None, None) is None
 
 
 def test_tls_files_are_checked_with_clear_errors(pki: Path) -> None:
-    cert, key, ca = str(pki / "server.pem"), str(pki / "server.key"), str(pki / "ca.pem")
-    assert tls_files(cert, key, ca) == TlsFiles(Path(cert), Path(key), Path(ca))
+    cert, key, ca = pki / "server.pem", pki / "server.key", pki / "ca.pem"
+    assert tls_files(cert, key, ca) == TlsFiles(cert, key, ca)
     with pytest.raises(ConfigError, match="needs both tls_cert"):
-        tls_files(cert, "", ca)
+        tls_files(cert, None, ca)
     with pytest.raises(ConfigError, match="must be an absolute path"):
-        tls_files("server.pem", key, "")
+        load_config(None, {"daemon.tls_cert": "server.pem", "daemon.tls_key": str(key)}, ENV, euid=1000)
     with pytest.raises(ConfigError, match=r"tls_key: cannot read .*missing.key: No such file"):
-        tls_files(cert, str(pki / "missing.key"), "")
+        tls_files(cert, pki / "missing.key", None)
     with pytest.raises(ConfigError, match="are not a PEM certificate and its private key"):
-        tls_files(cert, str(pki / "client.key"), "")  # another certificate's key
+        tls_files(cert, pki / "client.key", None)  # another certificate's key
     with pytest.raises(ConfigError, match="holds no PEM certificate"):
-        tls_files(cert, key, str(pki / "server.ext"))
-    gone = TlsFiles(pki / "gone.pem", Path(key))  # a file removed after the check, before the listeners bind
+        tls_files(cert, key, pki / "server.ext")
+    gone = TlsFiles(pki / "gone.pem", key)  # a file removed after the check, before the listeners bind
     with pytest.raises(ConfigError, match=r"cannot read .*gone.pem: No such file"):
         gone.server_credentials()
 
@@ -109,14 +110,9 @@ def test_mvllmd_refuses_tls_without_client_ca_off_loopback(
 # --- a daemon and its clients ----------------------------------------------------------------------
 
 
-def _port(daemon_notify: list[str]) -> int:
-    ready = next(m for m in daemon_notify if "READY=1" in m)
-    return int(ready.rsplit(":", 1)[1])
-
-
 def test_mutual_tls_lets_in_only_clients_of_its_ca(pki: Path, short_tmp: Path, spawn: Spawn) -> None:
     daemon = spawn(["--listen", "0.0.0.0:0", "--state-dir", str(short_tmp / "s"), *daemon_tls(pki)])
-    address = f"127.0.0.1:{_port(daemon.notify.messages)}"
+    address = f"127.0.0.1:{daemon.tcp_port}"
 
     ok = daemon.ctl(*client_tls(pki), "info", "--json", address=address)
     assert ok.returncode == 0, ok.stderr
@@ -141,7 +137,7 @@ def test_mutual_tls_lets_in_only_clients_of_its_ca(pki: Path, short_tmp: Path, s
 
 def test_mvllmctl_names_an_unreadable_tls_file(pki: Path, short_tmp: Path, spawn: Spawn) -> None:
     daemon = spawn(["--listen", "127.0.0.1:0", "--state-dir", str(short_tmp / "s"), *daemon_tls(pki)])
-    address = f"127.0.0.1:{_port(daemon.notify.messages)}"
+    address = f"127.0.0.1:{daemon.tcp_port}"
     missing = daemon.ctl("--tls-ca", str(pki / "nope.pem"), "info", address=address)
     assert (missing.returncode, missing.stderr) == (
         2,

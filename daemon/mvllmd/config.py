@@ -25,6 +25,7 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 UnitManagerChoice = Literal["auto", "systemd-system", "systemd-user", "process"]
 
 MAX_DECLARED_DEVICES = 4096
+TLS_KEYS = ("tls_cert", "tls_key", "tls_client_ca")
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def _check_type(option: Option, value: Any, where: str) -> Any:
 
 
 def _build(values: dict[str, Any], config_file: Path | None, environ: Mapping[str, str], euid: int) -> Config:
-    tls = tls_files(values["daemon.tls_cert"], values["daemon.tls_key"], values["daemon.tls_client_ca"])
+    tls = tls_files(*(_optional_path(values[f"daemon.{k}"], f"[daemon] {k}") for k in TLS_KEYS))
     daemon = DaemonSettings(
         listen=_listen(values["daemon.listen"], values["daemon.insecure_tcp"], tls, environ, euid),
         state_dir=_state_dir(values["daemon.state_dir"], environ),

@@ -37,15 +37,16 @@ class TlsFiles:
         return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
 
 
-def tls_files(cert: str, key: str, client_ca: str) -> TlsFiles | None:
-    """The TLS settings from the config's three paths (empty: not given), checked; None without TLS."""
+def tls_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> TlsFiles | None:
+    """The TLS settings from the config's three (absolute) paths, checked; None without TLS."""
     if not (cert or key or client_ca):
         return None
     if not cert or not key:
         raise ConfigError("TLS needs both tls_cert (--tls-cert) and tls_key (--tls-key)")
-    files = TlsFiles(
-        _path(cert, "tls_cert"), _path(key, "tls_key"), _path(client_ca, "tls_client_ca") if client_ca else None
-    )
+    for path, name in ((cert, "tls_cert"), (key, "tls_key"), (client_ca, "tls_client_ca")):
+        if path is not None:
+            _check_readable(path, name)
+    files = TlsFiles(cert, key, client_ca)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(files.cert, files.key)
@@ -64,13 +65,9 @@ def tls_files(cert: str, key: str, client_ca: str) -> TlsFiles | None:
     return files
 
 
-def _path(text: str, key: str) -> Path:
-    path = Path(text)
-    if not path.is_absolute():
-        raise ConfigError(f"[daemon] {key} must be an absolute path, got {text!r}")
+def _check_readable(path: Path, key: str) -> None:
     try:
         with path.open("rb"):
             pass
     except OSError as exc:
         raise ConfigError(f"[daemon] {key}: cannot read {path}: {exc.strerror}") from None
-    return path
