@@ -38,6 +38,7 @@ class SimRequest:
     prompt_ids: Sequence[int]
     targets: Sequence[int]
     stream: bool = False
+    stream_interval: int = 1  # streamed: progress is reported every this many tokens (and at each choice's end)
     arrival: float = 0.0
     # filled in by the engine
     id: int = 0
@@ -54,6 +55,7 @@ class SimRequest:
     finished_at: float | None = None
     choice_done: list[bool] = field(default_factory=list)
     preemptions: int = 0
+    notified: int = 0  # the decode counter when progress was last reported
 
     @property
     def prompt_len(self) -> int:
@@ -168,8 +170,10 @@ class Engine:
             if req.prefill_left == 0:
                 self._start_decode(req)
         self._pop_finished()
+        counter = self._decode_counter
         for req in list(self._streaming.values()):
-            if req.decoding:
+            if req.decoding and counter - req.notified >= req.stream_interval:
+                req.notified = counter
                 self.on_progress(req)
         return dt
 
@@ -244,6 +248,7 @@ class Engine:
             req.first_token_at = self.now
         req.decoding = True
         req.d0 = self._decode_counter
+        req.notified = self._decode_counter - req.stream_interval  # the first token is reported at once
         for i, target in enumerate(req.targets):
             if req.choice_done[i]:
                 continue
@@ -276,6 +281,8 @@ class Engine:
         self._n_running_seqs -= 1
         self._context_sum -= req.prompt_len + target
         req.active -= 1
+        if req.active and req.stream:
+            self.on_progress(req)  # a choice's end is reported at once
         if req.active == 0:
             req.generated = self._release(req)
             req.state = "finished"

@@ -51,6 +51,7 @@ class Sampling:
     stream: bool
     include_usage: bool
     return_token_ids: bool
+    stream_interval: int  # tokens a streamed choice gathers per chunk (the first and last go at once)
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ def _sampling(body: dict[str, Any], logprobs: int | None, default_max: int | Non
         stream=_opt_bool(body, "stream", False),
         include_usage=bool(options.get("include_usage", False)),
         return_token_ids=_opt_bool(body, "return_token_ids", False),
+        stream_interval=_opt_int(body, "stream_interval", 1, None) or 1,
     )
 
 
@@ -211,6 +213,8 @@ def _opt_int(body: dict[str, Any], key: str, low: int | None, high: int | None) 
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(400, f"{key} must be an integer, got {value!r}", param=key)
+    if high is None and low is not None and value < low:
+        raise ApiError(400, f"{key} must be at least {low}, got {value}", param=key)
     if (low is not None and value < low) or (high is not None and value > high):
         raise ApiError(400, f"{key} must be between {low} and {high}, got {value}", param=key)
     return value

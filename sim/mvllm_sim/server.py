@@ -1,7 +1,10 @@
 """The HTTP side: vLLM's OpenAI-compatible endpoints over the simulated engine (on httpd.py).
 
 GET /health, /v1/models, /metrics, /version; POST /v1/completions, /v1/chat/completions (with SSE
-streaming). A client that disconnects has its request aborted in the engine, as vLLM does.
+streaming). A client that disconnects has its request aborted in the engine, as vLLM does. A streamed
+choice goes out as vLLM 0.32 sends it: its first token at once, then a chunk per `stream_interval`
+tokens (the request's; 1 by default), its last chunk when it ends; with `return_token_ids`, each
+chunk holds its tokens' ids and the first the prompt's.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from mvllm_sim.protocol import (
     words_as_tokens,
 )
 from mvllm_sim.runner import Runner
-from mvllm_sim.text import LengthModel, Output, generate, sample_key
+from mvllm_sim.text import LengthModel, Output, answer_so_far, generate, sample_key, token_ids
 
 log = logging.getLogger(__name__)
 VLLM_VERSION = "0.32.0"
@@ -206,9 +209,14 @@ class SimServer:
             cap = min(job.sampling.max_tokens or room, room)
             request = next(self._requests)
             keys = [sample_key(prompt, i, job.sampling.seed, request) for i in range(job.sampling.n)]
-            outputs = [generate(k, s.lengths, cap, job.sampling.ignore_eos, job.sampling.stop) for k in keys]
+            made = answer_so_far(ids)
+            sampling = job.sampling
+            outputs = [generate(k, s.lengths, cap, sampling.ignore_eos, sampling.stop, made) for k in keys]
             req = SimRequest(
-                prompt_ids=ids, targets=[max(1, len(o.words)) for o in outputs], stream=job.sampling.stream
+                prompt_ids=ids,
+                targets=[max(1, len(o.words)) for o in outputs],
+                stream=sampling.stream,
+                stream_interval=sampling.stream_interval,
             )
             pending.requests.append(req)
             pending.outputs.append(outputs)
@@ -277,10 +285,12 @@ class SimServer:
             return
         done = req.state == "finished" or (req.state == "running" and req.choice_done[i])
         have = len(out.words) if done else min(len(out.words), self.engine.generated_now(req, i))
-        if have == progress.sent and not done:
-            return
+        fewer = progress.sent > 0 and have - progress.sent < req.stream_interval  # after the first chunk
+        if not done and (have == progress.sent or fewer):
+            return  # nothing new, or less than the stream interval
         tokens = words_as_tokens(out.words)[progress.sent : have]
-        await stream.choice(index, tokens, out.finish_reason if done else None, progress.sent == 0, progress.offset)
+        prompt = req.prompt_ids if progress.sent == 0 else None
+        await stream.choice(index, tokens, out.finish_reason if done else None, prompt, progress.offset)
         progress.sent, progress.offset, progress.closed = have, progress.offset + sum(map(len, tokens)), done
 
 
@@ -305,6 +315,7 @@ class _SseWriter:
         self._chunks = 0
         self._drop_after = drop_after
         self.dropped = False
+        self._prompt_sent = False
 
     async def _send(self, payload: dict[str, Any]) -> None:
         if self.dropped:
@@ -325,13 +336,22 @@ class _SseWriter:
             "choices": choices,
         }
 
-    async def choice(self, index: int, tokens: Sequence[str], reason: str | None, first: bool, offset: int) -> None:
+    async def choice(
+        self, index: int, tokens: Sequence[str], reason: str | None, prompt: Sequence[int] | None, offset: int
+    ) -> None:
+        """A chunk of one choice; `prompt` (the prompt's token ids) on the choice's first chunk."""
         text = "".join(tokens)
-        top = self._job.sampling.logprobs
-        lp = logprobs_block(self._job.chat, tokens, top, offset) if top is not None and tokens else None
+        sampling = self._job.sampling
+        lp = (
+            logprobs_block(self._job.chat, tokens, sampling.logprobs, offset)
+            if sampling.logprobs is not None and tokens
+            else None
+        )
+        ids = token_ids(text) if sampling.return_token_ids else None
+        first = prompt is not None
         if self._job.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-            body = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            body = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason, "token_ids": ids}
         else:
             body = {
                 "index": index,
@@ -339,8 +359,14 @@ class _SseWriter:
                 "logprobs": lp,
                 "finish_reason": reason,
                 "stop_reason": None,
+                "prompt_token_ids": list(prompt) if prompt is not None and sampling.return_token_ids else None,
+                "token_ids": ids,
             }
-        await self._send(self._envelope([body]))
+        chunk = self._envelope([body])
+        if self._job.chat and sampling.return_token_ids and not self._prompt_sent:
+            chunk["prompt_token_ids"] = list(prompt or ())  # vLLM: on the stream's first chunk
+            self._prompt_sent = True
+        await self._send(chunk)
 
     async def usage(self, numbers: dict[str, Any]) -> None:
         await self._send(dict(self._envelope([]), usage=numbers))

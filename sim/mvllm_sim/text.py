@@ -12,13 +12,21 @@ and, for a seeded request, seed + choice index (vLLM's seed of choice i), else t
 on this server and the choice index: output is deterministic for a given order of requests, and two
 unseeded requests for one prompt get different answers, as from vLLM.
 Lengths are log-normal (median exp(mu), spread sigma), capped by max_tokens and the context left.
+
+Continuations: a prompt that ends with p tokens of the simulator's own output (its words, read by
+their token ids) continues an answer of p tokens, as a model reads its own answer so far: the length
+drawn is the log-normal's conditioned on exceeding p, less p. A client that moves a running sample
+to another server, with the tokens it made as the new prompt, so gets the rest of one answer, whose
+whole length has the distribution of an answer made in one request.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
+import statistics
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +35,7 @@ VOCAB_SIZE = 32000
 _PIECE = re.compile(r"<\|\w+\|>|\w+|[^\w\s]")
 _SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "su", "da", "fi", "go", "hu", "ja", "we")
 WORDS = tuple(a + b + c for a in _SYLLABLES for b in _SYLLABLES for c in ("", "n", "s", "r"))  # 1,024 words
+_NORMAL = statistics.NormalDist()
 
 
 def pieces(text: str) -> list[str]:
@@ -35,6 +44,16 @@ def pieces(text: str) -> list[str]:
 
 def token_ids(text: str) -> list[int]:
     return [zlib.crc32(p.encode()) % VOCAB_SIZE for p in pieces(text)]
+
+
+def answer_so_far(ids: Sequence[int]) -> int:
+    """How many of the prompt's last tokens are the simulator's own output: the answer it continues."""
+    count = 0
+    for token in reversed(ids):
+        if token not in _WORD_IDS:
+            break
+        count += 1
+    return count
 
 
 def chat_prompt(messages: Sequence[tuple[str, str]]) -> str:
@@ -68,16 +87,27 @@ class Output:
         return " ".join(self.words)
 
 
-def generate(key: int, lengths: LengthModel, cap: int, ignore_eos: bool, stop: Sequence[str] = ()) -> Output:
-    """The output of one choice: its words and why it ended. One word is one token."""
+def generate(  # noqa: PLR0917
+    key: int, lengths: LengthModel, cap: int, ignore_eos: bool, stop: Sequence[str] = (), made: int = 0
+) -> Output:
+    """The output of one choice: its words and why it ended. One word is one token. `made`: the
+    tokens of the answer the prompt already holds (see the module docstring)."""
     rng = random.Random(key)
-    natural = max(1, round(rng.lognormvariate(lengths.mu, lengths.sigma)))
+    if made:
+        below = _NORMAL.cdf((math.log(made) - lengths.mu) / lengths.sigma)  # P(an answer ends within `made`)
+        z = _NORMAL.inv_cdf(min(below + rng.random() * (1 - below), 1 - 1e-12))
+        natural = max(1, round(math.exp(lengths.mu + lengths.sigma * z)) - made)
+    else:
+        natural = max(1, round(rng.lognormvariate(lengths.mu, lengths.sigma)))
     length = cap if ignore_eos else min(natural, cap)
     words = tuple(rng.choices(WORDS, k=length))
     reason = "stop" if length < cap else "length"
     if stop:
         words, reason = _apply_stop(words, stop, reason)
     return Output(words, reason)
+
+
+_WORD_IDS = frozenset(token_ids(" ".join(WORDS)))
 
 
 def _apply_stop(words: tuple[str, ...], stop: Sequence[str], reason: str) -> tuple[tuple[str, ...], str]:

@@ -246,3 +246,55 @@ async def test_metrics_escape_odd_model_names(start_sim: StartSim, http: aiohttp
     for line in text.splitlines():  # a raw newline in a label would break a sample line in two
         assert line.startswith(("#", "vllm:", "mvllm_sim:")), line
         assert line.startswith("#") or float(line.rsplit(" ", 1)[1]) >= 0
+
+
+async def test_stream_interval_and_token_ids(start_sim: StartSim, http: aiohttp.ClientSession) -> None:
+    """vLLM's per-request stream_interval: the first token at once, then chunks of the interval, the
+    last whatever is left; with return_token_ids each chunk carries its tokens' ids, the first the prompt's."""
+    base, _ = await start_sim("--time-scale", "0")
+    body = completion_body(n=2, max_tokens=50, ignore_eos=True, seed=5, return_token_ids=True)
+    _, plain = await post(http, f"{base}/v1/completions", body)
+    events = await sse(http, f"{base}/v1/completions", {**body, "stream": True, "stream_interval": 16})
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in events[:-1] if c["choices"][0]["index"] == index]
+        assert [len(c["token_ids"]) for c in mine] == [1, 16, 16, 16, 1]
+        assert [c["finish_reason"] for c in mine] == [None] * 4 + ["length"]
+        assert mine[0]["prompt_token_ids"] == plain["choices"][index]["prompt_token_ids"]
+        assert all(c["prompt_token_ids"] is None for c in mine[1:])
+        assert [t for c in mine for t in c["token_ids"]] == plain["choices"][index]["token_ids"]
+    chat = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9, "ignore_eos": True,
+            "return_token_ids": True, "stream": True, "stream_interval": 4}  # fmt: skip
+    events = await sse(http, f"{base}/v1/chat/completions", chat)
+    assert [len(c["choices"][0]["token_ids"]) for c in events[:-1]] == [1, 4, 4]
+    assert events[0]["prompt_token_ids"] and "prompt_token_ids" not in events[1]
+    status, error = await post(http, f"{base}/v1/completions", {**body, "stream_interval": 0})
+    assert status == 400 and "stream_interval must be at least 1" in error["error"]["message"]
+
+
+async def test_a_continued_answer_has_the_length_of_one_answer(
+    start_sim: StartSim, http: aiohttp.ClientSession
+) -> None:
+    """A prompt ending with p tokens of the simulator's own output continues that answer: the rest it
+    draws is the log-normal conditioned on exceeding p, so answers made in two requests (the first
+    cut at 100 tokens) have the lengths of answers made in one. 400 answers each way, medians compared."""
+    base, _ = await start_sim("--time-scale", "0")
+    prompt = "Tell me something."
+    whole, joined = [], []
+    for _ in range(400):
+        _, one = await post(http, f"{base}/v1/completions", completion_body(prompt=prompt, max_tokens=4000))
+        whole.append(one["usage"]["completion_tokens"])
+        _, first = await post(http, f"{base}/v1/completions",
+                              completion_body(prompt=prompt, max_tokens=100, return_token_ids=True))  # fmt: skip
+        choice = first["choices"][0]
+        if choice["finish_reason"] == "stop":
+            joined.append(len(choice["token_ids"]))
+            continue
+        ids = [*choice["prompt_token_ids"], *choice["token_ids"]]
+        _, rest = await post(http, f"{base}/v1/completions", completion_body(prompt=ids, max_tokens=4000 - 100))
+        joined.append(100 + rest["usage"]["completion_tokens"])
+    whole.sort()
+    joined.sort()
+    # The simulator's median is exp(5.3) = 200 tokens; a fresh draw after 100 would give about 100 + 200.
+    assert 170 < whole[200] < 235 and 170 < joined[200] < 235
+    assert abs(whole[100] - joined[100]) < 25 and abs(whole[300] - joined[300]) < 60  # the quartiles
+    assert sum(1 for n in joined if n > 100) > 250
