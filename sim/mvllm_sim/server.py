@@ -288,7 +288,7 @@ class SimServer:
         fewer = progress.sent > 0 and have - progress.sent < req.stream_interval  # after the first chunk
         if not done and (have == progress.sent or fewer):
             return  # nothing new, or less than the stream interval
-        tokens = words_as_tokens(out.words)[progress.sent : have]
+        tokens = words_as_tokens(out)[progress.sent : have]
         prompt = req.prompt_ids if progress.sent == 0 else None
         await stream.choice(index, tokens, out.finish_reason if done else None, prompt, progress.offset)
         progress.sent, progress.offset, progress.closed = have, progress.offset + sum(map(len, tokens)), done

@@ -81,6 +81,7 @@ def sample_key(prompt: str, index: int, seed: int | None, request: int) -> int:
 class Output:
     words: tuple[str, ...]
     finish_reason: str  # "stop" (the model ended, or a stop string) or "length"
+    continued: bool = False  # it continues an answer the prompt ends with
 
     @property
     def text(self) -> str:
@@ -104,7 +105,7 @@ def generate(  # noqa: PLR0917
     reason = "stop" if length < cap else "length"
     if stop:
         words, reason = _apply_stop(words, stop, reason)
-    return Output(words, reason)
+    return Output(words, reason, continued=made > 0)
 
 
 _WORD_IDS = frozenset(token_ids(" ".join(WORDS)))

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
+from mvllm_sim.text import token_ids
 from mvllmd.jobs.dispatch import HEDGE_BUDGET, Dispatcher, DispatchSettings, Endpoint, Policy, Work
 from mvllmd.jobs.output import DoneMap, Sample
 from mvllmd.jobs.requests import Sampling
@@ -24,6 +25,7 @@ async def run_job(
     max_tokens: int = 8,
     watch: Callable[[Dispatcher], Awaitable[None]] | None = None,
     seed: int | None = None,
+    return_token_ids: bool = False,
     **settings: float,
 ) -> tuple[list[Sample], Dispatcher]:
     done = DoneMap(PROMPTS, SAMPLES)
@@ -37,7 +39,7 @@ async def run_job(
     endpoints = [Endpoint(url, capacity=64) for url in urls]
     dispatcher = Dispatcher(
         endpoints,
-        Sampling(model="sim", max_tokens=max_tokens, seed=seed),
+        Sampling(model="sim", max_tokens=max_tokens, seed=seed, return_token_ids=return_token_ids),
         DispatchSettings(policy=policy, max_concurrent=256, **settings),  # type: ignore[arg-type]
         deliver,
         done.is_done,
@@ -51,6 +53,7 @@ async def run_job(
     if watcher is not None:
         watcher.cancel()
     assert done.count == PROMPTS * SAMPLES
+    assert dispatcher.inflight == 0 and all(e.inflight == 0 for e in dispatcher.endpoints)
     return delivered, dispatcher
 
 
@@ -145,12 +148,29 @@ async def test_the_tail_is_hedged_onto_idle_fast_endpoints(start_sim: StartSim) 
 async def test_seeded_copies_ask_for_the_same_samples(start_sim: StartSim) -> None:
     fast = (await start_sim("--time-scale", "0.001"))[0]
     slow = (await start_sim("--time-scale", "0.001", "--speed", "0.002"))[0]
-    hedged, dispatcher = await run_job([fast, slow], max_tokens=64, seed=7)
+    hedged, dispatcher = await run_job([fast, slow], max_tokens=200, seed=7)
     assert dispatcher.copied_samples > HEDGE_BUDGET * PROMPTS * SAMPLES  # no budget: a copy is the same sample
-    plain, _ = await run_job([fast], max_tokens=64, seed=7)  # one server: nothing is copied
+    assert dispatcher.moves == 0  # seeded, a sample is copied, never continued from a prefix
+    plain, _ = await run_job([fast], max_tokens=200, seed=7)  # one server: nothing is copied
     assert {(s.prompt_index, s.sample_index): s.response for s in hedged} == {
         (s.prompt_index, s.sample_index): s.response for s in plain
     }
+
+
+async def test_the_tail_moves_samples_to_fast_endpoints_as_the_same_samples(start_sim: StartSim) -> None:
+    """Unseeded, with no stop strings and max_tokens 400, requests stream and the tail moves running
+    samples from the slow endpoint (a token takes 100 times longer) to the fast one, each continued
+    from the tokens it made: every sample once, each one whole (its text, its token ids and its count
+    agree: the simulator's words are one token each), and none copied."""
+    fast = (await start_sim("--time-scale", "0.001"))[0]
+    slow = (await start_sim("--time-scale", "0.001", "--speed", "0.01"))[0]
+    samples, dispatcher = await run_job([fast, slow], max_tokens=400, return_token_ids=True, metrics_interval_s=0.02)
+    assert dispatcher.moves > 0 and dispatcher.hedges == 0
+    for s in samples:
+        assert s.error is None and s.response and s.finish_reason in {"stop", "length"}
+        assert s.completion_tokens == len(s.response.split()) == len(s.token_ids or []) <= 400
+        assert s.token_ids == token_ids(s.response)
+    assert sum(s.completion_tokens == 400 for s in samples) == sum(s.finish_reason == "length" for s in samples)
 
 
 async def test_no_hedge_copies_nothing(start_sim: StartSim) -> None:

@@ -218,3 +218,30 @@ async def test_refused_and_bad_input() -> None:
         Pool("ftp://host/")
     with pytest.raises(ValueError, match="line break"):
         await Pool("http://127.0.0.1:9").post("/", b"", {"X-Key": "a\r\nInjected: 1"})
+
+
+async def test_a_streamed_answer_goes_to_on_data_chunk_by_chunk(
+    serve: Callable[[list[Answer]], Awaitable[Server]],
+) -> None:
+    """A 200 in chunked encoding (vLLM's server-sent events) goes to on_data as each chunk comes, even
+    when a chunk arrives in pieces; an error answer is read whole as ever; the connection is reused."""
+    server = await serve([
+        in_pieces(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\ndata: ", b"a\r\n", b"3\r\nxyz\r\n",
+                  b"0\r\n", b"\r\n"),
+        in_pieces(b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nlater\r\n0\r\n\r\n"),
+        in_pieces(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nbad\r\n0\r\n\r\n"),
+    ])  # fmt: skip
+    pool = Pool(server.url)
+    got: list[bytes] = []
+    answer = await pool.post("/", b"", {}, got.append)
+    assert (answer.status, answer.body, got) == (200, b"", [b"data: a", b"xyz"])
+    got.clear()
+    busy = await pool.post("/", b"", {}, got.append)
+    assert (busy.status, busy.body, got) == (503, b"later", [])
+
+    def refuse(data: bytes) -> None:
+        raise ValueError(f"not an event: {data!r}")
+
+    with pytest.raises(HttpError, match="a malformed stream: not an event"):
+        await pool.post("/", b"", {}, refuse)
+    assert server.connections == 1

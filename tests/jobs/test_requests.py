@@ -7,8 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from mvllm_sim.text import token_ids
 from mvllmd.jobs.http import Client
 from mvllmd.jobs.requests import RequestFailed, Sampling, build_body, derive_seed, sample_seed, send
+from mvllmd.jobs.streams import Prefix, Stream
 
 from simkit import StartSim
 
@@ -96,3 +98,41 @@ async def test_server_errors_are_retryable(start_sim: StartSim) -> None:
     with client() as session, pytest.raises(RequestFailed) as unavailable:
         await send(session, base, Sampling(model="sim"), "x", 0, [0])
     assert unavailable.value.retryable and "HTTP 503" in str(unavailable.value)
+
+
+async def test_a_streamed_answer_gives_the_samples_of_a_plain_one(start_sim: StartSim) -> None:
+    """Seeded, so that both requests ask for the same samples: streamed (a chunk per 64 tokens), a
+    request's samples are what the plain request gives, and the stream shows what each choice made."""
+    base, _ = await start_sim("--time-scale", "0")
+    sampling = Sampling(model="sim", max_tokens=300, seed=3, logprobs=1, return_token_ids=True)
+    for prompt in ("Tell me a story", [{"role": "user", "content": "hi"}]):
+        with client() as session:
+            plain = await send(session, base, sampling, prompt, 2, [0, 1, 2])
+            stream = Stream(3)
+            streamed = await send(session, base, sampling, prompt, 2, [0, 1, 2], stream=stream)
+        fields = ("response", "finish_reason", "prompt_tokens", "completion_tokens", "token_ids", "logprobs", "seed")
+        assert [[getattr(s, f) for f in fields] for s in streamed] == [[getattr(s, f) for f in fields] for s in plain]
+        assert stream.done and stream.prompt_token_ids and not stream.unfinished()
+        assert [len(c.text) for c in stream.choices] == [2 + (s.completion_tokens - 2) // 64 for s in plain]
+
+
+async def test_a_continued_sample_is_one_sample(start_sim: StartSim) -> None:
+    """A sample continued from a prefix: the server gets the prompt's and the prefix's token ids and
+    the tokens left; the Sample joins both parts."""
+    base, _ = await start_sim("--time-scale", "0")
+    sampling = Sampling(model="sim", max_tokens=2000, return_token_ids=True)
+    with client() as session:
+        stream = Stream(1)
+        fifty = Sampling(model="sim", max_tokens=50, return_token_ids=True, extra_body={"ignore_eos": True})
+        (first,) = await send(session, base, fifty, "Tell me a story", 0, [0], stream=stream)
+        prefix = stream.prefix(0, started=0.0, earlier=None)
+        assert prefix is not None and len(prefix.token_ids) == 50
+        (joined,) = await send(session, base, sampling, "ignored: the prefix has the prompt", 0, [0], prefix=prefix)
+    assert joined.response is not None and joined.response.startswith(first.response + " ")
+    assert joined.completion_tokens == len(joined.response.split()) == len(joined.token_ids or []) > 50
+    assert joined.token_ids == token_ids(joined.response) and joined.prompt_tokens == first.prompt_tokens
+    assert joined.finish_reason in {"stop", "length"} and joined.latency_s is not None and joined.latency_s > 0
+    with client() as session, pytest.raises(RequestFailed) as too_long:
+        await send(session, base, Sampling(model="sim", max_tokens=50 + 200_000), "x", 0, [0],
+                   prefix=Prefix(prefix.prompt_token_ids, prefix.token_ids, "", (), 1, 0.0))  # fmt: skip
+    assert "HTTP 400" in str(too_long.value) and not too_long.value.retryable

@@ -24,8 +24,13 @@ Policies:
   wins, the other is cancelled, and each sample is written once (DoneMap). A seeded copy asks for
   the same samples as its original; an unseeded one is a new draw, so keeping the first answer
   favours shorter samples for the requests copied: an unseeded job copies at most HEDGE_BUDGET (2%)
-  of its samples (the balance benchmark's tail copies about 1.8%), and `hedge=False` (`--no-hedge`)
-  turns copying off. The end game: an endpoint
+  of its samples. A job whose samples can be continued elsewhere (streams.movable: unseeded, no stop
+  strings, a max_tokens) neither copies nor races: its requests stream (with two endpoints or more),
+  so the dispatcher knows what each sample has made, and in the tail it *moves* running samples
+  from an endpoint where a token takes MOVE_GAIN times longer onto one with room, oldest first: the
+  request is cancelled, its finished choices kept, and each unfinished one continues on the faster
+  endpoint from the tokens it made, as the same sample (streams.py). `hedge=False` (`--no-hedge`)
+  turns the tail's copies and moves off. The end game: an endpoint
   whose requests take longer (smoothed latency) than the job has left (samples left over the summed
   completion speed) is sent nothing new, unless it is the quickest there is.
 - `round-robin`, the seed's: endpoints in turn whatever they already hold (only `max_concurrent`
@@ -56,10 +61,11 @@ from typing import Literal
 
 import aiohttp
 
-from mvllmd.jobs import http
+from mvllmd.jobs import http, streams
 from mvllmd.jobs.gauges import Gauges, scrape
 from mvllmd.jobs.output import Sample
 from mvllmd.jobs.requests import RequestFailed, Sampling, send
+from mvllmd.jobs.streams import Prefix, Stream
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,10 @@ Policy = Literal["least-loaded", "round-robin"]
 SPEED_HALF_LIFE_S = 10.0
 WAITING_POLLS = 3  # readings in a row with requests waiting before a server is sent less
 HEDGE_BUDGET = 0.02  # unseeded: at most this share of a job's samples is asked for again by copies
+MOVE_GAIN = 1.3  # a sample moves where a token takes at most 1/MOVE_GAIN of the time (balance_model.py)
+# An 8B model on an H100 reads its weights in about 6 ms a step and computes 30 us a token
+# (profiles.toml): below about 200 sequences a step takes the same time whatever the batch.
+MOVE_MIN_BATCH = 64
 
 
 @dataclass
@@ -76,6 +86,7 @@ class Work:
     samples: list[int]
     attempts: int = 0
     last_error: str = ""
+    prefix: Prefix | None = None  # a moved sample (one): what it had made
 
 
 @dataclass(eq=False)
@@ -139,6 +150,11 @@ class _Flight:
     hedge_of: _Flight | None = None  # on a copy: the request it copies
     copy: _Flight | None = None  # on a hedged request: its copy
     hedged: bool = False
+    stream: Stream | None = None  # a streamed request: what each choice has made so far
+    moved: bool = False
+    # Samples counted in flight for it: those it asked for, less (streamed) the choices finished. Not
+    # len(work.samples): a Work sent again (hung endpoint) may be cut while this request still lands.
+    held: int = 0
 
 
 @dataclass(frozen=True)
@@ -151,7 +167,7 @@ class DispatchSettings:
     hang_timeout_s: float = 60.0
     request_timeout_s: float | None = None
     metrics_interval_s: float = 1.0  # how often each server's /metrics is read; 0: never
-    hedge: bool = True  # least-loaded: copy slow requests in the tail (see the module docstring)
+    hedge: bool = True  # least-loaded: copy or move slow requests in the tail (see the module docstring)
 
 
 Deliver = Callable[[list[Sample]], Awaitable[None]]
@@ -190,6 +206,9 @@ class Dispatcher:
         self.inflight = 0
         self.hedges = 0
         self.copied_samples = 0  # samples asked for again by copies
+        self.moves = 0  # requests moved, each of their unfinished samples continued elsewhere
+        self._movable = settings.policy == "least-loaded" and settings.hedge and streams.movable(sampling)
+        self._moved_done: list[Sample] = []  # finished choices of moved requests, for run() to deliver
         self._asked = 0  # samples added to the queue
         self._stopping = False
         self._fault: Exception | None = None  # an unexpected error in a request's task; run() raises it
@@ -240,9 +259,12 @@ class Dispatcher:
         """Dispatch until the input is closed and every sample is delivered."""
         poller = asyncio.create_task(self._poll(session)) if self._settings.metrics_interval_s > 0 else None
         try:
-            while not (self._input_done and not self.backlog and not self._flights):
+            while not (self._input_done and not self.backlog and not self._flights and not self._moved_done):
                 if self._fault is not None:
                     raise self._fault
+                if self._moved_done:
+                    done, self._moved_done = self._moved_done, []
+                    await self._deliver([s for s in done if not self._is_done(s.prompt_index, s.sample_index)])
                 self._wake.clear()
                 self._check_hangs()
                 self._fill()
@@ -314,7 +336,10 @@ class Dispatcher:
             work = self._fit(work, endpoint)
             self._launch(work, endpoint)
         if self._tail() and self._settings.policy == "least-loaded" and self._settings.hedge:
-            self._hedge(now)
+            if self._movable:
+                self._move(now)
+            else:
+                self._hedge(now)
 
     def _next_work(self) -> Work | None:
         source = self._retry or self._queue
@@ -356,10 +381,11 @@ class Dispatcher:
         ready = [e for e in self.endpoints if e.available(now) and e.load < self._share(e)]
         if not ready:
             return None
-        ready = self._not_closing(ready)
-        known = [e.speed for e in ready if e.speed > 0]
+        if not self._movable:
+            ready = self._not_closing(ready)
+        known = [self._speed(e) for e in ready if self._speed(e) > 0]
         default_speed = max(known) if known else 1.0
-        return min(ready, key=lambda e: (e.load + want) / (e.speed or default_speed))
+        return min(ready, key=lambda e: (e.load + want) / (self._speed(e) or default_speed))
 
     def _not_closing(self, ready: list[Endpoint]) -> list[Endpoint]:
         """The end game: an endpoint whose requests take longer than the job has left is sent nothing
@@ -378,10 +404,19 @@ class Dispatcher:
     def _share(self, endpoint: Endpoint) -> int:
         """least-loaded: a slower endpoint may hold less, in proportion to its measured speed, so that
         little work is left stranded on it at the end; round-robin: its full capacity."""
-        fastest = max((e.speed for e in self.endpoints), default=0.0)
-        if self._settings.policy == "round-robin" or fastest <= 0 or endpoint.speed <= 0:
+        fastest = max((self._speed(e) for e in self.endpoints), default=0.0)
+        speed = self._speed(endpoint)
+        if self._settings.policy == "round-robin" or fastest <= 0 or speed <= 0:
             return endpoint.limit
-        return max(1, int(endpoint.limit * endpoint.speed / fastest))
+        return max(1, int(endpoint.limit * speed / fastest))
+
+    def _speed(self, endpoint: Endpoint) -> float:
+        """How fast the endpoint works: the peak generation rate its gauges have shown when every
+        endpoint has gauges (the server's own measure, there within a reading or two), else the
+        samples it completed per second (which lags: a slow server's first answers come late)."""
+        if all(e.gauges.peak_tokens_per_s > 0 for e in self.endpoints if not e.retired):
+            return endpoint.gauges.peak_tokens_per_s
+        return endpoint.speed
 
     def _fit(self, work: Work, endpoint: Endpoint) -> Work:
         """No more samples in one request than the endpoint has room for, nor than the global cap."""
@@ -397,10 +432,13 @@ class Dispatcher:
         flight = _Flight(next(self._ids), work, endpoint, hedge_of=hedge_of)
         if hedge_of is not None:
             hedge_of.copy = flight
+        if self._movable and sum(not e.retired for e in self.endpoints) > 1:
+            flight.stream = Stream(len(work.samples), lambda: self._release(flight))
         self._flights[flight.id] = flight
         endpoint.requests[flight.id] = flight
-        endpoint.inflight += len(work.samples)
-        self.inflight += len(work.samples)
+        flight.held = len(work.samples)
+        endpoint.inflight += flight.held
+        self.inflight += flight.held
         flight.task = asyncio.create_task(self._fly(flight))
         # A task cancelled before it first runs never enters _fly: land it here too (landing is idempotent).
         flight.task.add_done_callback(lambda _: self._landed(flight))
@@ -433,6 +471,53 @@ class Dispatcher:
             self.copied_samples += want
             copy = Work(flight.work.prompt_index, flight.work.prompt, list(flight.work.samples))
             self._launch(copy, target, hedge_of=flight)
+
+    def _move(self, now: float) -> None:
+        """In the tail, move running samples onto endpoints with room where a token takes at most
+        1/MOVE_GAIN of the time it takes where they are (`_token_s`), from endpoints at least MOVE_GAIN
+        times slower (by their peak generation rate): the slowest endpoints' first, each one's oldest
+        requests first. Every endpoint needs its gauges."""
+        live = [e for e in self.endpoints if not e.retired]
+        if len(live) < 2 or not all(e.gauges.ok and e.gauges.peak_tokens_per_s > 0 for e in live):
+            return
+        slowest_first = sorted(live, key=lambda e: e.gauges.peak_tokens_per_s)
+        for target in reversed(slowest_first):
+            for source in slowest_first:
+                if source.gauges.peak_tokens_per_s * MOVE_GAIN > target.gauges.peak_tokens_per_s:
+                    break  # the rest are about as fast as the target
+                for flight in list(source.requests.values()):  # in the order they were sent
+                    room = min(self._share(target), target.limit) - target.load
+                    if not target.available(now) or room <= 0 or _token_s(target, 1) * MOVE_GAIN > _token_s(source, 0):
+                        break
+                    left = len(flight.stream.unfinished()) if flight.stream and flight.stream.started else 0
+                    if (
+                        not flight.moved
+                        and 0 < left <= room
+                        and _token_s(target, left) * MOVE_GAIN <= _token_s(source, 0)
+                    ):
+                        self._move_flight(flight, target)
+
+    def _move_flight(self, flight: _Flight, target: Endpoint) -> None:
+        """Cancel a streamed request (vLLM aborts it); keep its finished choices, and continue each
+        unfinished one on `target` from what it made."""
+        stream, work = flight.stream, flight.work
+        assert stream is not None
+        flight.moved = True
+        self.moves += 1
+        if flight.task is not None:
+            flight.task.cancel()
+        self._land(flight)
+        started = work.prefix.started if work.prefix else flight.started
+        unfinished = stream.unfinished()
+        for i, sample_index in enumerate(work.samples):
+            if i in unfinished:
+                prefix = stream.prefix(i, started, work.prefix) or work.prefix
+                self._launch(Work(work.prompt_index, work.prompt, [sample_index], work.attempts, prefix=prefix), target)
+                continue
+            latency = time.monotonic() - flight.started
+            done = stream.sample(i, flight.endpoint.url, self._sampling, work.prompt_index, sample_index, latency)
+            self._moved_done.append(work.prefix.join(done) if work.prefix else done)
+        self._wake.set()
 
     def _may_copy(self, samples: int) -> bool:
         """Seeded, a copy asks for the same samples: always. Unseeded, a copy is a new draw and the
@@ -475,7 +560,8 @@ class Dispatcher:
             if work.prompt is None:
                 raise RequestFailed("the prompt is missing or not a string or a list of messages", False)
             samples = await send(self._http, endpoint.url, self._sampling, work.prompt, work.prompt_index,
-                                 work.samples, self._settings.request_timeout_s, endpoint.api_key)  # fmt: skip
+                                 work.samples, self._settings.request_timeout_s, endpoint.api_key,
+                                 stream=flight.stream, prefix=work.prefix)  # fmt: skip
         except asyncio.CancelledError:
             self._land(flight)
             raise
@@ -492,12 +578,20 @@ class Dispatcher:
         self._land(flight)
         self._wake.set()
 
+    def _release(self, flight: _Flight) -> None:
+        """A streamed choice finished: the server runs one sequence fewer of ours, so one more may go."""
+        if flight.id in self._flights and flight.held > 0:
+            flight.held -= 1
+            flight.endpoint.inflight -= 1
+            self.inflight -= 1
+            self._wake.set()
+
     def _land(self, flight: _Flight) -> None:
         if self._flights.pop(flight.id, None) is None:
             return
         flight.endpoint.requests.pop(flight.id, None)
-        flight.endpoint.inflight -= len(flight.work.samples)
-        self.inflight -= len(flight.work.samples)
+        flight.endpoint.inflight -= flight.held
+        self.inflight -= flight.held
 
     def _succeeded(self, flight: _Flight, samples: list[Sample]) -> None:
         endpoint, now = flight.endpoint, time.monotonic()
@@ -564,6 +658,13 @@ class Dispatcher:
                 flight.task.cancel()
             if flight.hedge_of is None:
                 self._retry.appendleft(flight.work)
+
+
+def _token_s(endpoint: Endpoint, more: int) -> float:
+    """A running sequence's time per token on the endpoint with `more` sequences than it has: its
+    batch over its peak generation rate, the batch counted as at least MOVE_MIN_BATCH (below that,
+    decode is bound by reading the weights, which takes as long for one sequence as for many)."""
+    return max(endpoint.load + more, MOVE_MIN_BATCH) / endpoint.gauges.peak_tokens_per_s
 
 
 def _failed_sample(work: Work, sample_index: int, error: str, endpoint: str) -> Sample:

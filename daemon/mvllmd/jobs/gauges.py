@@ -21,6 +21,7 @@ RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 GENERATED = "vllm:generation_tokens_total"
 WANTED = (RUNNING, WAITING, GENERATED)
+RATE_WEIGHT = 0.3  # of a new reading in the smoothed rate: one interval's rate is noisy (when it was read)
 
 
 def parse(text: str, names: tuple[str, ...] = WANTED) -> dict[str, float]:
@@ -89,6 +90,8 @@ class Gauges:
     waiting: float = 0.0
     at: float = 0.0
     tokens_per_s: float = 0.0  # the whole server's generation rate, every client's
+    smooth_tokens_per_s: float = 0.0  # the rate, smoothed over readings (RATE_WEIGHT each)
+    peak_tokens_per_s: float = 0.0  # the highest smoothed rate seen: what the server does with a full batch
     step_s: float = 0.0  # seconds per token of one running sequence; 0 until measured
     min_step_s: float = 0.0  # the fastest seen: the server's step with a small batch
     waiting_polls: int = 0  # readings in a row with requests waiting
@@ -98,6 +101,11 @@ class Gauges:
         running, generated = values[RUNNING], values.get(GENERATED, -1.0)
         if self.ok and generated >= self._generated >= 0 and now > self.at:
             self.tokens_per_s = (generated - self._generated) / (now - self.at)
+            smooth = self.smooth_tokens_per_s
+            self.smooth_tokens_per_s = (
+                self.tokens_per_s if smooth == 0 else smooth + RATE_WEIGHT * (self.tokens_per_s - smooth)
+            )
+            self.peak_tokens_per_s = max(self.peak_tokens_per_s, self.smooth_tokens_per_s)
             busy = (running + self.running) / 2
             if busy >= 1 and self.tokens_per_s > 0:
                 self.step_s = busy / self.tokens_per_s

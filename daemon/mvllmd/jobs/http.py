@@ -10,7 +10,9 @@ asyncio protocols, about 85 us (README, the choices table). It does only what th
   closed by the server meanwhile, so a request that fails on a reused connection before any byte of
   its answer came is sent once more on a new one (the server saw no complete request, or dropped it);
 - `https://` with the system's trust store; no proxies, no redirects, no cookies;
-- a request cancelled (a hedge lost, a deadline) closes its connection: its answer would still come.
+- a request cancelled (a hedge lost, a deadline) closes its connection: its answer would still come;
+- a streamed answer (a 200 in chunked encoding, such as vLLM's server-sent events) goes, chunk by
+  chunk as it arrives, to the request's `on_data`, and its Response has an empty body.
 
 Everything that goes wrong on the wire raises `HttpError` (also a connection not accepted within
 CONNECT_TIMEOUT_S), or `OSError` from connecting (refused, unreachable).
@@ -22,6 +24,7 @@ import asyncio
 import ssl
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 
 IDLE_S = 4.0  # keep-alive connections idle longer are closed: uvicorn (vLLM) closes them after 5 s
@@ -53,6 +56,7 @@ class _Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._waiter: asyncio.Future[Response] | None = None
         self._head: tuple[int, str, dict[str, str], int] | None = None  # status, reason, headers, body start
+        self._on_data: Callable[[bytes], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -66,11 +70,12 @@ class _Connection(asyncio.Protocol):
             else:
                 self._waiter.set_exception(HttpError(f"the server closed the connection{f': {exc}' if exc else ''}"))
 
-    def request(self, data: bytes) -> asyncio.Future[Response]:
+    def request(self, data: bytes, on_data: Callable[[bytes], None] | None = None) -> asyncio.Future[Response]:
         assert self.transport is not None
         self._waiter = asyncio.get_running_loop().create_future()
         self._buffer.clear()
         self._head = None
+        self._on_data = on_data
         self.received_any = self.reusable = False
         if self.lost:  # closed between connecting and this request: no answer will come
             self._waiter.set_exception(HttpError("the server closed the connection"))
@@ -99,7 +104,9 @@ class _Connection(asyncio.Protocol):
                 return
             self._head = _parse_head(bytes(self._buffer[:end]), end + 4)
         status, _, headers, start = self._head
-        if self._chunked():
+        if self._chunked() and status == 200 and self._on_data is not None:
+            self._stream(start)
+        elif self._chunked():
             if not self._buffer.endswith(b"\r\n\r\n"):
                 return  # a whole chunked answer ends so (the last chunk, or its trailers): not yet
             body = _dechunk(self._buffer, start)
@@ -113,6 +120,26 @@ class _Connection(asyncio.Protocol):
             self._finish(b"", reusable=_keep_alive(headers))
         elif len(self._buffer) - start > MAX_BODY:
             raise HttpError("the answer is too long")
+
+    def _stream(self, start: int) -> None:
+        """Hand each whole chunk to `on_data` and drop it from the buffer; the last one ends the answer."""
+        assert self._head is not None and self._on_data is not None
+        buffer, at = self._buffer, start
+        while (eol := buffer.find(b"\r\n", at)) >= 0:
+            size = _chunk_size(buffer, at, eol)
+            if size == 0:
+                if buffer.find(b"\r\n\r\n", eol) >= 0:  # the last chunk (no trailers expected)
+                    self._finish(b"", reusable=_keep_alive(self._head[2]))
+                break
+            if eol + 2 + size + 2 > len(buffer):
+                break
+            try:
+                self._on_data(bytes(buffer[eol + 2 : eol + 2 + size]))
+            except ValueError as exc:
+                raise HttpError(f"a malformed stream: {exc}"[:300]) from exc
+            at = eol + 2 + size + 2
+        del buffer[:at]
+        self._head = (*self._head[:3], 0)
 
     def _chunked(self) -> bool:
         return self._head is not None and "chunked" in self._head[2].get("transfer-encoding", "").lower()
@@ -153,6 +180,14 @@ def _keep_alive(headers: dict[str, str]) -> bool:
     return "close" not in headers.get("connection", "").lower()
 
 
+def _chunk_size(buffer: bytearray, at: int, eol: int) -> int:
+    size_text = bytes(buffer[at:eol]).split(b";", 1)[0].strip()
+    try:
+        return int(size_text, 16)
+    except ValueError as exc:
+        raise HttpError(f"bad chunk size {size_text[:20]!r}") from exc
+
+
 def _dechunk(buffer: bytearray, start: int) -> bytes | None:
     """The body of a complete chunked answer, or None while it is incomplete."""
     body = bytearray()
@@ -161,11 +196,7 @@ def _dechunk(buffer: bytearray, start: int) -> bytes | None:
         eol = buffer.find(b"\r\n", at)
         if eol < 0:
             return None
-        size_text = bytes(buffer[at:eol]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError as exc:
-            raise HttpError(f"bad chunk size {size_text[:20]!r}") from exc
+        size = _chunk_size(buffer, at, eol)
         if size == 0:
             return bytes(body) if buffer.find(b"\r\n\r\n", eol) >= 0 else None  # no trailers expected
         if eol + 2 + size + 2 > len(buffer):
@@ -192,13 +223,16 @@ class Pool:
         self._idle: list[_Connection] = []
         self.connect_timeout_s = connect_timeout_s
 
-    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
-        """POST `body` to `path` (after the base URL's own path); the whole answer."""
+    async def post(
+        self, path: str, body: bytes, headers: dict[str, str], on_data: Callable[[bytes], None] | None = None
+    ) -> Response:
+        """POST `body` to `path` (after the base URL's own path); the whole answer, or with `on_data`,
+        a streamed answer's chunks to it as they come (see the module docstring)."""
         head = self._head("POST", path, body, headers)
         while True:
             connection, reused = await self._connection()
             try:
-                response = await connection.request(head + body)
+                response = await connection.request(head + body, on_data)
             except HttpError:
                 connection.close()
                 if reused and not connection.received_any:

@@ -26,8 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mvllmd.jobs import http
+from mvllmd.jobs import http, streams
 from mvllmd.jobs.output import Sample
+from mvllmd.jobs.streams import STREAM_INTERVAL, Prefix, Stream, logprobs_of
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -94,6 +95,15 @@ def build_body(sampling: Sampling, prompt: str | list[dict[str, str]], n: int, s
     return body
 
 
+def continuation_body(sampling: Sampling, prefix: Prefix) -> dict[str, Any]:
+    """A /v1/completions body that continues a moved sample: the prompt's and its tokens' ids as the
+    prompt, for the tokens it has left (streams.py)."""
+    assert sampling.max_tokens is not None  # streams.movable
+    body = build_body(sampling, "", 1, None)
+    body.update(prompt=prefix.prompt(), max_tokens=sampling.max_tokens - len(prefix.token_ids))
+    return body
+
+
 async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments are the request)
     client: http.Client,
     endpoint: str,
@@ -103,25 +113,43 @@ async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments
     sample_indexes: Sequence[int],
     timeout_s: float | None = None,
     api_key: str = "",
+    *,
+    stream: Stream | None = None,
+    prefix: Prefix | None = None,
 ) -> list[Sample]:
-    """Ask `endpoint` for these samples of one prompt in one request (n = len(sample_indexes))."""
+    """Ask `endpoint` for these samples of one prompt in one request (n = len(sample_indexes)).
+
+    With `stream`, the answer is streamed into it (what each choice has made shows there as it
+    comes); with `prefix`, the one sample asked for continues a moved one (streams.py)."""
     n = len(sample_indexes)
     if sampling.seed is not None and list(sample_indexes) != list(range(sample_indexes[0], sample_indexes[0] + n)):
         raise ValueError(f"a seeded request asks for a contiguous run of samples, not {list(sample_indexes)}")
     seed = sample_seed(sampling, prompt_index, sample_indexes[0])
-    path = "/v1/completions" if isinstance(prompt, str) else "/v1/chat/completions"
-    body = json.dumps(build_body(sampling, prompt, n, seed)).encode()
+    if prefix is not None:
+        path, fields = "/v1/completions", continuation_body(sampling, prefix)
+    else:
+        path = "/v1/completions" if isinstance(prompt, str) else "/v1/chat/completions"
+        fields = build_body(sampling, prompt, n, seed)
+    if stream is not None:
+        fields.update(stream=True, stream_interval=STREAM_INTERVAL, return_token_ids=True,
+                      stream_options={"include_usage": True})  # fmt: skip
+    body = json.dumps(fields).encode()
     started = time.monotonic()
     try:
         async with asyncio.timeout(timeout_s):
-            response = await client.pool(endpoint).post(path, body, _headers(api_key))
+            response = await client.pool(endpoint).post(
+                path, body, _headers(api_key), None if stream is None else stream.feed
+            )
         if response.status != 200:
             raise RequestFailed(_error_text(response), response.status in RETRYABLE_STATUS)
-        answer = json.loads(response.body)
+        latency = time.monotonic() - started
+        if stream is None:
+            got = _samples(json.loads(response.body), endpoint, sampling, prompt_index, sample_indexes, seed, latency)
+        else:
+            got = streams.samples(stream, endpoint, sampling, prompt_index, sample_indexes, latency, seed)
     except (TimeoutError, OSError, http.HttpError, ValueError) as exc:
         raise RequestFailed(f"{type(exc).__name__}: {exc}"[:300], retryable=True) from exc
-    latency = time.monotonic() - started
-    return _samples(answer, endpoint, sampling, prompt_index, sample_indexes, seed, latency)
+    return got if prefix is None else [prefix.join(sample) for sample in got]
 
 
 @functools.lru_cache(maxsize=64)
@@ -172,7 +200,7 @@ def _samples(  # noqa: PLR0917  (private; every argument is a fact of the one an
                 latency_s=latency,
                 seed=None if seed is None else seed + offset,  # vLLM's seed of choice i: seed + i
                 error=None,
-                logprobs=_logprobs(choice.get("logprobs")),
+                logprobs=logprobs_of(choice.get("logprobs")),
                 token_ids=choice.get("token_ids") if sampling.return_token_ids else None,
             )
         )
@@ -185,13 +213,3 @@ def _choice_tokens(choice: dict[str, Any], usage: dict[str, Any], n: int) -> int
         return len(choice["token_ids"])
     total = usage.get("completion_tokens")
     return total if n == 1 else None
-
-
-def _logprobs(block: Any) -> list[float] | None:
-    if not isinstance(block, dict):
-        return None
-    if "token_logprobs" in block:
-        return [float(v) for v in block["token_logprobs"] if v is not None]
-    if "content" in block and isinstance(block["content"], list):
-        return [float(t["logprob"]) for t in block["content"]]
-    return None
