@@ -10,21 +10,23 @@ balance.py's exact work bound. It is a research tool for the open balance goal (
 x the bound), not a measurement of mvllmd: its policies see the engines' true speeds and steps where
 the dispatcher estimates them from /metrics.
 
-Policies:
-- least-loaded: the dispatcher's rule (least in flight per unit of speed, each engine holding at most
-  its share of 1,024 in proportion to its speed); when the queue is empty, running samples are copied
-  (hedged) onto engines whose step is `gain` times shorter, the first answer winning;
-- the same, copying only onto the fastest engines;
+Policies (each engine holds at most its share of 1,024 in proportion to its speed, and the least
+loaded per unit of speed gets the next sample):
+- `migrate` with `by_batch`: the dispatcher's rule for unseeded jobs. Once the queue is empty, running
+  samples move, with the tokens they have made (known in chunks of `interval`, as a stream shows them),
+  onto an engine at least `gain` times faster with room, when a token would take `gain` times less
+  there, a token's time taken as max(batch, `min_batch`) over the engine's speed; the slowest
+  engines' samples first, each engine's oldest first. The new request's prompt is the old one's prompt
+  and tokens (prefilled again), and it generates the rest.
+- `migrate` alone: the same, judged by the engines' true decode steps (which a dispatcher does not see).
+- no `migrate`: the tail's running samples are copied (hedged) onto engines whose step is `gain` times
+  shorter, the first answer winning: the dispatcher's rule for seeded jobs, whose copies are the same
+  samples (and its rule for all jobs before moves); with `fastest_only`, copies go to the fastest.
 - longest first: a clairvoyant reference that knows every length and sends the longest first, with
-  the same limits and with half of them;
+  the same limits and with half of them.
 - tried and not taken (neither ends below 1.2 x the bound on every workload): lower limits once the
   queue is short (`late_queue`, `late_capacity`), and, when the queue runs dry, aborting the newest
-  requests beyond `shed_to` per engine (they go back to the queue);
-- not buildable as things are: `migrate` moves running samples, with the tokens they have generated,
-  from engines where a token takes `gain` times longer: the new request's prompt is the old one's
-  prompt and tokens (prefilled again) and it generates the rest. It ends below 1.2, but a client knows
-  what a request has generated only if every request streams (a chunk per token), and the
-  simulator's lengths are drawn per request, not continued from a prefix (README, "Benchmarks").
+  requests beyond `shed_to` per engine (they go back to the queue).
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class Run:
     late_capacity: int = CAPACITY
     shed_to: int | None = None  # when the queue runs dry, abort the newest requests beyond this
     migrate: bool = False  # when the queue runs dry, move running samples with their progress
+    by_batch: bool = False  # migrate: judge a token's time by batch over speed, as the dispatcher does
+    min_batch: int = 64  # by_batch: a batch counts as at least this
+    interval: int = 1  # migrate: what a sample has made is known in multiples of this
     engines: list[Engine] = field(default_factory=list)
 
     def makespan(self) -> float:
@@ -176,23 +181,41 @@ class Run:
                 self._send(i, self._keys[id(oldest)], now)
 
     def _migrate(self, now: float) -> None:
-        for i in sorted(range(len(SPEEDS)), key=self._step):
+        for i in sorted(range(len(SPEEDS)), key=lambda i: -SPEEDS[i] if self.by_batch else self._step(i)):
             while self.inflight[i] < self._share(i):
-                running = [(j, r) for j in range(len(SPEEDS)) if j != i and self._step(i) * self.gain <= self._step(j)
-                           for r in self.engines[j]._running.values() if r.decoding]  # fmt: skip
-                if not running:
+                moving = self._movable(i)
+                if not moving:
                     break
-                j, oldest = min(running, key=lambda jr: jr[1].arrival)
-                made = self.engines[j].generated_now(oldest, 0)
-                if oldest.targets[0] - made <= 1:
+                j, request = moving
+                made = self.engines[j].generated_now(request, 0)
+                made -= made % self.interval
+                if request.targets[0] - made <= 1:
                     break
-                key = self._keys[id(oldest)]
-                self.engines[j].abort(oldest)
+                key = self._keys[id(request)]
+                self.engines[j].abort(request)
                 self.inflight[j] -= 1
-                self.copies[key] = [(e, r) for e, r in self.copies.get(key, []) if r is not oldest]
+                self.copies[key] = [(e, r) for e, r in self.copies.get(key, []) if r is not request]
                 # The tokens made go with the prompt (ids of their own, so no cache hit elsewhere).
                 made_ids = [-next(self._made) for _ in range(made)]
-                self._add(i, key, now, [*oldest.prompt_ids, *made_ids], oldest.targets[0] - made)
+                self._add(i, key, now, [*request.prompt_ids, *made_ids], request.targets[0] - made)
+
+    def _movable(self, i: int) -> tuple[int, SimRequest] | None:
+        """The running sample to move onto engine i, and its engine; None if none is worth it."""
+        if not self.by_batch:
+            running = [(j, r) for j in range(len(SPEEDS)) if j != i and self._step(i) * self.gain <= self._step(j)
+                       for r in self.engines[j]._running.values() if r.decoding]  # fmt: skip
+            return min(running, key=lambda jr: jr[1].arrival) if running else None
+
+        def token_s(k: int, more: int) -> float:
+            return max(self.inflight[k] + more, self.min_batch) / SPEEDS[k]
+
+        for j in sorted(range(len(SPEEDS)), key=lambda j: SPEEDS[j]):
+            if SPEEDS[j] * self.gain > SPEEDS[i]:
+                break
+            decoding = [r for r in self.engines[j]._running.values() if r.decoding]
+            if decoding and token_s(i, 1) * self.gain <= token_s(j, 0):
+                return j, min(decoding, key=lambda r: r.arrival)
+        return None
 
     def _shed_newest(self) -> None:
         for i, engine in enumerate(self.engines):
@@ -210,7 +233,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3, help="workloads drawn [3]")
     args = p.parse_args()
     policies: dict[str, dict[str, object]] = {
-        "least-loaded, copies where a token is 2x quicker (the dispatcher's rule)": {},
+        "moves where a token is 1.3x quicker, by batch over speed (the dispatcher's rule)": {
+            "migrate": True,
+            "by_batch": True,
+            "gain": 1.3,
+            "interval": 64,
+        },
+        "moves where a token is 1.3x quicker, by the true decode step": {"migrate": True, "gain": 1.3},
+        "copies where a token is 2x quicker (the rule for seeded jobs)": {},
         "least-loaded, copies to the fastest engines where 1.5x quicker": {"gain": 1.5, "fastest_only": True},
         "longest first (clairvoyant), no copies": {"longest_first": True, "gain": float("inf")},
         "longest first (clairvoyant), no copies, half the batch": {
@@ -223,10 +253,6 @@ def main() -> None:
             "late_capacity": CAPACITY // 4,
         },
         "tried: when the queue runs dry, the newest requests beyond 256 back to it": {"shed_to": 256},
-        "not buildable: moving running samples with their progress where a token is 1.3x quicker": {
-            "migrate": True,
-            "gain": 1.3,
-        },
     }
     print("| policy | " + " | ".join(f"makespan / bound, seed {s}" for s in range(1, args.seeds + 1)) + " |")
     print("|---|" + "---|" * args.seeds)

@@ -73,9 +73,10 @@ def sampling_options(f: Any) -> Any:
 @click.option(
     "--no-hedge",
     is_flag=True,
-    help="Never copy slow requests to quicker servers in the tail. Unseeded, a copy is a new draw and the"
-    " first answer wins, which favours short samples (at most 2% of a job's are copied); seeded copies"
-    " are identical.",
+    help="No tail handling. In the tail, running samples move to quicker servers, each continued from the"
+    " tokens it made (unseeded jobs with --max-tokens >= 128 and no --stop), or else slow requests are"
+    " copied there (seeded copies are identical; unseeded, a copy is a new draw and the first answer"
+    " wins, which favours short samples: at most 2% of a job's are copied).",
 )
 @click.option("--endpoints", metavar="URL,URL", help="Servers not run by mvllmd (with or without /v1).")
 @click.option("--api-key", envvar="MVLLM_ENDPOINT_API_KEY", help="For --endpoints servers. [$MVLLM_ENDPOINT_API_KEY]")

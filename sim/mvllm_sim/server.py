@@ -1,7 +1,7 @@
 """The HTTP side: vLLM's OpenAI-compatible endpoints over the simulated engine (on httpd.py).
 
 GET /health, /v1/models, /metrics, /version; POST /v1/completions, /v1/chat/completions (with SSE
-streaming). A client that disconnects has its request aborted in the engine, as vLLM does. A streamed
+streaming), /detokenize. A client that disconnects has its request aborted in the engine, as vLLM does. A streamed
 choice goes out as vLLM 0.32 sends it: its first token at once, then a chunk per `stream_interval`
 tokens (the request's; 1 by default), its last chunk when it ends; with `return_token_ids`, each
 chunk holds its tokens' ids and the first the prompt's.
@@ -38,7 +38,7 @@ from mvllm_sim.protocol import (
     words_as_tokens,
 )
 from mvllm_sim.runner import Runner
-from mvllm_sim.text import LengthModel, Output, answer_so_far, generate, sample_key, token_ids
+from mvllm_sim.text import LengthModel, Output, answer_so_far, detokenize, generate, sample_key, token_ids
 
 log = logging.getLogger(__name__)
 VLLM_VERSION = "0.32.0"
@@ -99,6 +99,7 @@ class SimServer:
             ("GET", "/version"): self.version,
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("POST", "/detokenize"): self.detokenize,
         }
         self._http = HttpServer({route: self._guarded(handler) for route, handler in routes.items()})
         return await self._http.start(host, port)
@@ -148,6 +149,17 @@ class SimServer:
             "max_model_len": self.config.max_model_len,
         }
         return json_response({"object": "list", "data": [card]})
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's /detokenize: {"model", "tokens"} -> {"prompt": text}."""
+        try:
+            body = json.loads(request.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"1 validation error: JSON decode error: {exc}", "Bad Request", "body") from None
+        ids = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ApiError(400, "tokens must be a list of token ids", param="tokens")
+        return json_response({"prompt": detokenize(ids)})
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return text_response(self.metrics.render(self.engine))

@@ -109,6 +109,13 @@ def generate(  # noqa: PLR0917
 
 
 _WORD_IDS = frozenset(token_ids(" ".join(WORDS)))
+_ID_WORDS = {zlib.crc32(w.encode()) % VOCAB_SIZE: w for w in WORDS}
+
+
+def detokenize(ids: Sequence[int]) -> str:
+    """The text of token ids the simulator generated (its words, a space between); an id it cannot
+    have generated reads as <id>."""
+    return " ".join(_ID_WORDS.get(i, f"<{i}>") for i in ids)
 
 
 def _apply_stop(words: tuple[str, ...], stop: Sequence[str], reason: str) -> tuple[tuple[str, ...], str]:

@@ -8,8 +8,10 @@ on this machine), so each flow runs once."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -21,6 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+
+from mvllmd.jobs import http
+from mvllmd.jobs.requests import Sampling, ends_whole, send
+from mvllmd.jobs.streams import Stream
 
 from daemonkit import Spawn, instance_status, wait_for
 from usermanager import UserManager, available, remove_stale_cgroups
@@ -109,6 +115,7 @@ def test_vllm_instances_under_the_process_supervisor(short_tmp: Path, spawn: Spa
 
     instances = launch_and_serve(ctl, str(engine / "tiny-qwen2"))
     rollouts_on_real_vllm(ctl, short_tmp, instances)
+    asyncio.run(a_sample_moves_between_real_engines(str(engine / "tiny-qwen2"), instances))
     groups = [_group(i["pid"]) for i in instances]
     assert all(len(g) >= 2 for g in groups)  # vLLM's API server plus its EngineCore, in one group
     kill_and_recover(ctl, lambda pid: os.kill(pid, 9))
@@ -158,6 +165,54 @@ def rollouts_on_real_vllm(ctl: Callable[..., Any], tmp: Path, instances: list[di
             assert "2048" in table["error"][-1].as_py()  # what vLLM says: the limit it was over
         else:
             assert fine.num_rows == 2 * rows
+
+
+class ChunkSizes(Stream):
+    """A stream of one choice that also notes how many tokens each chunk brought."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.sizes: list[int] = []
+
+    def _chunk(self, chunk: Any) -> None:
+        self.sizes += [len(c["token_ids"]) for c in chunk.get("choices", []) if c.get("token_ids")]
+        super()._chunk(chunk)
+
+
+async def a_sample_moves_between_real_engines(model: str, instances: list[dict[str, Any]]) -> None:
+    """What a move relies on, on real vLLM: a request streamed with a per-request stream_interval (a
+    chunk per 64 tokens, with the tokens' ids and the prompt's), /detokenize saying whether its tokens
+    end with a whole character, and the sample continued on the other engine from the token ids of its
+    prompt and of the tokens it made, as one sample: its text is what vLLM makes of all its token ids
+    (nothing lost or added at the cut), for a text prompt and a chat one. This random model makes
+    many characters of several tokens, and cuts inside one are what the check is for: vLLM's text of
+    such a continuation repeats the prompt's."""
+    first_url, other_url = (i["url"] for i in instances)
+    client = http.Client()
+    try:
+        for prompt in ("Once upon a time", [{"role": "user", "content": "Tell me a story"}]):
+            start = Sampling(model=model, max_tokens=150, return_token_ids=True, extra_body={"ignore_eos": True})
+            for _ in range(20):  # until a sample's 150 tokens end with a whole character
+                stream = ChunkSizes()
+                (made,) = await send(client, first_url, start, prompt, 0, [0], stream=stream)
+                assert stream.sizes == [1, 64, 64, 21]  # the first token at once, then 64 at a time
+                if await ends_whole(client, other_url, model, made.token_ids or []):
+                    break
+            else:
+                raise AssertionError("20 samples in a row ended inside a character")
+            prefix = stream.prefix(0, started=0.0, earlier=None)
+            assert prefix is not None and prefix.prompt_token_ids and len(prefix.token_ids) == 150
+            rest = Sampling(model=model, max_tokens=200, return_token_ids=True, extra_body={"ignore_eos": True})
+            (whole,) = await send(client, other_url, rest, prompt, 0, [0], prefix=prefix)
+            assert whole.completion_tokens == 200 and whole.token_ids and whole.token_ids[:150] == made.token_ids
+            assert whole.response and made.response and whole.response.startswith(made.response)
+            said = httpx.post(f"{other_url}/detokenize", json={"model": model, "tokens": whole.token_ids}, timeout=60)
+            assert said.status_code == 200, said.text
+            # As generated text, without the special tokens (such as <|im_start|>) that this random model
+            # samples: vLLM's default skip_special_tokens, which /detokenize does not apply.
+            assert re.sub(r"<\|[a-z_]+\|>", "", said.json()["prompt"]) == whole.response
+    finally:
+        client.close()
 
 
 def _group(pgid: int) -> set[int]:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from mvllmd.jobs.http import Client, HttpError, Pool
+from mvllmd.jobs.requests import ends_whole
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]  # False: close the connection
 
@@ -245,3 +246,20 @@ async def test_a_streamed_answer_goes_to_on_data_chunk_by_chunk(
     with pytest.raises(HttpError, match="a malformed stream: not an event"):
         await pool.post("/", b"", {}, refuse)
     assert server.connections == 1
+
+
+async def test_ends_whole_asks_detokenize(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    """A move's check (requests.ends_whole): the last tokens' text from the server's /detokenize; a
+    text ending in U+FFFD (a character split across tokens) or no answer means no."""
+    server = await serve([json_answer(b'{"prompt": "ab"}'), json_answer(b'{"prompt": "a\\ufffd"}'),
+                          in_pieces(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"),
+                          json_answer(b'{"nothing": 1}')])  # fmt: skip
+    client = Client()
+    try:
+        assert await ends_whole(client, server.url, "m", list(range(20)))
+        assert server.requests[0].startswith(b"POST /detokenize ") and server.requests[0].endswith(
+            b'{"model": "m", "tokens": [12, 13, 14, 15, 16, 17, 18, 19]}')  # fmt: skip
+        for _ in range(3):
+            assert not await ends_whole(client, server.url, "m", [1, 2])
+    finally:
+        client.close()

@@ -298,3 +298,14 @@ async def test_a_continued_answer_has_the_length_of_one_answer(
     assert 170 < whole[200] < 235 and 170 < joined[200] < 235
     assert abs(whole[100] - joined[100]) < 25 and abs(whole[300] - joined[300]) < 60  # the quartiles
     assert sum(1 for n in joined if n > 100) > 250
+
+
+async def test_detokenize(start_sim: StartSim, http: aiohttp.ClientSession) -> None:
+    base, _ = await start_sim("--time-scale", "0")
+    _, answer = await post(http, f"{base}/v1/completions", completion_body(max_tokens=5, return_token_ids=True))
+    ids = answer["choices"][0]["token_ids"]
+    status, said = await post(http, f"{base}/detokenize", {"model": "sim", "tokens": ids})
+    assert status == 200 and said["prompt"] == answer["choices"][0]["text"]
+    assert (await post(http, f"{base}/detokenize", {"tokens": [7]}))[1]["prompt"] == "<7>"  # not one of its words
+    status, error = await post(http, f"{base}/detokenize", {"tokens": "x"})
+    assert status == 400 and "tokens" in error["error"]["message"]

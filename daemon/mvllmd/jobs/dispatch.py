@@ -64,7 +64,7 @@ import aiohttp
 from mvllmd.jobs import http, streams
 from mvllmd.jobs.gauges import Gauges, scrape
 from mvllmd.jobs.output import Sample
-from mvllmd.jobs.requests import RequestFailed, Sampling, send
+from mvllmd.jobs.requests import RequestFailed, Sampling, ends_whole, send
 from mvllmd.jobs.streams import Prefix, Stream
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class Endpoint:
     gauges: Gauges = field(default_factory=Gauges)
     limit: int = 0  # the capacity in effect: lowered while the server queues what it is sent
     external: int = 0  # sequences on the server that are not ours (other clients), from its gauges
+    reserved: int = 0  # samples that will move to it once their check is back
     # What other jobs of this daemon have in flight there: their share is theirs already (see
     # set_capacity), so they do not count as outside load too.
     siblings: Callable[[], int] = field(default=lambda: 0)
@@ -152,6 +153,8 @@ class _Flight:
     hedged: bool = False
     stream: Stream | None = None  # a streamed request: what each choice has made so far
     moved: bool = False
+    checking: bool = False  # a move's check of where it would cut is on its way
+    split_at: int = -1  # tokens made when that check found a character split at the cut
     # Samples counted in flight for it: those it asked for, less (streamed) the choices finished. Not
     # len(work.samples): a Work sent again (hung endpoint) may be cut while this request still lands.
     held: int = 0
@@ -209,6 +212,7 @@ class Dispatcher:
         self.moves = 0  # requests moved, each of their unfinished samples continued elsewhere
         self._movable = settings.policy == "least-loaded" and settings.hedge and streams.movable(sampling)
         self._moved_done: list[Sample] = []  # finished choices of moved requests, for run() to deliver
+        self._checks: set[asyncio.Task[None]] = set()
         self._asked = 0  # samples added to the queue
         self._stopping = False
         self._fault: Exception | None = None  # an unexpected error in a request's task; run() raises it
@@ -275,10 +279,10 @@ class Dispatcher:
             if poller is not None:
                 poller.cancel()
                 await asyncio.gather(poller, return_exceptions=True)
-            for flight in list(self._flights.values()):
-                if flight.task is not None:
-                    flight.task.cancel()
-            await asyncio.gather(*(f.task for f in self._flights.values() if f.task), return_exceptions=True)
+            for task in [*self._checks, *(f.task for f in self._flights.values() if f.task)]:
+                task.cancel()
+            await asyncio.gather(*self._checks, *(f.task for f in self._flights.values() if f.task),
+                                 return_exceptions=True)  # fmt: skip
             self._http.close()
 
     async def _poll(self, session: aiohttp.ClientSession) -> None:
@@ -476,7 +480,8 @@ class Dispatcher:
         """In the tail, move running samples onto endpoints with room where a token takes at most
         1/MOVE_GAIN of the time it takes where they are (`_token_s`), from endpoints at least MOVE_GAIN
         times slower (by their peak generation rate): the slowest endpoints' first, each one's oldest
-        requests first. Every endpoint needs its gauges."""
+        requests first. Every endpoint needs its gauges. A move waits for a check that its samples do
+        not end inside a character (`_check_and_move`)."""
         live = [e for e in self.endpoints if not e.retired]
         if len(live) < 2 or not all(e.gauges.ok and e.gauges.peak_tokens_per_s > 0 for e in live):
             return
@@ -486,16 +491,47 @@ class Dispatcher:
                 if source.gauges.peak_tokens_per_s * MOVE_GAIN > target.gauges.peak_tokens_per_s:
                     break  # the rest are about as fast as the target
                 for flight in list(source.requests.values()):  # in the order they were sent
-                    room = min(self._share(target), target.limit) - target.load
+                    room = min(self._share(target), target.limit) - target.load - target.reserved
                     if not target.available(now) or room <= 0 or _token_s(target, 1) * MOVE_GAIN > _token_s(source, 0):
                         break
-                    left = len(flight.stream.unfinished()) if flight.stream and flight.stream.started else 0
-                    if (
-                        not flight.moved
-                        and 0 < left <= room
-                        and _token_s(target, left) * MOVE_GAIN <= _token_s(source, 0)
-                    ):
-                        self._move_flight(flight, target)
+                    stream = flight.stream
+                    if stream is None or flight.moved or flight.checking or not stream.started:
+                        continue
+                    left = len(stream.unfinished())
+                    worth = 0 < left <= room and _token_s(target, left) * MOVE_GAIN <= _token_s(source, 0)
+                    if worth and _made(stream) != flight.split_at:
+                        self._check_and_move(flight, target, left)
+
+    def _check_and_move(self, flight: _Flight, target: Endpoint, left: int) -> None:
+        """Ask `target`'s /detokenize whether each unfinished sample of `flight` ends with a whole
+        character (requests.ends_whole), and move the flight if so and nothing changed meanwhile; if
+        not, it waits for its next chunk."""
+        assert flight.stream is not None
+        stream, made = flight.stream, _made(flight.stream)
+        flight.checking = True
+        target.reserved += left
+
+        async def check() -> None:
+            try:
+                tails = [c.token_ids for c in stream.choices if c.finish_reason is None]
+                checks = [ends_whole(self._http, target.url, self._sampling.model, t, target.api_key) for t in tails]
+                whole = all(await asyncio.gather(*checks))
+            except Exception as exc:  # mvllmd's own fault: run() raises it
+                self._fault = self._fault or exc
+                return
+            finally:
+                flight.checking = False
+                target.reserved -= left
+                self._wake.set()
+            unchanged = flight.id in self._flights and _made(stream) == made
+            if not whole:
+                flight.split_at = made
+            elif unchanged and not self._stopping and target.available(time.monotonic()):
+                self._move_flight(flight, target)
+
+        task = asyncio.create_task(check())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
 
     def _move_flight(self, flight: _Flight, target: Endpoint) -> None:
         """Cancel a streamed request (vLLM aborts it); keep its finished choices, and continue each
@@ -658,6 +694,11 @@ class Dispatcher:
                 flight.task.cancel()
             if flight.hedge_of is None:
                 self._retry.appendleft(flight.work)
+
+
+def _made(stream: Stream) -> int:
+    """Tokens the unfinished choices of a streamed request have made."""
+    return sum(len(c.token_ids) for c in stream.choices if c.finish_reason is None)
 
 
 def _token_s(endpoint: Endpoint, more: int) -> float:

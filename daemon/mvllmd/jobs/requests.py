@@ -104,6 +104,21 @@ def continuation_body(sampling: Sampling, prefix: Prefix) -> dict[str, Any]:
     return body
 
 
+async def ends_whole(client: http.Client, endpoint: str, model: str, ids: Sequence[int], api_key: str = "") -> bool:
+    """Whether these generated tokens end with a whole character, by the server's /detokenize of the
+    last few: a continuation may start after them. One that starts inside a character split across
+    tokens (an emoji, a rare CJK character) gets a wrong text from vLLM 0.32, whose detokenizer then
+    repeats the whole prompt's text. False also when the server cannot say."""
+    body = json.dumps({"model": model, "tokens": list(ids[-8:])}).encode()
+    try:
+        async with asyncio.timeout(10.0):
+            response = await client.pool(endpoint).post("/detokenize", body, _headers(api_key))
+        text = json.loads(response.body).get("prompt") if response.status == 200 else None
+    except (TimeoutError, OSError, http.HttpError, ValueError, AttributeError):
+        return False
+    return isinstance(text, str) and not text.endswith("\ufffd")
+
+
 async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments are the request)
     client: http.Client,
     endpoint: str,
