@@ -181,40 +181,41 @@ class Run:
                 self._send(i, self._keys[id(oldest)], now)
 
     def _migrate(self, now: float) -> None:
-        for i in sorted(range(len(SPEEDS)), key=lambda i: -SPEEDS[i] if self.by_batch else self._step(i)):
-            while self.inflight[i] < self._share(i):
-                moving = self._movable(i)
-                if not moving:
-                    break
-                j, request = moving
-                made = self.engines[j].generated_now(request, 0)
-                made -= made % self.interval
-                if request.targets[0] - made <= 1:
-                    break
-                key = self._keys[id(request)]
-                self.engines[j].abort(request)
-                self.inflight[j] -= 1
-                self.copies[key] = [(e, r) for e, r in self.copies.get(key, []) if r is not request]
-                # The tokens made go with the prompt (ids of their own, so no cache hit elsewhere).
-                made_ids = [-next(self._made) for _ in range(made)]
-                self._add(i, key, now, [*request.prompt_ids, *made_ids], request.targets[0] - made)
+        while moving := self._movable():
+            j, request, i = moving
+            made = self.engines[j].generated_now(request, 0)
+            made -= made % self.interval
+            key = self._keys[id(request)]
+            self.engines[j].abort(request)
+            self.inflight[j] -= 1
+            self.copies[key] = [(e, r) for e, r in self.copies.get(key, []) if r is not request]
+            # The tokens made go with the prompt (ids of their own, so no cache hit elsewhere).
+            made_ids = [-next(self._made) for _ in range(made)]
+            self._add(i, key, now, [*request.prompt_ids, *made_ids], request.targets[0] - made)
 
-    def _movable(self, i: int) -> tuple[int, SimRequest] | None:
-        """The running sample to move onto engine i, and its engine; None if none is worth it."""
-        if not self.by_batch:
-            running = [(j, r) for j in range(len(SPEEDS)) if j != i and self._step(i) * self.gain <= self._step(j)
-                       for r in self.engines[j]._running.values() if r.decoding]  # fmt: skip
-            return min(running, key=lambda jr: jr[1].arrival) if running else None
+    def _movable(self) -> tuple[int, SimRequest, int] | None:
+        """A running sample to move: its engine, itself, and the engine it goes to; None if none."""
+        room = [i for i in range(len(SPEEDS)) if self.inflight[i] < self._share(i)]
+        if not self.by_batch:  # the fastest step first; the oldest sample where a step is gain times longer
+            for i in sorted(room, key=self._step):
+                running = [(j, r) for j in range(len(SPEEDS)) if j != i and self._step(i) * self.gain <= self._step(j)
+                           for r in self.engines[j]._running.values() if r.decoding and r.targets[0] > 1]  # fmt: skip
+                if running:
+                    j, oldest = min(running, key=lambda jr: jr[1].arrival)
+                    return j, oldest, i
+            return None
 
         def token_s(k: int, more: int) -> float:
             return max(self.inflight[k] + more, self.min_batch) / SPEEDS[k]
 
+        # As the dispatcher: the slowest engine's oldest sample first, to the quickest engine with room.
         for j in sorted(range(len(SPEEDS)), key=lambda j: SPEEDS[j]):
-            if SPEEDS[j] * self.gain > SPEEDS[i]:
-                break
-            decoding = [r for r in self.engines[j]._running.values() if r.decoding]
-            if decoding and token_s(i, 1) * self.gain <= token_s(j, 0):
-                return j, min(decoding, key=lambda r: r.arrival)
+            faster = [i for i in room if SPEEDS[i] >= SPEEDS[j] * self.gain]
+            decoding = [r for r in self.engines[j]._running.values() if r.decoding and r.targets[0] > 1]
+            if faster and decoding:
+                i = min(faster, key=lambda i: token_s(i, 1))
+                if token_s(i, 1) * self.gain <= token_s(j, 0):
+                    return j, min(decoding, key=lambda r: r.arrival), i
         return None
 
     def _shed_newest(self) -> None:

@@ -74,8 +74,10 @@ SPEED_HALF_LIFE_S = 10.0
 WAITING_POLLS = 3  # readings in a row with requests waiting before a server is sent less
 HEDGE_BUDGET = 0.02  # unseeded: at most this share of a job's samples is asked for again by copies
 MOVE_GAIN = 1.3  # a sample moves where a token takes at most 1/MOVE_GAIN of the time (balance_model.py)
-# An 8B model on an H100 reads its weights in about 6 ms a step and computes 30 us a token
-# (profiles.toml): below about 200 sequences a step takes the same time whatever the batch.
+# A token's time is taken as the batch over the server's rate, the batch counted as at least this: a
+# small batch's step is bound by reading the weights, not by the batch. Lower than where that bound
+# ends (about 200 sequences for an 8B model on an H100, profiles.toml), which moved too eagerly in
+# benchmarks/balance_model.py (1.20 x the bound at 256, 1.18 at 128, 1.17 at 64).
 MOVE_MIN_BATCH = 64
 
 
@@ -477,30 +479,32 @@ class Dispatcher:
             self._launch(copy, target, hedge_of=flight)
 
     def _move(self, now: float) -> None:
-        """In the tail, move running samples onto endpoints with room where a token takes at most
-        1/MOVE_GAIN of the time it takes where they are (`_token_s`), from endpoints at least MOVE_GAIN
-        times slower (by their peak generation rate): the slowest endpoints' first, each one's oldest
-        requests first. Every endpoint needs its gauges. A move waits for a check that its samples do
-        not end inside a character (`_check_and_move`)."""
+        """In the tail, move running samples from endpoints to ones at least MOVE_GAIN times faster (by
+        their peak generation rate) where a token takes at most 1/MOVE_GAIN of the time it takes where
+        they are (`_token_s`): the slowest endpoints' first, each one's oldest requests first, each to
+        the endpoint with room where its tokens would be quickest. Every endpoint needs its gauges. A
+        move waits for a check that its samples do not end inside a character (`_check_and_move`)."""
         live = [e for e in self.endpoints if not e.retired]
         if len(live) < 2 or not all(e.gauges.ok and e.gauges.peak_tokens_per_s > 0 for e in live):
             return
-        slowest_first = sorted(live, key=lambda e: e.gauges.peak_tokens_per_s)
-        for target in reversed(slowest_first):
-            for source in slowest_first:
-                if source.gauges.peak_tokens_per_s * MOVE_GAIN > target.gauges.peak_tokens_per_s:
-                    break  # the rest are about as fast as the target
-                for flight in list(source.requests.values()):  # in the order they were sent
-                    room = min(self._share(target), target.limit) - target.load - target.reserved
-                    if not target.available(now) or room <= 0 or _token_s(target, 1) * MOVE_GAIN > _token_s(source, 0):
-                        break
-                    stream = flight.stream
-                    if stream is None or flight.moved or flight.checking or not stream.started:
-                        continue
-                    left = len(stream.unfinished())
-                    worth = 0 < left <= room and _token_s(target, left) * MOVE_GAIN <= _token_s(source, 0)
-                    if worth and _made(stream) != flight.split_at:
-                        self._check_and_move(flight, target, left)
+        for source in sorted(live, key=lambda e: e.gauges.peak_tokens_per_s):
+            faster = [e for e in live if e.gauges.peak_tokens_per_s >= source.gauges.peak_tokens_per_s * MOVE_GAIN]
+            for flight in list(source.requests.values()):  # in the order they were sent
+                stream = flight.stream
+                if stream is None or flight.moved or flight.checking or not stream.started:
+                    continue
+                left = len(stream.unfinished())
+                room = [e for e in faster if e.available(now) and self._room(e) >= left]
+                if not room:
+                    break
+                target = min(room, key=lambda e: _token_s(e, left))
+                if _token_s(target, left) * MOVE_GAIN > _token_s(source, 0):
+                    break  # nowhere much quicker for this endpoint's samples
+                if left > 0 and _made(stream) != flight.split_at:
+                    self._check_and_move(flight, target, left)
+
+    def _room(self, endpoint: Endpoint) -> int:
+        return min(self._share(endpoint), endpoint.limit) - endpoint.load - endpoint.reserved
 
     def _check_and_move(self, flight: _Flight, target: Endpoint, left: int) -> None:
         """Ask `target`'s /detokenize whether each unfinished sample of `flight` ends with a whole
@@ -702,10 +706,10 @@ def _made(stream: Stream) -> int:
 
 
 def _token_s(endpoint: Endpoint, more: int) -> float:
-    """A running sequence's time per token on the endpoint with `more` sequences than it has: its
-    batch over its peak generation rate, the batch counted as at least MOVE_MIN_BATCH (below that,
-    decode is bound by reading the weights, which takes as long for one sequence as for many)."""
-    return max(endpoint.load + more, MOVE_MIN_BATCH) / endpoint.gauges.peak_tokens_per_s
+    """A running sequence's time per token on the endpoint with `more` sequences than it has (moves on
+    their way there included): its batch over its peak generation rate, the batch counted as at least
+    MOVE_MIN_BATCH (see there)."""
+    return max(endpoint.load + endpoint.reserved + more, MOVE_MIN_BATCH) / endpoint.gauges.peak_tokens_per_s
 
 
 def _failed_sample(work: Work, sample_index: int, error: str, endpoint: str) -> Sample:
