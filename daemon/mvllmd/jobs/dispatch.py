@@ -556,6 +556,8 @@ class Dispatcher:
                 continue
             latency = time.monotonic() - flight.started
             done = stream.sample(i, flight.endpoint.url, self._sampling, work.prompt_index, sample_index, latency)
+            flight.endpoint.completed += 1
+            flight.endpoint.tokens += done.completion_tokens or 0
             self._moved_done.append(work.prefix.join(done) if work.prefix else done)
         self._wake.set()
 
@@ -696,6 +698,7 @@ class Dispatcher:
         for flight in list(endpoint.requests.values()):
             if flight.task is not None:
                 flight.task.cancel()
+            self._land(flight)  # now, not when its task ends: nothing may move or copy it meanwhile
             if flight.hedge_of is None:
                 self._retry.appendleft(flight.work)
 
