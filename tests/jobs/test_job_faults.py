@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from mvllm.v1 import job_pb2
 from mvllmd.jobs.output import DoneMap, load_done, parts_dir
@@ -38,9 +39,15 @@ TOTAL = SLOW_PROMPTS * K
 FAULT_AT = TOTAL // 8  # the fault strikes once this many samples are done
 
 
-def start_job(daemon: DaemonProcess, tmp: Path) -> tuple[str, Path]:
+# A job with max_tokens of 128 or more (and no seed or stop strings) streams its requests, so that its
+# tail can move samples (dispatch.py): its faults strike mid-stream. The simulator then makes short
+# answers (median e^2, about 7 tokens), so that the job takes as long as one of 8 tokens.
+STREAMED = ("--output-len-mu", "2")
+
+
+def start_job(daemon: DaemonProcess, tmp: Path, streamed: bool = False) -> tuple[str, Path]:
     data, out = write_prompts(tmp / "in.parquet", SLOW_PROMPTS), tmp / "out.parquet"
-    return submit(daemon, data, out, "-k", str(K), "--max-tokens", "8"), out
+    return submit(daemon, data, out, "-k", str(K), "--max-tokens", "128" if streamed else "8"), out
 
 
 def assert_succeeded(daemon: DaemonProcess, job_id: str, out: Path) -> dict[str, object]:
@@ -55,11 +62,12 @@ def assert_succeeded(daemon: DaemonProcess, job_id: str, out: Path) -> dict[str,
 # --- instances -----------------------------------------------------------------------------------
 
 
-def test_an_instance_killed_mid_job(short_tmp: Path, spawn: Spawn) -> None:
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+def test_an_instance_killed_mid_job(short_tmp: Path, spawn: Spawn, streamed: bool) -> None:
     daemon = job_daemon(spawn, short_tmp)
-    launch(daemon, 2, *SLOW_SIM)
+    launch(daemon, 2, *SLOW_SIM, *(STREAMED if streamed else ()))
     pid = instance(daemon, "m-0")["pid"]
-    job_id, out = start_job(daemon, short_tmp)
+    job_id, out = start_job(daemon, short_tmp, streamed)
     wait_samples(daemon, job_id, FAULT_AT)
     os.kill(pid, signal.SIGKILL)
     assert_succeeded(daemon, job_id, out)
@@ -77,13 +85,15 @@ def test_an_instance_stopped_mid_job(short_tmp: Path, spawn: Spawn) -> None:
     assert found["endpoints"]
 
 
-def test_an_instance_that_hangs_mid_job(short_tmp: Path, spawn: Spawn) -> None:
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+def test_an_instance_that_hangs_mid_job(short_tmp: Path, spawn: Spawn, streamed: bool) -> None:
     # The job gives up on a server that finishes nothing for 1 s; the daemon restarts an instance that
     # makes no progress for 2 s (and it hangs again: each start answers a few requests, then none).
     daemon = job_daemon(spawn, short_tmp, "--job-hang-timeout", "1", "--hang-timeout", "2")
-    launch(daemon, 1, *SLOW_SIM)
-    launch(daemon, 1, *SLOW_SIM, "--hang-after-requests", "40", name="hangs")
-    job_id, out = start_job(daemon, short_tmp)
+    lengths = STREAMED if streamed else ()
+    launch(daemon, 1, *SLOW_SIM, *lengths)
+    launch(daemon, 1, *SLOW_SIM, *lengths, "--hang-after-requests", "40", name="hangs")
+    job_id, out = start_job(daemon, short_tmp, streamed)
     wait_samples(daemon, job_id, FAULT_AT)
     found = assert_succeeded(daemon, job_id, out)
     table = pq.read_table(out)
@@ -105,10 +115,11 @@ def test_an_instance_answering_500s(short_tmp: Path, spawn: Spawn) -> None:
 # --- the daemon ----------------------------------------------------------------------------------
 
 
-def test_mvllmd_killed_mid_job_resumes_it_by_itself(short_tmp: Path, spawn: Spawn) -> None:
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+def test_mvllmd_killed_mid_job_resumes_it_by_itself(short_tmp: Path, spawn: Spawn, streamed: bool) -> None:
     daemon = job_daemon(spawn, short_tmp)
-    launch(daemon, 2, *SLOW_SIM)
-    job_id, out = start_job(daemon, short_tmp)
+    launch(daemon, 2, *SLOW_SIM, *(STREAMED if streamed else ()))
+    job_id, out = start_job(daemon, short_tmp, streamed)
     wait_samples(daemon, job_id, FAULT_AT)
     reported = progress(daemon, job_id).samples_done
     daemon.proc.send_signal(signal.SIGKILL)
