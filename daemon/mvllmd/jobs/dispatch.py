@@ -13,26 +13,31 @@ toward what it runs; with none waiting the limit grows back toward the capacity.
 Policies:
 
 - `least-loaded` (the default) sends work where it will be done soonest: to the endpoint with the
-  least load (in-flight samples and other clients' sequences) per unit of its observed speed
-  (samples completed per second, smoothed); a slower endpoint holds less, in proportion to its
-  speed. A prompt's samples go as one n=k request (the server prefills the prompt once) until the
-  queue runs dry; from then on, what is left is split into single samples to spread across
-  endpoints, and requests are copied (a hedge) from where they go slowly onto endpoints where they
-  will go at least twice as fast: by the servers' decode step (seconds per token of a running
-  sequence, from the gauges, grown in proportion to the batch the copies add) when every endpoint
-  has gauges, else by how long each endpoint's requests in flight take to drain. The first answer
-  wins, the other is cancelled, and each sample is written once (DoneMap). A seeded copy asks for
-  the same samples as its original; an unseeded one is a new draw, so keeping the first answer
-  favours shorter samples for the requests copied: an unseeded job copies at most HEDGE_BUDGET (2%)
-  of its samples. A job whose samples can be continued elsewhere (streams.movable: unseeded, no stop
-  strings, a max_tokens) neither copies nor races: its requests stream (with two endpoints or more),
-  so the dispatcher knows what each sample has made, and in the tail it *moves* running samples
-  from an endpoint where a token takes MOVE_GAIN times longer onto one with room, oldest first: the
-  request is cancelled, its finished choices kept, and each unfinished one continues on the faster
-  endpoint from the tokens it made, as the same sample (streams.py). `hedge=False` (`--no-hedge`)
-  turns the tail's copies and moves off. The end game: an endpoint
-  whose requests take longer (smoothed latency) than the job has left (samples left over the summed
-  completion speed) is sent nothing new, unless it is the quickest there is.
+  least load (in-flight samples and other clients' sequences) per unit of its speed (the peak
+  generation rate its gauges have shown, when every endpoint has gauges; else the samples it
+  completed per second, smoothed); a slower endpoint holds less, in proportion to its speed. A
+  prompt's samples go as one n=k request (the server prefills the prompt once) until the queue runs
+  dry; from then on, what is left is split into single samples to spread across endpoints. The
+  tail's long work must not be left stranded on slow endpoints:
+  - Moves, for a job whose samples can be continued elsewhere (streams.movable: unseeded, no stop
+    strings, a max_tokens). Its requests stream (with two endpoints or more), so the dispatcher knows
+    what each sample has made, and a choice that finishes frees its place at once. In the tail,
+    running samples move from endpoints to ones at least MOVE_GAIN times faster where a token would
+    take at most 1/MOVE_GAIN of the time (`_move`), once the server says they end with a whole
+    character (`_check_and_move`): the request is cancelled, its finished choices kept, and each
+    unfinished one continues on the faster endpoint from the tokens it made, as the same sample
+    (streams.py).
+  - Copies (a hedge), for other jobs: requests are copied from where they go slowly onto endpoints
+    where they will go at least twice as fast: by the servers' decode step (seconds per token of a
+    running sequence, from the gauges, grown in proportion to the batch the copies add) when every
+    endpoint has gauges, else by how long each endpoint's requests in flight take to drain. The
+    first answer wins, the other is cancelled, and each sample is written once (DoneMap). A seeded
+    copy asks for the same samples as its original; an unseeded one is a new draw, so keeping the
+    first answer favours shorter samples for the requests copied: an unseeded job copies at most
+    HEDGE_BUDGET (2%) of its samples. And the end game: an endpoint whose requests take longer
+    (smoothed latency) than the job has left (samples left over the summed completion speed) is sent
+    nothing new, unless it is the quickest there is.
+  `hedge=False` (`--no-hedge`) turns the tail's moves and copies off.
 - `round-robin`, the seed's: endpoints in turn whatever they already hold (only `max_concurrent`
   bounds it), one request per prompt's samples, no hedging.
 
@@ -494,14 +499,15 @@ class Dispatcher:
                 if stream is None or flight.moved or flight.checking or not stream.started:
                     continue
                 left = len(stream.unfinished())
+                if left == 0 or _made(stream) == flight.split_at:
+                    continue  # finished, or a check found it ends inside a character: its next chunk
                 room = [e for e in faster if e.available(now) and self._room(e) >= left]
                 if not room:
                     break
                 target = min(room, key=lambda e: _token_s(e, left))
                 if _token_s(target, left) * MOVE_GAIN > _token_s(source, 0):
                     break  # nowhere much quicker for this endpoint's samples
-                if left > 0 and _made(stream) != flight.split_at:
-                    self._check_and_move(flight, target, left)
+                self._check_and_move(flight, target, left)
 
     def _room(self, endpoint: Endpoint) -> int:
         return min(self._share(endpoint), endpoint.limit) - endpoint.load - endpoint.reserved

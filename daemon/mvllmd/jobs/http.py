@@ -135,8 +135,8 @@ class _Connection(asyncio.Protocol):
                 break
             try:
                 self._on_data(bytes(buffer[eol + 2 : eol + 2 + size]))
-            except ValueError as exc:
-                raise HttpError(f"a malformed stream: {exc}"[:300]) from exc
+            except (ValueError, LookupError, TypeError) as exc:  # what a stream's reader makes of bad data
+                raise HttpError(f"a malformed stream: {exc!r}"[:300]) from exc
             at = eol + 2 + size + 2
         del buffer[:at]
         self._head = (*self._head[:3], 0)
