@@ -503,6 +503,8 @@ class Dispatcher:
                     continue  # finished, or a check found it ends inside a character: its next chunk
                 room = [e for e in faster if e.available(now) and self._room(e) >= left]
                 if not room:
+                    if any(e.available(now) and self._room(e) > 0 for e in faster):
+                        continue  # too many samples for the room there is: a smaller request may fit
                     break
                 target = min(room, key=lambda e: _token_s(e, left))
                 if _token_s(target, left) * MOVE_GAIN > _token_s(source, 0):
