@@ -152,10 +152,7 @@ class SimServer:
 
     async def detokenize(self, request: Request) -> Response:
         """vLLM's /detokenize: {"model", "tokens"} -> {"prompt": text}."""
-        try:
-            body = json.loads(request.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"1 validation error: JSON decode error: {exc}", "Bad Request", "body") from None
+        body = _json_body(request)
         ids = body.get("tokens") if isinstance(body, dict) else None
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             raise ApiError(400, "tokens must be a list of token ids", param="tokens")
@@ -202,13 +199,8 @@ class SimServer:
         return json_response(response_body(job, outputs))
 
     async def _parse(self, request: Request, chat: bool) -> Job:
-        try:
-            body = json.loads(request.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            # vLLM answers a body that is not JSON through its request validation: type "Bad Request".
-            raise ApiError(400, f"1 validation error: JSON decode error: {exc}", "Bad Request", "body") from None
         parse = parse_chat if chat else parse_completion
-        job = parse(body, self.config.served_model_name, self.config.max_model_len)
+        job = parse(_json_body(request), self.config.served_model_name, self.config.max_model_len)
         if job.sampling.n > self.config.max_num_seqs:
             raise ApiError(400, f"n must be at most max_num_seqs ({self.config.max_num_seqs})", param="n")
         return job
@@ -311,6 +303,14 @@ class _ChoiceProgress:
     sent: int = 0  # tokens sent
     offset: int = 0  # characters sent (text_offset of the next token)
     closed: bool = False  # the finish chunk went out
+
+
+def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(request.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        # vLLM answers a body that is not JSON through its request validation: type "Bad Request".
+        raise ApiError(400, f"1 validation error: JSON decode error: {exc}", "Bad Request", "body") from None
 
 
 def _engine_stopped(task: asyncio.Task[None]) -> None:

@@ -50,7 +50,7 @@ def answer_so_far(ids: Sequence[int]) -> int:
     """How many of the prompt's last tokens are the simulator's own output: the answer it continues."""
     count = 0
     for token in reversed(ids):
-        if token not in _WORD_IDS:
+        if token not in _ID_WORDS:
             break
         count += 1
     return count
@@ -108,8 +108,7 @@ def generate(  # noqa: PLR0917
     return Output(words, reason, continued=made > 0)
 
 
-_WORD_IDS = frozenset(token_ids(" ".join(WORDS)))
-_ID_WORDS = {zlib.crc32(w.encode()) % VOCAB_SIZE: w for w in WORDS}
+_ID_WORDS = {zlib.crc32(w.encode()) % VOCAB_SIZE: w for w in WORDS}  # ids two words share: the last
 
 
 def detokenize(ids: Sequence[int]) -> str:

@@ -220,6 +220,7 @@ class Dispatcher:
         self._movable = settings.policy == "least-loaded" and settings.hedge and streams.movable(sampling)
         self._moved_done: list[Sample] = []  # finished choices of moved requests, for run() to deliver
         self._checks: set[asyncio.Task[None]] = set()
+        self._by_rate = False  # every live endpoint's gauges have shown a rate: speeds come from them
         self._asked = 0  # samples added to the queue
         self._stopping = False
         self._fault: Exception | None = None  # an unexpected error in a request's task; run() raises it
@@ -249,6 +250,7 @@ class Dispatcher:
     def add_endpoint(self, endpoint: Endpoint) -> None:
         """A server joined (an instance became READY): it takes work from the next round."""
         self.endpoints.append(endpoint)
+        self._by_rate = False  # until its gauges show a rate too
         self._wake.set()
 
     def retire_endpoint(self, url: str) -> None:
@@ -258,6 +260,7 @@ class Dispatcher:
                 endpoint.retired = True
                 self._requeue(endpoint)
         self.endpoints = [e for e in self.endpoints if not (e.retired and not e.requests)]
+        self._by_rate = self._rated()
         self._wake.set()
 
     @property
@@ -314,6 +317,7 @@ class Dispatcher:
                     endpoint.external = 0
                 elif isinstance(reading, BaseException):
                     raise reading
+            self._by_rate = self._rated()
             self._wake.set()
             await asyncio.sleep(interval)
 
@@ -423,11 +427,12 @@ class Dispatcher:
 
     def _speed(self, endpoint: Endpoint) -> float:
         """How fast the endpoint works: the peak generation rate its gauges have shown when every
-        endpoint has gauges (the server's own measure, there within a reading or two), else the
+        endpoint's have shown one (the server's own measure, there within a reading or two), else the
         samples it completed per second (which lags: a slow server's first answers come late)."""
-        if all(e.gauges.peak_tokens_per_s > 0 for e in self.endpoints if not e.retired):
-            return endpoint.gauges.peak_tokens_per_s
-        return endpoint.speed
+        return endpoint.gauges.peak_tokens_per_s if self._by_rate else endpoint.speed
+
+    def _rated(self) -> bool:
+        return all(e.gauges.peak_tokens_per_s > 0 for e in self.endpoints if not e.retired)
 
     def _fit(self, work: Work, endpoint: Endpoint) -> Work:
         """No more samples in one request than the endpoint has room for, nor than the global cap."""
@@ -490,7 +495,7 @@ class Dispatcher:
         the endpoint with room where its tokens would be quickest. Every endpoint needs its gauges. A
         move waits for a check that its samples do not end inside a character (`_check_and_move`)."""
         live = [e for e in self.endpoints if not e.retired]
-        if len(live) < 2 or not all(e.gauges.ok and e.gauges.peak_tokens_per_s > 0 for e in live):
+        if len(live) < 2 or not self._by_rate or not all(e.gauges.ok for e in live):
             return
         for source in sorted(live, key=lambda e: e.gauges.peak_tokens_per_s):
             faster = [e for e in live if e.gauges.peak_tokens_per_s >= source.gauges.peak_tokens_per_s * MOVE_GAIN]
