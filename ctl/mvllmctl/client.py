@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import grpc
 
 from mvllm import VERSION_METADATA_KEY, __version__
+from mvllm.addresses import client_sockets
 from mvllmctl.exit_codes import ExitStatus, for_status_code
-from mvllmd.addresses import ROOT_SOCKET, user_socket
 
 Response = TypeVar("Response")
 
@@ -30,9 +30,7 @@ def resolve_address(explicit: str | None, environ: Mapping[str, str]) -> str:
     given = explicit or environ.get("MVLLM_ADDRESS", "")
     if given:
         return f"unix:{given}" if given.startswith("/") else given
-    candidates = [ROOT_SOCKET]
-    if environ.get("XDG_RUNTIME_DIR"):
-        candidates.insert(0, user_socket(environ["XDG_RUNTIME_DIR"]))
+    candidates = client_sockets(environ)
     found = next((c for c in candidates if c.exists()), candidates[0])
     return f"unix:{found}"
 

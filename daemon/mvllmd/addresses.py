@@ -4,7 +4,8 @@
     host:port             TCP; IPv6 literals in brackets: [::1]:7070
 
 Plaintext TCP is allowed on loopback only; any other host needs mutual TLS (a server certificate and
-a CA for client certificates), or an explicit `--insecure-tcp`.
+a CA for client certificates), or an explicit `--insecure-tcp`. The default sockets' paths come
+from mvllm.addresses, which clients share.
 """
 
 from __future__ import annotations
@@ -15,16 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mvllm.addresses import ROOT_SOCKET, SOCKET_NAME, user_socket
 from mvllmd.errors import AddressError
 from mvllmd.tls import TlsFiles
-
-SOCKET_NAME = "mvllmd.sock"
-ROOT_SOCKET = Path("/run/mvllmd") / SOCKET_NAME
-
-
-def user_socket(xdg_runtime_dir: str) -> Path:
-    """The default socket of a user's mvllmd: $XDG_RUNTIME_DIR/mvllmd/mvllmd.sock."""
-    return Path(xdg_runtime_dir) / "mvllmd" / SOCKET_NAME
 
 
 @dataclass(frozen=True)
