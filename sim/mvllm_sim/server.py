@@ -1,4 +1,4 @@
-"""The HTTP side: vLLM's OpenAI-compatible endpoints over the simulated engine (on httpd.py).
+"""The HTTP side: vLLM's OpenAI-compatible endpoints over the simulated engine (on mvllm.httpd).
 
 GET /health, /v1/models, /metrics, /version; POST /v1/completions, /v1/chat/completions (with SSE
 streaming), /detokenize. A client that disconnects has its request aborted in the engine, as vLLM does. A streamed
@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mvllm.httpd import Handler, Request, Response, Stream, json_response, text_response
+from mvllm.httpd import Server as HttpServer
 from mvllm_sim.engine import Engine, SimRequest
 from mvllm_sim.faults import CRASH_EXIT_STATUS, HEADER, FaultConfig, FaultPlan, RequestFault, error_for
-from mvllm_sim.httpd import Handler, Request, Response, Stream, json_response, text_response
-from mvllm_sim.httpd import Server as HttpServer
 from mvllm_sim.metrics import Metrics
 from mvllm_sim.profiles import StepModel
 from mvllm_sim.protocol import (

@@ -1,15 +1,17 @@
 """A small HTTP/1.1 server on asyncio and httptools, the parser uvicorn (vLLM's server) uses.
 
-What the simulator needs and no more: routes by method and path, request bodies (Content-Length or
-chunked, `Expect: 100-continue` answered), keep-alive and pipelining (one request at a time per
-connection, in order), whole responses and chunked streams (SSE) with write flow control, a handler
-cancelled when its client goes away (as aiohttp's handler_cancellation and uvicorn do), and the
+Shared: mvllm-sim serves vLLM's API on it, and the daemon's HTTP front door is to reuse it; neither
+imports the other. What they need and no more: routes by method and path, request bodies
+(Content-Length or chunked, `Expect: 100-continue` answered), keep-alive and pipelining (one request at
+a time per connection, in order), whole responses and chunked streams (SSE) with write flow control, a
+handler cancelled when its client goes away (as aiohttp's handler_cancellation and uvicorn do), and the
 connection cut without an answer for fault injection. Malformed requests get 400, unknown paths 404,
 other methods 405 and bodies over `max_body` 413; a handler that fails gets 500 and the server goes on.
 
-It replaced aiohttp's web server, which cost about 95 us of CPU a request here against 40 us for
-this one: at --time-scale 0 that was half the simulator's cost, and the simulator is one of the two
-processes the throughput benchmark has to share two cores between (README, "Choices").
+It replaced aiohttp's web server in the simulator, which cost about 95 us of CPU a request there
+against 40 us for this one: at --time-scale 0 that was half the simulator's cost, and the simulator
+is one of the two processes the throughput benchmark has to share two cores between (README,
+"Choices").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The simulator's HTTP/1.1 server, over real sockets: framing, keep-alive, errors and cancellation."""
+"""The shared HTTP/1.1 server (mvllm.httpd), over real sockets: framing, keep-alive, errors and cancellation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from mvllm_sim.httpd import Request, Response, Server, Stream, json_response
+from mvllm.httpd import Request, Response, Server, Stream, json_response
 
 Address = tuple[str, int]
 
