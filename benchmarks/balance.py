@@ -28,16 +28,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mvllm.jobs import JobSpec, Policy, Sampling
 from mvllm_sim.engine import Engine, SimRequest
 from mvllm_sim.profiles import step_model
-from mvllmd.jobs.dispatch import DispatchSettings, Endpoint, Policy
-from mvllmd.jobs.requests import Sampling
-from mvllmd.jobs.runner import JobSpec, prepare, run_job
+from mvllmd.jobs.dispatch import DispatchSettings, Endpoint
+from mvllmd.jobs.runner import prepare, run_job
 
 from benchkit import sim_servers
 
 CASES = {"heterogeneous": (1.0, 1.0, 0.5, 0.25), "homogeneous": (1.0, 1.0, 1.0, 1.0)}
-POLICIES: tuple[Policy, ...] = ("round-robin", "least-loaded")
+POLICIES: tuple[Policy, ...] = (Policy.ROUND_ROBIN, Policy.LEAST_LOADED)
 MAX_TOKENS = 2048
 
 
@@ -78,14 +78,16 @@ async def one_run(  # noqa: PLR0917
     spec = JobSpec(
         input_path=data,
         output_path=out,
-        sampling=Sampling(model="sim", max_tokens=MAX_TOKENS),
         num_samples=samples,
+        model="sim",
+        sampling=Sampling(max_tokens=MAX_TOKENS),
+        policy=policy,
+        max_concurrent=4096,
         overwrite=True,
-        dispatch=DispatchSettings(policy=policy, max_concurrent=4096, metrics_interval_s=scale),
     )
     endpoints = [Endpoint(url, capacity=1024) for url in urls]
     started = time.monotonic()
-    await run_job(prepare(spec), endpoints, asyncio.Event())
+    await run_job(prepare(spec), endpoints, asyncio.Event(), dispatch=DispatchSettings(metrics_interval_s=scale))
     wall = time.monotonic() - started
     table = pq.read_table(out, columns=["prompt_tokens", "completion_tokens"])
     return wall, table.column(0).to_pylist(), table.column(1).to_pylist()

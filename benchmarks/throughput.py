@@ -43,10 +43,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 from openai import AsyncOpenAI
 
+from mvllm.jobs import JobSpec, Sampling
 from mvllm.v1 import job_pb2
-from mvllmd.jobs.dispatch import DispatchSettings, Endpoint
-from mvllmd.jobs.requests import Sampling, build_body
-from mvllmd.jobs.runner import JobSpec, prepare, run_job
+from mvllmd.jobs.dispatch import Endpoint
+from mvllmd.jobs.requests import build_body
+from mvllmd.jobs.runner import prepare, run_job
 
 from benchkit import (
     Daemon,
@@ -81,9 +82,10 @@ def in_process(urls: list[str], capacity: int, data: Path, out: Path, max_concur
     spec = JobSpec(
         input_path=data,
         output_path=out,
-        sampling=Sampling(model=MODEL, max_tokens=MAX_TOKENS),
+        model=MODEL,
+        sampling=Sampling(max_tokens=MAX_TOKENS),
+        max_concurrent=max_concurrent,
         overwrite=True,
-        dispatch=DispatchSettings(max_concurrent=max_concurrent),
     )
     endpoints = [Endpoint(u, capacity=capacity) for u in urls]
     progress = asyncio.run(run_job(prepare(spec), endpoints, asyncio.Event()))
@@ -121,14 +123,14 @@ def bare_loop(urls: list[str], data: Path, max_concurrent: int) -> int:
 
     async def loop() -> int:
         prompts = pq.read_table(data).column("prompt").to_pylist()
-        sampling = Sampling(model=MODEL, max_tokens=MAX_TOKENS)
+        sampling = Sampling(max_tokens=MAX_TOKENS)
         semaphore = asyncio.Semaphore(max_concurrent)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
             async def one(index: int, prompt: str) -> None:
                 async with semaphore:
                     url = f"{urls[index % len(urls)]}/v1/completions"
-                    async with session.post(url, json=build_body(sampling, prompt, 1, None)) as response:
+                    async with session.post(url, json=build_body(MODEL, sampling, prompt, 1, None)) as response:
                         await response.json()
 
             await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,9 @@ def test_resolve_address_defaults(tmp_path: Path) -> None:
     assert resolve_address(None, {}) == "unix:/run/mvllmd/mvllmd.sock"
 
 
+SUBMIT = ["submit", "-d", "in.parquet", "-o", "out.parquet"]
+
+
 @pytest.mark.parametrize(
     ("args", "code", "fragment"),
     [
@@ -91,6 +95,13 @@ def test_resolve_address_defaults(tmp_path: Path) -> None:
         (["frobnicate"], ExitStatus.USAGE, "No such command"),
         (["devices", "--kind", "tpu"], ExitStatus.USAGE, "Invalid value for '--kind'"),
         (["--timeout", "soon", "info"], ExitStatus.USAGE, "Invalid value for '--timeout'"),
+        # A job spec is checked (mvllm.jobs.validate) before mvllmd is asked, in the daemon's words.
+        ([*SUBMIT, "--max-tokens", "0"], ExitStatus.USAGE, "mvllmctl: --max-tokens must be 1 or more, got 0"),
+        ([*SUBMIT, "-k", "0"], ExitStatus.USAGE, "mvllmctl: --num-samples must be from 1 to 65535, got 0"),
+        ([*SUBMIT, "--top-p", "0"], ExitStatus.USAGE, "mvllmctl: --top-p must be above 0 and at most 1, got 0"),
+        ([*SUBMIT, "--extra-body", "[1]"], ExitStatus.USAGE, "mvllmctl: --extra-body must be a JSON object"),
+        ([*SUBMIT, "--extra-body", "{"], ExitStatus.USAGE, "mvllmctl: --extra-body is not valid JSON"),
+        ([*SUBMIT, "--api-key", "k"], ExitStatus.USAGE, "mvllmctl: --api-key is for --endpoints servers"),
     ],
 )
 def test_usage_errors(clean_env: dict[str, str], args: list[str], code: int, fragment: str) -> None:
@@ -98,6 +109,12 @@ def test_usage_errors(clean_env: dict[str, str], args: list[str], code: int, fra
     assert done.returncode == code
     assert fragment in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_cli_imports_nothing_of_the_daemon() -> None:
+    code = "import sys, mvllmctl.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'mvllmd', 'mvllm_sim'}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_version_and_help(clean_env: dict[str, str]) -> None:

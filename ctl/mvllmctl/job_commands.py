@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
+from mvllm.convert import spec_from_proto, spec_to_proto, state_from_proto
+from mvllm.jobs import InvalidSpec, JobSpec, OnError, Policy, Sampling, extra_body_from_json, validate
 from mvllm.v1 import job_pb2 as pb
 from mvllm.v1 import job_pb2_grpc
 from mvllmctl.client import CtlError
@@ -17,10 +20,8 @@ from mvllmctl.exit_codes import ExitStatus
 from mvllmctl.output import duration, print_fields, print_json, print_table
 from mvllmctl.progress import JobProgress
 
-POLICIES = {"least-loaded": pb.POLICY_LEAST_LOADED, "round-robin": pb.POLICY_ROUND_ROBIN}
-ON_ERROR = {"record": pb.ON_ERROR_RECORD, "fail": pb.ON_ERROR_FAIL}
-ENDED = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 CANCEL_WAIT_S = 120.0  # a cancel lets requests in flight finish first
+SAMPLING_VALUES = ("max_tokens", "temperature", "top_p", "seed", "logprobs")  # flags that default to None
 
 
 def state_name(value: int) -> str:
@@ -31,28 +32,27 @@ def stub(ctl: Ctl) -> job_pb2_grpc.JobServiceStub:
     return job_pb2_grpc.JobServiceStub(ctl.client.channel())
 
 
-def _extra_body(text: str | None) -> str:
-    if not text:
-        return ""
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """A job spec that fails mvllm.jobs.validate is a usage error (exit 2), its message as is: the
+    daemon would refuse it with the same words."""
     try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="--extra-body") from None
-    if not isinstance(value, dict):
-        raise click.BadParameter("a JSON object is expected, e.g. '{\"top_k\": 20}'", param_hint="--extra-body")
-    return text
+        yield
+    except InvalidSpec as exc:
+        raise CtlError(str(exc), ExitStatus.USAGE) from None
 
 
 def sampling_options(f: Any) -> Any:
-    """The sampling flags, shared by `submit` and nothing else (generate-rollouts keeps the seed's)."""
+    """The sampling flags, shared by `submit` and nothing else (generate-rollouts keeps the seed's).
+    Their ranges are checked by mvllm.jobs.validate, as the daemon checks them."""
     options = [
-        click.option("--max-tokens", type=click.IntRange(1), help="Per sample. [the server's default]"),
-        click.option("--temperature", type=click.FloatRange(0, 100), help="[1.0]"),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="[1.0]"),
+        click.option("--max-tokens", type=int, help="Per sample, 1 or more. [the server's default]"),
+        click.option("--temperature", type=float, help="From 0 to 100. [1.0]"),
+        click.option("--top-p", type=float, help="Above 0, at most 1. [1.0]"),
         click.option("--stop", multiple=True, metavar="TEXT", help="Stop string (repeatable)."),
-        click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Reproducible samples. [no seed sent]"),
+        click.option("--seed", type=int, help="Reproducible samples, from 0 to 2**63-1. [no seed sent]"),
         click.option("--extra-body", metavar="JSON", help="Merged into each request, e.g. '{\"top_k\": 20}'."),
-        click.option("--logprobs", type=click.IntRange(0, 20), metavar="N", help="Add the top-N token logprobs."),
+        click.option("--logprobs", type=int, metavar="N", help="Add the top-N token logprobs (N at most 20)."),
         click.option("--return-token-ids", is_flag=True, help="Add the token ids the server reports."),
     ]
     for option in reversed(options):
@@ -65,11 +65,13 @@ def sampling_options(f: Any) -> Any:
     "--data", "-d", "data", required=True, type=click.Path(path_type=Path), help="Prompts: .parquet or .jsonl."
 )
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="The result: one .parquet file.")
-@click.option("--num-samples", "-k", type=click.IntRange(1), default=1, show_default=True, help="Samples per prompt.")
+@click.option("--num-samples", "-k", type=int, default=1, show_default=True, help="Samples per prompt, below 65536.")
 @click.option("--model", "-m", help="The served model. [the only one served]")
 @click.option("--prompt-column", default="prompt", show_default=True, help="String or list of {role, content}.")
-@click.option("--max-concurrent", type=click.IntRange(1), help="Samples in flight at most. [daemon's, 1024]")
-@click.option("--policy", type=click.Choice(sorted(POLICIES)), default="least-loaded", show_default=True)
+@click.option("--max-concurrent", type=int, help="Samples in flight at most. [daemon's, 1024]")
+@click.option(
+    "--policy", type=click.Choice([p.value for p in Policy]), default=Policy.LEAST_LOADED.value, show_default=True
+)
 @click.option(
     "--no-hedge",
     is_flag=True,
@@ -80,10 +82,10 @@ def sampling_options(f: Any) -> Any:
 )
 @click.option("--endpoints", metavar="URL,URL", help="Servers not run by mvllmd (with or without /v1).")
 @click.option("--api-key", envvar="MVLLM_ENDPOINT_API_KEY", help="For --endpoints servers. [$MVLLM_ENDPOINT_API_KEY]")
+@click.option("--wait-for-instances", type=float, default=0, metavar="SECONDS", help="Queue until one is READY.")
 @click.option(
-    "--wait-for-instances", type=click.FloatRange(0), default=0, metavar="SECONDS", help="Queue until one is READY."
+    "--on-error", type=click.Choice([e.value for e in OnError]), default=OnError.RECORD.value, show_default=True
 )
-@click.option("--on-error", type=click.Choice(sorted(ON_ERROR)), default="record", show_default=True)
 @click.option("--resume", is_flag=True, help="Finish an existing output or its parts (same arguments).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output and its parts.")
 @sampling_options
@@ -102,7 +104,7 @@ def submit(ctl: Ctl, /, **options: Any) -> int:
     """
     if options["resume"] and options["overwrite"]:
         raise click.UsageError("--resume and --overwrite exclude each other")
-    spec = job_spec(options)
+    spec = spec_to_proto(job_spec(options), with_api_key=True)
     job = ctl.client.call(stub(ctl).SubmitJob, pb.SubmitJobRequest(spec=spec)).job
     click.echo(f"job {job.id}: {job.samples_total} samples ({job.samples_done} done) -> {job.output_path}", err=True)
     if not options["wait"]:
@@ -114,35 +116,36 @@ def submit(ctl: Ctl, /, **options: Any) -> int:
     return follow(ctl, job.id, options["as_json"])
 
 
-def job_spec(options: dict[str, Any]) -> pb.JobSpec:
-    sampling = pb.SamplingParams(
-        max_tokens=options["max_tokens"],
-        temperature=options["temperature"],
-        top_p=options["top_p"],
-        stop=list(options["stop"]),
-        seed=options["seed"],
-        logprobs=options["logprobs"],
-        return_token_ids=options["return_token_ids"],
-        extra_body_json=_extra_body(options["extra_body"]),
-    )
+def job_spec(options: dict[str, Any]) -> JobSpec:
+    """`submit`'s flags as a job spec, validated (a usage error says what to change)."""
     endpoints = [u.strip() for u in (options["endpoints"] or "").split(",") if u.strip()]
-    return pb.JobSpec(
-        input_path=str(options["data"].absolute()),
-        output_path=str(options["output"].absolute()),
-        prompt_column=options["prompt_column"],
-        num_samples=options["num_samples"],
-        model=options["model"] or "",
-        sampling=sampling,
-        policy=POLICIES[options["policy"]],
-        max_concurrent=options["max_concurrent"] or 0,
-        endpoints=endpoints,
-        wait_for_instances_seconds=options["wait_for_instances"],
-        on_error=ON_ERROR[options["on_error"]],
-        resume=options["resume"],
-        overwrite=options["overwrite"],
-        endpoint_api_key=options["api_key"] or "",
-        no_hedge=options["no_hedge"],
-    )
+    given = {k: options[k] for k in SAMPLING_VALUES if options[k] is not None}  # the rest: the model's defaults
+    with usage_errors():
+        sampling = Sampling(
+            stop=tuple(options["stop"]),
+            return_token_ids=options["return_token_ids"],
+            extra_body=extra_body_from_json(options["extra_body"] or ""),
+            **given,
+        )
+        return validate(
+            JobSpec(
+                input_path=options["data"].absolute(),
+                output_path=options["output"].absolute(),
+                prompt_column=options["prompt_column"],
+                num_samples=options["num_samples"],
+                model=options["model"] or "",
+                sampling=sampling,
+                policy=Policy(options["policy"]),
+                max_concurrent=options["max_concurrent"] or 0,
+                endpoints=tuple(endpoints),
+                wait_for_instances_s=options["wait_for_instances"],
+                on_error=OnError(options["on_error"]),
+                resume=options["resume"],
+                overwrite=options["overwrite"],
+                endpoint_api_key=options["api_key"] or "",
+                hedge=not options["no_hedge"],
+            )
+        )
 
 
 def follow(ctl: Ctl, job_id: str, as_json: bool) -> int:
@@ -160,7 +163,7 @@ def follow(ctl: Ctl, job_id: str, as_json: bool) -> int:
             err=True,
         )
         return ExitStatus.INTERRUPTED
-    if last is None or last.state not in ENDED:
+    if last is None or not _ended(last):
         raise CtlError(
             f"mvllmd stopped before job {job_id} ended; it resumes when mvllmd starts again "
             f"(then: mvllmctl watch {job_id})",
@@ -171,6 +174,11 @@ def follow(ctl: Ctl, job_id: str, as_json: bool) -> int:
     else:
         print_summary(last)
     return ExitStatus.SUCCESS if last.state == pb.JOB_STATE_SUCCEEDED else ExitStatus.FAILED
+
+
+def _ended(job: pb.Job) -> bool:
+    state = state_from_proto(job.state)
+    return state is not None and state.ended
 
 
 def print_summary(job: pb.Job) -> None:
@@ -254,14 +262,13 @@ def job(ctl: Ctl, job_id: str, as_json: bool) -> None:
         print_json(found)
         return
     print_summary(found)
-    spec = found.spec
-    policy = pb.Policy.Name(spec.policy).removeprefix("POLICY_").lower().replace("_", "-")
+    spec = spec_from_proto(found.spec)
     click.echo("")
     print_fields(
         [
-            ("input", spec.input_path),
+            ("input", str(spec.input_path)),
             ("samples per prompt", str(spec.num_samples)),
-            ("policy", policy + (", no hedging" if spec.no_hedge else "")),
+            ("policy", spec.policy.value + ("" if spec.hedge else ", no hedging")),
             ("endpoints", ",".join(spec.endpoints) or "this daemon's instances"),
         ]
     )

@@ -9,22 +9,25 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 import grpc
 
+from mvllm.convert import spec_to_proto
+from mvllm.jobs import JobSpec, validate
 from mvllm.v1 import daemon_pb2, daemon_pb2_grpc
 from mvllm.v1 import job_pb2 as pb
 from mvllmctl.client import CtlError
 from mvllmctl.context import Ctl, pass_ctl
 from mvllmctl.exit_codes import ExitStatus
-from mvllmctl.job_commands import follow, print_summary, stub
+from mvllmctl.job_commands import follow, print_summary, stub, usage_errors
 from mvllmctl.progress import JobProgress
 
 if TYPE_CHECKING:
-    from mvllmd.jobs.runner import JobSpec, Progress
+    from mvllmd.jobs.runner import Progress
 
 PROBE_TIMEOUT_S = 2.0
 DEFAULT_MAX_NUM_SEQS = 256
@@ -36,8 +39,8 @@ DEFAULT_MAX_NUM_SEQS = 256
 @click.option("--model_path", metavar="MODEL", help="The served model. [the only one served]")
 @click.option("--data_path", required=True, type=click.Path(path_type=Path), help="Prompts: .parquet or .jsonl.")
 @click.option("--output_path", required=True, type=click.Path(path_type=Path), help="One .parquet file.")
-@click.option("--num_samples", type=click.IntRange(1), default=1, show_default=True, help="Samples per prompt.")
-@click.option("--vllm_max_concurrent", type=click.IntRange(1), default=200, show_default=True, help="Requests at once.")
+@click.option("--num_samples", type=int, default=1, show_default=True, help="Samples per prompt.")
+@click.option("--vllm_max_concurrent", type=int, default=200, show_default=True, help="Requests at once.")
 @click.option("--resume", is_flag=True, help="Finish an existing output or its parts.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @pass_ctl
@@ -54,19 +57,11 @@ def generate_rollouts(ctl: Ctl, /, **options: Any) -> int:
     if options["resume"] and options["overwrite"]:
         raise click.UsageError("--resume and --overwrite exclude each other")
     urls = [u.strip() for u in (options["vllm_base_url"] or "").split(",") if u.strip()]
+    with usage_errors():
+        spec = validate(_spec(options, urls))
     if _daemon_answers(ctl):
         click.echo(f"using mvllmd at {ctl.client.address}", err=True)
-        spec = pb.JobSpec(
-            input_path=str(options["data_path"].absolute()),
-            output_path=str(options["output_path"].absolute()),
-            num_samples=options["num_samples"],
-            model=options["model_path"] or "",
-            max_concurrent=options["vllm_max_concurrent"],
-            endpoints=urls,
-            resume=options["resume"],
-            overwrite=options["overwrite"],
-        )
-        submitted = ctl.client.call(stub(ctl).SubmitJob, pb.SubmitJobRequest(spec=spec)).job
+        submitted = ctl.client.call(stub(ctl).SubmitJob, pb.SubmitJobRequest(spec=spec_to_proto(spec))).job
         click.echo(f"job {submitted.id}: {submitted.samples_total} samples -> {submitted.output_path}", err=True)
         return follow(ctl, submitted.id, as_json=False)
     if not urls:
@@ -76,6 +71,20 @@ def generate_rollouts(ctl: Ctl, /, **options: Any) -> int:
         )
     click.echo("mvllmd is not running: generating in this process", err=True)
     return asyncio.run(_run_here(options, urls))
+
+
+def _spec(options: dict[str, Any], urls: list[str]) -> JobSpec:
+    """The job the seed's flags ask for (the defaults for all they cannot say)."""
+    return JobSpec(
+        input_path=options["data_path"].absolute(),
+        output_path=options["output_path"].absolute(),
+        num_samples=options["num_samples"],
+        model=options["model_path"] or "",
+        max_concurrent=options["vllm_max_concurrent"],
+        endpoints=tuple(urls),
+        resume=options["resume"],
+        overwrite=options["overwrite"],
+    )
 
 
 def _daemon_answers(ctl: Ctl) -> bool:
@@ -94,24 +103,15 @@ async def _run_here(options: dict[str, Any], urls: list[str]) -> int:
     # The job runner (pyarrow, numpy, aiohttp) is imported here, not at the top: every other command
     # of mvllmctl would pay for it at each start (half a second of CPU).
     from mvllmd.errors import MvllmError  # noqa: PLC0415
-    from mvllmd.jobs.dispatch import DispatchSettings, Endpoint  # noqa: PLC0415
+    from mvllmd.jobs.dispatch import Endpoint  # noqa: PLC0415
     from mvllmd.jobs.output import parts_dir  # noqa: PLC0415
-    from mvllmd.jobs.requests import Sampling  # noqa: PLC0415
-    from mvllmd.jobs.runner import JobSpec, prepare, run_job  # noqa: PLC0415
+    from mvllmd.jobs.runner import prepare, run_job  # noqa: PLC0415
     from mvllmd.jobs.targets import endpoint_model, normalize_url  # noqa: PLC0415
 
     try:
         endpoints = list(dict.fromkeys(normalize_url(u) for u in urls))
         model = await endpoint_model(endpoints, options["model_path"] or "")
-        spec = JobSpec(
-            input_path=options["data_path"].absolute(),
-            output_path=options["output_path"].absolute(),
-            sampling=Sampling(model=model),
-            num_samples=options["num_samples"],
-            resume=options["resume"],
-            overwrite=options["overwrite"],
-            dispatch=DispatchSettings(max_concurrent=options["vllm_max_concurrent"]),
-        )
+        spec = replace(_spec(options, urls), model=model)
         prepared = await asyncio.to_thread(prepare, spec)
     except MvllmError as exc:
         raise CtlError(str(exc), ExitStatus.USAGE) from None

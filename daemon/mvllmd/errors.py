@@ -11,6 +11,9 @@
     ├── ResourceExhausted        no devices, ports or slots left            → RESOURCE_EXHAUSTED
     └── UnitError                the unit manager refused an operation      → FAILED_PRECONDITION
 
+A job spec that fails the shared model's checks raises `mvllm.jobs.InvalidSpec` (a ValueError, outside
+this tree: mvllmctl raises it too), which the boundary also maps to INVALID_ARGUMENT.
+
 Messages are written for the person who reads them: what was wrong, and what to do instead.
 This module imports nothing, so every other module (the inventory too) can use it.
 """

@@ -24,8 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from mvllm.jobs import Sampling
 from mvllmd.jobs import http
-from mvllmd.jobs.requests import Sampling, ends_whole, send
+from mvllmd.jobs.requests import ends_whole, send
 from mvllmd.jobs.streams import Stream
 
 from daemonkit import Spawn, instance_status, wait_for
@@ -191,10 +192,10 @@ async def a_sample_moves_between_real_engines(model: str, instances: list[dict[s
     client = http.Client()
     try:
         for prompt in ("Once upon a time", [{"role": "user", "content": "Tell me a story"}]):
-            start = Sampling(model=model, max_tokens=150, return_token_ids=True, extra_body={"ignore_eos": True})
+            start = Sampling(max_tokens=150, return_token_ids=True, extra_body={"ignore_eos": True})
             for _ in range(20):  # until a sample's 150 tokens end with a whole character
                 stream = ChunkSizes()
-                (made,) = await send(client, first_url, start, prompt, 0, [0], stream=stream)
+                (made,) = await send(client, first_url, model, start, prompt, 0, [0], stream=stream)
                 assert stream.sizes == [1, 64, 64, 21]  # the first token at once, then 64 at a time
                 if await ends_whole(client, other_url, model, made.token_ids or []):
                     break
@@ -202,8 +203,8 @@ async def a_sample_moves_between_real_engines(model: str, instances: list[dict[s
                 raise AssertionError("20 samples in a row ended inside a character")
             prefix = stream.prefix(0, started=0.0, earlier=None)
             assert prefix is not None and prefix.prompt_token_ids and len(prefix.token_ids) == 150
-            rest = Sampling(model=model, max_tokens=200, return_token_ids=True, extra_body={"ignore_eos": True})
-            (whole,) = await send(client, other_url, rest, prompt, 0, [0], prefix=prefix)
+            rest = Sampling(max_tokens=200, return_token_ids=True, extra_body={"ignore_eos": True})
+            (whole,) = await send(client, other_url, model, rest, prompt, 0, [0], prefix=prefix)
             assert whole.completion_tokens == 200 and whole.token_ids and whole.token_ids[:150] == made.token_ids
             assert whole.response and made.response and whole.response.startswith(made.response)
             said = httpx.post(f"{other_url}/detokenize", json={"model": model, "tokens": whole.token_ids}, timeout=60)

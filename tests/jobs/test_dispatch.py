@@ -5,27 +5,36 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
+from mvllm.jobs import JobSpec, Policy, Sample, Sampling
 from mvllm_sim.text import token_ids
-from mvllmd.jobs.dispatch import HEDGE_BUDGET, Dispatcher, DispatchSettings, Endpoint, Policy, Work
-from mvllmd.jobs.output import DoneMap, Sample
-from mvllmd.jobs.requests import Sampling
+from mvllmd.jobs.dispatch import HEDGE_BUDGET, Dispatcher, DispatchSettings, Endpoint, Work
+from mvllmd.jobs.output import DoneMap
 
 from simkit import SimProcess, StartSim
 
 PROMPTS, SAMPLES = 120, 4
 
 
+def job(max_tokens: int, seed: int | None = None, return_token_ids: bool = False, **kw: Any) -> JobSpec:
+    """A job as the dispatcher reads one: its model, sampling, policy, hedging and max_concurrent."""
+    sampling = Sampling(max_tokens=max_tokens, seed=seed, return_token_ids=return_token_ids)
+    return JobSpec(Path("/in.parquet"), Path("/out.parquet"), model="sim", sampling=sampling, **kw)
+
+
 async def run_job(
     urls: list[str],
-    policy: Policy = "least-loaded",
+    policy: Policy = Policy.LEAST_LOADED,
     max_tokens: int = 8,
     watch: Callable[[Dispatcher], Awaitable[None]] | None = None,
     seed: int | None = None,
     return_token_ids: bool = False,
+    hedge: bool = True,
     **settings: float,
 ) -> tuple[list[Sample], Dispatcher]:
     done = DoneMap(PROMPTS, SAMPLES)
@@ -39,8 +48,8 @@ async def run_job(
     endpoints = [Endpoint(url, capacity=64) for url in urls]
     dispatcher = Dispatcher(
         endpoints,
-        Sampling(model="sim", max_tokens=max_tokens, seed=seed, return_token_ids=return_token_ids),
-        DispatchSettings(policy=policy, max_concurrent=256, **settings),  # type: ignore[arg-type]
+        job(max_tokens, seed=seed, return_token_ids=return_token_ids, policy=policy, hedge=hedge, max_concurrent=256),
+        DispatchSettings(**settings),  # type: ignore[arg-type]
         deliver,
         done.is_done,
     )
@@ -71,8 +80,8 @@ def by_endpoint(samples: list[Sample]) -> Counter[str]:
 
 async def test_every_sample_once_under_both_policies(start_sim: StartSim) -> None:
     urls = [(await start_sim("--time-scale", "0.001"))[0] for _ in range(3)]
-    for policy in ("least-loaded", "round-robin"):
-        samples, _ = await run_job(urls, policy)  # type: ignore[arg-type]
+    for policy in Policy:
+        samples, _ = await run_job(urls, policy)
         assert all(s.error is None for s in samples)
         assert set(by_endpoint(samples)) == set(urls)
 
@@ -194,7 +203,7 @@ async def test_a_server_that_queues_is_sent_about_what_it_runs(sim_process: Call
 
     endpoint = Endpoint(url, capacity=32)
     settings = DispatchSettings(max_concurrent=256, metrics_interval_s=0.02)
-    dispatcher = Dispatcher([endpoint], Sampling(model="sim", max_tokens=16), settings, deliver, done.is_done)
+    dispatcher = Dispatcher([endpoint], job(16), settings, deliver, done.is_done)
     for p in range(PROMPTS):
         dispatcher.add(Work(p, f"prompt number {p}", list(range(SAMPLES))))
     dispatcher.close_input()
@@ -217,7 +226,7 @@ async def test_a_server_that_queues_is_sent_about_what_it_runs(sim_process: Call
     # A next job sends it less than it runs (2 long samples): nothing waits there, and the limit grows back.
     lowered = endpoint.limit
     small = DoneMap(1, 2)
-    again = Dispatcher([endpoint], Sampling(model="sim", max_tokens=200), settings, deliver_to(small), small.is_done)
+    again = Dispatcher([endpoint], job(200), settings, deliver_to(small), small.is_done)
     again.add(Work(0, "one more prompt", [0, 1]))
     again.close_input()
     async with aiohttp.ClientSession() as session:
@@ -259,8 +268,7 @@ async def test_a_fault_of_its_own_stops_the_dispatcher_with_it(start_sim: StartS
         raise OSError(28, "No space left on device")
 
     done = DoneMap(PROMPTS, SAMPLES)
-    dispatcher = Dispatcher([Endpoint(url, capacity=8)], Sampling(model="sim", max_tokens=4), DispatchSettings(),
-                            deliver, done.is_done)  # fmt: skip
+    dispatcher = Dispatcher([Endpoint(url, capacity=8)], job(4), DispatchSettings(), deliver, done.is_done)
     for p in range(PROMPTS):
         dispatcher.add(Work(p, f"prompt number {p}", list(range(SAMPLES))))
     dispatcher.close_input()

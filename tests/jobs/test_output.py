@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mvllm.jobs import Sample
 from mvllmd.jobs import output
 from mvllmd.jobs.input import inspect
-from mvllmd.jobs.output import DoneMap, OutputError, PartWriter, Sample, assemble, load_done, parts_dir, result_schema
+from mvllmd.jobs.output import DoneMap, OutputError, PartWriter, assemble, load_done, parts_dir, result_schema
 
 
 def sample(p: int, s: int, error: str | None = None) -> Sample:

@@ -6,17 +6,18 @@ import asyncio
 import json
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mvllm.jobs import JobSpec, Policy, Sampling
 from mvllmd.errors import Conflict, InvalidRequest
 from mvllmd.jobs.dispatch import DispatchSettings, Endpoint
 from mvllmd.jobs.output import parts_dir
-from mvllmd.jobs.requests import Sampling
-from mvllmd.jobs.runner import JobSpec, Progress, prepare, run_job
+from mvllmd.jobs.runner import Progress, fingerprint, prepare, run_job
 
 from simkit import SimProcess, StartSim
 
@@ -35,9 +36,10 @@ def spec(tmp: Path, **kw: object) -> JobSpec:
     base: dict[str, object] = {
         "input_path": make_input(tmp),
         "output_path": tmp / "out.parquet",
-        "sampling": Sampling(model="sim", max_tokens=8, seed=3),
+        "model": "sim",
+        "sampling": Sampling(max_tokens=8, seed=3),
         "num_samples": K,
-        "dispatch": DispatchSettings(max_concurrent=128),
+        "max_concurrent": 128,
     }
     base.update(kw)
     return JobSpec(**base)  # type: ignore[arg-type]
@@ -98,10 +100,11 @@ async def test_stop_then_resume_redoes_only_what_is_missing(start_sim: StartSim,
 async def test_samples_are_on_disk_soon_even_when_the_job_stalls(start_sim: StartSim, tmp_path: Path) -> None:
     # The server answers 5 requests and then hangs: no sample arrives after those to trigger a write.
     base, _ = await start_sim("--time-scale", "0", "--hang-after-requests", "5")
-    job = spec(tmp_path, dispatch=DispatchSettings(max_concurrent=8, hang_timeout_s=600))
+    job = spec(tmp_path, max_concurrent=8)
     seen: list[int] = []
     stop = asyncio.Event()
     running = asyncio.create_task(run_job(prepare(job), [Endpoint(base, capacity=8)], stop,
+                                          dispatch=DispatchSettings(hang_timeout_s=600),
                                           on_progress=lambda p: seen.append(p.samples_done),
                                           stop_drain_s=0.1, flush_age_s=0.2))  # fmt: skip
 
@@ -176,7 +179,7 @@ async def test_a_finished_output_resumed_with_other_arguments_is_refused(start_s
 
 async def test_on_error_fail_stops_the_job(start_sim: StartSim, tmp_path: Path) -> None:
     base, _ = await start_sim("--time-scale", "0", "--max-model-len", "16")
-    job = spec(tmp_path, sampling=Sampling(model="sim", max_tokens=20), on_error="fail")
+    job = spec(tmp_path, sampling=Sampling(max_tokens=20), on_error="fail")
     progress = await run_job(prepare(job), [Endpoint(base, capacity=16)], asyncio.Event())
     assert progress.failed.startswith("prompt ") and "HTTP 400" in progress.failed
     assert not job.output_path.exists()
@@ -191,7 +194,76 @@ async def test_many_instant_answers_all_land(sim_process: Callable[..., SimProce
     for sim in sims:
         sim.wait_listening()
     urls = [Endpoint(sim.url, capacity=1024) for sim in sims]
-    sampling = Sampling(model="sim", max_tokens=8)
-    job = JobSpec(data, tmp_path / "many.out.parquet", sampling, dispatch=DispatchSettings(max_concurrent=256))
+    job = JobSpec(data, tmp_path / "many.out.parquet", model="sim", sampling=Sampling(max_tokens=8), max_concurrent=256)
     progress = await asyncio.wait_for(run_job(prepare(job), urls, asyncio.Event()), timeout=120)
     assert progress.samples_done == 5000
+
+
+def test_prepare_refuses_what_validate_refuses(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match=r"^--num-samples must be from 1 to 65535, got 0$"):
+        prepare(spec(tmp_path, num_samples=0))
+
+
+def fixed_input(tmp: Path) -> Path:
+    data = tmp / "in.parquet"
+    data.write_bytes(b"x" * 10)
+    os.utime(data, ns=(1_700_000_000_000_000_000, 1_700_000_000_123_456_789))
+    return data
+
+
+def previous_release_job(tmp: Path) -> JobSpec:
+    sampling = Sampling(max_tokens=7, stop=("\n\n",), seed=3, extra_body={"top_k": 20})
+    return JobSpec(fixed_input(tmp), tmp / "out.parquet", num_samples=4, model="m", sampling=sampling,
+                   policy=Policy.ROUND_ROBIN, max_concurrent=64, hedge=False)  # fmt: skip
+
+
+def test_the_fingerprint_is_the_previous_releases(tmp_path: Path) -> None:
+    # The manifest beside the parts and the output's "mvllm.job" metadata: a job that the previous
+    # release started must resume, so the JSON stays as it was, key for key and in this order, with
+    # the model inside "sampling" (where the previous release kept it).
+    job = previous_release_job(tmp_path)
+    expected = {
+        "input": str(tmp_path / "in.parquet"),
+        "input_size_mtime": [10, 1_700_000_000_123_456_789],
+        "prompt_column": "prompt",
+        "num_samples": 4,
+        "sampling": {
+            "model": "m",
+            "max_tokens": 7,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "stop": ["\n\n"],
+            "seed": 3,
+            "logprobs": None,
+            "return_token_ids": False,
+            "extra_body": {"top_k": 20},
+        },
+        "policy": "round-robin",
+    }
+    assert json.dumps(fingerprint(job)) == json.dumps(expected)
+    assert json.dumps(fingerprint(job)) == (  # as the previous release wrote it
+        f'{{"input": "{tmp_path}/in.parquet", "input_size_mtime": [10, 1700000000123456789], "prompt_column": '
+        '"prompt", "num_samples": 4, "sampling": {"model": "m", "max_tokens": 7, "temperature": 1.0, "top_p": 1.0, '
+        '"stop": ["\\n\\n"], "seed": 3, "logprobs": null, "return_token_ids": false, "extra_body": {"top_k": 20}}, '
+        '"policy": "round-robin"}'
+    )
+
+
+def test_parts_left_by_the_previous_release_resume(tmp_path: Path) -> None:
+    job = previous_release_job(tmp_path)
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), job.input_path)
+    os.utime(job.input_path, ns=(1_700_000_000_000_000_000, 1_700_000_000_123_456_789))
+    size = job.input_path.stat().st_size
+    parts = parts_dir(job.output_path)
+    parts.mkdir()
+    (parts / "manifest.json").write_text(  # the previous release's manifest.json for this job
+        "{\n"
+        f'  "input": "{tmp_path}/in.parquet",\n'
+        f'  "input_size_mtime": [\n    {size},\n    1700000000123456789\n  ],\n'
+        '  "prompt_column": "prompt",\n  "num_samples": 4,\n  "sampling": {\n    "model": "m",\n'
+        '    "max_tokens": 7,\n    "temperature": 1.0,\n    "top_p": 1.0,\n    "stop": [\n      "\\n\\n"\n    ],\n'
+        '    "seed": 3,\n    "logprobs": null,\n    "return_token_ids": false,\n    "extra_body": {\n'
+        '      "top_k": 20\n    }\n  },\n  "policy": "round-robin"\n}'
+    )
+    assert (parts / "manifest.json").read_text() == json.dumps(fingerprint(job), indent=2)  # what this one writes
+    assert prepare(replace(job, resume=True)).samples_total == 2 * 4

@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from mvllmd.jobs.output import Sample
-from mvllmd.jobs.requests import Sampling
+from mvllm.jobs import Sample, Sampling
 from mvllmd.jobs.streams import STREAM_INTERVAL, Prefix, Stream, movable
 
 
@@ -17,12 +16,12 @@ def event(chunk: Any) -> bytes:
 
 
 def test_movable_jobs() -> None:
-    assert movable(Sampling(model="m", max_tokens=2048, extra_body={"top_k": 5}))
-    assert not movable(Sampling(model="m", max_tokens=2048, seed=1))  # a rerun must ask for the same samples
-    assert not movable(Sampling(model="m", max_tokens=2048, stop=("\n",)))  # it could straddle the cut
-    assert not movable(Sampling(model="m"))  # no max_tokens to split
-    assert not movable(Sampling(model="m", max_tokens=STREAM_INTERVAL))  # too short to be worth it
-    assert not movable(Sampling(model="m", max_tokens=2048, extra_body={"repetition_penalty": 1.1}))
+    assert movable(Sampling(max_tokens=2048, extra_body={"top_k": 5}))
+    assert not movable(Sampling(max_tokens=2048, seed=1))  # a rerun must ask for the same samples
+    assert not movable(Sampling(max_tokens=2048, stop=("\n",)))  # it could straddle the cut
+    assert not movable(Sampling())  # no max_tokens to split
+    assert not movable(Sampling(max_tokens=STREAM_INTERVAL))  # too short to be worth it
+    assert not movable(Sampling(max_tokens=2048, extra_body={"repetition_penalty": 1.1}))
 
 
 def test_a_completions_stream_in_pieces() -> None:
@@ -39,7 +38,7 @@ def test_a_completions_stream_in_pieces() -> None:
     stream.feed(event({"choices": [{"index": 1, "text": " c", "token_ids": [3], "finish_reason": "length"}]}))
     stream.feed(event({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3}}) + b"data: [DONE]\n\n")
     assert stream.done and finished == [1, 1] and stream.unfinished() == []
-    sample = stream.sample(1, "http://e", Sampling(model="m", logprobs=1, return_token_ids=True), 4, 6, 0.5)
+    sample = stream.sample(1, "http://e", Sampling(logprobs=1, return_token_ids=True), 4, 6, 0.5)
     assert (sample.response, sample.finish_reason, sample.prompt_tokens, sample.completion_tokens) == (
         "a c",
         "length",
@@ -47,7 +46,7 @@ def test_a_completions_stream_in_pieces() -> None:
         2,
     )
     assert (sample.prompt_index, sample.sample_index, sample.token_ids, sample.logprobs) == (4, 6, [1, 3], [-0.5])
-    assert stream.sample(0, "http://e", Sampling(model="m"), 4, 5, 0.5).token_ids is None  # the job did not ask
+    assert stream.sample(0, "http://e", Sampling(), 4, 5, 0.5).token_ids is None  # the job did not ask
 
 
 def test_a_chat_stream_and_malformed_events() -> None:

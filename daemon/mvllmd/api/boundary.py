@@ -1,4 +1,5 @@
-"""The one place where domain errors become gRPC status codes.
+"""The one place where domain errors become gRPC status codes: mvllmd's (errors.py), and a job spec
+that fails `mvllm.jobs.validate` (InvalidSpec, a ValueError of the shared model).
 
 Every servicer method is wrapped by `rpc`. It also sends the daemon's version as initial metadata
 (`mvllm-version`), so a client can warn when its own version differs without an extra call.
@@ -15,12 +16,14 @@ from typing import Any, TypeVar
 import grpc
 
 from mvllm import VERSION_METADATA_KEY, __version__
+from mvllm.jobs import InvalidSpec
 from mvllmd import errors
 
 log = logging.getLogger(__name__)
 
-STATUS_BY_ERROR: dict[type[errors.MvllmError], grpc.StatusCode] = {
+STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidSpec: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.AddressError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -37,17 +40,19 @@ Servicer = TypeVar("Servicer")
 Method = Callable[[Servicer, Request, Any], Awaitable[Response]]
 
 
-def status_for(exc: errors.MvllmError) -> grpc.StatusCode:
+def status_for(exc: Exception) -> grpc.StatusCode | None:
+    """A domain error's status (UNKNOWN for an MvllmError the table lacks); None for anything else."""
     for cls in type(exc).__mro__:
         if cls in STATUS_BY_ERROR:
             return STATUS_BY_ERROR[cls]
-    return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.UNKNOWN if isinstance(exc, errors.MvllmError) else None
 
 
 def _translate(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
     """A domain error's status and message; anything else is INTERNAL, saying nothing of itself."""
-    if isinstance(exc, errors.MvllmError):
-        return status_for(exc), str(exc)
+    status = status_for(exc)
+    if status is not None:
+        return status, str(exc)
     log.error("internal error in %s", where, exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error in mvllmd; its log has the details"
 

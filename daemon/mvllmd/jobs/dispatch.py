@@ -62,19 +62,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import aiohttp
 
+from mvllm.jobs import JobSpec, Policy, Sample
 from mvllmd.jobs import http, streams
 from mvllmd.jobs.gauges import Gauges, scrape
-from mvllmd.jobs.output import Sample
-from mvllmd.jobs.requests import RequestFailed, Sampling, ends_whole, send
+from mvllmd.jobs.requests import RequestFailed, ends_whole, send
 from mvllmd.jobs.streams import Prefix, Stream
 
 log = logging.getLogger(__name__)
 
-Policy = Literal["least-loaded", "round-robin"]
 SPEED_HALF_LIFE_S = 10.0
 WAITING_POLLS = 3  # readings in a row with requests waiting before a server is sent less
 HEDGE_BUDGET = 0.02  # unseeded: at most this share of a job's samples is asked for again by copies
@@ -169,15 +167,16 @@ class _Flight:
 
 @dataclass(frozen=True)
 class DispatchSettings:
-    policy: Policy = "least-loaded"
-    max_concurrent: int = 1024
+    """The daemon's tuning of every job's dispatch. What a job asks for (its policy, hedging, its own
+    max_concurrent) is in its JobSpec."""
+
+    max_concurrent: int = 1024  # for a job whose spec leaves it to the daemon (0)
     max_attempts: int = 6
     breaker_failures: int = 5
     breaker_cooldown_s: float = 2.0
     hang_timeout_s: float = 60.0
     request_timeout_s: float | None = None
     metrics_interval_s: float = 1.0  # how often each server's /metrics is read; 0: never
-    hedge: bool = True  # least-loaded: copy or move slow requests in the tail (see the module docstring)
 
 
 Deliver = Callable[[list[Sample]], Awaitable[None]]
@@ -192,7 +191,7 @@ class Dispatcher:
     def __init__(
         self,
         endpoints: Sequence[Endpoint],
-        sampling: Sampling,
+        spec: JobSpec,
         settings: DispatchSettings,
         deliver: Deliver,
         is_done: Callable[[int, int], bool],
@@ -201,7 +200,9 @@ class Dispatcher:
     ) -> None:
         self.endpoints = list(endpoints)
         self._remaining = remaining  # samples the job still needs, fed or not; None: unknown
-        self._sampling = sampling
+        self._model, self._sampling = spec.model, spec.sampling
+        self._policy, self._hedging = spec.policy, spec.hedge
+        self.max_concurrent = spec.max_concurrent or settings.max_concurrent
         self._settings = settings
         self._deliver = deliver
         self._is_done = is_done
@@ -217,7 +218,7 @@ class Dispatcher:
         self.hedges = 0
         self.copied_samples = 0  # samples asked for again by copies
         self.moves = 0  # requests moved, each of their unfinished samples continued elsewhere
-        self._movable = settings.policy == "least-loaded" and settings.hedge and streams.movable(sampling)
+        self._movable = self._policy == Policy.LEAST_LOADED and self._hedging and streams.movable(self._sampling)
         self._moved_done: list[Sample] = []  # finished choices of moved requests, for run() to deliver
         self._checks: set[asyncio.Task[None]] = set()
         self._by_rate = False  # every live endpoint's gauges have shown a rate: speeds come from them
@@ -340,7 +341,7 @@ class Dispatcher:
         ready = [w for at, w in self._delayed if at <= now]
         self._delayed = [(at, w) for at, w in self._delayed if at > now]
         self._retry.extend(ready)
-        while self.inflight < self._settings.max_concurrent:
+        while self.inflight < self.max_concurrent:
             work = self._next_work()
             if work is None:
                 break
@@ -350,7 +351,7 @@ class Dispatcher:
                 break
             work = self._fit(work, endpoint)
             self._launch(work, endpoint)
-        if self._tail() and self._settings.policy == "least-loaded" and self._settings.hedge:
+        if self._tail() and self._policy == "least-loaded" and self._hedging:
             if self._movable:
                 self._move(now)
             else:
@@ -364,7 +365,7 @@ class Dispatcher:
             if work.samples and self._sampling.seed is not None:
                 self._contiguous(work)
             if work.samples:
-                if self._tail() and self._settings.policy == "least-loaded" and len(work.samples) > 1:
+                if self._tail() and self._policy == "least-loaded" and len(work.samples) > 1:
                     # The tail: spread what is left, one sample per request.
                     for s in work.samples[1:]:
                         self._retry.append(Work(work.prompt_index, work.prompt, [s], work.attempts))
@@ -385,7 +386,7 @@ class Dispatcher:
         return self._input_done and not self._queue
 
     def _pick(self, now: float, want: int) -> Endpoint | None:
-        if self._settings.policy == "round-robin":
+        if self._policy == "round-robin":
             # The seed's: each request to the next endpoint in turn, whatever it holds already (the
             # server queues what it cannot run); only an endpoint taken out by the breaker is skipped.
             for _ in range(len(self.endpoints)):
@@ -421,7 +422,7 @@ class Dispatcher:
         little work is left stranded on it at the end; round-robin: its full capacity."""
         fastest = max((self._speed(e) for e in self.endpoints), default=0.0)
         speed = self._speed(endpoint)
-        if self._settings.policy == "round-robin" or fastest <= 0 or speed <= 0:
+        if self._policy == "round-robin" or fastest <= 0 or speed <= 0:
             return endpoint.limit
         return max(1, int(endpoint.limit * speed / fastest))
 
@@ -436,8 +437,8 @@ class Dispatcher:
 
     def _fit(self, work: Work, endpoint: Endpoint) -> Work:
         """No more samples in one request than the endpoint has room for, nor than the global cap."""
-        room = self._settings.max_concurrent - self.inflight
-        if self._settings.policy != "round-robin":
+        room = self.max_concurrent - self.inflight
+        if self._policy != "round-robin":
             room = min(room, self._share(endpoint) - endpoint.load)
         if len(work.samples) > room >= 1:
             self._retry.appendleft(Work(work.prompt_index, work.prompt, work.samples[room:], work.attempts))
@@ -472,7 +473,7 @@ class Dispatcher:
         )
         for flight in flights:
             want = len(flight.work.samples)
-            if self.inflight + want > self._settings.max_concurrent:
+            if self.inflight + want > self.max_concurrent:
                 return
             if not self._may_copy(want):
                 continue  # a smaller request may still fit the budget
@@ -531,7 +532,7 @@ class Dispatcher:
         async def check() -> None:
             try:
                 tails = [c.token_ids for c in stream.choices if c.finish_reason is None]
-                checks = [ends_whole(self._http, target.url, self._sampling.model, t, target.api_key) for t in tails]
+                checks = [ends_whole(self._http, target.url, self._model, t, target.api_key) for t in tails]
                 whole = all(await asyncio.gather(*checks))
             except Exception as exc:  # mvllmd's own fault: run() raises it
                 self._fault = self._fault or exc
@@ -614,9 +615,9 @@ class Dispatcher:
         try:
             if work.prompt is None:
                 raise RequestFailed("the prompt is missing or not a string or a list of messages", False)
-            samples = await send(self._http, endpoint.url, self._sampling, work.prompt, work.prompt_index,
-                                 work.samples, self._settings.request_timeout_s, endpoint.api_key,
-                                 stream=flight.stream, prefix=work.prefix)  # fmt: skip
+            samples = await send(self._http, endpoint.url, self._model, self._sampling, work.prompt,
+                                 work.prompt_index, work.samples, self._settings.request_timeout_s,
+                                 endpoint.api_key, stream=flight.stream, prefix=work.prefix)  # fmt: skip
         except asyncio.CancelledError:
             self._land(flight)
             raise

@@ -1,10 +1,11 @@
 """The daemon's jobs: submit, list, watch, cancel; a queue, fair shares, and resume after a restart.
 
-A submitted job is checked at once (input, output, model, targets), recorded in the store, and
-queued. At most `max_running` jobs run; the rest wait QUEUED, oldest first. Jobs that share a server
-share its batch: each gets an equal part of the server's max_num_seqs. A job on this daemon's
-instances follows them as they come and go: a new READY instance of its model takes work at once,
-one that stops, fails or restarts is retired (its requests go elsewhere).
+A submitted job is checked at once (`mvllm.jobs.validate`, then input, output, model, targets),
+recorded in the store, and queued. At most `max_running` jobs run; the rest wait QUEUED, oldest
+first. Jobs that share a server share its batch: each gets an equal part of the server's
+max_num_seqs. A job on this daemon's instances follows them as they come and go: a new READY
+instance of its model takes work at once, one that stops, fails or restarts is retired (its
+requests go elsewhere).
 
 On SIGTERM (`close`), running jobs stop taking work, let their requests in flight finish within
 `stop_drain_s`, and keep their parts; their records stay RUNNING or QUEUED, so the next start
@@ -23,14 +24,13 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
+from mvllm.jobs import JobRecord, JobSpec, JobState, validate
 from mvllmd.config import JobSettings
-from mvllmd.errors import Conflict, InvalidRequest, MvllmError, NotFound
+from mvllmd.errors import Conflict, MvllmError, NotFound
 from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.spec import InstanceState
 from mvllmd.jobs.dispatch import Dispatcher, DispatchSettings, Endpoint
-from mvllmd.jobs.output import MAX_SAMPLES, parts_dir
-from mvllmd.jobs.record import JobRecord, JobRequest, JobState
-from mvllmd.jobs.requests import Sampling
+from mvllmd.jobs.output import parts_dir
 from mvllmd.jobs.runner import Prepared, Progress, prepare, run_job
 from mvllmd.jobs.store import JobStore
 from mvllmd.jobs.targets import Target, endpoint_model, instance_model, instance_targets, normalize_url
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0  # how often a running job's counts are written to the store
 WATCH_EVERY_S = 0.5
-MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 RESUME_WAIT_S = 1800.0  # a job resumed at start waits this long for a READY instance (the default start timeout)
 WAIT_MESSAGE = "waiting up to {s:g}s for a READY instance of {model}"
 
@@ -80,7 +79,7 @@ class _Job:
 
     @property
     def uses_instances(self) -> bool:
-        return not self.record.request.endpoints
+        return not self.record.spec.endpoints
 
 
 class JobManager:
@@ -103,8 +102,8 @@ class JobManager:
             if not record.state.ended and record.started_at:
                 # It wrote parts already: finish them, never overwrite them. Its instances are being
                 # adopted or started again at this very moment: wait for them as a start may take.
-                wait_s = max(record.request.wait_for_instances_s, RESUME_WAIT_S)
-                record.request = replace(record.request, resume=True, overwrite=False, wait_for_instances_s=wait_s)
+                wait_s = max(record.spec.wait_for_instances_s, RESUME_WAIT_S)
+                record.spec = replace(record.spec, resume=True, overwrite=False, wait_for_instances_s=wait_s)
                 log.info("job %s: resuming (%d of %d samples were done)", record.id, record.samples_done,
                          record.samples_total)  # fmt: skip
             if not record.state.ended:
@@ -128,21 +127,21 @@ class JobManager:
 
     # --- the API --------------------------------------------------------------------------------
 
-    async def submit(self, request: JobRequest) -> JobView:
-        """Check the job and queue it; raise InvalidRequest or Conflict saying what is wrong."""
+    async def submit(self, spec: JobSpec) -> JobView:
+        """Check the job and queue it; raise InvalidSpec, InvalidRequest or Conflict saying what is wrong."""
         if self._closing:
             raise Conflict("mvllmd is stopping; submit the job again when it is back")
-        request = await self._resolve(request)
+        spec = await self._resolve(validate(spec))
         for other in self._jobs.values():
-            if not other.record.state.ended and other.record.request.output_path == request.output_path:
-                raise Conflict(f"job {other.record.id} is already writing {request.output_path}")
-        prepared = await asyncio.to_thread(prepare, request.job_spec(self._dispatch_settings()))
-        record = JobRecord(id=uuid.uuid4().hex[:12], request=request)
+            if not other.record.state.ended and other.record.spec.output_path == spec.output_path:
+                raise Conflict(f"job {other.record.id} is already writing {spec.output_path}")
+        prepared = await asyncio.to_thread(prepare, spec)
+        record = JobRecord(id=uuid.uuid4().hex[:12], spec=spec)
         record.samples_total, record.samples_done = prepared.samples_total, _done(prepared)
         job = _Job(record, prepared=prepared)
         self._jobs[record.id] = job
         self._store.save(record)
-        log.info("job %s: submitted, %d samples to %s", record.id, record.samples_total, request.output_path)
+        log.info("job %s: submitted, %d samples to %s", record.id, record.samples_total, spec.output_path)
         self._schedule()
         return self._view(job)
 
@@ -177,9 +176,9 @@ class JobManager:
         """Remove ended jobs' records, and the parts of those that did not succeed."""
         ids, parts = [], []
         for job in [j for j in self._jobs.values() if j.record.state.ended]:
-            folder = parts_dir(job.record.request.output_path)
+            folder = parts_dir(job.record.spec.output_path)
             busy = any(  # a later job (a --resume) may be finishing the same parts
-                o.record.request.output_path == job.record.request.output_path and not o.record.state.ended
+                o.record.spec.output_path == job.record.spec.output_path and not o.record.state.ended
                 for o in self._jobs.values()
             )
             if folder.is_dir() and not busy:
@@ -192,29 +191,20 @@ class JobManager:
 
     # --- checks before a job is accepted --------------------------------------------------------
 
-    async def _resolve(self, request: JobRequest) -> JobRequest:
-        for path, what in ((request.input_path, "input"), (request.output_path, "output")):
-            if not path.is_absolute():
-                raise InvalidRequest(f"the {what} path must be absolute, got {str(path)!r} (mvllmctl resolves it)")
-        if not 1 <= request.num_samples < MAX_SAMPLES:
-            raise InvalidRequest(f"--num-samples must be from 1 to {MAX_SAMPLES - 1}, got {request.num_samples}")
-        if request.wait_for_instances_s < 0:
-            raise InvalidRequest("--wait-for-instances must be 0 or more seconds")
-        _check_sampling(request.sampling)
-        if request.endpoint_api_key and not request.endpoints:
-            raise InvalidRequest("--api-key is for --endpoints servers; mvllmd's instances use their own keys")
-        model = request.sampling.model
-        if request.endpoints:
-            urls = tuple(dict.fromkeys(normalize_url(u) for u in request.endpoints))
-            model = await endpoint_model(list(urls), model, request.endpoint_api_key)
-            return replace(request, endpoints=urls, sampling=replace(request.sampling, model=model))
-        model = instance_model(self._instances, model, waiting=request.wait_for_instances_s > 0)
-        if not instance_targets(self._instances, model) and not request.wait_for_instances_s:
+    async def _resolve(self, spec: JobSpec) -> JobSpec:
+        """The spec with its targets' model, and its endpoints normalized; what is asked must be there."""
+        model = spec.model
+        if spec.endpoints:
+            urls = tuple(dict.fromkeys(normalize_url(u) for u in spec.endpoints))
+            model = await endpoint_model(list(urls), model, spec.endpoint_api_key)
+            return replace(spec, endpoints=urls, model=model)
+        model = instance_model(self._instances, model, waiting=spec.wait_for_instances_s > 0)
+        if not instance_targets(self._instances, model) and not spec.wait_for_instances_s:
             raise Conflict(
                 f"no instance serving {model} is READY yet (see `mvllmctl status`); "
                 "pass --wait-for-instances SECONDS to queue the job until one is"
             )
-        return replace(request, sampling=replace(request.sampling, model=model))
+        return replace(spec, model=model)
 
     # --- running --------------------------------------------------------------------------------
 
@@ -235,8 +225,7 @@ class JobManager:
             targets = await self._wait_for_targets(job)
             if targets is None:
                 return  # stopped while it waited
-            spec = record.request.job_spec(self._dispatch_settings())
-            prepared = job.prepared if job.prepared is not None else await asyncio.to_thread(prepare, spec)
+            prepared = job.prepared if job.prepared is not None else await asyncio.to_thread(prepare, record.spec)
             job.prepared = None
             record.state, record.message = JobState.RUNNING, ""
             record.started_at = record.started_at or time.time()
@@ -250,6 +239,7 @@ class JobManager:
                 prepared,
                 endpoints,
                 job.stop,
+                dispatch=self._dispatch_settings(),
                 on_progress=lambda p: self._progressed(job, p),
                 on_start=lambda d: self._started(job, d),
                 stop_drain_s=self._settings.stop_drain_s,
@@ -267,17 +257,17 @@ class JobManager:
             self._schedule()
 
     async def _wait_for_targets(self, job: _Job) -> list[Target] | None:
-        request = job.record.request
-        if request.endpoints:
-            capacity, key = self._settings.endpoint_max_num_seqs, request.endpoint_api_key
-            return [Target(url, capacity, key) for url in request.endpoints]
-        deadline = time.monotonic() + request.wait_for_instances_s
-        model = request.sampling.model
+        spec = job.record.spec
+        if spec.endpoints:
+            capacity, key = self._settings.endpoint_max_num_seqs, spec.endpoint_api_key
+            return [Target(url, capacity, key) for url in spec.endpoints]
+        deadline = time.monotonic() + spec.wait_for_instances_s
+        model = spec.model
         while not (targets := instance_targets(self._instances, model)):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise Conflict(f"no instance serving {model} became READY within {request.wait_for_instances_s:g}s")
-            job.record.message = WAIT_MESSAGE.format(s=request.wait_for_instances_s, model=model)
+                raise Conflict(f"no instance serving {model} became READY within {spec.wait_for_instances_s:g}s")
+            job.record.message = WAIT_MESSAGE.format(s=spec.wait_for_instances_s, model=model)
             self._targets_changed.clear()
             waiters = {asyncio.ensure_future(self._targets_changed.wait()), asyncio.ensure_future(job.stop.wait())}
             await asyncio.wait(waiters, timeout=min(left, 1.0), return_when=asyncio.FIRST_COMPLETED)
@@ -309,7 +299,7 @@ class JobManager:
     def _finish(self, job: _Job, progress: Progress) -> None:
         record = job.record
         self._progressed(job, progress)
-        parts = parts_dir(record.request.output_path)
+        parts = parts_dir(record.spec.output_path)
         if progress.failed:
             self._end(job, JobState.FAILED, f"a sample failed and --on-error is fail: {progress.failed}; "
                                             f"the finished samples are kept in {parts}")  # fmt: skip
@@ -358,7 +348,7 @@ class JobManager:
         """Add the instances that became READY to a running job; retire those that stopped, failed or
         restart. An UNHEALTHY one stays: the dispatcher's own hang detection and breaker judge its
         requests, and the instance manager restarts it if it stays so."""
-        model = job.record.request.sampling.model
+        model = job.record.spec.model
         targets = {t.url: t for t in instance_targets(self._instances, model)}
         staying = {
             t.url for t in instance_targets(self._instances, model, InstanceState.READY, InstanceState.UNHEALTHY)
@@ -428,19 +418,3 @@ def _inflight_of(endpoints: list[Endpoint]) -> int:
 
 def _done(prepared: Prepared) -> int:
     return prepared.samples_total if prepared.complete else prepared.done.count
-
-
-def _check_sampling(sampling: Sampling) -> None:
-    """What every server would refuse, refused once, before any request is sent."""
-    if sampling.max_tokens is not None and sampling.max_tokens < 1:
-        raise InvalidRequest(f"--max-tokens must be 1 or more, got {sampling.max_tokens}")
-    if not 0 <= sampling.temperature <= 100:
-        raise InvalidRequest(f"--temperature must be from 0 to 100, got {sampling.temperature:g}")
-    if not 0 < sampling.top_p <= 1:
-        raise InvalidRequest(f"--top-p must be above 0 and at most 1, got {sampling.top_p:g}")
-    if sampling.logprobs is not None and not 0 <= sampling.logprobs <= MAX_LOGPROBS:
-        raise InvalidRequest(f"--logprobs must be from 0 to {MAX_LOGPROBS}, got {sampling.logprobs}")
-    if sampling.seed is not None and not 0 <= sampling.seed < 2**63:
-        raise InvalidRequest(f"--seed must be from 0 to 2**63-1, got {sampling.seed}")
-    if any(not stop for stop in sampling.stop):
-        raise InvalidRequest("--stop cannot be an empty string")

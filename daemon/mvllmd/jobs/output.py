@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mvllm.jobs import MAX_SAMPLES, Sample
 from mvllmd.errors import MvllmError
 from mvllmd.jobs.input import InputInfo, iter_batches
 
-KEY_BITS = 16  # sample_index < 65536: the sort key is prompt_index << 16 | sample_index
-MAX_SAMPLES = 1 << KEY_BITS
+KEY_BITS = (MAX_SAMPLES - 1).bit_length()  # sample_index < 65536: the sort key is prompt_index << 16 | sample_index
 MERGE_FAN_IN = 32
 WINDOW_ROWS = 8192
 JOURNAL = "journal.jsonl"
@@ -43,24 +43,6 @@ JOURNAL = "journal.jsonl"
 
 class OutputError(MvllmError):
     """The output cannot be written or assembled."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One finished (or failed) sample: a row of the output, before the input's columns are joined."""
-
-    prompt_index: int
-    sample_index: int
-    response: str | None
-    finish_reason: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    endpoint: str | None
-    latency_s: float | None
-    seed: int | None
-    error: str | None
-    logprobs: list[float] | None = None
-    token_ids: list[int] | None = None
 
 
 BASE_FIELDS = [

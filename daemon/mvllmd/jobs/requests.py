@@ -1,11 +1,12 @@
 """One generation request to an OpenAI-compatible server (vLLM, mvllm-sim), and what came back.
 
-`Sampling` holds a job's sampling parameters. `build_body` makes the request body for a prompt: a
-string goes to /v1/completions, a list of {role, content} messages to /v1/chat/completions; `n` is the
-number of samples asked for in this request. `send` posts it over the job's keep-alive connections (http.py) and turns
-the answer into `Sample`s, or raises `RequestFailed`, which says whether trying again (elsewhere) can
-help: connection errors, timeouts, 429 and 5xx can; other 4xx (a prompt too long for the context, say)
-cannot, and become the `error` of those samples.
+`build_body` makes the request body for a prompt from the job's model and `Sampling` parameters
+(mvllm.jobs): a string goes to /v1/completions, a list of {role, content} messages to
+/v1/chat/completions; `n` is the number of samples asked for in this request. `send` posts it over
+the job's keep-alive connections (http.py) and turns the answer into `Sample`s, or raises
+`RequestFailed`, which says whether trying again (elsewhere) can help: connection errors, timeouts,
+429 and 5xx can; other 4xx (a prompt too long for the context, say) cannot, and become the `error`
+of those samples.
 
 Seeds: without --seed none is sent. With it, sample s of prompt p has the seed
 derive_seed(seed, p) + s, and a request for samples s..s+k-1 (always a contiguous run; see the
@@ -23,27 +24,13 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+from mvllm.jobs import Sample, Sampling
 from mvllmd.jobs import http, streams
-from mvllmd.jobs.output import Sample
 from mvllmd.jobs.streams import STREAM_INTERVAL, Prefix, Stream, logprobs_of
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-
-@dataclass(frozen=True)
-class Sampling:
-    model: str
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: int | None = None
-    return_token_ids: bool = False
-    extra_body: dict[str, Any] = field(default_factory=dict)
 
 
 class RequestFailed(Exception):
@@ -70,9 +57,11 @@ def sample_seed(sampling: Sampling, prompt_index: int, sample_index: int) -> int
     return derive_seed(sampling.seed, prompt_index) + sample_index
 
 
-def build_body(sampling: Sampling, prompt: str | list[dict[str, str]], n: int, seed: int | None) -> dict[str, Any]:
+def build_body(
+    model: str, sampling: Sampling, prompt: str | list[dict[str, str]], n: int, seed: int | None
+) -> dict[str, Any]:
     body: dict[str, Any] = dict(sampling.extra_body)
-    body.update(model=sampling.model, n=n, temperature=sampling.temperature, top_p=sampling.top_p)
+    body.update(model=model, n=n, temperature=sampling.temperature, top_p=sampling.top_p)
     if isinstance(prompt, str):
         body["prompt"] = prompt
     else:
@@ -95,11 +84,11 @@ def build_body(sampling: Sampling, prompt: str | list[dict[str, str]], n: int, s
     return body
 
 
-def continuation_body(sampling: Sampling, prefix: Prefix) -> dict[str, Any]:
+def continuation_body(model: str, sampling: Sampling, prefix: Prefix) -> dict[str, Any]:
     """A /v1/completions body that continues a moved sample: the prompt's and its tokens' ids as the
     prompt, for the tokens it has left (streams.py)."""
     assert sampling.max_tokens is not None  # streams.movable
-    body = build_body(sampling, "", 1, None)
+    body = build_body(model, sampling, "", 1, None)
     body.update(prompt=prefix.prompt(), max_tokens=sampling.max_tokens - len(prefix.token_ids))
     return body
 
@@ -122,6 +111,7 @@ async def ends_whole(client: http.Client, endpoint: str, model: str, ids: Sequen
 async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments are the request)
     client: http.Client,
     endpoint: str,
+    model: str,
     sampling: Sampling,
     prompt: str | list[dict[str, str]],
     prompt_index: int,
@@ -141,10 +131,10 @@ async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments
         raise ValueError(f"a seeded request asks for a contiguous run of samples, not {list(sample_indexes)}")
     seed = sample_seed(sampling, prompt_index, sample_indexes[0])
     if prefix is not None:
-        path, fields = "/v1/completions", continuation_body(sampling, prefix)
+        path, fields = "/v1/completions", continuation_body(model, sampling, prefix)
     else:
         path = "/v1/completions" if isinstance(prompt, str) else "/v1/chat/completions"
-        fields = build_body(sampling, prompt, n, seed)
+        fields = build_body(model, sampling, prompt, n, seed)
     if stream is not None:
         fields.update(stream=True, stream_interval=STREAM_INTERVAL, return_token_ids=True,
                       stream_options={"include_usage": True})  # fmt: skip

@@ -5,8 +5,11 @@ path, an existing output or earlier parts) and returns what the run needs. `run_
 dispatcher with backpressure (memory does not grow with the input), writes each finished sample to a
 part, and assembles OUT at the end. When `stop` is set (SIGTERM, cancel) it stops feeding, lets the
 requests in flight finish, writes their samples and returns with the parts kept: a later run with
-`resume` redoes only what no part holds. A manifest beside the parts records the job's arguments; a
-resume with other arguments is refused.
+`resume` redoes only what no part holds. A manifest beside the parts records the job's arguments
+(`fingerprint`); a resume with other arguments is refused.
+
+The job is a `mvllm.jobs.JobSpec` (its model resolved); how its dispatch is tuned, the daemon's
+`DispatchSettings`.
 """
 
 from __future__ import annotations
@@ -19,66 +22,60 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import aiohttp
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mvllm.jobs import InvalidSpec, JobSpec, OnError, Sample, validate
 from mvllmd.errors import Conflict, InvalidRequest
 from mvllmd.jobs.dispatch import Dispatcher, DispatchSettings, Endpoint, Work
 from mvllmd.jobs.input import InputInfo, inspect, iter_batches
-from mvllmd.jobs.output import (
-    MAX_SAMPLES,
-    DoneMap,
-    PartWriter,
-    Sample,
-    assemble,
-    load_done,
-    parts_dir,
-    result_schema,
-)
-from mvllmd.jobs.requests import Sampling
+from mvllmd.jobs.output import DoneMap, PartWriter, assemble, load_done, parts_dir, result_schema
 
 log = logging.getLogger(__name__)
 
-OnError = Literal["record", "fail"]
 MANIFEST = "manifest.json"
 FEED_AHEAD = 4  # samples queued ahead of the dispatcher, per sample it may have in flight
 STOP_DRAIN_S = 30.0
 FLUSH_AGE_S = 5.0  # finished samples are on disk within this long (parts)
+DISPATCH = DispatchSettings()
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    input_path: Path
-    output_path: Path
-    sampling: Sampling
-    num_samples: int = 1
-    prompt_column: str = "prompt"
-    on_error: OnError = "record"
-    resume: bool = False
-    overwrite: bool = False
-    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
+def fingerprint(spec: JobSpec) -> dict[str, object]:
+    """What must not change between a run and its resume (the input file itself included: a resume
+    against an edited input would mix old samples with new prompts).
 
-    def fingerprint(self) -> dict[str, object]:
-        """What must not change between a run and its resume (the input file itself included: a
-        resume against an edited input would mix old samples with new prompts)."""
-        try:
-            stat = self.input_path.stat()
-            identity: list[int] | None = [stat.st_size, stat.st_mtime_ns]
-        except OSError:
-            identity = None
-        return {
-            "input": str(self.input_path),
-            "input_size_mtime": identity,
-            "prompt_column": self.prompt_column,
-            "num_samples": self.num_samples,
-            "sampling": asdict(self.sampling),
-            "policy": self.dispatch.policy,
-        }
+    It is the manifest beside the parts and the finished output's "mvllm.job" metadata, so it stays
+    the same JSON, key for key and in this order, from release to release: a job that one release
+    started, the next resumes. Hence the model inside "sampling", where it was before it moved to the
+    spec."""
+    try:
+        stat = spec.input_path.stat()
+        identity: list[int] | None = [stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        identity = None
+    sampling = spec.sampling
+    return {
+        "input": str(spec.input_path),
+        "input_size_mtime": identity,
+        "prompt_column": spec.prompt_column,
+        "num_samples": spec.num_samples,
+        "sampling": {
+            "model": spec.model,
+            "max_tokens": sampling.max_tokens,
+            "temperature": float(sampling.temperature),
+            "top_p": float(sampling.top_p),
+            "stop": list(sampling.stop),
+            "seed": sampling.seed,
+            "logprobs": sampling.logprobs,
+            "return_token_ids": sampling.return_token_ids,
+            "extra_body": dict(sampling.extra_body),
+        },
+        "policy": str(spec.policy),
+    }
 
 
 @dataclass
@@ -114,8 +111,10 @@ class Prepared:
 
 def prepare(spec: JobSpec) -> Prepared:
     """Check the job before anything is sent; raise InvalidRequest or Conflict saying what is wrong."""
-    if not 1 <= spec.num_samples < MAX_SAMPLES:
-        raise InvalidRequest(f"--num-samples must be from 1 to {MAX_SAMPLES - 1}, got {spec.num_samples}")
+    try:
+        spec = validate(spec)
+    except InvalidSpec as exc:
+        raise InvalidRequest(str(exc)) from None
     source = inspect(spec.input_path, spec.prompt_column)
     out = spec.output_path
     if out.resolve() == spec.input_path.resolve():
@@ -161,7 +160,7 @@ def _check_finished(out: Path, spec: JobSpec, rows: int) -> None:
         recorded = json.loads((meta.metadata or {}).get(b"mvllm.job", b"null"))
     except (OSError, ValueError, pa.ArrowException):
         raise Conflict(f"{out} exists and is not an mvllm output; pass --overwrite to replace it") from None
-    if recorded != json.loads(json.dumps(spec.fingerprint())) or meta.num_rows != rows:
+    if recorded != json.loads(json.dumps(fingerprint(spec))) or meta.num_rows != rows:
         raise Conflict(f"{out} exists and was written by a different job; pass --overwrite to replace it")
 
 
@@ -170,7 +169,7 @@ def _check_manifest(parts: Path, spec: JobSpec) -> None:
         recorded = json.loads((parts / MANIFEST).read_text())
     except (OSError, ValueError):
         raise Conflict(f"{parts} has no readable {MANIFEST}; pass --overwrite to start again") from None
-    wanted = json.loads(json.dumps(spec.fingerprint()))
+    wanted = json.loads(json.dumps(fingerprint(spec)))
     changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
     if changed:
         names = ", ".join("the input file (its size or time)" if k == "input_size_mtime" else k for k in changed)
@@ -184,6 +183,7 @@ async def run_job(
     endpoints: list[Endpoint],
     stop: asyncio.Event,
     *,
+    dispatch: DispatchSettings = DISPATCH,
     on_progress: Callable[[Progress], None] = lambda p: None,
     on_start: Callable[[Dispatcher], None] = lambda d: None,
     stop_drain_s: float = STOP_DRAIN_S,
@@ -191,6 +191,7 @@ async def run_job(
 ) -> Progress:
     """Run the job; assemble OUT when every sample is done. Returns the final progress.
 
+    `dispatch` is the daemon's tuning of the dispatcher (the job's own choices are in its spec).
     `on_start` gets the dispatcher before the first request, so that the caller can add and retire
     endpoints and read per-endpoint counts while the job runs."""
     spec, source, done = prepared.spec, prepared.source, prepared.done
@@ -201,7 +202,7 @@ async def run_job(
     parts = parts_dir(spec.output_path)
     schema = result_schema(spec.sampling.logprobs is not None, spec.sampling.return_token_ids)
     writer = PartWriter(parts, schema, flush_age_s=flush_age_s)
-    (parts / MANIFEST).write_text(json.dumps(spec.fingerprint(), indent=2))
+    (parts / MANIFEST).write_text(json.dumps(fingerprint(spec), indent=2))
     progress = Progress(samples_total=source.num_rows * spec.num_samples, samples_done=done.count)
 
     async def deliver(samples: list[Sample]) -> None:
@@ -213,12 +214,12 @@ async def run_job(
             progress.tokens += sample.completion_tokens or 0
             if sample.error:
                 progress.errors += 1
-                if spec.on_error == "fail" and not progress.failed:
+                if spec.on_error == OnError.FAIL and not progress.failed:
                     progress.failed = f"prompt {sample.prompt_index}: {sample.error}"
                     stop.set()
         on_progress(progress)
 
-    dispatcher = Dispatcher(endpoints, spec.sampling, spec.dispatch, deliver, done.is_done,
+    dispatcher = Dispatcher(endpoints, spec, dispatch, deliver, done.is_done,
                             remaining=lambda: progress.samples_total - progress.samples_done)  # fmt: skip
     on_start(dispatcher)
     clock = asyncio.create_task(_flush_when_old(writer, flush_age_s))
@@ -240,7 +241,7 @@ async def run_job(
     progress.ended = time.monotonic()
     on_progress(progress)
     if done.count == progress.samples_total and not progress.failed:
-        metadata = {"mvllm.job": json.dumps(spec.fingerprint()), "model": spec.sampling.model}
+        metadata = {"mvllm.job": json.dumps(fingerprint(spec)), "model": spec.model}
         rows = await asyncio.to_thread(assemble, parts, spec.output_path, source, schema,
                                        metadata=metadata, expected_rows=progress.samples_total)  # fmt: skip
         log.info("job output %s: %d rows, %d errors", spec.output_path, rows, progress.errors)
@@ -257,7 +258,7 @@ async def _flush_when_old(writer: PartWriter, age_s: float) -> None:
 
 async def _feed(prepared: Prepared, dispatcher: Dispatcher, stop: asyncio.Event) -> None:
     spec, done = prepared.spec, prepared.done
-    ahead = max(64, spec.dispatch.max_concurrent * FEED_AHEAD)
+    ahead = max(64, dispatcher.max_concurrent * FEED_AHEAD)
     for batch in iter_batches(prepared.source):
         for offset, prompt in enumerate(batch.prompts):
             index = batch.start + offset

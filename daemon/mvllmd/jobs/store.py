@@ -1,8 +1,10 @@
-"""Job records in SQLite (`STATE_DIR/jobs.sqlite3`): what survives a restart or a kill -9.
+"""Job records (`mvllm.jobs.JobRecord`) in SQLite (`STATE_DIR/jobs.sqlite3`): what survives a restart
+or a kill -9.
 
 The parts directory beside each output is the truth about which samples are done; the counts kept
 here are what `jobs` shows, written at most every PROGRESS_EVERY_S while a job runs and at each
 change of state. WAL mode: a crash loses at most the last unsynced progress count, never a record.
+The `request` column holds the spec's JSON (`JobSpec.to_json`; the previous release's form loads too).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from mvllmd.jobs.record import JobRecord, JobRequest, JobState
+from mvllm.jobs import JobRecord, JobSpec, JobState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -57,7 +59,7 @@ class JobStore:
             SAVE,
             (
                 job.id,
-                job.request.to_json(),
+                job.spec.to_json(),
                 job.state.value,
                 job.samples_total,
                 job.samples_done,
@@ -82,7 +84,7 @@ class JobStore:
 def _record(row: sqlite3.Row) -> JobRecord:
     return JobRecord(
         id=row["id"],
-        request=JobRequest.from_json(row["request"]),
+        spec=JobSpec.from_json(row["request"]),
         state=JobState(row["state"]),
         samples_total=row["samples_total"],
         samples_done=row["samples_done"],

@@ -21,12 +21,9 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mvllmd.jobs.output import Sample
-
-if TYPE_CHECKING:
-    from mvllmd.jobs.requests import Sampling
+from mvllm.jobs import Sample, Sampling
 
 STREAM_INTERVAL = 64  # tokens per chunk of a streamed choice (vLLM's per-request stream_interval)
 MOVABLE_EXTRA = frozenset({"top_k", "min_p", "ignore_eos", "chat_template_kwargs"})
