@@ -21,13 +21,13 @@ from mvllmd import errors
 from mvllmd.api.boundary import rpc
 from mvllmd.config import load_config
 from mvllmd.daemon import Daemon
+from mvllmd.instances.backends.choice import BackendKind
+from mvllmd.instances.backends.process import ProcessBackend
 from mvllmd.instances.manager import InstanceManager
-from mvllmd.instances.units import ProcessSupervisor
 from mvllmd.inventory import Inventory, read_inventory
 from mvllmd.jobs.manager import JobManager
 from mvllmd.jobs.store import JobStore
 from mvllmd.server import SERVER_OPTIONS, _add_services
-from mvllmd.unit_manager import UnitManager
 
 
 @pytest.fixture
@@ -43,11 +43,11 @@ async def served(tmp_path: Path) -> AsyncIterator[str]:
     async def inventory() -> Inventory:
         return read_inventory("none", 1, 2)
 
-    instances = InstanceManager(config, ProcessSupervisor(config.daemon.state_dir), inventory)
+    instances = InstanceManager(config, ProcessBackend(config.daemon.state_dir), inventory)
     config.daemon.state_dir.mkdir(parents=True)
     jobs = JobManager(JobStore(config.daemon.state_dir / "jobs.sqlite3"), instances, config.jobs)
     daemon = Daemon(
-        config=config, unit_manager=UnitManager.PROCESS, under_systemd=False, instances=instances, jobs=jobs
+        config=config, unit_manager=BackendKind.PROCESS, under_systemd=False, instances=instances, jobs=jobs
     )
     daemon.listen_addresses = (f"unix:{tmp_path}/s",)
     server = grpc.aio.server(options=SERVER_OPTIONS)

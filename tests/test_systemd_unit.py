@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mvllmd.install import render, render_text, systemd_quote
+from mvllmd.instances.install import render, render_text, systemd_quote
 
 from usermanager import UserManager
 

@@ -19,7 +19,7 @@ import click
 from mvllm import __version__
 from mvllmd import errors
 from mvllmd.config import OPTIONS, load_config
-from mvllmd.install import Scope, install_units, reload_manager, unit_dir
+from mvllmd.instances.install import Scope, install_units, reload_manager, unit_dir
 from mvllmd.notify import Notifier
 from mvllmd.server import serve
 

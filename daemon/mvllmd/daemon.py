@@ -12,11 +12,11 @@ from pathlib import Path
 
 from mvllm import __version__
 from mvllmd.config import Config
+from mvllmd.instances.backends.choice import BackendKind
 from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.placement import device_ref
 from mvllmd.inventory import DeviceKind, Inventory, read_inventory
 from mvllmd.jobs.manager import JobManager
-from mvllmd.unit_manager import UnitManager
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class DaemonInfo:
     hostname: str
     start_time: datetime
     uptime_s: float
-    unit_manager: UnitManager
+    unit_manager: BackendKind  # the API's name, and the --unit-manager flag's
     listen_addresses: tuple[str, ...]
     state_dir: Path
     pid: int
@@ -35,7 +35,7 @@ class DaemonInfo:
 @dataclass
 class Daemon:
     config: Config
-    unit_manager: UnitManager
+    unit_manager: BackendKind
     under_systemd: bool
     instances: InstanceManager
     jobs: JobManager

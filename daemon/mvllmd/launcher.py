@@ -1,68 +1,15 @@
-"""`python -m mvllmd.launcher STATE_DIR NAME`: start one engine as its spec says, by exec.
+"""`python -m mvllmd.launcher STATE_DIR NAME`: the launcher's old module path, kept as a shim.
 
-What a unit runs (systemd's mvllm-instance@.service, or the built-in supervisor). It sets the spec's
-environment (CUDA_VISIBLE_DEVICES among it), reads HF_TOKEN from the token file if one is named, sends
-stdout and stderr to the instance's log (rotating it when it is large), and replaces itself with the
-engine, so the engine is the unit's main process. Standard library only: it runs at every start.
+Units installed by earlier releases (mvllm-instance@.service) run `-m mvllmd.launcher`; mvllmd installs
+the template again when it starts, but a unit started before that must still find its launcher. The
+launcher itself is mvllmd.instances.launcher.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
-from mvllmd.instances.spec import InstanceSpec, spec_path
-
-LOG_ROTATE_BYTES = 64 * 1024 * 1024
-LOG_KEEP = 3
-
-
-def rotate(log: Path) -> None:
-    """log -> log.1 -> ... -> log.LOG_KEEP, when log is over LOG_ROTATE_BYTES."""
-    try:
-        if log.stat().st_size < LOG_ROTATE_BYTES:
-            return
-    except FileNotFoundError:
-        return
-    for i in range(LOG_KEEP - 1, 0, -1):
-        older = log.with_name(f"{log.name}.{i}")
-        if older.exists():
-            older.replace(log.with_name(f"{log.name}.{i + 1}"))
-    log.replace(log.with_name(f"{log.name}.1"))
-
-
-def main(argv: list[str]) -> int:  # returns only when it cannot exec
-    if len(argv) != 2:
-        print("usage: python -m mvllmd.launcher STATE_DIR NAME", file=sys.stderr)
-        return 2
-    path = spec_path(Path(argv[0]), argv[1])
-    try:
-        spec = InstanceSpec.from_json(path.read_text())
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        print(f"mvllmd.launcher: cannot read spec {path}: {exc}", file=sys.stderr)
-        return 1
-    env = dict(os.environ)
-    env.update(spec.env)
-    if spec.hf_token_file:
-        try:
-            env["HF_TOKEN"] = Path(spec.hf_token_file).read_text().strip()
-        except OSError as exc:
-            print(f"mvllmd.launcher: cannot read the HF token file: {exc.strerror}", file=sys.stderr)
-            return 1
-    if spec.log_path:
-        log = Path(spec.log_path)
-        rotate(log)
-        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-    try:
-        os.execvpe(spec.argv[0], list(spec.argv), env)  # noqa: S606  (an argv list: no shell on purpose)
-    except OSError as exc:
-        print(f"mvllmd.launcher: cannot start {spec.argv[0]}: {exc.strerror}", file=sys.stderr)
-        return 127
-
+from mvllmd.instances.launcher import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

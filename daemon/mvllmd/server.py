@@ -29,15 +29,17 @@ from mvllmd.api.job_service import JobServicer
 from mvllmd.config import Config
 from mvllmd.daemon import Daemon
 from mvllmd.errors import ConfigError
+from mvllmd.instances.backends.choice import BackendKind, pick_backend
+from mvllmd.instances.backends.process import ProcessBackend
+from mvllmd.instances.backends.protocol import UnitBackend
+from mvllmd.instances.backends.systemd import SystemdBackend
 from mvllmd.instances.manager import InstanceManager
-from mvllmd.instances.units import ProcessSupervisor, SystemdUnits, UnitBackend
 from mvllmd.inventory import Inventory, read_inventory
 from mvllmd.jobs.manager import JobManager
 from mvllmd.jobs.store import JobStore
 from mvllmd.listeners import Listeners
 from mvllmd.locks import PidLock
 from mvllmd.notify import Notifier
-from mvllmd.unit_manager import UnitManager, pick_unit_manager
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def _lock_state_dir(config: Config) -> PidLock:
 
 async def _start_up(config: Config, notifier: Notifier, under_systemd: bool, environ: Mapping[str, str]) -> Daemon:
     notifier.status("detecting the unit manager")
-    manager = await asyncio.to_thread(pick_unit_manager, config.daemon.unit_manager, os.geteuid())
+    manager = await asyncio.to_thread(pick_backend, config.daemon.unit_manager, os.geteuid())
     notifier.status("reading the device inventory")
     inventory = await asyncio.to_thread(
         read_inventory, config.inventory.gpu_source, config.inventory.cpu_slots, config.inventory.sim_gpus
@@ -114,11 +116,11 @@ async def _start_up(config: Config, notifier: Notifier, under_systemd: bool, env
     return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd, instances=instances, jobs=jobs)
 
 
-def _backend(manager: UnitManager, config: Config, environ: Mapping[str, str]) -> UnitBackend:
+def _backend(manager: BackendKind, config: Config, environ: Mapping[str, str]) -> UnitBackend:
     state_dir = config.daemon.state_dir
-    if manager is UnitManager.PROCESS:
-        return ProcessSupervisor(state_dir)
-    return SystemdUnits("user" if manager is UnitManager.SYSTEMD_USER else "system", state_dir, dict(environ))
+    if manager is BackendKind.PROCESS:
+        return ProcessBackend(state_dir)
+    return SystemdBackend("user" if manager is BackendKind.SYSTEMD_USER else "system", state_dir, dict(environ))
 
 
 async def _drain(server: Any, health: Any, notifier: Notifier, timeout_s: float) -> None:

@@ -10,13 +10,13 @@ from mvllm.v1 import daemon_pb2 as pb
 from mvllm.v1 import daemon_pb2_grpc
 from mvllmd.api.boundary import rpc
 from mvllmd.daemon import Daemon, DaemonInfo
+from mvllmd.instances.backends.choice import BackendKind
 from mvllmd.inventory import Device, DeviceKind, GpuSource, Inventory
-from mvllmd.unit_manager import UnitManager
 
 UNIT_MANAGERS = {
-    UnitManager.SYSTEMD_SYSTEM: pb.UNIT_MANAGER_SYSTEMD_SYSTEM,
-    UnitManager.SYSTEMD_USER: pb.UNIT_MANAGER_SYSTEMD_USER,
-    UnitManager.PROCESS: pb.UNIT_MANAGER_PROCESS,
+    BackendKind.SYSTEMD_SYSTEM: pb.UNIT_MANAGER_SYSTEMD_SYSTEM,
+    BackendKind.SYSTEMD_USER: pb.UNIT_MANAGER_SYSTEMD_USER,
+    BackendKind.PROCESS: pb.UNIT_MANAGER_PROCESS,
 }
 DEVICE_KINDS = {
     DeviceKind.GPU: pb.DEVICE_KIND_GPU,

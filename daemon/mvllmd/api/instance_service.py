@@ -11,8 +11,10 @@ from mvllm.v1 import instance_pb2 as pb
 from mvllm.v1 import instance_pb2_grpc
 from mvllmd.api.boundary import rpc, rpc_stream
 from mvllmd.errors import InvalidRequest
-from mvllmd.instances.manager import InstanceManager, InstanceView, LaunchRequest
+from mvllmd.instances.manager import InstanceManager
+from mvllmd.instances.request import LaunchRequest
 from mvllmd.instances.spec import EngineKind, InstanceState
+from mvllmd.instances.state import InstanceView
 
 STATES = {
     InstanceState.STARTING: pb.INSTANCE_STATE_STARTING,

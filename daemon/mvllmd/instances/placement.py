@@ -13,8 +13,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from mvllmd.errors import Conflict, InvalidRequest, ResourceExhausted
-from mvllmd.instances.spec import NAME_RE
-from mvllmd.inventory import Device, DeviceKind
+from mvllmd.instances.spec import NAME_RE, EngineKind
+from mvllmd.inventory import Device, DeviceKind, Inventory
 
 KIND_WORDS = {DeviceKind.GPU: "gpu", DeviceKind.CPU_SLOT: "cpu-slot", DeviceKind.SIM_GPU: "sim-gpu"}
 MAX_INSTANCES = 256
@@ -69,6 +69,21 @@ class Pool:
 
     def free(self) -> list[Device]:
         return [d for d in self.devices if device_ref(d) not in self.held]
+
+
+def pool_for(inventory: Inventory, engine: EngineKind, cpu: bool, held: dict[str, str]) -> Pool:
+    """The devices an engine runs on: simulated GPUs for the simulator; GPUs for vLLM where the host has
+    them (unless `cpu`), else CPU slots."""
+    if engine is EngineKind.SIM:
+        kind, hint = DeviceKind.SIM_GPU, "--sim-gpus N"
+    elif inventory.of_kind(DeviceKind.GPU) and not cpu:
+        kind, hint = DeviceKind.GPU, ""
+    else:
+        kind, hint = DeviceKind.CPU_SLOT, "--cpu-slots N"
+    devices = inventory.of_kind(kind)
+    if not devices:
+        raise ResourceExhausted(f"this host has no {KIND_WORDS[kind]}s; start mvllmd with {hint} to declare some")
+    return Pool(kind, devices, held)
 
 
 def assign(pool: Pool, count: int, tp: int, explicit: str, force: bool) -> list[tuple[Device, ...]]:

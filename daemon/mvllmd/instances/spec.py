@@ -1,7 +1,7 @@
 """An instance's spec: everything needed to start its engine, written as JSON in the state directory.
 
-The unit (systemd's `mvllm-instance@NAME.service` or the built-in supervisor) runs
-`python -m mvllmd.launcher SPEC`; the launcher reads this file and execs the engine. So no
+The unit (systemd's `mvllm-instance@NAME.service` or the process backend) runs
+`python -m mvllmd.instances.launcher STATE_DIR NAME`; the launcher reads this file and execs the engine. So no
 user-supplied text (model names, engine arguments, environment) is ever spliced into a unit file or a
 shell line: it travels as JSON strings into an argv list.
 

@@ -14,8 +14,9 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from mvllmd.errors import Conflict, InvalidRequest
-from mvllmd.instances.manager import LIVE, InstanceManager
+from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.spec import InstanceState
+from mvllmd.instances.state import LIVE
 from mvllmd.jobs.requests import bearer
 
 MODELS_TIMEOUT_S = 10.0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mvllmd.errors import ConfigError
-from mvllmd.install import install_units, systemd_quote, unit_dir
+from mvllmd.instances.install import install_units, systemd_quote, unit_dir
 
 
 def test_unit_dirs() -> None:

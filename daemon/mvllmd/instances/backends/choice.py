@@ -1,4 +1,5 @@
-"""Which unit manager runs this host's engine servers: systemd (system or user scope) or mvllmd's own.
+"""Which unit backend runs this host's engine servers: a systemd manager (system or user scope) or
+mvllmd's own process supervisor. Users choose with `--unit-manager` (`[daemon] unit_manager`).
 
 `auto` picks a systemd manager only when it answers `systemctl [--user] is-system-running`: the existence
 of /run/systemd/system proves nothing (a user manager in a container creates it too).
@@ -21,40 +22,42 @@ ANSWERING = frozenset({"initializing", "starting", "running", "degraded", "maint
 PROBE_TIMEOUT_S = 5.0
 
 
-class UnitManager(enum.StrEnum):
+class BackendKind(enum.StrEnum):
     SYSTEMD_SYSTEM = "systemd-system"
     SYSTEMD_USER = "systemd-user"
     PROCESS = "process"
 
 
-def pick_unit_manager(choice: UnitManagerChoice, euid: int) -> UnitManager:
+def pick_backend(choice: UnitManagerChoice, euid: int) -> BackendKind:
     """Resolve `auto`; check that an explicitly named systemd manager answers."""
     if choice == "process":
-        return UnitManager.PROCESS
+        return BackendKind.PROCESS
     if choice != "auto":
-        manager = UnitManager(choice)
-        state = manager_state(manager)
-        if state not in ANSWERING:
-            raise ConfigError(
-                f"unit_manager {choice!r}: no such systemd manager answers ({state}); use auto or process"
-            )
-        return manager
+        return _answering(BackendKind(choice))
     # root prefers the system manager; other users can only start units in their own manager.
-    candidates = [UnitManager.SYSTEMD_SYSTEM, UnitManager.SYSTEMD_USER] if euid == 0 else [UnitManager.SYSTEMD_USER]
-    for manager in candidates:
-        state = manager_state(manager)
-        log.debug("unit manager %s: %s", manager, state)
+    candidates = [BackendKind.SYSTEMD_SYSTEM, BackendKind.SYSTEMD_USER] if euid == 0 else [BackendKind.SYSTEMD_USER]
+    for kind in candidates:
+        state = manager_state(kind)
+        log.debug("unit manager %s: %s", kind, state)
         if state in ANSWERING:
-            return manager
-    return UnitManager.PROCESS
+            return kind
+    return BackendKind.PROCESS
 
 
-def manager_state(manager: UnitManager) -> str:
+def _answering(kind: BackendKind) -> BackendKind:
+    """`kind` when its systemd manager answers; else a ConfigError that says what it said."""
+    state = manager_state(kind)
+    if state not in ANSWERING:
+        raise ConfigError(f"unit_manager {str(kind)!r}: no such systemd manager answers ({state}); use auto or process")
+    return kind
+
+
+def manager_state(kind: BackendKind) -> str:
     """What `systemctl [--user] is-system-running` says, or why it said nothing."""
     systemctl = shutil.which("systemctl")
     if systemctl is None:
         return "systemctl is not installed"
-    scope = ["--user"] if manager is UnitManager.SYSTEMD_USER else []
+    scope = ["--user"] if kind is BackendKind.SYSTEMD_USER else []
     try:
         done = subprocess.run(
             [systemctl, *scope, "is-system-running"],
