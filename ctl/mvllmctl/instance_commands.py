@@ -85,8 +85,8 @@ def launch(
     """Start N engine servers of MODEL, T devices each, and wait until they are READY.
 
     Arguments after `--` go to the engine, e.g. `mvllmctl launch Qwen/Qwen2.5-7B-Instruct -n 4 --tp 2 --
-    --max-model-len 8192`. Prints each URL, the comma-separated list, and the command line of the
-    seed's rollout script (generate_rollouts.py) that uses them.
+    --max-model-len 8192`. Prints each URL, the comma-separated list, and the `mvllmctl submit` and
+    `mvllmctl generate-rollouts` (the seed script's flags) command lines that use them.
     """
     request = pb.LaunchInstancesRequest(
         model=model,
@@ -155,8 +155,8 @@ def _print_ready(instances: Sequence[pb.Instance]) -> None:
         click.echo(f"\nURLs: {urls}")
         model = shlex.quote(ready[0].model)
         click.echo(f"\nmvllmctl submit --model {model} --data prompts.parquet --output rollouts.parquet -k 8 --wait")
-        # The seed's own job script takes the list as it is.
-        click.echo(f'python scripts/generate_rollouts.py --use_vllm --vllm_base_url "{urls}" \\')
+        # The seed script's flags, which take the list as it is.
+        click.echo(f'mvllmctl generate-rollouts --use_vllm --vllm_base_url "{urls}" \\')
         click.echo(f"    --model_path {model} --data_path data.parquet --output_path rollouts.parquet")
 
 

@@ -48,6 +48,10 @@ def launch_two(daemon: DaemonProcess) -> list[dict[str, Any]]:
     assert "URLs: " in done.stdout
     instances = instance_status(daemon.ctl)
     assert [i["state"] for i in instances] == ["INSTANCE_STATE_READY"] * 2
+    # The seed script's command line, as mvllmctl runs it, with the URLs of both.
+    urls = ",".join(f"{i['url']}/v1" for i in instances)
+    assert f'mvllmctl generate-rollouts --use_vllm --vllm_base_url "{urls}" \\\n' in done.stdout
+    assert "--model_path sim-model --data_path data.parquet --output_path rollouts.parquet" in done.stdout
     return instances
 
 
