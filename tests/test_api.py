@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from mvllm import __version__
+from mvllm.jobs import InvalidSpec
 from mvllm.v1 import daemon_pb2 as pb
 from mvllm.v1 import daemon_pb2_grpc
 from mvllmd import errors
@@ -131,6 +132,7 @@ class Faulty(daemon_pb2_grpc.DaemonServiceServicer):  # type: ignore[misc]
         ),
         (errors.NotFound("no instance x"), grpc.StatusCode.NOT_FOUND, "no instance x"),
         (errors.InvalidRequest("n must be >= 1"), grpc.StatusCode.INVALID_ARGUMENT, "n must be >= 1"),
+        (InvalidSpec("--top-p must be above 0"), grpc.StatusCode.INVALID_ARGUMENT, "--top-p must be above 0"),
         (errors.Conflict("already running"), grpc.StatusCode.FAILED_PRECONDITION, "already running"),
         (
             KeyError("secret-prompt-text"),
