@@ -3,8 +3,10 @@ under a real systemd user manager, and under the built-in process supervisor.
 
 Launch 2 instances, both READY and serving; kill -9 an engine's main process: detected, started again,
 READY again; (process supervisor) SIGSTOP an engine's worker: UNHEALTHY, then restarted; stop them all:
-units gone, processes gone, devices free. Slow (vLLM takes 35-60 s to start
-on this machine), so each flow runs once."""
+units gone, processes gone, devices free. Slow (vLLM takes 35-60 s to start on this machine), so the
+engines start once per flow: the systemd flow is one test; the process supervisor's tests share one
+daemon and its two engines (`supervised`), in order, each waiting until both are READY before it starts.
+The systemd test comes first and leaves nothing running: two engines at a time are what fits here."""
 
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,7 @@ from mvllmd.jobs import http
 from mvllmd.jobs.requests import ends_whole, send
 from mvllmd.jobs.streams import Stream
 
-from daemonkit import Spawn, instance_status, wait_for
+from daemonkit import instance_status, start_daemon, wait_for
 from usermanager import UserManager, available, remove_stale_cgroups
 
 BIN = Path(sys.executable).parent
@@ -52,9 +57,18 @@ def config_text(engine: Path, port_base: int, hang_timeout_s: float = 30.0) -> s
 
 
 def launch_and_serve(ctl: Callable[..., Any], model: str) -> list[dict[str, Any]]:
+    launch(ctl, model)
+    return serve(ctl, model)
+
+
+def launch(ctl: Callable[..., Any], model: str) -> None:
     done = ctl("launch", model, "-n", "2", "--cpu", "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--name", "tiny",
                "--wait-timeout", str(READY_TIMEOUT_S))  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def serve(ctl: Callable[..., Any], model: str) -> list[dict[str, Any]]:
+    """Both instances READY, one on each CPU slot, and each answers a completion."""
     instances = instance_status(ctl)
     assert [i["state"] for i in instances] == ["INSTANCE_STATE_READY"] * 2
     assert [i["devices"] for i in instances] == [["cpu-slot:0"], ["cpu-slot:1"]]
@@ -72,7 +86,7 @@ def kill_and_recover(ctl: Callable[..., Any], kill: Callable[[int], None]) -> No
     wait_for(lambda: instance_status(ctl)[0]["state"] != "INSTANCE_STATE_READY", 30)  # the failure is seen
     wait_for(lambda: instance_status(ctl)[0]["state"] == "INSTANCE_STATE_READY", READY_TIMEOUT_S)
     again = instance_status(ctl)[0]
-    assert again["restarts"] == 1 and again["pid"] != first["pid"]
+    assert again["restarts"] == first["restarts"] + 1 and again["pid"] != first["pid"]
 
 
 @pytest.mark.systemd
@@ -105,34 +119,106 @@ def test_vllm_instances_as_systemd_units(tmp_path_factory: pytest.TempPathFactor
         assert [d["instance"] for d in devices] == ["", ""]
 
 
-def test_vllm_instances_under_the_process_supervisor(short_tmp: Path, spawn: Spawn) -> None:
+# --- under the process supervisor: one daemon, two engines, a test per behaviour, in this order -------
+
+
+@dataclass(frozen=True)
+class Supervised:
+    ctl: Callable[..., Any]  # mvllmctl against the daemon
+    tmp: Path
+    model: str
+
+
+@pytest.fixture(scope="module")
+def supervised() -> Iterator[Supervised]:
+    """mvllmd under the process supervisor with two real vLLM engines launched, for the tests below; the
+    daemon (and with it any engine left) is stopped after the last of them."""
     engine = engine_dir()
-    (short_tmp / "mvllmd.toml").write_text(config_text(engine, 19100, hang_timeout_s=5))
-    daemon = spawn(["--listen", f"unix:{short_tmp}/m.sock", "--state-dir", str(short_tmp / "state"),
-                    "--config", str(short_tmp / "mvllmd.toml"), "--unit-manager", "process"])  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="mv-", dir="/tmp"))  # short: a unix socket path must fit in 107 bytes
+    try:
+        (tmp / "mvllmd.toml").write_text(config_text(engine, 19100, hang_timeout_s=5))
+        args = ["--listen", f"unix:{tmp}/m.sock", "--state-dir", str(tmp / "state"),
+                "--config", str(tmp / "mvllmd.toml"), "--unit-manager", "process"]  # fmt: skip
+        daemon = start_daemon(tmp, clean_environment(tmp), args)
+        try:
 
-    def ctl(*args: str) -> Any:
-        return daemon.ctl(*args, timeout=READY_TIMEOUT_S + 60)
+            def ctl(*args: str) -> Any:
+                return daemon.ctl(*args, timeout=READY_TIMEOUT_S + 60)
 
-    instances = launch_and_serve(ctl, str(engine / "tiny-qwen2"))
-    rollouts_on_real_vllm(ctl, short_tmp, instances)
-    asyncio.run(a_sample_moves_between_real_engines(str(engine / "tiny-qwen2"), instances))
+            launch(ctl, str(engine / "tiny-qwen2"))
+            yield Supervised(ctl, tmp, str(engine / "tiny-qwen2"))
+        finally:
+            daemon.stop()
+            daemon.notify.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_environment(tmp: Path) -> dict[str, str]:
+    """As conftest.py's clean_env (function-scoped there): every default points into `tmp`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "MVLLM_", "NOTIFY_", "WATCHDOG_"))}
+    for name in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "INVOCATION_ID", "JOURNAL_STREAM"):
+        env.pop(name, None)
+    runtime = tmp / "run"
+    runtime.mkdir(mode=0o700)
+    env.update(XDG_RUNTIME_DIR=str(runtime), XDG_STATE_HOME=str(tmp / "state"), HOME=str(tmp / "home"))
+    return env
+
+
+def both_ready(ctl: Callable[..., Any]) -> list[dict[str, Any]]:
+    """Wait until both instances are READY (a test before may have killed one), and return their status."""
+
+    def ready() -> bool:
+        states = [i["state"] for i in instance_status(ctl)]
+        assert len(states) == 2 and "INSTANCE_STATE_FAILED" not in states, states  # would never be READY
+        return states == ["INSTANCE_STATE_READY"] * 2
+
+    wait_for(ready, READY_TIMEOUT_S)
+    return instance_status(ctl)
+
+
+def test_both_engines_serve(supervised: Supervised) -> None:
+    both_ready(supervised.ctl)
+    serve(supervised.ctl, supervised.model)
+
+
+def test_rollouts_on_both_engines(supervised: Supervised) -> None:
+    instances = both_ready(supervised.ctl)
+    rollouts_on_real_vllm(supervised.ctl, supervised.tmp, instances)
+
+
+def test_a_sample_moves_between_the_engines(supervised: Supervised) -> None:
+    instances = both_ready(supervised.ctl)
+    asyncio.run(a_sample_moves_between_real_engines(supervised.model, instances))
+
+
+def test_a_killed_engine_is_started_again(supervised: Supervised) -> None:
+    ctl = supervised.ctl
+    instances = both_ready(ctl)
     groups = [_group(i["pid"]) for i in instances]
     assert all(len(g) >= 2 for g in groups)  # vLLM's API server plus its EngineCore, in one group
     kill_and_recover(ctl, lambda pid: os.kill(pid, 9))
     assert not _group(instances[0]["pid"])  # the killed engine's helpers went with it
 
+
+def test_a_hung_engine_is_unhealthy_then_started_again(supervised: Supervised) -> None:
     # A real hang: SIGSTOP the engine's worker. /health keeps answering 200; the monitor's probe request
     # goes unanswered, the instance turns UNHEALTHY, and is killed and started again.
-    hung = instance_status(ctl)[1]
+    ctl = supervised.ctl
+    hung = both_ready(ctl)[1]
     (worker,) = [pid for pid in _group(hung["pid"]) if Path(f"/proc/{pid}/comm").read_text().strip() == "VLLM::Worker"]
     os.kill(worker, signal.SIGSTOP)
     assert httpx.get(f"{hung['url']}/health", timeout=10).status_code == 200
     wait_for(lambda: instance_status(ctl)[1]["state"] == "INSTANCE_STATE_UNHEALTHY", 60)
     wait_for(lambda: instance_status(ctl)[1]["state"] == "INSTANCE_STATE_READY", READY_TIMEOUT_S)
-    assert instance_status(ctl)[1]["restarts"] == 1 and instance_status(ctl)[1]["pid"] != hung["pid"]
+    again = instance_status(ctl)[1]
+    assert again["restarts"] == hung["restarts"] + 1 and again["pid"] != hung["pid"]
     assert not _group(hung["pid"])  # the stopped worker was killed with its group
-    leaders = [i["pid"] for i in instance_status(ctl)]
+
+
+def test_stop_all_ends_every_process(supervised: Supervised) -> None:  # last: it ends the engines
+    ctl = supervised.ctl
+    leaders = [i["pid"] for i in both_ready(ctl)]
     assert ctl("stop", "--all").returncode == 0
     assert all(not _group(pid) for pid in leaders)  # every process of every group is gone
     assert instance_status(ctl) == []
