@@ -27,7 +27,7 @@ MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_TEMPERATURE = 100.0
 SEED_LIMIT = 2**63  # seeds are from 0 to SEED_LIMIT - 1 (the API's int64)
 
-E = TypeVar("E", bound=enum.StrEnum)
+_E = TypeVar("_E", bound=enum.StrEnum)
 
 
 class InvalidSpec(ValueError):
@@ -211,7 +211,7 @@ def _check_sampling(sampling: Sampling) -> None:
         raise InvalidSpec("--extra-body must be a JSON object, e.g. '{\"top_k\": 20}'")
 
 
-def _member(kind: type[E], value: str, flag: str) -> E:
+def _member(kind: type[_E], value: str, flag: str) -> _E:
     try:
         return kind(value)
     except ValueError:
