@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from mvllmd.jobs.http import Client, HttpError, Pool
+from mvllmd.jobs.http import MAX_HEAD, Client, HttpError, Pool
 from mvllmd.jobs.requests import ends_whole
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]  # False: close the connection
@@ -36,8 +36,8 @@ class Server:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length"))  # fmt: skip
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), 0)  # fmt: skip
                 request = head + await reader.readexactly(length)
                 self.requests.append(request)
                 if not await self.answers.pop(0)(reader, writer):
@@ -174,9 +174,10 @@ async def test_a_connection_closed_on_its_first_request(serve: Callable[[list[An
 
 async def test_garbage_is_an_error(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
     server = await serve([in_pieces(b"SSH-2.0-OpenSSH\r\n\r\n"), in_pieces(b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n"),
-                          in_pieces(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n")])  # fmt: skip
+                          in_pieces(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n"),
+                          in_pieces(b"HTTP/2.0 200 OK\r\ncontent-length: 0\r\n\r\n")])  # fmt: skip
     pool = Pool(server.url)
-    for message in ("not an HTTP/1.1 answer", "malformed header line", "bad Content-Length"):
+    for message in ("not an HTTP/1.1 answer", "malformed header line", "bad Content-Length", "not an HTTP/1.1 answer"):
         with pytest.raises(HttpError, match=message):
             await pool.post("/", b"", {})
 
@@ -263,3 +264,115 @@ async def test_ends_whole_asks_detokenize(serve: Callable[[list[Answer]], Awaita
             assert not await ends_whole(client, server.url, "m", [1, 2])
     finally:
         client.close()
+
+
+async def test_get(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    """A GET has no body and no Content-Length; its answer is read as a POST's, on the same connections."""
+    server = await serve([json_answer(b"vllm:num_requests_running 1\n"), json_answer()])
+    pool = Pool(server.url + "/v1")
+    answer = await pool.get("/models", {"Authorization": "Bearer k"})
+    assert (answer.status, answer.body) == (200, b"vllm:num_requests_running 1\n")
+    host = server.url.removeprefix("http://")
+    assert server.requests[0] == f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer k\r\n\r\n".encode()
+    assert (await pool.post("/completions", b"{}", {})).status == 200
+    assert server.connections == 1
+
+
+async def test_answers_without_a_body(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    """204 and 304 answers end with their head, whatever they say of a body, and keep the connection."""
+    not_modified = b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n"
+    server = await serve([in_pieces(b"HTTP/1.1 204 No Content\r\n\r\n"), in_pieces(not_modified), json_answer()])
+    pool = Pool(server.url)
+    async with asyncio.timeout(5):
+        assert [(await pool.get("/", {})).status for _ in range(3)] == [204, 304, 200]
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("size", [b"zz", b"-1", b"0x3", b"1_0", b"fffffffffffffffffffff"])
+async def test_malformed_chunk_sizes(serve: Callable[[list[Answer]], Awaitable[Server]], size: bytes) -> None:
+    """A chunk size that is not hexadecimal digits (Python's int() takes "0x3", "1_0" and "-1") or does
+    not fit is an error, in a whole answer and in a streamed one, after the chunks before it."""
+    bad = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n" + size + b"\r\nxyz\r\n0\r\n\r\n"
+    server = await serve([in_pieces(bad), in_pieces(bad)])
+    pool = Pool(server.url)
+    got: list[bytes] = []
+    async with asyncio.timeout(5):
+        with pytest.raises(HttpError, match="bad chunk size"):
+            await pool.post("/", b"", {})
+        with pytest.raises(HttpError, match="bad chunk size"):
+            await pool.post("/", b"", {}, got.append)
+    assert got == [b"abc"]
+
+
+async def test_a_head_over_the_limit(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    """A head over MAX_HEAD is an error, whether it comes whole or as a header line that does not end
+    within the limit (a client without one would wait for its end); a head just under it is read."""
+    line = b"X-Big: " + b"a" * (MAX_HEAD // 2) + b"\r\n"
+    whole = b"HTTP/1.1 200 OK\r\n" + line * 2 + b"content-length: 2\r\n\r\nok"
+    endless = [b"HTTP/1.1 200 OK\r\nX-Big: ", *[b"a" * (MAX_HEAD // 4)] * 5]
+    under = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (MAX_HEAD - 100) + b"\r\ncontent-length: 2\r\n\r\nok"
+    server = await serve([in_pieces(whole), in_pieces(*endless), in_pieces(under)])
+    pool = Pool(server.url)
+    async with asyncio.timeout(5):
+        for _ in range(2):
+            with pytest.raises(HttpError, match="header is too long"):
+                await pool.post("/", b"", {})
+        assert (await pool.post("/", b"", {})).body == b"ok"
+
+
+async def test_a_body_over_the_limit(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    """A body over the pool's max_body is an error however it is framed (a Content-Length over it at
+    once, without waiting for the body); a streamed answer may be longer in all, each of its chunks may not."""
+    chunked = b"".join(b"64\r\n" + b"c" * 100 + b"\r\n" for _ in range(11)) + b"0\r\n\r\n"
+    streamed = b"".join(b"258\r\n" + b"s" * 600 + b"\r\n" for _ in range(3)) + b"0\r\n\r\n"
+    server = await serve([
+        json_answer(b"x" * 1001),
+        in_pieces(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n", b"the rest never comes"),
+        in_pieces(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", chunked),
+        in_pieces(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n", b"z" * 600, b"z" * 600, keep=False),
+        in_pieces(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e9\r\n", b"s" * 1001, b"\r\n0\r\n\r\n"),
+        json_answer(b"x" * 1000),
+        in_pieces(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", streamed),
+    ])  # fmt: skip
+    pool = Pool(server.url, max_body=1000)
+    got: list[bytes] = []
+    async with asyncio.timeout(5):
+        for _ in range(4):
+            with pytest.raises(HttpError, match="the answer is too long"):
+                await pool.post("/", b"", {})
+        with pytest.raises(HttpError, match="the answer is too long"):
+            await pool.post("/", b"", {}, got.append)
+        assert got == []
+        assert (await pool.post("/", b"", {})).body == b"x" * 1000
+        assert (await pool.post("/", b"", {}, got.append)).status == 200
+    assert got == [b"s" * 600] * 3
+
+
+async def test_a_connection_cut_mid_chunk(serve: Callable[[list[Answer]], Awaitable[Server]]) -> None:
+    """A close inside a chunk, or inside a chunk's size line, is an error, not the end of the answer;
+    a streamed answer's reader has had the whole chunks before the cut, and no part of the cut one."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server = await serve([in_pieces(head, b"3\r\nxyz\r\n10\r\nabc", keep=False),
+                          in_pieces(head, b"3\r\nxyz\r\n1", keep=False),
+                          in_pieces(head, b"3\r\nxyz\r\n10\r\nabc", keep=False)])  # fmt: skip
+    pool = Pool(server.url)
+    got: list[bytes] = []
+    async with asyncio.timeout(5):
+        for on_data in (None, got.append, got.append):
+            with pytest.raises(HttpError, match="closed the connection"):
+                await pool.post("/", b"", {}, on_data)
+    assert got == [b"xyz", b"xyz"]
+    assert server.connections == 3
+
+
+async def test_a_reader_that_fails_otherwise_fails_the_request(
+    serve: Callable[[list[Answer]], Awaitable[Server]],
+) -> None:
+    """Only what a reader makes of bad data is "a malformed stream"; its own bug goes to the caller as it is."""
+    server = await serve([in_pieces(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")])
+
+    def broken(_: bytes) -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        await Pool(server.url).post("/", b"", {}, broken)
