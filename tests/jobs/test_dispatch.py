@@ -57,8 +57,7 @@ async def run_job(
         dispatcher.add(Work(p, f"prompt number {p}", list(range(SAMPLES))))
     dispatcher.close_input()
     watcher = asyncio.create_task(watch(dispatcher)) if watch else None
-    async with aiohttp.ClientSession() as session:
-        await dispatcher.run(session)
+    await dispatcher.run()
     if watcher is not None:
         watcher.cancel()
     assert done.count == PROMPTS * SAMPLES
@@ -215,11 +214,10 @@ async def test_a_server_that_queues_is_sent_about_what_it_runs(sim_process: Call
             assert endpoint.inflight <= endpoint.capacity
             await asyncio.sleep(0.01)
 
-    async with aiohttp.ClientSession() as session:
-        watcher = asyncio.create_task(watch())
-        await dispatcher.run(session)
-        assert not watcher.done()  # its checks held throughout
-        watcher.cancel()
+    watcher = asyncio.create_task(watch())
+    await dispatcher.run()
+    assert not watcher.done()  # its checks held throughout
+    watcher.cancel()
     assert done.count == PROMPTS * SAMPLES
     assert endpoint.gauges.ok
     assert min(limits) <= 8  # lowered toward the 4 it runs
@@ -229,8 +227,7 @@ async def test_a_server_that_queues_is_sent_about_what_it_runs(sim_process: Call
     again = Dispatcher([endpoint], job(200), settings, deliver_to(small), small.is_done)
     again.add(Work(0, "one more prompt", [0, 1]))
     again.close_input()
-    async with aiohttp.ClientSession() as session:
-        await again.run(session)
+    await again.run()
     assert small.count == 2
     assert endpoint.limit > lowered or lowered == endpoint.capacity > min(limits)  # (or it grew back already)
 
@@ -272,7 +269,6 @@ async def test_a_fault_of_its_own_stops_the_dispatcher_with_it(start_sim: StartS
     for p in range(PROMPTS):
         dispatcher.add(Work(p, f"prompt number {p}", list(range(SAMPLES))))
     dispatcher.close_input()
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(OSError, match="No space left"):
-            await asyncio.wait_for(dispatcher.run(session), 30)
+    with pytest.raises(OSError, match="No space left"):
+        await asyncio.wait_for(dispatcher.run(), 30)
     assert done.count == 0

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
 import aiohttp
 import pytest
 
 from mvllmd.jobs.gauges import GENERATED, RUNNING, WAITING, Gauges, parse, scrape
+from mvllmd.jobs.http import Client, HttpError
 
 from simkit import StartSim
 
@@ -49,16 +54,62 @@ def test_two_readings_give_the_generation_rate_and_the_decode_step() -> None:
     assert not gauges.ok and gauges.waiting_polls == 0
 
 
-async def test_scrape_reads_a_real_simulator(start_sim: StartSim, http: aiohttp.ClientSession) -> None:
+@pytest.fixture
+async def client() -> AsyncIterator[Client]:
+    client = Client()
+    yield client
+    client.close()
+
+
+async def test_scrape_reads_a_real_simulator(start_sim: StartSim, client: Client, http: aiohttp.ClientSession) -> None:
     url, server = await start_sim("--time-scale", "0")
-    values = await scrape(http, url)
+    values = await scrape(client, url)
     assert values[RUNNING] == 0 and values[WAITING] == 0
+    connection = client.pool(url)._idle[0]
     async with http.post(f"{url}/v1/completions", json={"model": "sim", "prompt": "hi", "max_tokens": 5}) as r:
         assert r.status == 200
-    assert (await scrape(http, url))[GENERATED] == server.engine.counters.generation_tokens > 0
+    assert (await scrape(client, url))[GENERATED] == server.engine.counters.generation_tokens > 0
+    assert client.pool(url)._idle == [connection]  # the two readings went over one keep-alive connection
 
 
-async def test_scrape_refuses_a_server_without_vllm_gauges(start_sim: StartSim, http: aiohttp.ClientSession) -> None:
+async def test_scrape_refuses_a_server_without_vllm_gauges(start_sim: StartSim, client: Client) -> None:
     url, _ = await start_sim("--time-scale", "0")
     with pytest.raises(ValueError, match="HTTP 404"):
-        await scrape(http, url + "/v1")  # /v1/metrics: not found
+        await scrape(client, url + "/v1")  # /v1/metrics: not found
+
+
+async def test_scrape_sends_the_key_and_fails_as_the_poller_expects(client: Client) -> None:
+    """The dispatcher's poller counts HttpError, OSError, TimeoutError and ValueError as no gauges."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        if len(heads) == 1:
+            text = b"vllm:num_requests_running 2\nvllm:num_requests_waiting 1\n"
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(text), text))
+        elif len(heads) == 2:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nnot \xff utf")  # not UTF-8
+        elif len(heads) == 3:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\ncut")
+        else:
+            await reader.read()  # no answer
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        assert await scrape(client, url, api_key="k") == {RUNNING: 2.0, WAITING: 1.0}
+        assert heads[0].startswith(b"GET /metrics HTTP/1.1\r\n") and b"\r\nAuthorization: Bearer k\r\n" in heads[0]
+        with pytest.raises(ValueError, match="utf-8"):
+            await scrape(client, url)
+        with pytest.raises(HttpError, match="closed the connection"):
+            await scrape(client, url)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await scrape(client, url, timeout_s=0.2)
+        assert time.monotonic() - started < 2
+    finally:
+        server.close()
+    with pytest.raises(OSError):
+        await scrape(client, "http://127.0.0.1:9")

@@ -63,8 +63,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from mvllm.jobs import JobSpec, Policy, Sample
 from mvllmd.jobs import http, streams
 from mvllmd.jobs.gauges import Gauges, scrape
@@ -225,7 +223,7 @@ class Dispatcher:
         self._asked = 0  # samples added to the queue
         self._stopping = False
         self._fault: Exception | None = None  # an unexpected error in a request's task; run() raises it
-        self._http = http.Client()  # the requests' keep-alive connections; /metrics goes by aiohttp
+        self._http = http.Client()  # the keep-alive connections of the requests and of /metrics
 
     # --- feeding --------------------------------------------------------------------------------
 
@@ -270,9 +268,9 @@ class Dispatcher:
 
     # --- the loop -------------------------------------------------------------------------------
 
-    async def run(self, session: aiohttp.ClientSession) -> None:
+    async def run(self) -> None:
         """Dispatch until the input is closed and every sample is delivered."""
-        poller = asyncio.create_task(self._poll(session)) if self._settings.metrics_interval_s > 0 else None
+        poller = asyncio.create_task(self._poll()) if self._settings.metrics_interval_s > 0 else None
         try:
             while not (self._input_done and not self.backlog and not self._flights and not self._moved_done):
                 if self._fault is not None:
@@ -296,7 +294,7 @@ class Dispatcher:
                                  return_exceptions=True)  # fmt: skip
             self._http.close()
 
-    async def _poll(self, session: aiohttp.ClientSession) -> None:
+    async def _poll(self) -> None:
         """Read every server's gauges each interval; a server whose /metrics fails just has none."""
         interval = self._settings.metrics_interval_s
         while True:
@@ -305,7 +303,7 @@ class Dispatcher:
                 endpoint._inflight_at_poll = endpoint.inflight
                 endpoint._siblings_at_poll = endpoint.siblings()
             readings = await asyncio.gather(
-                *(scrape(session, e.url, e.api_key, max(1.0, min(2.0, interval))) for e in endpoints),
+                *(scrape(self._http, e.url, e.api_key, max(1.0, min(2.0, interval))) for e in endpoints),
                 return_exceptions=True,
             )
             now = time.monotonic()
@@ -313,7 +311,7 @@ class Dispatcher:
                 if isinstance(reading, dict):
                     endpoint.gauges.update(reading, now)
                     self._adapt(endpoint)
-                elif isinstance(reading, (aiohttp.ClientError, TimeoutError, ValueError)):
+                elif isinstance(reading, (http.HttpError, OSError, TimeoutError, ValueError)):
                     endpoint.gauges.fail()
                     endpoint.external = 0
                 elif isinstance(reading, BaseException):

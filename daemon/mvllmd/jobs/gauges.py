@@ -2,19 +2,19 @@
 
 `parse` reads the exposition text and sums each wanted metric over its label sets (vLLM labels its
 gauges by engine and model: `vllm:num_requests_waiting{engine="0",model_name="m"} 3.0`). `scrape`
-fetches one endpoint's /metrics over the job's session. `Gauges` keeps the latest reading of one
-endpoint and what follows from two readings: the server's generation rate (tokens/s) and the time
-each running sequence takes per token (its decode step, which grows with the batch). A server
-without /metrics, or one that answers badly, simply has no gauges (`ok` is False).
+fetches one endpoint's /metrics over the job's own keep-alive connections (http.py). `Gauges` keeps
+the latest reading of one endpoint and what follows from two readings: the server's generation rate
+(tokens/s) and the time each running sequence takes per token (its decode step, which grows with
+the batch). A server without /metrics, or one that answers badly, simply has no gauges (`ok` is False).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 
-import aiohttp
-
+from mvllmd.jobs import http
 from mvllmd.jobs.requests import bearer
 
 RUNNING = "vllm:num_requests_running"
@@ -67,15 +67,13 @@ def _value(rest: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-async def scrape(
-    session: aiohttp.ClientSession, url: str, api_key: str = "", timeout_s: float = 2.0
-) -> dict[str, float]:
-    """One endpoint's wanted gauges; raises aiohttp.ClientError, TimeoutError or ValueError."""
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with session.get(url + "/metrics", headers=bearer(api_key), timeout=timeout) as resp:
-        if resp.status != 200:
-            raise ValueError(f"/metrics answered HTTP {resp.status}")
-        values = parse(await resp.text())
+async def scrape(client: http.Client, url: str, api_key: str = "", timeout_s: float = 2.0) -> dict[str, float]:
+    """One endpoint's wanted gauges; raises http.HttpError, OSError, TimeoutError or ValueError."""
+    async with asyncio.timeout(timeout_s):
+        response = await client.pool(url).get("/metrics", bearer(api_key) or {})
+    if response.status != 200:
+        raise ValueError(f"/metrics answered HTTP {response.status}")
+    values = parse(response.body.decode())  # (a UnicodeDecodeError is a ValueError)
     if RUNNING not in values or WAITING not in values:
         raise ValueError("/metrics has no vLLM request gauges")
     return values

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -224,17 +223,16 @@ async def run_job(
     on_start(dispatcher)
     clock = asyncio.create_task(_flush_when_old(writer, flush_age_s))
     try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            running = asyncio.create_task(dispatcher.run(session))
-            await _feed(prepared, dispatcher, stop)
-            dispatcher.close_input()
-            stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            if running.done():
-                await running  # its exception, if it failed
-            else:
-                await _drain(dispatcher, running, stop_drain_s)
+        running = asyncio.create_task(dispatcher.run())
+        await _feed(prepared, dispatcher, stop)
+        dispatcher.close_input()
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if running.done():
+            await running  # its exception, if it failed
+        else:
+            await _drain(dispatcher, running, stop_drain_s)
     finally:
         clock.cancel()
         writer.close()

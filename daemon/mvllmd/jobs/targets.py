@@ -8,15 +8,15 @@ given with or without the /v1 suffix; without --model, they are asked which mode
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from urllib.parse import urlsplit
-
-import aiohttp
 
 from mvllmd.errors import Conflict, InvalidRequest
 from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.spec import InstanceState
 from mvllmd.instances.state import LIVE
+from mvllmd.jobs import http
 from mvllmd.jobs.requests import bearer
 
 MODELS_TIMEOUT_S = 10.0
@@ -81,8 +81,11 @@ def instance_targets(instances: InstanceManager, model: str, *states: InstanceSt
 async def endpoint_model(urls: list[str], requested: str, api_key: str = "") -> str:
     """The model to ask servers named by URL for: `requested`, checked against what they list, or
     the only one they serve. Servers that do not answer are not held against the job."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=MODELS_TIMEOUT_S)) as session:
-        answers = await asyncio.gather(*(_models(session, url, api_key) for url in urls))
+    client = http.Client()
+    try:
+        answers = await asyncio.gather(*(_models(client, url, api_key) for url in urls))
+    finally:
+        client.close()
     listed = [models for models in answers if models is not None]
     served = sorted({m for models in listed for m in models})
     if requested:
@@ -96,12 +99,12 @@ async def endpoint_model(urls: list[str], requested: str, api_key: str = "") -> 
     return served[0]
 
 
-async def _models(session: aiohttp.ClientSession, url: str, api_key: str) -> list[str] | None:
+async def _models(client: http.Client, url: str, api_key: str) -> list[str] | None:
     try:
-        async with session.get(url + "/v1/models", headers=bearer(api_key)) as response:
-            if response.status != 200:
-                return None
-            body = await response.json(content_type=None)
-        return [str(m["id"]) for m in body["data"]]
-    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
+        async with asyncio.timeout(MODELS_TIMEOUT_S):
+            response = await client.pool(url).get("/v1/models", bearer(api_key) or {})
+        if response.status != 200:
+            return None
+        return [str(m["id"]) for m in json.loads(response.body)["data"]]
+    except (http.HttpError, OSError, TimeoutError, ValueError, KeyError, TypeError):
         return None
