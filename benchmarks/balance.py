@@ -31,10 +31,8 @@ import pyarrow.parquet as pq
 from mvllm.jobs import JobSpec, Policy, Sampling
 from mvllm_sim.engine import Engine, SimRequest
 from mvllm_sim.profiles import step_model
-from mvllmd.jobs.dispatch import DispatchSettings, Endpoint
-from mvllmd.jobs.runner import prepare, run_job
 
-from benchkit import sim_servers
+from benchkit import run_in_process, sim_servers
 
 CASES = {"heterogeneous": (1.0, 1.0, 0.5, 0.25), "homogeneous": (1.0, 1.0, 1.0, 1.0)}
 POLICIES: tuple[Policy, ...] = (Policy.ROUND_ROBIN, Policy.LEAST_LOADED)
@@ -85,9 +83,8 @@ async def one_run(  # noqa: PLR0917
         max_concurrent=4096,
         overwrite=True,
     )
-    endpoints = [Endpoint(url, capacity=1024) for url in urls]
     started = time.monotonic()
-    await run_job(prepare(spec), endpoints, asyncio.Event(), dispatch=DispatchSettings(metrics_interval_s=scale))
+    await run_in_process(spec, urls, capacity=1024, metrics_interval_s=scale)
     wall = time.monotonic() - started
     table = pq.read_table(out, columns=["prompt_tokens", "completion_tokens"])
     return wall, table.column(0).to_pylist(), table.column(1).to_pylist()

@@ -1,8 +1,10 @@
 """What the benchmark scripts share: free ports, the vLLM CPU build's cache, simulator processes, a daemon
-with simulated instances, process memory and CPU readings, the machine's description, tables."""
+with simulated instances, the job runner in-process, process memory and CPU readings, the machine's
+description, tables."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import platform
@@ -22,7 +24,14 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mvllm.jobs import JobSpec
 from mvllm.v1 import instance_pb2, instance_pb2_grpc, job_pb2, job_pb2_grpc
+from mvllmd.config import DEFAULTS
+from mvllmd.dispatch.endpoints import Endpoints, Tuning
+from mvllmd.jobs.prepare import prepare
+from mvllmd.jobs.run import Progress, Run
+from mvllmd.jobs.sources import UrlSource
+from mvllmd.jobs.targets import Target
 
 
 def free_port() -> int:
@@ -296,3 +305,16 @@ def _kill_engine(pid: int) -> None:
     if b"mvllm_sim" in cmdline:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+
+
+async def run_in_process(
+    spec: JobSpec, urls: Sequence[str], capacity: int, metrics_interval_s: float = 1.0
+) -> Progress:
+    """The job runner in this process, as mvllmd runs a job over servers named by URL."""
+    table = Endpoints(Tuning(hang_timeout_s=DEFAULTS["jobs.hang_timeout_s"], metrics_interval_s=metrics_interval_s))
+    try:
+        prepared = prepare(spec)
+        source = UrlSource([Target(url, capacity) for url in urls])
+        return await Run(prepared, source, table, asyncio.Event(), stop_drain_s=DEFAULTS["jobs.stop_drain_s"]).run()
+    finally:
+        await table.close()

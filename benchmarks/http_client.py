@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from mvllmd.jobs import http as after
+from mvllmd.transport import http as after
 
 from benchkit import load_average, machine, print_table, sim_servers
 

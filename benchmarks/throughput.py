@@ -45,9 +45,7 @@ from openai import AsyncOpenAI
 
 from mvllm.jobs import JobSpec, Sampling
 from mvllm.v1 import job_pb2
-from mvllmd.jobs.dispatch import Endpoint
-from mvllmd.jobs.requests import build_body
-from mvllmd.jobs.runner import prepare, run_job
+from mvllmd.transport.requests import build_body
 
 from benchkit import (
     Daemon,
@@ -57,6 +55,7 @@ from benchkit import (
     machine,
     mvllmd,
     print_table,
+    run_in_process,
     write_prompts,
 )
 
@@ -87,8 +86,7 @@ def in_process(urls: list[str], capacity: int, data: Path, out: Path, max_concur
         max_concurrent=max_concurrent,
         overwrite=True,
     )
-    endpoints = [Endpoint(u, capacity=capacity) for u in urls]
-    progress = asyncio.run(run_job(prepare(spec), endpoints, asyncio.Event()))
+    progress = asyncio.run(run_in_process(spec, urls, capacity))
     return progress.samples_done
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +26,9 @@ from mvllmctl.job_commands import follow, print_summary, stub, usage_errors
 from mvllmctl.progress import JobProgress
 
 if TYPE_CHECKING:
-    from mvllmd.jobs.runner import Progress
+    from mvllmd.local import Progress
 
 PROBE_TIMEOUT_S = 2.0
-DEFAULT_MAX_NUM_SEQS = 256
 
 
 @click.command("generate-rollouts", context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,36 +98,27 @@ def _daemon_answers(ctl: Ctl) -> bool:
 
 
 async def _run_here(options: dict[str, Any], urls: list[str]) -> int:
-    # The job runner (pyarrow, numpy, aiohttp) is imported here, not at the top: every other command
-    # of mvllmctl would pay for it at each start (half a second of CPU).
-    from mvllmd.errors import MvllmError  # noqa: PLC0415
-    from mvllmd.jobs.dispatch import Endpoint  # noqa: PLC0415
-    from mvllmd.jobs.output import parts_dir  # noqa: PLC0415
-    from mvllmd.jobs.runner import prepare, run_job  # noqa: PLC0415
-    from mvllmd.jobs.targets import endpoint_model, normalize_url  # noqa: PLC0415
+    # The job runner (pyarrow, numpy) is imported here, not at the top: every other command of
+    # mvllmctl would pay for it at each start (half a second of CPU).
+    from mvllmd.local import JobError, run_here  # noqa: PLC0415
 
-    try:
-        endpoints = list(dict.fromkeys(normalize_url(u) for u in urls))
-        model = await endpoint_model(endpoints, options["model_path"] or "")
-        spec = replace(_spec(options, urls), model=model)
-        prepared = await asyncio.to_thread(prepare, spec)
-    except MvllmError as exc:
-        raise CtlError(str(exc), ExitStatus.USAGE) from None
+    spec = _spec(options, urls)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
-    with JobProgress() as bar:
-        progress = await run_job(
-            prepared,
-            [Endpoint(url, DEFAULT_MAX_NUM_SEQS) for url in endpoints],
-            stop,
-            on_progress=lambda p: bar.update(_as_job(p, spec, pb.JOB_STATE_RUNNING)),
-        )
-    state = pb.JOB_STATE_SUCCEEDED if progress.samples_done == progress.samples_total else pb.JOB_STATE_CANCELLED
+    try:
+        with JobProgress() as bar:
+            outcome = await run_here(
+                spec, stop, on_progress=lambda p: bar.update(_as_job(p, spec, pb.JOB_STATE_RUNNING))
+            )
+    except JobError as exc:
+        raise CtlError(str(exc), ExitStatus.USAGE) from None
+    progress = outcome.progress
+    state = pb.JOB_STATE_SUCCEEDED if outcome.complete else pb.JOB_STATE_CANCELLED
     print_summary(_as_job(progress, spec, state))
-    if state != pb.JOB_STATE_SUCCEEDED:
+    if not outcome.complete:
         click.echo(
             f"\ninterrupted: {progress.samples_done} of {progress.samples_total} samples are kept in "
-            f"{parts_dir(spec.output_path)}; run the same command with --resume to finish",
+            f"{outcome.parts}; run the same command with --resume to finish",
             err=True,
         )
         return ExitStatus.INTERRUPTED

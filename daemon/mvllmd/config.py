@@ -1,9 +1,11 @@
 """mvllmd's configuration: one frozen object, built once at start-up from TOML, flags and a few env vars.
 
 Precedence: a flag beats the config file, which beats the default. Every key has a flag (OPTIONS lists
-them). The only environment variables read are those that locate directories (systemd's
-RUNTIME_DIRECTORY and STATE_DIRECTORY, XDG_RUNTIME_DIR, XDG_STATE_HOME, HOME); they are read here and
-nowhere deeper. Invalid input raises ConfigError or AddressError, naming the key and what it expects.
+them), and OPTIONS is the one home of every default: elsewhere they are read from it by name
+(`defaults(JobSettings, "jobs")`, `DEFAULTS["jobs.stop_drain_s"]`), never written again. The only
+environment variables read are those that locate directories (systemd's RUNTIME_DIRECTORY and
+STATE_DIRECTORY, XDG_RUNTIME_DIR, XDG_STATE_HOME, HOME); they are read here and nowhere deeper.
+Invalid input raises ConfigError or AddressError, naming the key and what it expects.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import difflib
 import grp
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 from mvllmd.addresses import ListenAddress, check_tcp_policy, default_socket, first_path, parse_address
 from mvllmd.errors import AddressError, ConfigError
@@ -24,6 +26,7 @@ from mvllmd.tls import TlsFiles, tls_files
 LogLevel = Literal["debug", "info", "warning", "error"]
 UnitManagerChoice = Literal["auto", "systemd-system", "systemd-user", "process"]
 
+S = TypeVar("S")
 MAX_DECLARED_DEVICES = 4096
 TLS_KEYS = ("tls_cert", "tls_key", "tls_client_ca")
 
@@ -128,13 +131,26 @@ class JobSettings:
     stop_drain_s: float  # on cancel or SIGTERM, how long requests in flight may finish
 
 
+DEFAULTS: Mapping[str, Any] = {o.name: o.default for o in OPTIONS}  # the one home of every default
+
+
+def defaults(kind: type[S], section: str) -> S:
+    """Settings of one section, every field at its default (OPTIONS)."""
+    return _section(kind, section, DEFAULTS)
+
+
+def _section(kind: type[S], section: str, values: Mapping[str, Any]) -> S:
+    """A section's settings from the checked values: each field is the key of the same name."""
+    return kind(**{f.name: values[f"{section}.{f.name}"] for f in fields(kind)})  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class Config:
     daemon: DaemonSettings
     inventory: InventorySettings
     engine: EngineSettings = EngineSettings(None, None, None)
-    instances: InstanceSettings = InstanceSettings(8000, 2.0, 30.0, 5, 1800.0)
-    jobs: JobSettings = JobSettings(4, 1024, 256, 120.0, 20.0)
+    instances: InstanceSettings = field(default_factory=lambda: defaults(InstanceSettings, "instances"))
+    jobs: JobSettings = field(default_factory=lambda: defaults(JobSettings, "jobs"))
     config_file: Path | None = None
 
 
@@ -250,20 +266,8 @@ def _build(values: dict[str, Any], config_file: Path | None, environ: Mapping[st
         hf_home=_optional_path(values["engine.hf_home"], "[engine] hf_home"),
         hf_token_file=_optional_path(values["engine.hf_token_file"], "[engine] hf_token_file"),
     )
-    instances = InstanceSettings(
-        port_base=values["instances.port_base"],
-        probe_interval_s=values["instances.probe_interval_s"],
-        hang_timeout_s=values["instances.hang_timeout_s"],
-        max_restarts=values["instances.max_restarts"],
-        start_timeout_s=values["instances.start_timeout_s"],
-    )
-    jobs = JobSettings(
-        max_running=values["jobs.max_running"],
-        max_concurrent=values["jobs.max_concurrent"],
-        endpoint_max_num_seqs=values["jobs.endpoint_max_num_seqs"],
-        hang_timeout_s=values["jobs.hang_timeout_s"],
-        stop_drain_s=values["jobs.stop_drain_s"],
-    )
+    instances = _section(InstanceSettings, "instances", values)
+    jobs = _section(JobSettings, "jobs", values)
     return Config(daemon, inventory, engine, instances, jobs, config_file)
 
 

@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from mvllm.jobs import Sampling
-from mvllmd.jobs import http
-from mvllmd.jobs.requests import ends_whole, send
-from mvllmd.jobs.streams import Stream
+from mvllmd.transport import http
+from mvllmd.transport.requests import ends_whole, send
+from mvllmd.transport.streams import Stream
 
 from daemonkit import instance_status, start_daemon, wait_for
 from usermanager import UserManager, available, remove_stale_cgroups

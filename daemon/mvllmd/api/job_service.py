@@ -11,7 +11,8 @@ from mvllm.convert import spec_from_proto, spec_to_proto, state_to_proto
 from mvllm.v1 import job_pb2 as pb
 from mvllm.v1 import job_pb2_grpc
 from mvllmd.api.boundary import rpc, rpc_stream
-from mvllmd.jobs.manager import EndpointView, JobManager, JobView
+from mvllmd.jobs.manager import JobManager, JobView
+from mvllmd.jobs.run import LaneView
 
 
 class JobServicer(job_pb2_grpc.JobServiceServicer):  # type: ignore[misc]  # untyped stub base
@@ -68,7 +69,7 @@ def job_to_proto(view: JobView) -> pb.Job:
     )
 
 
-def _endpoint_to_proto(e: EndpointView) -> pb.EndpointProgress:
+def _endpoint_to_proto(e: LaneView) -> pb.EndpointProgress:
     return pb.EndpointProgress(
         url=e.url,
         instance=e.instance,

@@ -2,10 +2,11 @@
 
 A submitted job is checked at once (`mvllm.jobs.validate`, then input, output, model, targets),
 recorded in the store, and queued. At most `max_running` jobs run; the rest wait QUEUED, oldest
-first. Jobs that share a server share its batch: each gets an equal part of the server's
-max_num_seqs. A job on this daemon's instances follows them as they come and go: a new READY
-instance of its model takes work at once, one that stops, fails or restarts is retired (its
-requests go elsewhere).
+first. Each running job is a Run (run.py) with its own dispatcher and writer; the servers' state is
+one table (dispatch/endpoints.py) shared by every job, so jobs that use the same server share its
+batch: each gets an equal part of its limit. A job's servers come from an endpoint source
+(sources.py): this daemon's instances of its model, followed as they come and go, or the URLs it
+names.
 
 On SIGTERM (`close`), running jobs stop taking work, let their requests in flight finish within
 `stop_drain_s`, and keep their parts; their records stay RUNNING or QUEUED, so the next start
@@ -16,7 +17,6 @@ parts directory, not the store, is the truth about which samples are done.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import shutil
 import time
@@ -25,13 +25,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 from mvllm.jobs import JobRecord, JobSpec, JobState, validate
-from mvllmd.config import JobSettings
+from mvllmd.config import DEFAULTS, JobSettings
+from mvllmd.dispatch.endpoints import Endpoints, Tuning
 from mvllmd.errors import Conflict, MvllmError, NotFound
 from mvllmd.instances.manager import InstanceManager
-from mvllmd.instances.spec import InstanceState
-from mvllmd.jobs.dispatch import Dispatcher, DispatchSettings, Endpoint
 from mvllmd.jobs.output import parts_dir
-from mvllmd.jobs.runner import Prepared, Progress, prepare, run_job
+from mvllmd.jobs.prepare import Prepared, prepare
+from mvllmd.jobs.run import LaneView, Progress, Run
+from mvllmd.jobs.sources import EndpointSource, InstanceSource, UrlSource
 from mvllmd.jobs.store import JobStore
 from mvllmd.jobs.targets import Target, endpoint_model, instance_model, instance_targets, normalize_url
 
@@ -39,18 +40,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0  # how often a running job's counts are written to the store
 WATCH_EVERY_S = 0.5
-RESUME_WAIT_S = 1800.0  # a job resumed at start waits this long for a READY instance (the default start timeout)
 WAIT_MESSAGE = "waiting up to {s:g}s for a READY instance of {model}"
-
-
-@dataclass(frozen=True)
-class EndpointView:
-    url: str
-    instance: str
-    inflight: int
-    completed: int
-    completion_tokens: int
-    out: bool
 
 
 @dataclass(frozen=True)
@@ -59,7 +49,7 @@ class JobView:
     tokens_per_s: float = 0.0
     eta_s: float = 0.0
     inflight: int = 0
-    endpoints: tuple[EndpointView, ...] = ()
+    endpoints: tuple[LaneView, ...] = ()
 
 
 @dataclass(eq=False)
@@ -68,29 +58,24 @@ class _Job:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     prepared: Prepared | None = None
-    dispatcher: Dispatcher | None = None
+    run: Run | None = None
     progress: Progress | None = None
-    capacity: dict[str, int] = field(default_factory=dict)  # url -> the server's own max_num_seqs
-    instance_of: dict[str, str] = field(default_factory=dict)  # url -> instance name
-    final_endpoints: tuple[EndpointView, ...] = ()  # the per-server counts when it last ran
+    final_endpoints: tuple[LaneView, ...] = ()  # the per-server counts when it last ran
     cancelled: bool = False
     saved_at: float = 0.0
     done_at_start: int = 0
 
-    @property
-    def uses_instances(self) -> bool:
-        return not self.record.spec.endpoints
-
 
 class JobManager:
-    def __init__(self, store: JobStore, instances: InstanceManager, settings: JobSettings) -> None:
+    def __init__(self, store: JobStore, instances: InstanceManager, settings: JobSettings,
+                 resume_wait_s: float = DEFAULTS["instances.start_timeout_s"]) -> None:  # fmt: skip
         self._store = store
         self._instances = instances
         self._settings = settings
+        self._resume_wait_s = resume_wait_s  # a job resumed at start waits this long for its instances
+        self._endpoints = Endpoints(Tuning.of(settings))
         self._jobs: dict[str, _Job] = {}
         self._closing = False
-        self._targets_changed = asyncio.Event()
-        self._follower: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -102,13 +87,12 @@ class JobManager:
             if not record.state.ended and record.started_at:
                 # It wrote parts already: finish them, never overwrite them. Its instances are being
                 # adopted or started again at this very moment: wait for them as a start may take.
-                wait_s = max(record.spec.wait_for_instances_s, RESUME_WAIT_S)
+                wait_s = max(record.spec.wait_for_instances_s, self._resume_wait_s)
                 record.spec = replace(record.spec, resume=True, overwrite=False, wait_for_instances_s=wait_s)
                 log.info("job %s: resuming (%d of %d samples were done)", record.id, record.samples_done,
                          record.samples_total)  # fmt: skip
             if not record.state.ended:
                 record.state = JobState.QUEUED
-        self._follower = asyncio.create_task(self._follow_instances())
         self._schedule()
 
     async def close(self) -> None:
@@ -120,9 +104,7 @@ class JobManager:
         for job in running:
             job.stop.set()
         await asyncio.gather(*(job.task for job in running if job.task), return_exceptions=True)
-        if self._follower is not None:
-            self._follower.cancel()
-            await asyncio.gather(self._follower, return_exceptions=True)
+        await self._endpoints.close()
         self._store.close()
 
     # --- the API --------------------------------------------------------------------------------
@@ -221,9 +203,9 @@ class JobManager:
 
     async def _run(self, job: _Job) -> None:
         record = job.record
+        source = self._source(record.spec)
         try:
-            targets = await self._wait_for_targets(job)
-            if targets is None:
+            if not await self._wait_for_targets(job, source):
                 return  # stopped while it waited
             prepared = job.prepared if job.prepared is not None else await asyncio.to_thread(prepare, record.spec)
             job.prepared = None
@@ -232,56 +214,47 @@ class JobManager:
             record.samples_total, record.samples_done = prepared.samples_total, _done(prepared)
             job.done_at_start = record.samples_done
             self._store.save(record)
-            job.capacity = {t.url: t.capacity for t in targets}
-            job.instance_of = {t.url: t.instance for t in targets if t.instance}
-            endpoints = [Endpoint(t.url, t.capacity, t.api_key) for t in targets]
-            progress = await run_job(
-                prepared,
-                endpoints,
-                job.stop,
-                dispatch=self._dispatch_settings(),
-                on_progress=lambda p: self._progressed(job, p),
-                on_start=lambda d: self._started(job, d),
-                stop_drain_s=self._settings.stop_drain_s,
-            )
-            self._finish(job, progress)
+            concurrent = prepared.spec.max_concurrent or self._settings.max_concurrent
+            prepared = replace(prepared, spec=replace(prepared.spec, max_concurrent=concurrent))
+            job.run = Run(prepared, source, self._endpoints, job.stop, stop_drain_s=self._settings.stop_drain_s,
+                          on_progress=lambda p: self._progressed(job, p))  # fmt: skip
+            self._finish(job, await job.run.run())
         except MvllmError as exc:
             self._end(job, JobState.FAILED, str(exc))
         except Exception:
             log.exception("job %s failed", record.id)
             self._end(job, JobState.FAILED, "internal error in mvllmd; its log has the details")
         finally:
+            source.close()
             job.final_endpoints = self._endpoint_views(job)
-            job.task, job.dispatcher = None, None
-            self._share_servers()
+            job.task, job.run = None, None
             self._schedule()
 
-    async def _wait_for_targets(self, job: _Job) -> list[Target] | None:
-        spec = job.record.spec
+    def _source(self, spec: JobSpec) -> EndpointSource:
         if spec.endpoints:
             capacity, key = self._settings.endpoint_max_num_seqs, spec.endpoint_api_key
-            return [Target(url, capacity, key) for url in spec.endpoints]
+            return UrlSource([Target(url, capacity, key) for url in spec.endpoints])
+        return InstanceSource(self._instances, spec.model)
+
+    async def _wait_for_targets(self, job: _Job, source: EndpointSource) -> bool:
+        """Wait until a server of the job is ready; False if the job was stopped meanwhile."""
+        spec = job.record.spec
         deadline = time.monotonic() + spec.wait_for_instances_s
-        model = spec.model
-        while not (targets := instance_targets(self._instances, model)):
+        while not any(target.ready for target in source.current()):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise Conflict(f"no instance serving {model} became READY within {spec.wait_for_instances_s:g}s")
-            job.record.message = WAIT_MESSAGE.format(s=spec.wait_for_instances_s, model=model)
-            self._targets_changed.clear()
-            waiters = {asyncio.ensure_future(self._targets_changed.wait()), asyncio.ensure_future(job.stop.wait())}
+                raise Conflict(f"no instance serving {spec.model} became READY within {spec.wait_for_instances_s:g}s")
+            job.record.message = WAIT_MESSAGE.format(s=spec.wait_for_instances_s, model=spec.model)
+            waiters = {asyncio.ensure_future(source.changed()), asyncio.ensure_future(job.stop.wait())}
             await asyncio.wait(waiters, timeout=min(left, 1.0), return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
             if job.stop.is_set():
                 if job.cancelled:
                     self._end(job, JobState.CANCELLED, "cancelled while it waited for an instance")
-                return None
-        return targets
-
-    def _started(self, job: _Job, dispatcher: Dispatcher) -> None:
-        job.dispatcher = dispatcher
-        self._share_servers()
+                return False
+        return True
 
     def _progressed(self, job: _Job, progress: Progress) -> None:
         job.progress = progress
@@ -324,64 +297,6 @@ class JobManager:
         level = logging.INFO if state is JobState.SUCCEEDED else logging.WARNING
         log.log(level, "job %s: %s: %s", record.id, state.value, message)
 
-    # --- servers --------------------------------------------------------------------------------
-
-    async def _follow_instances(self) -> None:
-        events = self._instances.subscribe()
-        try:
-            while True:
-                await events.get()
-                while not events.empty():
-                    events.get_nowait()
-                self._targets_changed.set()
-                try:
-                    for job in self._jobs.values():
-                        if job.dispatcher is not None and job.uses_instances:
-                            self._follow(job, job.dispatcher)
-                    self._share_servers()
-                except Exception:  # a bug here must not stop jobs from following instances
-                    log.exception("following the instances' changes failed")
-        finally:
-            self._instances.unsubscribe(events)
-
-    def _follow(self, job: _Job, dispatcher: Dispatcher) -> None:
-        """Add the instances that became READY to a running job; retire those that stopped, failed or
-        restart. An UNHEALTHY one stays: the dispatcher's own hang detection and breaker judge its
-        requests, and the instance manager restarts it if it stays so."""
-        model = job.record.spec.model
-        targets = {t.url: t for t in instance_targets(self._instances, model)}
-        staying = {
-            t.url for t in instance_targets(self._instances, model, InstanceState.READY, InstanceState.UNHEALTHY)
-        }
-        current = {e.url for e in dispatcher.endpoints if not e.retired}
-        for url in current - staying:
-            log.info("job %s: %s left; its requests go elsewhere", job.record.id, job.instance_of.get(url, url))
-            dispatcher.retire_endpoint(url)
-        for url in targets.keys() - current:
-            target = targets[url]
-            job.capacity[url], job.instance_of[url] = target.capacity, target.instance
-            dispatcher.add_endpoint(Endpoint(url, target.capacity, target.api_key))
-
-    def _share_servers(self) -> None:
-        """Jobs that use the same server share its batch equally, and do not count each other's
-        sequences there as outside load."""
-        live = [(job, job.dispatcher) for job in self._jobs.values() if job.dispatcher is not None]
-        by_url: dict[str, list[Endpoint]] = {}
-        for _, dispatcher in live:
-            for endpoint in dispatcher.endpoints:
-                if not endpoint.retired:
-                    by_url.setdefault(endpoint.url, []).append(endpoint)
-        for job, dispatcher in live:
-            for endpoint in dispatcher.endpoints:
-                peers = [e for e in by_url.get(endpoint.url, []) if e is not endpoint]
-                own = job.capacity.get(endpoint.url, endpoint.capacity)
-                endpoint.set_capacity(max(1, own // (1 + len(peers))))
-                endpoint.siblings = functools.partial(_inflight_of, peers)
-
-    def _dispatch_settings(self) -> DispatchSettings:
-        settings = self._settings
-        return DispatchSettings(max_concurrent=settings.max_concurrent, hang_timeout_s=settings.hang_timeout_s)
-
     # --- views ----------------------------------------------------------------------------------
 
     def _job(self, job_id: str) -> _Job:
@@ -391,29 +306,18 @@ class JobManager:
         return job
 
     def _view(self, job: _Job) -> JobView:
-        progress, dispatcher = job.progress, job.dispatcher
+        progress, run = job.progress, job.run
         if progress is None:
             return JobView(job.record, endpoints=job.final_endpoints)
-        running = dispatcher is not None and not job.record.state.ended
+        running = run is not None and not job.record.state.ended
         rate = (progress.samples_done - job.done_at_start) / progress.elapsed_s
         left = progress.samples_total - progress.samples_done
         eta = left / rate if rate > 0 and running else 0.0
-        inflight = dispatcher.inflight if dispatcher is not None else 0
+        inflight = run.inflight if run is not None else 0
         return JobView(job.record, progress.tokens_per_s, eta, inflight, self._endpoint_views(job))
 
-    def _endpoint_views(self, job: _Job) -> tuple[EndpointView, ...]:
-        if job.dispatcher is None:
-            return job.final_endpoints
-        now = time.monotonic()
-        return tuple(
-            EndpointView(e.url, job.instance_of.get(e.url, ""), e.inflight, e.completed, e.tokens, e.open_until > now)
-            for e in job.dispatcher.endpoints
-            if not e.retired or e.completed
-        )
-
-
-def _inflight_of(endpoints: list[Endpoint]) -> int:
-    return sum(e.inflight for e in endpoints)
+    def _endpoint_views(self, job: _Job) -> tuple[LaneView, ...]:
+        return tuple(job.run.views()) if job.run is not None else job.final_endpoints
 
 
 def _done(prepared: Prepared) -> int:

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from mvllmd.errors import Conflict, InvalidRequest
 from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.spec import InstanceState
 from mvllmd.instances.state import LIVE
-from mvllmd.jobs import http
-from mvllmd.jobs.requests import bearer
+from mvllmd.transport import http
+from mvllmd.transport.requests import bearer
 
 MODELS_TIMEOUT_S = 10.0
 
@@ -28,6 +28,10 @@ class Target:
     capacity: int  # max_num_seqs
     api_key: str = ""
     instance: str = ""  # the instance's name, for this daemon's own
+    ready: bool = True  # may take new work; False: a server already in use stays, a new one waits
+
+    def staying_only(self) -> Target:
+        return replace(self, ready=False)
 
 
 def normalize_url(text: str) -> str:

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from mvllmd.jobs.http import MAX_HEAD, Client, HttpError, Pool
-from mvllmd.jobs.requests import ends_whole
+from mvllmd.transport.http import MAX_HEAD, Client, HttpError, Pool
+from mvllmd.transport.requests import ends_whole
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]  # False: close the connection
 

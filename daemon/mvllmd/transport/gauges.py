@@ -14,8 +14,8 @@ import asyncio
 import math
 from dataclasses import dataclass
 
-from mvllmd.jobs import http
-from mvllmd.jobs.requests import bearer
+from mvllmd.transport import http
+from mvllmd.transport.requests import bearer
 
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"

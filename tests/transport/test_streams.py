@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from mvllm.jobs import Sample, Sampling
-from mvllmd.jobs.streams import STREAM_INTERVAL, Prefix, Stream, movable
+from mvllmd.transport.streams import STREAM_INTERVAL, Prefix, Stream, movable
 
 
 def event(chunk: Any) -> bytes:

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from mvllm.jobs import Sample, Sampling
-from mvllmd.jobs import http, streams
-from mvllmd.jobs.streams import STREAM_INTERVAL, Prefix, Stream, logprobs_of
+from mvllmd.transport import http, streams
+from mvllmd.transport.streams import STREAM_INTERVAL, Prefix, Stream, logprobs_of
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 

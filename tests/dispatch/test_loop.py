@@ -13,7 +13,10 @@ import pytest
 
 from mvllm.jobs import JobSpec, Policy, Sample, Sampling
 from mvllm_sim.text import token_ids
-from mvllmd.jobs.dispatch import HEDGE_BUDGET, Dispatcher, DispatchSettings, Endpoint, Work
+from mvllmd.dispatch.endpoints import Endpoints, Tuning
+from mvllmd.dispatch.flights import Lane, Work
+from mvllmd.dispatch.loop import Dispatcher
+from mvllmd.dispatch.tail import HEDGE_BUDGET
 from mvllmd.jobs.output import DoneMap
 
 from simkit import SimProcess, StartSim
@@ -27,11 +30,15 @@ def job(max_tokens: int, seed: int | None = None, return_token_ids: bool = False
     return JobSpec(Path("/in.parquet"), Path("/out.parquet"), model="sim", sampling=sampling, **kw)
 
 
+def tuning(**settings: float) -> Tuning:
+    return Tuning(**{"hang_timeout_s": 60.0, **settings})  # type: ignore[arg-type]
+
+
 async def run_job(
     urls: list[str],
     policy: Policy = Policy.LEAST_LOADED,
     max_tokens: int = 8,
-    watch: Callable[[Dispatcher], Awaitable[None]] | None = None,
+    watch: Callable[[Dispatcher, Endpoints], Awaitable[None]] | None = None,
     seed: int | None = None,
     return_token_ids: bool = False,
     hedge: bool = True,
@@ -45,24 +52,28 @@ async def run_job(
             assert done.mark(s.prompt_index, s.sample_index), "a sample delivered twice"
         delivered.extend(samples)
 
-    endpoints = [Endpoint(url, capacity=64) for url in urls]
-    dispatcher = Dispatcher(
-        endpoints,
-        job(max_tokens, seed=seed, return_token_ids=return_token_ids, policy=policy, hedge=hedge, max_concurrent=256),
-        DispatchSettings(**settings),  # type: ignore[arg-type]
-        deliver,
-        done.is_done,
-    )
+    endpoints = Endpoints(tuning(**settings))
+    spec = job(max_tokens, seed=seed, return_token_ids=return_token_ids, policy=policy, hedge=hedge, max_concurrent=256)
+    dispatcher = Dispatcher(spec, endpoints, deliver, done.is_done)
+    for url in urls:
+        dispatcher.join(url, capacity=64)
     for p in range(PROMPTS):
         dispatcher.add(Work(p, f"prompt number {p}", list(range(SAMPLES))))
     dispatcher.close_input()
-    watcher = asyncio.create_task(watch(dispatcher)) if watch else None
-    await dispatcher.run()
-    if watcher is not None:
-        watcher.cancel()
+    watcher = asyncio.create_task(watch(dispatcher, endpoints)) if watch else None
+    try:
+        await dispatcher.run()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await endpoints.close()
     assert done.count == PROMPTS * SAMPLES
-    assert dispatcher.inflight == 0 and all(e.inflight == 0 for e in dispatcher.endpoints)
+    assert dispatcher.inflight == 0 and all(lane.inflight == lane.endpoint.inflight == 0 for lane in dispatcher.lanes())
     return delivered, dispatcher
+
+
+def lane_of(dispatcher: Dispatcher, url: str) -> Lane:
+    return next(lane for lane in dispatcher.lanes() if lane.url == url)
 
 
 def deliver_to(done: DoneMap) -> Callable[[list[Sample]], Awaitable[None]]:
@@ -91,8 +102,7 @@ async def test_an_endpoint_answering_500s_is_worked_around(start_sim: StartSim) 
     samples, dispatcher = await run_job([good, bad], breaker_cooldown_s=0.2)
     assert all(s.error is None for s in samples)
     assert by_endpoint(samples) == Counter({good: PROMPTS * SAMPLES})
-    bad_endpoint = next(e for e in dispatcher.endpoints if e.url == bad)
-    assert bad_endpoint.open_until > 0  # the breaker took it out
+    assert lane_of(dispatcher, bad).endpoint.out  # the breaker took it out
 
 
 async def test_a_dead_endpoint_is_worked_around(start_sim: StartSim) -> None:
@@ -113,24 +123,24 @@ async def test_an_endpoint_wrongly_taken_for_hung_comes_back(start_sim: StartSim
     # A stalled machine can make a healthy server look hung (CI saw both of a job's servers taken out
     # at once). Back from its cooldown it must be judged on its new requests, not on its last answer
     # from before the cooldown: else it was taken out again at once, for ever, and the job never ended.
-    # Its requests take 0.7 s (100 tokens at full speed): longer than the dispatcher's loop waits
-    # between checks (0.5 s at most), so a check lands while the first requests after the cooldown run.
+    # Its requests take 0.7 s (100 tokens at full speed): longer than the hang watch waits between
+    # checks (0.25 s), so checks land while the first requests after the cooldown run.
     good = (await start_sim("--time-scale", "1"))[0]
-    alarms: list[int] = []
+    alarms: list[bool] = []
 
-    async def false_alarm(dispatcher: Dispatcher) -> None:
-        endpoint = dispatcher.endpoints[0]
-        while not endpoint.requests:
+    async def false_alarm(dispatcher: Dispatcher, endpoints: Endpoints) -> None:
+        lane = dispatcher.lanes()[0]
+        while not lane.requests:
             await asyncio.sleep(0.001)
-        endpoint.last_completion -= 60  # as if the machine had stalled for a minute
-        for flight in endpoint.requests.values():
-            flight.started -= 60
-        dispatcher._check_hangs()  # judged now, before an answer lands
-        alarms.append(1)
+        endpoint = lane.endpoint
+        endpoint._last_completion -= 60  # as if the machine had stalled for a minute
+        endpoint._busy_since -= 60
+        endpoints._check_hangs()  # judged now, before an answer lands
+        alarms.append(endpoint.out)
 
     job = run_job([good], max_tokens=100, hang_timeout_s=2.0, watch=false_alarm)
-    samples, dispatcher = await asyncio.wait_for(job, 40)
-    assert alarms and dispatcher.endpoints[0].open_until > 0  # it was taken out ...
+    samples, _ = await asyncio.wait_for(job, 40)
+    assert alarms == [True]  # it was taken out ...
     assert len(samples) == PROMPTS * SAMPLES  # ... and came back to finish the job
     assert all(s.error is None for s in samples)
 
@@ -200,9 +210,11 @@ async def test_a_server_that_queues_is_sent_about_what_it_runs(sim_process: Call
         for s in samples:
             assert done.mark(s.prompt_index, s.sample_index), "a sample delivered twice"
 
-    endpoint = Endpoint(url, capacity=32)
-    settings = DispatchSettings(max_concurrent=256, metrics_interval_s=0.02)
-    dispatcher = Dispatcher([endpoint], job(16), settings, deliver, done.is_done)
+    # Another user of the server (another job, say) holds it throughout: its state outlives each job.
+    endpoints = Endpoints(tuning(metrics_interval_s=0.02))
+    endpoint = endpoints.join(url, capacity=64)
+    dispatcher = Dispatcher(job(16, max_concurrent=256), endpoints, deliver, done.is_done)
+    dispatcher.join(url, capacity=64)  # each of the two users may hold half of it: 32
     for p in range(PROMPTS):
         dispatcher.add(Work(p, f"prompt number {p}", list(range(SAMPLES))))
     dispatcher.close_input()
@@ -224,10 +236,12 @@ async def test_a_server_that_queues_is_sent_about_what_it_runs(sim_process: Call
     # A next job sends it less than it runs (2 long samples): nothing waits there, and the limit grows back.
     lowered = endpoint.limit
     small = DoneMap(1, 2)
-    again = Dispatcher([endpoint], job(200), settings, deliver_to(small), small.is_done)
+    again = Dispatcher(job(200, max_concurrent=256), endpoints, deliver_to(small), small.is_done)
+    again.join(url, capacity=64)
     again.add(Work(0, "one more prompt", [0, 1]))
     again.close_input()
     await again.run()
+    await endpoints.close()
     assert small.count == 2
     assert endpoint.limit > lowered or lowered == endpoint.capacity > min(limits)  # (or it grew back already)
 
@@ -243,8 +257,8 @@ async def test_other_clients_sequences_count_as_load(start_sim: StartSim, http: 
         await asyncio.sleep(0.01)
     seen: list[int] = []  # what the busy endpoint counted as other clients' load, as the job went
 
-    async def watch(dispatcher: Dispatcher) -> None:
-        busy_endpoint = next(e for e in dispatcher.endpoints if e.url == busy)
+    async def watch(dispatcher: Dispatcher, _: Endpoints) -> None:
+        busy_endpoint = lane_of(dispatcher, busy).endpoint
         while True:
             seen.append(busy_endpoint.external)
             await asyncio.sleep(0.005)
@@ -265,10 +279,13 @@ async def test_a_fault_of_its_own_stops_the_dispatcher_with_it(start_sim: StartS
         raise OSError(28, "No space left on device")
 
     done = DoneMap(PROMPTS, SAMPLES)
-    dispatcher = Dispatcher([Endpoint(url, capacity=8)], job(4), DispatchSettings(), deliver, done.is_done)
+    endpoints = Endpoints(tuning())
+    dispatcher = Dispatcher(job(4, max_concurrent=1024), endpoints, deliver, done.is_done)
+    dispatcher.join(url, capacity=8)
     for p in range(PROMPTS):
         dispatcher.add(Work(p, f"prompt number {p}", list(range(SAMPLES))))
     dispatcher.close_input()
     with pytest.raises(OSError, match="No space left"):
         await asyncio.wait_for(dispatcher.run(), 30)
+    await endpoints.close()
     assert done.count == 0

@@ -9,9 +9,9 @@ import pytest
 
 from mvllm.jobs import Sampling
 from mvllm_sim.text import token_ids
-from mvllmd.jobs.http import Client
-from mvllmd.jobs.requests import RequestFailed, build_body, derive_seed, sample_seed, send
-from mvllmd.jobs.streams import Prefix, Stream
+from mvllmd.transport.http import Client
+from mvllmd.transport.requests import RequestFailed, build_body, derive_seed, sample_seed, send
+from mvllmd.transport.streams import Prefix, Stream
 
 from simkit import StartSim
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from mvllmd.jobs.gauges import GENERATED, RUNNING, WAITING, Gauges, parse, scrape
-from mvllmd.jobs.http import Client, HttpError
+from mvllmd.transport.gauges import GENERATED, RUNNING, WAITING, Gauges, parse, scrape
+from mvllmd.transport.http import Client, HttpError
 
 from simkit import StartSim
 

@@ -14,10 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from mvllm.jobs import JobSpec, Policy, Sampling
+from mvllmd.dispatch.endpoints import Endpoints, Tuning
 from mvllmd.errors import Conflict, InvalidRequest
-from mvllmd.jobs.dispatch import DispatchSettings, Endpoint
 from mvllmd.jobs.output import parts_dir
-from mvllmd.jobs.runner import Progress, fingerprint, prepare, run_job
+from mvllmd.jobs.prepare import Prepared, fingerprint, prepare
+from mvllmd.jobs.run import Progress, Run
+from mvllmd.jobs.sources import UrlSource
+from mvllmd.jobs.targets import Target
 
 from simkit import SimProcess, StartSim
 
@@ -45,8 +48,28 @@ def spec(tmp: Path, **kw: object) -> JobSpec:
     return JobSpec(**base)  # type: ignore[arg-type]
 
 
-async def endpoints(start_sim: StartSim, n: int = 2) -> list[Endpoint]:
-    return [Endpoint((await start_sim("--time-scale", "0.001"))[0], capacity=64) for _ in range(n)]
+async def endpoints(start_sim: StartSim, n: int = 2) -> list[Target]:
+    return [Target((await start_sim("--time-scale", "0.001"))[0], capacity=64) for _ in range(n)]
+
+
+async def run_job(
+    prepared: Prepared,
+    targets: list[Target],
+    stop: asyncio.Event,
+    *,
+    on_progress: Callable[[Progress], None] = lambda p: None,
+    hang_timeout_s: float = 60.0,
+    stop_drain_s: float = 30.0,
+    flush_age_s: float = 5.0,
+) -> Progress:
+    """A run over servers named by URL, as the daemon makes one."""
+    table = Endpoints(Tuning(hang_timeout_s=hang_timeout_s))
+    try:
+        run = Run(prepared, UrlSource(targets), table, stop, stop_drain_s=stop_drain_s, on_progress=on_progress,
+                  flush_age_s=flush_age_s)  # fmt: skip
+        return await run.run()
+    finally:
+        await table.close()
 
 
 async def test_a_job_end_to_end(start_sim: StartSim, tmp_path: Path) -> None:
@@ -103,8 +126,7 @@ async def test_samples_are_on_disk_soon_even_when_the_job_stalls(start_sim: Star
     job = spec(tmp_path, max_concurrent=8)
     seen: list[int] = []
     stop = asyncio.Event()
-    running = asyncio.create_task(run_job(prepare(job), [Endpoint(base, capacity=8)], stop,
-                                          dispatch=DispatchSettings(hang_timeout_s=600),
+    running = asyncio.create_task(run_job(prepare(job), [Target(base, capacity=8)], stop, hang_timeout_s=600,
                                           on_progress=lambda p: seen.append(p.samples_done),
                                           stop_drain_s=0.1, flush_age_s=0.2))  # fmt: skip
 
@@ -180,7 +202,7 @@ async def test_a_finished_output_resumed_with_other_arguments_is_refused(start_s
 async def test_on_error_fail_stops_the_job(start_sim: StartSim, tmp_path: Path) -> None:
     base, _ = await start_sim("--time-scale", "0", "--max-model-len", "16")
     job = spec(tmp_path, sampling=Sampling(max_tokens=20), on_error="fail")
-    progress = await run_job(prepare(job), [Endpoint(base, capacity=16)], asyncio.Event())
+    progress = await run_job(prepare(job), [Target(base, capacity=16)], asyncio.Event())
     assert progress.failed.startswith("prompt ") and "HTTP 400" in progress.failed
     assert not job.output_path.exists()
 
@@ -193,7 +215,7 @@ async def test_many_instant_answers_all_land(sim_process: Callable[..., SimProce
     sims = [sim_process("--time-scale", "0") for _ in range(2)]  # processes: the timing of real servers
     for sim in sims:
         sim.wait_listening()
-    urls = [Endpoint(sim.url, capacity=1024) for sim in sims]
+    urls = [Target(sim.url, capacity=1024) for sim in sims]
     job = JobSpec(data, tmp_path / "many.out.parquet", model="sim", sampling=Sampling(max_tokens=8), max_concurrent=256)
     progress = await asyncio.wait_for(run_job(prepare(job), urls, asyncio.Event()), timeout=120)
     assert progress.samples_done == 5000

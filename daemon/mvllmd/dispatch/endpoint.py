@@ -1,0 +1,158 @@
+"""One server as the daemon knows it, shared by every job (and every other user) that sends to it.
+
+An Endpoint holds what is true of the server whoever asks: its batch limit in effect, its speed, its
+breaker, its hang watch, the gauges its /metrics last showed, other clients' load there, and how many
+of our samples are in flight there in all. What is one job's (its own requests there, its counts) is
+that job's `Lane` (flights.py). Everything here changes through methods; nothing outside writes it.
+
+- limit: the server's max_num_seqs at first. A server that keeps requests waiting (WAITING_POLLS
+  readings in a row) is allowed less, down to what it runs; with none waiting it grows back.
+- external: sequences running or waiting there beyond ours, from its gauges: other clients' load.
+- speed: the samples it completed per second, smoothed (half-life SPEED_HALF_LIFE_S); and, from the
+  gauges, its peak generation rate (tokens/s), the better measure once every server has shown one.
+- hang watch: with requests of ours in flight and nothing completed for the hang timeout (counted
+  from the later of its last completion and the moment it last became busy), it is hung.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mvllmd.dispatch.breaker import Breaker, Change
+from mvllmd.transport.gauges import Gauges
+
+log = logging.getLogger(__name__)
+
+SPEED_HALF_LIFE_S = 10.0
+WAITING_POLLS = 3  # readings in a row with requests waiting before a server is sent less
+
+
+class Endpoint:
+    def __init__(self, url: str, capacity: int, api_key: str = "", *, failures: int = 5, cooldown_s: float = 2.0):
+        self.url = url  # base URL, without /v1
+        self.api_key = api_key
+        self.capacity = capacity  # max_num_seqs: the samples it can run at once
+        self.limit = capacity  # the capacity in effect: lowered while the server queues what it is sent
+        self.gauges = Gauges()
+        self.external = 0  # sequences on the server that are not ours, from its gauges
+        self.inflight = 0  # our samples in flight there, every job's
+        self.completed = 0  # samples it answered, every job's
+        self.speed = 0.0  # samples per second, smoothed; 0 until measured
+        self.latency_s = 0.0  # a request's time from sent to answered, smoothed; 0 until measured
+        self.users = 0  # the jobs that send to it now: each may hold an equal share of the limit
+        self._breaker = Breaker(failures, cooldown_s)
+        now = time.monotonic()
+        self._last_completion = now
+        self._busy_since = now
+        self._speed_at = now
+        self._inflight_at_poll = 0
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.url!r}, inflight={self.inflight}, limit={self.limit})"
+
+    # --- what the dispatcher asks -----------------------------------------------------------------
+
+    @property
+    def load(self) -> int:
+        """Sequences on the server: ours in flight, and other clients' as its gauges last said."""
+        return self.inflight + self.external
+
+    @property
+    def out(self) -> bool:
+        """Taken out by its breaker (a cooldown, or half-open waiting for its one request)."""
+        return self._breaker.is_open
+
+    @property
+    def open_until(self) -> float:
+        return self._breaker.open_until
+
+    def usable(self, now: float) -> bool:
+        """Its breaker lets a request go now."""
+        return self._breaker.allows(now, busy=self.inflight > 0)
+
+    def share(self) -> int:
+        """The part of its limit one of its users may hold."""
+        return max(1, self.limit // max(1, self.users))
+
+    # --- what happens to it ---------------------------------------------------------------------
+
+    def sent(self, samples: int) -> None:
+        if self.inflight == 0:
+            self._busy_since = time.monotonic()
+        self.inflight += samples
+
+    def landed(self, samples: int) -> None:
+        self.inflight -= samples
+
+    def succeeded(self, samples: int, took_s: float, now: float) -> None:
+        self.completed += samples
+        self._last_completion = now
+        self._record_speed(samples, now)
+        self.latency_s = took_s if self.latency_s == 0 else 0.9 * self.latency_s + 0.1 * took_s
+        if self._breaker.succeeded() is Change.CLOSED:
+            log.info("endpoint %s answers again; back in", self.url)
+
+    def failed(self, started: float, now: float) -> None:
+        """A retryable failure of a request sent at `started`; the breaker decides what it means."""
+        change = self._breaker.failed(started, now)
+        if change is Change.OPENED:
+            log.warning("endpoint %s taken out for %.0fs after repeated failures", self.url, self._breaker.cooldown_s)
+        elif change is Change.REOPENED:
+            log.warning("endpoint %s still fails; taken out for %.0fs", self.url, self._breaker.cooldown_s)
+
+    def hung(self, now: float, timeout_s: float) -> bool:
+        since = max(self._last_completion, self._busy_since)
+        return self.inflight > 0 and not self._breaker.is_open and now - since > timeout_s
+
+    def take_out_hung(self, now: float, timeout_s: float) -> None:
+        """Hung: out for at least the hang timeout; judged afresh on what it is sent when back."""
+        log.warning("endpoint %s completed nothing for %.0fs with requests in flight: treating it as hung",
+                    self.url, now - max(self._last_completion, self._busy_since))  # fmt: skip
+        self._breaker.take_out(now, timeout_s)
+        self._last_completion = now
+
+    def join(self, capacity: int) -> None:
+        """A user (a job) starts sending to it."""
+        self.users += 1
+        if capacity != self.capacity:
+            lowered = self.limit < self.capacity
+            self.capacity = capacity
+            self.limit = min(self.limit, capacity) if lowered else capacity
+
+    def leave(self) -> None:
+        self.users = max(0, self.users - 1)
+
+    # --- its gauges ------------------------------------------------------------------------------
+
+    def polling(self) -> None:
+        """A reading of its /metrics starts: our in-flight count now is what it will be compared with."""
+        self._inflight_at_poll = self.inflight
+
+    def since_poll(self) -> int:
+        """Our samples sent there since its last reading began, less those that landed."""
+        return self.inflight - self._inflight_at_poll
+
+    def read(self, values: dict[str, float], now: float) -> None:
+        """Follow the server's gauges: other clients' sequences count as load; a server that keeps
+        requests waiting is allowed less, down to what it runs; one with none waiting grows back."""
+        g = self.gauges
+        g.update(values, now)
+        self.external = max(0, int(g.running + g.waiting) - self._inflight_at_poll)
+        if g.waiting_polls >= WAITING_POLLS:
+            runs = max(1, int(g.running))
+            self.limit = min(self.limit, max(runs, (self.limit + runs) // 2))
+        elif g.waiting == 0 and self.limit < self.capacity:
+            self.limit = min(self.capacity, self.limit + max(1, self.limit // 4))
+
+    def unreadable(self) -> None:
+        """Its /metrics failed: no gauges, and no outside load, until a reading works again."""
+        self.gauges.fail()
+        self.external = 0
+
+    def _record_speed(self, samples: int, now: float) -> None:
+        elapsed = max(1e-3, now - self._speed_at)
+        rate = samples / elapsed
+        weight = 0.5 ** (elapsed / SPEED_HALF_LIFE_S)
+        self.speed = rate if self.speed == 0 else weight * self.speed + (1 - weight) * rate
+        self._speed_at = now

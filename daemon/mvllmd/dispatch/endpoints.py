@@ -1,0 +1,129 @@
+"""Every server the daemon sends to, one Endpoint each, shared by the jobs that use it.
+
+`Endpoints` hands out the one Endpoint of a URL (`join`) and takes it back when a job is done with it
+(`leave`); an Endpoint nobody uses is forgotten. While any is in use it watches them all on one
+clock: each `metrics_interval_s` it reads every server's Prometheus /metrics (gauges.py) at once, and
+each HANG_CHECK_S it looks for servers that hang. Those that do are taken out, and every listener (a
+running job's dispatcher) is told, so that it sends their requests elsewhere; after each reading the
+listeners are told too (speeds and limits may have changed). A server whose /metrics fails just has
+no gauges. The cost is per server per interval, never per sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mvllmd.config import JobSettings
+from mvllmd.dispatch.endpoint import Endpoint
+from mvllmd.transport import http
+from mvllmd.transport.gauges import scrape
+
+log = logging.getLogger(__name__)
+
+HANG_CHECK_S = 0.25  # how often the servers are checked for a hang (a cheap look at each)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How the daemon treats servers; the same for every job (config.JobSettings gives the values)."""
+
+    hang_timeout_s: float
+    metrics_interval_s: float = 1.0  # how often each server's /metrics is read; 0: never
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 2.0
+    max_attempts: int = 6  # a retryable failure is tried again, elsewhere, up to this many times in all
+    request_timeout_s: float | None = None  # a request not answered by then fails (retryable); None: never
+
+    @classmethod
+    def of(cls, settings: JobSettings) -> Tuning:
+        """The daemon's tuning, from its job settings (the rest are these defaults, the only ones)."""
+        return cls(hang_timeout_s=settings.hang_timeout_s)
+
+
+@dataclass(frozen=True)
+class Listener:
+    read: Callable[[], None]  # a round of readings is in
+    hung: Callable[[Endpoint], None]  # this endpoint was taken out as hung
+
+
+class Endpoints:
+    def __init__(self, tuning: Tuning) -> None:
+        self.tuning = tuning
+        self._by_url: dict[str, Endpoint] = {}
+        self._listeners: list[Listener] = []
+        self._http = http.Client()
+        self._watch: asyncio.Task[None] | None = None
+
+    def join(self, url: str, capacity: int, api_key: str = "") -> Endpoint:
+        """The endpoint of `url`, for one more user."""
+        endpoint = self._by_url.get(url)
+        if endpoint is None or endpoint.api_key != api_key:
+            endpoint = Endpoint(url, capacity, api_key, failures=self.tuning.breaker_failures,
+                                cooldown_s=self.tuning.breaker_cooldown_s)  # fmt: skip
+            self._by_url[url] = endpoint
+        endpoint.join(capacity)
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.get_running_loop().create_task(self._watch_all())
+        return endpoint
+
+    def leave(self, endpoint: Endpoint) -> None:
+        endpoint.leave()
+        if endpoint.users == 0 and self._by_url.get(endpoint.url) is endpoint:
+            del self._by_url[endpoint.url]  # its requests still landing count on the object they hold
+
+    def listen(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def unlisten(self, listener: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        self._http.close()
+
+    async def _watch_all(self) -> None:
+        """Check for hangs every HANG_CHECK_S and read the gauges every interval, while anyone uses a server."""
+        interval = self.tuning.metrics_interval_s
+        next_reading = time.monotonic()
+        while self._by_url:
+            self._check_hangs()
+            if interval > 0 and time.monotonic() >= next_reading:
+                await self._read_all()
+                next_reading = time.monotonic() + interval
+            wait = HANG_CHECK_S if interval <= 0 else max(0.0, min(HANG_CHECK_S, next_reading - time.monotonic()))
+            await asyncio.sleep(wait)
+
+    def _check_hangs(self) -> None:
+        now = time.monotonic()
+        for endpoint in list(self._by_url.values()):
+            if endpoint.hung(now, self.tuning.hang_timeout_s):
+                endpoint.take_out_hung(now, self.tuning.hang_timeout_s)
+                for listener in list(self._listeners):
+                    listener.hung(endpoint)
+
+    async def _read_all(self) -> None:
+        endpoints = list(self._by_url.values())
+        for endpoint in endpoints:
+            endpoint.polling()
+        timeout = max(1.0, min(2.0, self.tuning.metrics_interval_s))  # at least 1 s: a loaded machine is slow
+        readings = await asyncio.gather(
+            *(scrape(self._http, e.url, e.api_key, timeout) for e in endpoints), return_exceptions=True
+        )
+        now = time.monotonic()
+        for endpoint, reading in zip(endpoints, readings, strict=True):
+            if isinstance(reading, dict):
+                endpoint.read(reading, now)
+            elif isinstance(reading, (http.HttpError, OSError, TimeoutError, ValueError)):
+                endpoint.unreadable()
+            elif isinstance(reading, BaseException):
+                raise reading
+        for listener in list(self._listeners):
+            listener.read()

@@ -1,0 +1,66 @@
+"""Endpoint sources: where a job run learns which servers it may send to, as they join and leave.
+
+A source answers two things: `current()`, the servers now (each a Target: URL, batch size, API key,
+and whether it may take new work), and `changed()`, which returns when that may be different. A run
+follows its source for as long as it runs (run.py): a server that appears ready joins its dispatcher,
+one that is gone leaves it (its requests go elsewhere). Two sources today:
+
+- `InstanceSource`: this daemon's instances of the job's model. READY ones join; an UNHEALTHY one
+  stays (the dispatcher's own hang watch and breaker judge its requests, and the instance manager
+  restarts it if it stays so) but does not join; any other state leaves.
+- `UrlSource`: servers named by URL (`--endpoints`), there from start to end.
+
+Servers attached by URL to the daemon and other hosts' instances will be further sources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Protocol
+
+from mvllmd.instances.manager import InstanceManager
+from mvllmd.instances.spec import InstanceState
+from mvllmd.jobs.targets import Target, instance_targets
+
+
+class EndpointSource(Protocol):
+    def current(self) -> list[Target]: ...
+    async def changed(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class UrlSource:
+    def __init__(self, targets: Sequence[Target]) -> None:
+        self._targets = list(targets)
+
+    def current(self) -> list[Target]:
+        return list(self._targets)
+
+    async def changed(self) -> None:
+        await asyncio.Event().wait()  # never: the list is fixed
+
+    def close(self) -> None:
+        pass
+
+
+class InstanceSource:
+    """The READY (and, once joined, UNHEALTHY) instances of `model`, following the instance manager."""
+
+    def __init__(self, instances: InstanceManager, model: str) -> None:
+        self._instances = instances
+        self._model = model
+        self._events = instances.subscribe()
+
+    def current(self) -> list[Target]:
+        ready = instance_targets(self._instances, self._model)
+        unhealthy = instance_targets(self._instances, self._model, InstanceState.UNHEALTHY)
+        return ready + [t.staying_only() for t in unhealthy]
+
+    async def changed(self) -> None:
+        await self._events.get()
+        while not self._events.empty():
+            self._events.get_nowait()
+
+    def close(self) -> None:
+        self._instances.unsubscribe(self._events)
