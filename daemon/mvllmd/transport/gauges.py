@@ -29,6 +29,8 @@ def parse(text: str, names: tuple[str, ...] = WANTED) -> dict[str, float]:
     found: dict[str, float] = {}
     for raw in text.splitlines():
         line = raw.strip()
+        if not line.startswith(names):
+            continue  # most lines: other metrics, comments (a cheap test first; the metric's own pages are long)
         cuts = [i for i in (line.find("{"), line.find(" ")) if i > 0]
         if line.startswith("#") or not cuts or line[: min(cuts)] not in names:
             continue

@@ -8,10 +8,11 @@ second (which lags: a slow server's first answers come late); a server not yet m
 fast as the fastest. A slower server may hold less, in proportion to its speed (`share`), so that
 little work is left stranded on it at the end.
 
-The choice costs the same whatever the number of servers: the lanes sit in a heap keyed by load /
-speed, updated when a lane's load changes (`changed`) and re-keyed when speeds change (`reindex`).
-`pick` takes lanes off the top until no lane below could beat the best found (its key plus
-want / the fastest speed): one or two lanes when the servers are alike. A lane that is full or out
+The choice costs the same whatever the number of servers: the lanes sit in a heap keyed by
+(load + hint) / speed, where the hint is the request size most asked for (a prompt's samples; one
+in the tail), updated when a lane's load changes (`changed`) and re-keyed when speeds change
+(`reindex`). For a request of the hint's size the first lane with room is the best; for another
+size, `pick` takes lanes off the top until none below could beat the best found. A lane that is full or out
 is set aside until its load changes or its cooldown ends; entries left stale by a change are skipped.
 """
 
@@ -27,6 +28,7 @@ from mvllmd.dispatch.flights import Lane
 
 REINDEX_GAIN = 1.1  # a lane this much faster than the fastest known re-keys them all (else: the next reindex)
 OUT_RECHECK_S = 0.05  # a lane set aside as out is looked at again at least this often once due
+HINT_MISSES = 8  # requests of another size in a row before the keys count that size
 
 
 class LeastLoaded:
@@ -41,6 +43,9 @@ class LeastLoaded:
         self.by_rate = False  # every lane's gauges have shown a rate: speeds come from them
         self._fastest = 0.0  # the highest measured speed: shares are in proportion to it
         self._default = 1.0  # the speed of a lane not measured yet
+        self._slowest = 1.0  # the lowest speed, a lane not measured counted at the default
+        self._hint = 1  # the request size the keys count (see _expect)
+        self._misses = 0
 
     # --- what it is told -------------------------------------------------------------------------
 
@@ -64,8 +69,10 @@ class LeastLoaded:
         """Speeds, limits or other clients' loads changed: every lane's key and share anew."""
         live = [lane for lane in self._lanes if not lane.left]
         self.by_rate = bool(live) and all(lane.endpoint.gauges.peak_tokens_per_s > 0 for lane in live)
-        self._fastest = max((self.speed(lane) for lane in live), default=0.0)
+        speeds = [self.speed(lane) for lane in live]
+        self._fastest = max(speeds, default=0.0)
         self._default = self._fastest or 1.0
+        self._slowest = min((speed or self._default for speed in speeds), default=self._default)
         self._heap.clear()
         self._out.clear()
         self._out_due = math.inf
@@ -83,6 +90,9 @@ class LeastLoaded:
         endpoint = lane.endpoint
         return endpoint.gauges.peak_tokens_per_s if self.by_rate else endpoint.speed
 
+    def _speed_of(self, lane: Lane) -> float:
+        return self.speed(lane) or self._default
+
     def share(self, lane: Lane) -> int:
         """The most the lane may hold: its limit, in proportion to its speed against the fastest."""
         speed = self.speed(lane)
@@ -98,9 +108,14 @@ class LeastLoaded:
         only if no other has room."""
         if now >= self._out_due:
             self._bring_back()
+        self._expect(want)
         best, best_value, fallback, fallback_value = None, math.inf, None, math.inf
         seen: list[tuple[float, int, int, Lane]] = []
-        bound = want / self._default if self._fastest <= 0 else want / self._fastest
+        # A key is (load + hint) / speed; a lane's value for this request is its key + (want - hint) /
+        # speed, so nothing further down can beat the best once the next key + that term at its most
+        # favourable speed is no lower (with want == hint: the first lane with room is the best).
+        extra = want - self._hint
+        bound = extra / ((self._fastest or self._default) if extra >= 0 else self._slowest)
         while self._heap:
             entry = self._heap[0]
             key, _, version, lane = entry
@@ -108,13 +123,13 @@ class LeastLoaded:
                 heapq.heappop(self._heap)  # stale: the lane has a newer entry, or left
                 continue
             if best is not None and key + bound >= best_value:
-                break  # nothing further down can beat it
+                break
             heapq.heappop(self._heap)
             if not lane.available(now) or lane.load >= self.share(lane):
                 self._set_aside(lane, now)
                 continue
             seen.append(entry)
-            value = key + want / (self.speed(lane) or self._default)
+            value = key + extra / self._speed_of(lane)
             if lane in avoid:
                 if value < fallback_value:
                     fallback, fallback_value = lane, value
@@ -124,11 +139,22 @@ class LeastLoaded:
             heapq.heappush(self._heap, entry)
         return best or fallback
 
+    def _expect(self, want: int) -> None:
+        """Keys count a request of the size most asked for (a prompt's samples; one in the tail):
+        after HINT_MISSES requests of another size in a row, every key is made anew for it."""
+        if want == self._hint:
+            self._misses = 0
+            return
+        self._misses += 1
+        if self._misses >= HINT_MISSES:
+            self._hint, self._misses = want, 0
+            self.reindex()
+
     # --- the index -------------------------------------------------------------------------------
 
     def _push(self, lane: Lane) -> None:
         lane.version += 1
-        key = lane.load / (self.speed(lane) or self._default)
+        key = (lane.load + self._hint) / self._speed_of(lane)
         heapq.heappush(self._heap, (key, next(self._order), lane.version, lane))
         if len(self._heap) > 4 * len(self._lanes) + 64:
             self._compact()
