@@ -1,6 +1,7 @@
 """Balance: the dispatcher's policies over heterogeneous and homogeneous simulated servers.
 
     .venv/bin/python benchmarks/balance.py [--prompts 2000] [--samples 8] [--time-scale 0.5] [--case both]
+                                      [--homogeneous-runs 3]
 
 Four mvllm-sim processes, with --speed 1, 1, 0.5 and 0.25 (case "heterogeneous") or all at 1 (case
 "homogeneous"), the default long-tailed output lengths, max_tokens 2,048, no seed (so least-loaded
@@ -12,7 +13,8 @@ longest single sequence's decode time at batch 1, whichever is larger. The work 
 sample's prompt and completion tokens, read back from the output) priced by the simulator's step
 model at full batch: see work_bound_s. The table also shows the looser bound from the throughput of
 one batch of 250-token sequences, which prices a long-tailed job's long contexts as short ones.
-Prints a table of both cases and the ratios.
+Equal servers are run --homogeneous-runs times for each policy, alternating, since their makespans
+are close. Prints a table of both cases and the ratios.
 """
 
 from __future__ import annotations
@@ -99,12 +101,14 @@ async def main() -> None:
     p.add_argument("--time-scale", default="0.5")
     p.add_argument("--case", choices=[*CASES, "both"], default="both")
     p.add_argument("--policy", choices=[*POLICIES, "both"], default="both")
+    p.add_argument("--homogeneous-runs", type=int, default=3,
+                   help="Runs of each policy on equal servers, alternating (makespans are close). [3]")  # fmt: skip
     args = p.parse_args()
     scale = float(args.time_scale)
     per_token_s = step_model("h100-8b").step_time(1, 300, 1)  # one sequence alone, fastest server
     cases = list(CASES) if args.case == "both" else [args.case]
     policies = POLICIES if args.policy == "both" else (args.policy,)
-    rows: dict[tuple[str, str], tuple[float, float, float]] = {}
+    rows: dict[tuple[str, str, int], tuple[float, float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="mv-balance-") as tmp:
         data = Path(tmp) / "prompts.parquet"
         pq.write_table(
@@ -113,29 +117,33 @@ async def main() -> None:
         for case in cases:
             speeds = CASES[case]
             capacity = sum(full_batch_tokens_per_s(s) for s in speeds)
-            for policy in policies:
-                argv = [["--speed", str(speed), "--time-scale", args.time_scale] for speed in speeds]
-                with sim_servers(argv) as urls:
-                    out = Path(tmp) / "out.parquet"
-                    wall, prompt, completion = await one_run(policy, urls, data, out, args.samples, scale)
-                longest_s = max(completion) * per_token_s
-                bound = max(work_bound_s(prompt, completion, speeds), longest_s)
-                loose = max(sum(completion) / capacity, longest_s)
-                rows[case, policy] = (wall / scale, bound, loose)
+            runs = args.homogeneous_runs if case == "homogeneous" else 1
+            for run in range(1, runs + 1):
+                for policy in policies:
+                    argv = [["--speed", str(speed), "--time-scale", args.time_scale] for speed in speeds]
+                    with sim_servers(argv) as urls:
+                        out = Path(tmp) / "out.parquet"
+                        wall, prompt, completion = await one_run(policy, urls, data, out, args.samples, scale)
+                    longest_s = max(completion) * per_token_s
+                    bound = max(work_bound_s(prompt, completion, speeds), longest_s)
+                    loose = max(sum(completion) / capacity, longest_s)
+                    rows[case, policy, run] = (wall / scale, bound, loose)
     print(f"balance, {args.prompts} prompts x {args.samples} samples, --time-scale {scale}, "
           f"{time.strftime('%Y-%m-%d')}, {platform.node()} ({os.cpu_count()} cores)\n")  # fmt: skip
-    print("| case (speeds) | policy | makespan (simulated s) | capacity lower bound (s) | makespan / bound "
+    print("| case (speeds) | policy | run | makespan (simulated s) | capacity lower bound (s) | makespan / bound "
           "| 250-token-batch bound (s) | makespan / that bound |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for (case, policy), (makespan, bound, loose) in rows.items():
+    print("|---|---|---|---|---|---|---|---|")
+    for (case, policy, run), (makespan, bound, loose) in rows.items():
         speeds = ", ".join(f"{s:g}" for s in CASES[case])
-        print(f"| {case} ({speeds}) | {policy} | {makespan:.1f} | {bound:.1f} | {makespan / bound:.2f} "
+        print(f"| {case} ({speeds}) | {policy} | {run} | {makespan:.1f} | {bound:.1f} | {makespan / bound:.2f} "
               f"| {loose:.1f} | {makespan / loose:.2f} |")  # fmt: skip
     print()
     for case in cases:
-        if (case, "round-robin") in rows and (case, "least-loaded") in rows:
-            ratio = rows[case, "least-loaded"][0] / rows[case, "round-robin"][0]
-            print(f"{case}: least-loaded / round-robin = {ratio:.2f}")
+        pairs = [(rows[key], rows[case, Policy.ROUND_ROBIN, key[2]]) for key in rows
+                 if key[:2] == (case, Policy.LEAST_LOADED) and (case, Policy.ROUND_ROBIN, key[2]) in rows]  # fmt: skip
+        if pairs:
+            ratios = ", ".join(f"{ll[0] / rr[0]:.2f}" for ll, rr in pairs)
+            print(f"{case}: least-loaded / round-robin = {ratios}")
 
 
 if __name__ == "__main__":

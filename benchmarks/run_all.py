@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/run_all.py [--readme README.md] [--quick]     # `make bench`
 
-Runs balance.py, throughput.py, memory.py and dp_vs_tp.py one after another as subprocesses (their
+Runs balance.py, throughput.py, memory.py, scale.py and dp_vs_tp.py one after another as subprocesses (their
 progress goes to stderr; what they print on stdout, their tables, is kept verbatim), draws bar charts
 of DP vs TP output tokens/s and of the throughput approaches as SVG files in docs/bench/, and prints
 the report in markdown. With --readme FILE, the report replaces what lies between the lines
@@ -37,10 +37,12 @@ class Bench:
 
 
 BENCHES = (
-    Bench("balance.py", "Balance over heterogeneous servers", (), ("--prompts", "500", "--samples", "4")),
+    Bench("balance.py", "Balance over heterogeneous servers", (),
+          ("--prompts", "500", "--samples", "4", "--homogeneous-runs", "1")),
     Bench("throughput.py", "Throughput against instant servers", (),
           ("--prompts", "10000", "--seed-prompts", "2000")),
     Bench("memory.py", "Memory of mvllmd for a large job", (), ("--sizes", "10000,100000")),
+    Bench("scale.py", "mvllmd's CPU per sample as the servers grow", (), ("--prompts", "5000", "--runs", "1")),
     Bench("dp_vs_tp.py", "DP vs TP on 8 simulated GPUs", (), ("--prompts", "300", "--time-scale", "0.5")),
 )  # fmt: skip
 
