@@ -3,7 +3,6 @@ to), and mvllm-sim servers, in-process on loopback or as processes."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -15,7 +14,7 @@ import pytest
 from mvllm_sim.cli import config_from, parser
 from mvllm_sim.server import SimServer
 
-from daemonkit import DaemonProcess, Spawn, start_daemon
+from daemonkit import DaemonProcess, Spawn, clean_environment, start_daemon
 from simkit import SimProcess, StartSim
 from usermanager import UserManager, available, remove_stale_cgroups
 
@@ -31,13 +30,7 @@ def short_tmp() -> Iterator[Path]:
 @pytest.fixture
 def clean_env(short_tmp: Path) -> dict[str, str]:
     """An environment that points every default at the test's own directory, never at $HOME or /run."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "MVLLM_", "NOTIFY_", "WATCHDOG_"))}
-    for name in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "INVOCATION_ID", "JOURNAL_STREAM"):
-        env.pop(name, None)
-    runtime = short_tmp / "run"
-    runtime.mkdir(mode=0o700)
-    env.update(XDG_RUNTIME_DIR=str(runtime), XDG_STATE_HOME=str(short_tmp / "state"), HOME=str(short_tmp / "home"))
-    return env
+    return clean_environment(short_tmp)
 
 
 @pytest.fixture

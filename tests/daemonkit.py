@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -74,6 +75,17 @@ class DaemonProcess:
         """The port its TCP listener bound, from READY's STATUS ("serving on ...:PORT")."""
         ready = next(m for m in self.notify.messages if "READY=1" in m)
         return int(ready.rsplit(":", 1)[1])
+
+
+def clean_environment(tmp: Path) -> dict[str, str]:
+    """An environment that points every default at `tmp`, never at $HOME or /run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "MVLLM_", "NOTIFY_", "WATCHDOG_"))}
+    for name in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "INVOCATION_ID", "JOURNAL_STREAM"):
+        env.pop(name, None)
+    runtime = tmp / "run"
+    runtime.mkdir(mode=0o700)
+    env.update(XDG_RUNTIME_DIR=str(runtime), XDG_STATE_HOME=str(tmp / "state"), HOME=str(tmp / "home"))
+    return env
 
 
 def run_mvllmd(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -34,7 +34,7 @@ from mvllmd.transport import http
 from mvllmd.transport.requests import ends_whole, send
 from mvllmd.transport.streams import Stream
 
-from daemonkit import instance_status, start_daemon, wait_for
+from daemonkit import clean_environment, instance_status, start_daemon, wait_for
 from usermanager import UserManager, available, remove_stale_cgroups
 
 BIN = Path(sys.executable).parent
@@ -152,17 +152,6 @@ def supervised() -> Iterator[Supervised]:
             daemon.notify.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def clean_environment(tmp: Path) -> dict[str, str]:
-    """As conftest.py's clean_env (function-scoped there): every default points into `tmp`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "MVLLM_", "NOTIFY_", "WATCHDOG_"))}
-    for name in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "INVOCATION_ID", "JOURNAL_STREAM"):
-        env.pop(name, None)
-    runtime = tmp / "run"
-    runtime.mkdir(mode=0o700)
-    env.update(XDG_RUNTIME_DIR=str(runtime), XDG_STATE_HOME=str(tmp / "state"), HOME=str(tmp / "home"))
-    return env
 
 
 def both_ready(ctl: Callable[..., Any]) -> list[dict[str, Any]]:

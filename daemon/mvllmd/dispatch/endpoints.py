@@ -94,10 +94,13 @@ class Endpoints:
         interval = self.tuning.metrics_interval_s
         next_reading = time.monotonic()
         while self._by_url:
-            self._check_hangs()
-            if interval > 0 and time.monotonic() >= next_reading:
-                await self._read_all()
-                next_reading = time.monotonic() + interval
+            try:
+                self._check_hangs()
+                if interval > 0 and time.monotonic() >= next_reading:
+                    await self._read_all()
+                    next_reading = time.monotonic() + interval
+            except Exception:  # a bug here must not stop the watch: jobs rely on it to see hangs
+                log.exception("watching the servers failed")
             wait = HANG_CHECK_S if interval <= 0 else max(0.0, min(HANG_CHECK_S, next_reading - time.monotonic()))
             await asyncio.sleep(wait)
 

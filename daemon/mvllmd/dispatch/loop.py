@@ -12,17 +12,14 @@ Failures: connection errors, timeouts, 429 and 5xx are retried elsewhere with ba
 A retryable failure also tells the server's breaker. A server that hangs (endpoints.py watches) has
 its requests cancelled and sent elsewhere.
 
-Seeded jobs: a request asks for a contiguous run of a prompt's samples (vLLM gives choice i the
-request's seed + i; see requests.py), so work is cut at the first gap in its sample indexes.
+What waits to be sent is the job's backlog (backlog.py): seeded work is cut at the first gap in its
+sample indexes, the tail's split into single samples, and the feeder held back while it is full.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import heapq
-import itertools
 import logging
 import math
 import time
@@ -30,6 +27,7 @@ from collections.abc import Awaitable, Callable
 
 from mvllm.jobs import JobSpec, Sample
 from mvllmd.dispatch import policies
+from mvllmd.dispatch.backlog import Backlog
 from mvllmd.dispatch.endpoint import Endpoint
 from mvllmd.dispatch.endpoints import Endpoints, Listener
 from mvllmd.dispatch.flights import Flight, Flights, Lane, Work
@@ -68,17 +66,9 @@ class Dispatcher:
         self._lanes: dict[str, Lane] = {}
         self._live = 0  # lanes whose server has not left
         self._flights = Flights()
-        self._queue: collections.deque[Work] = collections.deque()
-        self._retry: collections.deque[Work] = collections.deque()
-        self._delayed: list[tuple[float, int, Work]] = []  # retries waiting out their backoff (a heap)
-        self._delay_order = itertools.count()
+        self._backlog = Backlog(is_done, seeded=spec.sampling.seed is not None)
         self._wake = asyncio.Event()
-        self._low = asyncio.Event()  # the backlog fell to `_low_mark` (backpressure)
-        self._low_mark = 0
-        self._input_done = False
         self._stopping = False
-        self._ended = False  # run() returned, or raised
-        self._asked = 0  # samples added to the queue
         self._fault: Exception | None = None  # an unexpected error in a request's task; run() raises it
         self._reindexed = 0.0
         self._http = http.Client()  # the requests' keep-alive connections
@@ -97,7 +87,7 @@ class Dispatcher:
 
     @property
     def backlog(self) -> int:
-        return len(self._queue) + len(self._retry) + len(self._delayed)
+        return len(self._backlog)
 
     @property
     def hedges(self) -> int:
@@ -117,30 +107,22 @@ class Dispatcher:
     # --- feeding ---------------------------------------------------------------------------------
 
     def add(self, work: Work) -> None:
-        self._queue.append(work)
-        self._asked += len(work.samples)
+        self._backlog.add(work)
         self._wake.set()
 
     async def room(self, most: int) -> None:
         """Wait until at most `most` items wait to be sent (or the job stops): memory stays bounded."""
-        while self.backlog > most and not self._stopping and not self._ended:
-            self._low_mark = most
-            self._low.clear()
-            await self._low.wait()
+        await self._backlog.room(most)
 
     def close_input(self) -> None:
         """No more work will be added: the tail begins once the queue drains."""
-        self._input_done = True
+        self._backlog.input_done = True
         self._wake.set()
 
     def drop_backlog(self) -> None:
         """Stopping: send nothing new, retry nothing; the requests in flight may still finish."""
         self._stopping = True
-        self._queue.clear()
-        self._retry.clear()
-        self._delayed.clear()
-        self._input_done = True
-        self._low.set()
+        self._backlog.close(drop=True)
         self._wake.set()
 
     def join(self, url: str, capacity: int, api_key: str = "") -> None:
@@ -185,23 +167,28 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._until_due())
         finally:
-            self._ended = True
-            self._low.set()
+            self._backlog.close(drop=False)
             self._endpoints.unlisten(self._listener)
             await self._cancel_all()
-            for lane in self._lanes.values():
-                if not lane.left:
-                    self._endpoints.leave(lane.endpoint)
-            self._http.close()
+            self.close()
+
+    def close(self) -> None:
+        """Leave every server (idempotent): run() does it when it ends; whoever joined servers and then
+        does not run the dispatcher must."""
+        for lane in self._lanes.values():
+            if not lane.left:
+                lane.left = True
+                self._endpoints.leave(lane.endpoint)
+        self._http.close()
 
     def _until_due(self) -> float:
         """How long the loop may sleep: until a retry's backoff or a put-off look of the tail is due."""
-        due = min(self._delayed[0][0] if self._delayed else math.inf, self._tail.next_look if self._tail else math.inf)
+        due = min(self._backlog.next_due, self._tail.next_look if self._tail else math.inf)
         return max(0.01, min(IDLE_WAKE_S, due - time.monotonic()))
 
     def _finished(self) -> bool:
         moved = self._tail.finished if self._tail else ()
-        return self._input_done and not self.backlog and not self._flights and not moved
+        return self._backlog.input_done and not self._backlog and not self._flights and not moved
 
     async def _deliver_moved(self) -> None:
         if self._tail is not None and self._tail.finished:
@@ -223,58 +210,20 @@ class Dispatcher:
         if now - self._reindexed >= REINDEX_S:
             self._reindexed = now
             self._policy.reindex()
-        while self._delayed and self._delayed[0][0] <= now:
-            self._retry.append(heapq.heappop(self._delayed)[2])
         avoid = self._tail.closing(now, self._remaining() if self._remaining else None) if self._tail else ()
         while self._flights.inflight < self._spec.max_concurrent:
-            work = self._next_work()
+            work = self._backlog.take(now, split_tail=self._policy.balances)  # the tail: spread, one by one
             if work is None:
                 break
             lane = self._policy.pick(len(work.samples), now, avoid)
             if lane is None:
-                self._retry.appendleft(work)
+                self._backlog.again(work)
                 break
-            self._launch(self._fit(work, lane), lane, None)
-        if self.backlog <= self._low_mark:
-            self._low.set()
-        if self._tail is not None and self._in_tail():
-            self._tail.look(now, self._asked)
-
-    def _in_tail(self) -> bool:
-        return self._input_done and not self._queue
-
-    def _next_work(self) -> Work | None:
-        source = self._retry or self._queue
-        while source:
-            work = source.popleft()
-            work.samples = [s for s in work.samples if not self._is_done(work.prompt_index, s)]
-            if work.samples and self._sampling.seed is not None:
-                self._contiguous(work)
-            if work.samples:
-                if self._policy.balances and self._in_tail() and len(work.samples) > 1:
-                    # The tail: spread what is left, one sample per request.
-                    for s in work.samples[1:]:
-                        self._retry.append(Work(work.prompt_index, work.prompt, [s], work.attempts))
-                    work.samples = work.samples[:1]
-                return work
-            source = self._retry or self._queue
-        return None
-
-    def _contiguous(self, work: Work) -> None:
-        """Seeded, a request asks for a run of consecutive samples (its choice i has the seed of its
-        first plus i): the samples after the first gap wait for a request of their own."""
-        run = next((i for i in range(1, len(work.samples)) if work.samples[i] != work.samples[i - 1] + 1), None)
-        if run is not None:
-            self._retry.appendleft(Work(work.prompt_index, work.prompt, work.samples[run:], work.attempts))
-            work.samples = work.samples[:run]
-
-    def _fit(self, work: Work, lane: Lane) -> Work:
-        """No more samples in one request than the lane has room for, nor than the job's cap."""
-        room = min(self._spec.max_concurrent - self._flights.inflight, self._policy.room(lane))
-        if len(work.samples) > room >= 1:
-            self._retry.appendleft(Work(work.prompt_index, work.prompt, work.samples[room:], work.attempts))
-            work = Work(work.prompt_index, work.prompt, work.samples[:room], work.attempts, work.last_error)
-        return work
+            room = min(self._spec.max_concurrent - self._flights.inflight, self._policy.room(lane))
+            self._launch(self._backlog.cut(work, room), lane, None)
+        self._backlog.taken()
+        if self._tail is not None and self._backlog.in_tail:
+            self._tail.look(now, self._backlog.asked)
 
     def _launch(self, work: Work, lane: Lane, hedge_of: Flight | None) -> Flight:
         flight = self._flights.open(work, lane, hedge_of)
@@ -338,8 +287,7 @@ class Dispatcher:
         work.attempts += 1
         work.last_error = str(exc)
         if exc.retryable and work.attempts < self._tuning.max_attempts:
-            due = time.monotonic() + min(10.0, 0.1 * 2**work.attempts)
-            heapq.heappush(self._delayed, (due, next(self._delay_order), work))
+            self._backlog.later(work, time.monotonic() + min(10.0, 0.1 * 2**work.attempts))
             return
         log.warning("prompt %d: giving up after %d attempts: %s", work.prompt_index, work.attempts, exc)
         await self._deliver([_failed_sample(work, s, str(exc), flight.endpoint.url) for s in work.samples])
@@ -383,7 +331,7 @@ class Dispatcher:
                 flight.task.cancel()
             self._land(flight)  # now, not when its task ends: nothing may move or copy it meanwhile
             if flight.hedge_of is None:
-                self._retry.appendleft(flight.work)
+                self._backlog.again(flight.work)
 
 
 def _failed_sample(work: Work, sample_index: int, error: str, endpoint: str) -> Sample:

@@ -104,29 +104,36 @@ class Run:
         if prepared.complete:
             progress.samples_done = progress.samples_total
             return progress
-        self._follow(self._source.current())
-        if not any(not lane.left for lane in self._dispatcher.lanes()):
+        targets = self._source.current()
+        if not any(target.ready for target in targets):
             raise InvalidRequest("no endpoint to send the job to")
-        spec = prepared.spec
-        parts = parts_dir(spec.output_path)
-        self._writer = PartWriter(parts, self._schema, flush_age_s=self._flush_age_s)
-        (parts / MANIFEST).write_text(json.dumps(fingerprint(spec), indent=2))
-        helpers = [asyncio.create_task(c) for c in (self._flush_when_old(), self._follow_source(), self._stop_watch())]
         try:
-            running = asyncio.create_task(self._dispatcher.run())
-            await self._feed(running)
-            self._dispatcher.close_input()
-            await self._finish(running)
+            await self._run(targets)
         finally:
-            for helper in helpers:
-                helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
-            self._writer.close()
+            self._dispatcher.close()  # run() left its servers already, unless it never ran
         progress.ended = time.monotonic()
         self._on_progress(progress)
         if prepared.done.count == progress.samples_total and not progress.failed:
             await self._assemble()
         return progress
+
+    async def _run(self, targets: list[Target]) -> None:
+        self._follow(targets)
+        spec = self._prepared.spec
+        parts = parts_dir(spec.output_path)
+        self._writer = PartWriter(parts, self._schema, flush_age_s=self._flush_age_s)
+        (parts / MANIFEST).write_text(json.dumps(fingerprint(spec), indent=2))
+        helpers = [asyncio.create_task(c) for c in (self._flush_when_old(), self._follow_source(), self._stop_watch())]
+        running = asyncio.create_task(self._dispatcher.run())
+        try:
+            await self._feed(running)
+            self._dispatcher.close_input()
+            await self._finish(running)
+        finally:
+            for task in (*helpers, running):  # the dispatcher too, should the feeder have failed
+                task.cancel()
+            await asyncio.gather(*helpers, running, return_exceptions=True)
+            self._writer.close()
 
     # --- the servers -----------------------------------------------------------------------------
 
