@@ -74,7 +74,7 @@ class Dispatcher:
         self._http = http.Client()  # the requests' keep-alive connections
         self._listener = Listener(self._read, self._hung)
         self._tail: Tail | None = None
-        if isinstance(self._policy, LeastLoaded) and spec.hedge:
+        if isinstance(self._policy, LeastLoaded):  # the end game even without hedging; moves and copies with it
             hooks = Hooks(self.lanes, self._launch, self._land, self._set_fault, self._wake.set,
                           lambda: self._stopping, lambda: spec.max_concurrent - self._flights.inflight)  # fmt: skip
             self._tail = Tail(self._flights, self._policy, spec, self._http, hooks)
@@ -222,7 +222,7 @@ class Dispatcher:
             room = min(self._spec.max_concurrent - self._flights.inflight, self._policy.room(lane))
             self._launch(self._backlog.cut(work, room), lane, None)
         self._backlog.taken()
-        if self._tail is not None and self._backlog.in_tail:
+        if self._tail is not None and self._spec.hedge and self._backlog.in_tail:
             self._tail.look(now, self._backlog.asked)
 
     def _launch(self, work: Work, lane: Lane, hedge_of: Flight | None) -> Flight:

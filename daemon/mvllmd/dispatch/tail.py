@@ -20,7 +20,7 @@ to spread across servers (the loop does that), and every TAIL_EVERY_S the tail l
   the other is cancelled, and each sample is written once. A seeded copy asks for the same samples as
   its original; an unseeded one is a new draw, so keeping the first answer favours shorter samples:
   an unseeded job copies at most HEDGE_BUDGET (2%) of its samples.
-- The end game (`closing`), for jobs that do not move: a server whose requests take longer
+- The end game (`closing`), for jobs that do not move (--no-hedge included): a server whose requests take longer
   (smoothed latency) than the job has left (samples left over the summed completion speed) is sent
   nothing new, unless it is the quickest there is.
 """
@@ -73,7 +73,7 @@ class Tail:
         self._sampling = spec.sampling
         self._http = client
         self._hooks = hooks
-        self.movable = streams.movable(spec.sampling)
+        self.movable = spec.hedge and streams.movable(spec.sampling)  # --no-hedge: no moves, no streams
         self.hedges = 0
         self.copied_samples = 0  # samples asked for again by copies
         self.moves = 0  # requests moved, each of their unfinished samples continued elsewhere
