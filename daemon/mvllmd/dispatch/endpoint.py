@@ -37,7 +37,6 @@ class Endpoint:
         self.gauges = Gauges()
         self.external = 0  # sequences on the server that are not ours, from its gauges
         self.inflight = 0  # our samples in flight there, every job's
-        self.completed = 0  # samples it answered, every job's
         self.speed = 0.0  # samples per second, smoothed; 0 until measured
         self.latency_s = 0.0  # a request's time from sent to answered, smoothed; 0 until measured
         self.users = 0  # the jobs that send to it now: each may hold an equal share of the limit
@@ -86,7 +85,6 @@ class Endpoint:
         self.inflight -= samples
 
     def succeeded(self, samples: int, took_s: float, now: float) -> None:
-        self.completed += samples
         self._last_completion = now
         self._record_speed(samples, now)
         self.latency_s = took_s if self.latency_s == 0 else 0.9 * self.latency_s + 0.1 * took_s
