@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from smallfs import MountNamespace, available
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"smallfs: {available()}")

@@ -9,14 +9,26 @@
     ├── NotFound                 a named thing does not exist               → NOT_FOUND
     ├── Conflict                 the thing exists, or is in the wrong state → FAILED_PRECONDITION
     ├── ResourceExhausted        no devices, ports or slots left            → RESOURCE_EXHAUSTED
+    │   └── OutOfSpace           a file system (output, state) is full      → RESOURCE_EXHAUSTED
+    ├── StorageError             a file or the state database failed        → FAILED_PRECONDITION
     └── UnitError                the unit manager refused an operation      → FAILED_PRECONDITION
 
 A job spec that fails the shared model's checks raises `mvllm.jobs.InvalidSpec` (a ValueError, outside
 this tree: mvllmctl raises it too), which the boundary also maps to INVALID_ARGUMENT.
 
-Messages are written for the person who reads them: what was wrong, and what to do instead.
-This module imports nothing, so every other module (the inventory too) can use it.
+Messages are written for the person who reads them: what was wrong, and what to do instead. An
+OSError on a path the user can fix (a full disk, a removed folder, a read-only mount) becomes one of
+these through `storage_error`, naming the path and the cause: "internal error" is left for bugs.
+This module imports nothing of mvllmd, so every other module (the inventory too) can use it.
 """
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class MvllmError(Exception):
@@ -53,6 +65,26 @@ class Conflict(MvllmError):
 
 class ResourceExhausted(MvllmError):
     """Not enough devices, ports or slots are free for the request."""
+
+
+class OutOfSpace(ResourceExhausted):
+    """A file system the daemon writes (an output's, the state directory's) is full."""
+
+
+class StorageError(MvllmError):
+    """A file or the state database could not be written or read, for a reason the user can fix."""
+
+
+def cause(exc: OSError) -> str:
+    """An OS error's cause in words ("no space left on device"), whoever raised it: pyarrow's OSErrors
+    carry the errno with a message of their own."""
+    return (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+
+
+def storage_error(exc: OSError, doing: str, path: Path | str, then: str = "") -> StorageError | OutOfSpace:
+    """`exc` as the error a user reads: "no space left on device writing PATH; THEN"."""
+    message = f"{cause(exc)} {doing} {path}" + (f"; {then}" if then else "")
+    return OutOfSpace(message) if exc.errno in FULL else StorageError(message)
 
 
 class UnitError(MvllmError):

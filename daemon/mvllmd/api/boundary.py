@@ -32,6 +32,7 @@ STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.InventoryError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.UnitError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.StorageError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 Request = TypeVar("Request")

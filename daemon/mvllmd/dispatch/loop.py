@@ -114,6 +114,15 @@ class Dispatcher:
         """Wait until at most `most` items wait to be sent (or the job stops): memory stays bounded."""
         await self._backlog.room(most)
 
+    @property
+    def accepting(self) -> bool:
+        """Whether work added now may still be sent (not once the job stops or the loop has ended)."""
+        return not self._backlog.closed
+
+    def fail(self, exc: Exception) -> None:
+        """End the job with `exc` (its owner's fault, such as a write that failed): run() raises it."""
+        self._set_fault(exc)
+
     def close_input(self) -> None:
         """No more work will be added: the tail begins once the queue drains."""
         self._backlog.input_done = True

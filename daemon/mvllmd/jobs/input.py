@@ -5,6 +5,10 @@ list of {role, content} messages (sent to /v1/chat/completions). `inspect` check
 is accepted: readable, a known format, the column present and of a usable type. Rows are numbered
 from 0 in file order: that is the prompt_index of the output.
 
+The file is not trusted to stay as it was: `inspect` records its identity (size, modification time,
+inode), and `check_unchanged` compares it before the output is assembled, and whenever a read fails.
+A job whose input changed under it fails saying what changed; its finished samples are kept.
+
 JSONL has no schema: `inspect` reads the whole file once (a batch at a time) and settles one type per
 field for all of it (ints and floats as floats, a field missing from some rows as null there, a field
 whose values cannot share a type as JSON text), so that every batch has the same columns and types.
@@ -13,8 +17,10 @@ whose values cannot share a type as JSON text), so that every batch has the same
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +40,39 @@ class InputError(InvalidRequest):
 
 
 @dataclass(frozen=True)
+class FileIdentity:
+    """What says a file is the one that was read: a rewrite changes the size or time, a replacement the inode."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileIdentity | None:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+    def change(self, now: FileIdentity | None) -> str:
+        """What changed from this identity to `now`, in words; "" when nothing did."""
+        if now is None:
+            return "it was removed"
+        if now.size != self.size:
+            return f"its size went from {self.size:,} to {now.size:,} bytes"
+        if now.inode != self.inode:
+            return "another file was put in its place"
+        if now.mtime_ns != self.mtime_ns:
+            return f"it was modified at {_clock(now.mtime_ns)}, after it was read at {_clock(self.mtime_ns)}"
+        return ""
+
+
+def _clock(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+
+@dataclass(frozen=True)
 class InputInfo:
     path: Path
     format: Format
@@ -42,6 +81,7 @@ class InputInfo:
     prompt_kind: PromptKind
     columns: tuple[str, ...]
     types: tuple[pa.DataType | None, ...] = ()  # JSONL: each column's type for the whole file; None: JSON text
+    identity: FileIdentity | None = None  # the file as `inspect` found it, before it read it
 
 
 def input_format(path: Path) -> Format:
@@ -56,9 +96,22 @@ def inspect(path: Path, prompt_column: str = "prompt") -> InputInfo:
     fmt = input_format(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
-    if fmt == "parquet":
-        return _inspect_parquet(path, prompt_column)
-    return _inspect_jsonl(path, prompt_column)
+    identity = FileIdentity.of(path)
+    info = _inspect_parquet(path, prompt_column) if fmt == "parquet" else _inspect_jsonl(path, prompt_column)
+    return replace(info, identity=identity)
+
+
+def check_unchanged(info: InputInfo) -> None:
+    """Raise InputError saying what changed if the input is no longer the file `inspect` read."""
+    if info.identity is None:
+        return
+    change = info.identity.change(FileIdentity.of(info.path))
+    if change:
+        raise InputError(
+            f"the input {info.path} changed while the job ran: {change}. The finished samples are kept: put "
+            "the original file back (same size and modification time) and submit the job again with --resume, "
+            "or pass --overwrite to start over from the new file"
+        )
 
 
 def _inspect_parquet(path: Path, column: str) -> InputInfo:

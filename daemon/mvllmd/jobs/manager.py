@@ -8,6 +8,10 @@ batch: each gets an equal part of its limit. A job's servers come from an endpoi
 (sources.py): this daemon's instances of its model, followed as they come and go, or the URLs it
 names.
 
+A job exists once its record is saved: a submit whose save fails (the state directory full) creates
+nothing and says so. Once a job runs, its parts are the truth: a progress or state record that cannot
+be saved is logged once, and the job runs on (a restart resumes it from its parts).
+
 On SIGTERM (`close`), running jobs stop taking work, let their requests in flight finish within
 `stop_drain_s`, and keep their parts; their records stay RUNNING or QUEUED, so the next start
 resumes them. After a kill -9 the same happens from what the parts and their journal hold: the
@@ -63,6 +67,7 @@ class _Job:
     final_endpoints: tuple[LaneView, ...] = ()  # the per-server counts when it last ran
     cancelled: bool = False
     saved_at: float = 0.0
+    unsaved: bool = False  # its last record could not be saved (logged once)
     done_at_start: int = 0
 
 
@@ -120,9 +125,12 @@ class JobManager:
         prepared = await asyncio.to_thread(prepare, spec)
         record = JobRecord(id=uuid.uuid4().hex[:12], spec=spec)
         record.samples_total, record.samples_done = prepared.samples_total, _done(prepared)
+        try:
+            self._store.save(record)  # first: a job the store does not hold does not exist
+        except MvllmError as exc:
+            raise type(exc)(f"{exc}; no job was created") from None
         job = _Job(record, prepared=prepared)
         self._jobs[record.id] = job
-        self._store.save(record)
         log.info("job %s: submitted, %d samples to %s", record.id, record.samples_total, spec.output_path)
         self._schedule()
         return self._view(job)
@@ -205,15 +213,16 @@ class JobManager:
         record = job.record
         source = self._source(record.spec)
         try:
-            if not await self._wait_for_targets(job, source):
-                return  # stopped while it waited
             prepared = job.prepared if job.prepared is not None else await asyncio.to_thread(prepare, record.spec)
             job.prepared = None
+            # A job whose parts hold every sample (stopped while it assembled) needs no server.
+            if _done(prepared) < prepared.samples_total and not await self._wait_for_targets(job, source):
+                return  # stopped while it waited
             record.state, record.message = JobState.RUNNING, ""
             record.started_at = record.started_at or time.time()
             record.samples_total, record.samples_done = prepared.samples_total, _done(prepared)
             job.done_at_start = record.samples_done
-            self._store.save(record)
+            self._save(job)
             concurrent = prepared.spec.max_concurrent or self._settings.max_concurrent
             prepared = replace(prepared, spec=replace(prepared.spec, max_concurrent=concurrent))
             job.run = Run(prepared, source, self._endpoints, job.stop, stop_drain_s=self._settings.stop_drain_s,
@@ -267,7 +276,22 @@ class JobManager:
         now = time.monotonic()
         if now - job.saved_at >= PROGRESS_EVERY_S:
             job.saved_at = now
-            self._store.save(record)
+            self._save(job)
+
+    def _save(self, job: _Job) -> None:
+        """Save a started job's record; if that fails, say so once and go on (its parts are the truth)."""
+        try:
+            self._store.save(job.record)
+        except MvllmError as exc:
+            if not job.unsaved:
+                log.warning("job %s: its record cannot be saved (%s); the job goes on as it was: its "
+                            "parts hold what it has done, and a restart resumes it from them", job.record.id,
+                            exc)  # fmt: skip
+            job.unsaved = True
+            return
+        if job.unsaved:
+            log.info("job %s: its record is saved again", job.record.id)
+        job.unsaved = False
 
     def _finish(self, job: _Job, progress: Progress) -> None:
         record = job.record
@@ -285,7 +309,7 @@ class JobManager:
                                                "finish it")  # fmt: skip
         elif self._closing:
             record.state, record.message = JobState.QUEUED, "mvllmd stopped; it resumes when mvllmd starts again"
-            self._store.save(record)
+            self._save(job)
         else:
             missing = progress.samples_total - progress.samples_done
             self._end(job, JobState.FAILED, f"{missing} samples were not done; the rest are kept in {parts}")
@@ -293,7 +317,7 @@ class JobManager:
     def _end(self, job: _Job, state: JobState, message: str) -> None:
         record = job.record
         record.state, record.message, record.finished_at = state, message, time.time()
-        self._store.save(record)
+        self._save(job)
         level = logging.INFO if state is JobState.SUCCEEDED else logging.WARNING
         log.log(level, "job %s: %s: %s", record.id, state.value, message)
 

@@ -12,7 +12,13 @@ already hold, for resuming.
 At the end, `assemble` merges the parts out of core (k-way, in bounded windows; in several passes when
 there are many parts), joins the input's columns back by prompt_index (an input column whose name
 collides with an output column gets an `input_` prefix), writes a temp file beside OUT and renames it
-over OUT. Only then are the parts removed: OUT exists only when it is complete.
+over OUT. Only then are the parts removed (renamed away in one step, then deleted): OUT exists only
+when it is complete, and a stop at any point leaves either the parts, from which a resume assembles
+again without asking the servers for anything, or OUT complete.
+
+A write that fails (a full disk, the parts directory removed by someone else) raises at once, naming
+the path and the cause (`mvllmd.errors.storage_error`): the job ends, and what the parts hold stays
+for `--resume` once the cause is fixed. A temp file a failed write leaves is removed.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mvllm.jobs import MAX_SAMPLES, Sample
-from mvllmd.errors import MvllmError
+from mvllmd.errors import MvllmError, storage_error
 from mvllmd.jobs.input import InputInfo, iter_batches
 
 KEY_BITS = (MAX_SAMPLES - 1).bit_length()  # sample_index < 65536: the sort key is prompt_index << 16 | sample_index
@@ -43,6 +49,9 @@ JOURNAL = "journal.jsonl"
 
 class OutputError(MvllmError):
     """The output cannot be written or assembled."""
+
+
+RESUME = "free space or fix it, then submit the job again with --resume: the finished samples are kept"
 
 
 BASE_FIELDS = [
@@ -70,6 +79,12 @@ def result_schema(logprobs: bool, token_ids: bool) -> pa.Schema:
 
 def parts_dir(output: Path) -> Path:
     return output.with_name(output.name + ".parts")
+
+
+def removing_dir(output: Path) -> Path:
+    """Where the parts go once OUT is complete, to be removed: a stop mid-removal leaves no parts
+    that a resume would take for an unfinished run."""
+    return output.with_name(f".{output.name}.parts-removing")
 
 
 # --- which samples are done ----------------------------------------------------------------------
@@ -149,13 +164,16 @@ class PartWriter:
         self._flush_rows = flush_rows
         self._flush_age_s = flush_age_s
         self._oldest = 0.0
-        self._rows: list[Sample] = []
-        parts.mkdir(mode=0o755, parents=True, exist_ok=True)
-        existing = [int(p.stem.split("-")[1]) for p in parts.glob("part-*.parquet")]
-        self._next = max(existing, default=0) + 1
-        self._rows = read_journal(parts)  # what a process that died had not put in a part yet
-        self._journal = os.open(parts / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            parts.mkdir(mode=0o755, parents=True, exist_ok=True)
+            existing = [int(p.stem.split("-")[1]) for p in parts.glob("part-*.parquet")]
+            self._next = max(existing, default=0) + 1
+            self._rows = read_journal(parts)  # what a process that died had not put in a part yet
+            self._journal = os.open(parts / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise storage_error(exc, "writing", parts, RESUME) from None
         self.flush()
+        self._truncate()  # a line a crash cut short must not run into the next one
 
     @property
     def pending(self) -> int:
@@ -166,7 +184,10 @@ class PartWriter:
         if not samples:
             return
         line = "".join(json.dumps(_values(s)) + "\n" for s in samples)
-        _write_all(self._journal, line.encode())
+        try:
+            _write_all(self._journal, line.encode())
+        except OSError as exc:
+            raise storage_error(exc, "writing", self._dir / JOURNAL, RESUME) from None
         now = time.monotonic()
         if not self._rows:
             self._oldest = now
@@ -188,15 +209,31 @@ class PartWriter:
         columns = {f.name: [getattr(r, f.name) for r in rows] for f in fields(Sample) if f.name in names}
         table = pa.Table.from_pydict(columns, schema=self._schema)
         path = self._dir / f"part-{self._next:06d}.parquet"
-        _write_atomically(table, path)
-        os.ftruncate(self._journal, 0)  # a crash before this leaves samples twice; assembly keeps one
+        try:
+            _write_atomically(table, path)
+        except OSError as exc:
+            if not self._dir.is_dir():
+                raise OutputError(
+                    f"{self._dir} was removed while the job ran, and the samples it held with it; submit the "
+                    "job again with --resume (what is lost is asked again) or --overwrite"
+                ) from None
+            raise storage_error(exc, "writing", path, RESUME) from None
+        self._truncate()  # a crash before this leaves samples twice; assembly keeps one
         self._next += 1
         self._rows.clear()
 
+    def _truncate(self) -> None:
+        try:
+            os.ftruncate(self._journal, 0)
+        except OSError as exc:
+            raise storage_error(exc, "emptying", self._dir / JOURNAL, RESUME) from None
+
     def close(self) -> None:
-        """Flush, and close the journal."""
-        self.flush()
-        os.close(self._journal)
+        """Flush, and close the journal (closed even when the flush fails)."""
+        try:
+            self.flush()
+        finally:
+            os.close(self._journal)
 
 
 _values = operator.attrgetter(*(f.name for f in fields(Sample)))  # a Sample as a tuple, in field order
@@ -210,9 +247,13 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    _fsync(tmp)
-    tmp.replace(path)
+    try:
+        pq.write_table(table, tmp)
+        _fsync(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk's partial file must not keep the space
+        raise
     _fsync(path.parent)
 
 
@@ -230,7 +271,30 @@ def _fsync(path: Path) -> None:
 def assemble(
     parts: Path, output: Path, source: InputInfo, schema: pa.Schema, *, metadata: dict[str, str], expected_rows: int
 ) -> int:
-    """Merge the parts and the input's columns into OUT, atomically; return the row count."""
+    """Merge the parts and the input's columns into OUT, atomically; return the row count. A write
+    that fails leaves no temp file or merged run behind, and the parts as they were."""
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        rows = _assemble(parts, output, tmp, source, schema, metadata, expected_rows)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        for run in parts.glob("run-*.parquet"):
+            run.unlink(missing_ok=True)
+        raise storage_error(exc, "assembling", output, RESUME) from None
+    removing = removing_dir(output)
+    shutil.rmtree(removing, ignore_errors=True)
+    try:
+        parts.rename(removing)  # one step: before it, a resume assembles again from the parts; after, none are left
+    except OSError:
+        removing = parts
+    shutil.rmtree(removing, ignore_errors=True)  # a stop halfway leaves it for the next prepare to remove
+    return rows
+
+
+def _assemble(  # noqa: PLR0917
+    parts: Path, output: Path, tmp: Path, source: InputInfo, schema: pa.Schema, metadata: dict[str, str],
+    expected_rows: int,
+) -> int:  # fmt: skip
     runs = sorted(parts.glob("part-*.parquet"))
     generation = 0
     while len(runs) > MERGE_FAN_IN:  # many parts: merge groups into longer sorted runs first
@@ -244,7 +308,6 @@ def assemble(
             if run.name.startswith("run-"):
                 run.unlink()  # an earlier generation's run; parts stay until OUT is complete
         runs = merged
-    tmp = output.with_name(f".{output.name}.tmp")
     rows = _final_merge(runs, tmp, source, schema, metadata)
     if rows != expected_rows:
         tmp.unlink(missing_ok=True)
@@ -252,7 +315,6 @@ def assemble(
     _fsync(tmp)
     tmp.replace(output)
     _fsync(output.parent)
-    shutil.rmtree(parts)
     return rows
 
 

@@ -20,25 +20,23 @@ import pyarrow.parquet as pq
 
 from mvllm.jobs import InvalidSpec, JobSpec, validate
 from mvllmd.errors import Conflict, InvalidRequest
-from mvllmd.jobs.input import InputInfo, inspect
-from mvllmd.jobs.output import DoneMap, load_done, parts_dir
+from mvllmd.jobs.input import FileIdentity, InputInfo, inspect
+from mvllmd.jobs.output import DoneMap, load_done, parts_dir, removing_dir
 
 MANIFEST = "manifest.json"
 
 
-def fingerprint(spec: JobSpec) -> dict[str, object]:
+def fingerprint(spec: JobSpec, source: InputInfo | None = None) -> dict[str, object]:
     """What must not change between a run and its resume (the input file itself included: a resume
-    against an edited input would mix old samples with new prompts).
+    against an edited input would mix old samples with new prompts). The input's size and time are
+    `source`'s, as it was read, when given; else the file's now.
 
     It is the manifest beside the parts and the finished output's "mvllm.job" metadata, so it stays
     the same JSON, key for key and in this order, from release to release: a job that one release
     started, the next resumes. Hence the model inside "sampling", where it was before it moved to the
     spec."""
-    try:
-        stat = spec.input_path.stat()
-        identity: list[int] | None = [stat.st_size, stat.st_mtime_ns]
-    except OSError:
-        identity = None
+    read = source.identity if source is not None else FileIdentity.of(spec.input_path)
+    identity = [read.size, read.mtime_ns] if read is not None else None
     sampling = spec.sampling
     return {
         "input": str(spec.input_path),
@@ -91,6 +89,7 @@ def prepare(spec: JobSpec) -> Prepared:
         raise Conflict(f"{out} exists; pass --resume to finish it, or --overwrite to replace it")
     parts = parts_dir(out)
     done = DoneMap(source.num_rows, spec.num_samples)
+    shutil.rmtree(removing_dir(out), ignore_errors=True)  # the parts of an OUT complete already
     if spec.resume and out.exists() and not parts.exists():
         _check_finished(out, spec, source.num_rows * spec.num_samples)
         return Prepared(spec, source, done, complete=True)

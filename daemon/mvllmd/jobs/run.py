@@ -6,7 +6,12 @@ part, and assembles OUT at the end. Meanwhile it follows its endpoint source (so
 that joins takes work at once, one that leaves has its requests sent elsewhere. When `stop` is set
 (SIGTERM, cancel, a failed sample with on_error fail) it stops feeding, lets the requests in flight
 finish within `stop_drain_s`, writes their samples and returns with the parts kept: a later run with
-`resume` redoes only what no part holds (prepare.py checks that it is the same job).
+`resume` redoes only what no part holds (prepare.py checks that it is the same job). A run whose parts
+hold every sample already (a stop during the assembly) assembles without asking any server.
+
+A write that fails (the journal, a part, the manifest, the assembly) ends the run at once with an
+error that names the path and the cause; so does an input that changed under the job, found when a
+read fails and checked before the assembly (input.check_unchanged).
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
 from mvllm.jobs import OnError, Sample
 from mvllmd.dispatch.endpoints import Endpoints
 from mvllmd.dispatch.flights import Work
 from mvllmd.dispatch.loop import Dispatcher
-from mvllmd.errors import InvalidRequest
-from mvllmd.jobs.input import iter_batches
-from mvllmd.jobs.output import PartWriter, assemble, parts_dir, result_schema
+from mvllmd.errors import InvalidRequest, MvllmError, storage_error
+from mvllmd.jobs.input import InputError, check_unchanged, iter_batches
+from mvllmd.jobs.output import RESUME, PartWriter, assemble, parts_dir, result_schema
 from mvllmd.jobs.prepare import MANIFEST, Prepared, fingerprint
 from mvllmd.jobs.sources import EndpointSource
 from mvllmd.jobs.targets import Target
@@ -104,13 +111,17 @@ class Run:
         if prepared.complete:
             progress.samples_done = progress.samples_total
             return progress
-        targets = self._source.current()
-        if not any(target.ready for target in targets):
-            raise InvalidRequest("no endpoint to send the job to")
-        try:
-            await self._run(targets)
-        finally:
-            self._dispatcher.close()  # run() left its servers already, unless it never ran
+        if prepared.done.count < progress.samples_total:
+            targets = self._source.current()
+            if not any(target.ready for target in targets):
+                raise InvalidRequest("no endpoint to send the job to")
+            try:
+                await self._run(targets)
+            finally:
+                self._dispatcher.close()  # run() left its servers already, unless it never ran
+        else:
+            self._dispatcher.close()
+        check_unchanged(prepared.source)
         progress.ended = time.monotonic()
         self._on_progress(progress)
         if prepared.done.count == progress.samples_total and not progress.failed:
@@ -122,7 +133,11 @@ class Run:
         spec = self._prepared.spec
         parts = parts_dir(spec.output_path)
         self._writer = PartWriter(parts, self._schema, flush_age_s=self._flush_age_s)
-        (parts / MANIFEST).write_text(json.dumps(fingerprint(spec), indent=2))
+        try:
+            (parts / MANIFEST).write_text(json.dumps(fingerprint(spec, self._prepared.source), indent=2))
+        except OSError as exc:
+            self._writer.close()
+            raise storage_error(exc, "writing", parts / MANIFEST, RESUME) from None
         helpers = [asyncio.create_task(c) for c in (self._flush_when_old(), self._follow_source(), self._stop_watch())]
         running = asyncio.create_task(self._dispatcher.run())
         try:
@@ -162,10 +177,18 @@ class Run:
     # --- input and output ------------------------------------------------------------------------
 
     async def _feed(self, running: asyncio.Task[None]) -> None:
-        spec, done = self._prepared.spec, self._prepared.done
+        spec, done, source = self._prepared.spec, self._prepared.done, self._prepared.source
         ahead = max(64, spec.max_concurrent * FEED_AHEAD) // spec.num_samples
         dispatcher = self._dispatcher
-        for batch in iter_batches(self._prepared.source):
+        batches = iter_batches(source)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (OSError, pa.ArrowException, InputError) as exc:
+                check_unchanged(source)  # the likeliest cause, and the clearest message
+                raise InputError(f"cannot read the input {source.path}: {exc}") from None
+            if batch is None:
+                return
             for offset, prompt in enumerate(batch.prompts):
                 index = batch.start + offset
                 todo = [s for s in range(spec.num_samples) if not done.is_done(index, s)]
@@ -173,7 +196,7 @@ class Run:
                     continue
                 if dispatcher.backlog > ahead:
                     await dispatcher.room(ahead)  # backpressure: memory stays bounded whatever the input
-                if self._stop.is_set() or running.done():
+                if self._stop.is_set() or running.done() or not dispatcher.accepting:
                     return
                 dispatcher.add(Work(index, prompt, todo))
             await asyncio.sleep(0)
@@ -218,11 +241,15 @@ class Run:
         assert self._writer is not None
         while True:
             await asyncio.sleep(min(1.0, self._flush_age_s))
-            self._writer.flush_if_old()
+            try:
+                self._writer.flush_if_old()
+            except MvllmError as exc:  # a full disk, the parts removed: the job ends, saying so
+                self._dispatcher.fail(exc)
+                return
 
     async def _assemble(self) -> None:
         prepared, spec = self._prepared, self._prepared.spec
-        metadata = {"mvllm.job": json.dumps(fingerprint(spec)), "model": spec.model}
+        metadata = {"mvllm.job": json.dumps(fingerprint(spec, prepared.source)), "model": spec.model}
         parts, total = parts_dir(spec.output_path), self.progress.samples_total
         rows = await asyncio.to_thread(assemble, parts, spec.output_path, prepared.source, self._schema,
                                        metadata=metadata, expected_rows=total)  # fmt: skip

@@ -5,6 +5,8 @@ The parts directory beside each output is the truth about which samples are done
 here are what `jobs` shows, written at most every PROGRESS_EVERY_S while a job runs and at each
 change of state. WAL mode: a crash loses at most the last unsynced progress count, never a record.
 The `request` column holds the spec's JSON (`JobSpec.to_json`; the previous release's form loads too).
+A write that fails (the state directory full, or read-only) raises OutOfSpace or StorageError naming
+the directory; what to do about it is the caller's (jobs/manager.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sqlite3
 from pathlib import Path
 
 from mvllm.jobs import JobRecord, JobSpec, JobState
+from mvllmd.errors import OutOfSpace, StorageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -55,7 +58,7 @@ class JobStore:
         self._db.close()
 
     def save(self, job: JobRecord) -> None:
-        self._db.execute(
+        self._write(
             SAVE,
             (
                 job.id,
@@ -78,7 +81,16 @@ class JobStore:
         return [_record(row) for row in rows]
 
     def delete(self, job_id: str) -> None:
-        self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def _write(self, sql: str, values: tuple[object, ...]) -> None:
+        try:
+            self._db.execute(sql, values)
+        except sqlite3.Error as exc:
+            folder = self.path.parent
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise OutOfSpace(f"the state directory {folder} is full ({exc}): free space there") from None
+            raise StorageError(f"cannot write the job records in {folder}: {exc}") from None
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
