@@ -35,11 +35,11 @@ def clean_env(short_tmp: Path) -> dict[str, str]:
 
 @pytest.fixture
 def spawn(short_tmp: Path, clean_env: dict[str, str]) -> Iterator[Spawn]:
-    """Start mvllmd processes with `spawn(args, watchdog_usec=None)`; each is stopped after the test."""
+    """Start mvllmd processes with `spawn(args, watchdog_usec=None, prefix=())`; each is stopped after the test."""
     started: list[DaemonProcess] = []
 
-    def _spawn(args: Sequence[str], watchdog_usec: int | None = None) -> DaemonProcess:
-        started.append(start_daemon(short_tmp, clean_env, args, watchdog_usec))
+    def _spawn(args: Sequence[str], watchdog_usec: int | None = None, prefix: Sequence[str] = ()) -> DaemonProcess:
+        started.append(start_daemon(short_tmp, clean_env, args, watchdog_usec, prefix))
         return started[-1]
 
     yield _spawn

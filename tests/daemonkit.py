@@ -100,19 +100,21 @@ def assert_short_error(done: subprocess.CompletedProcess[str], code: int, *fragm
 
 
 def start_daemon(
-    tmp: Path, env: dict[str, str], args: Sequence[str], watchdog_usec: int | None = None
-) -> DaemonProcess:
-    """Start mvllmd as systemd would (NOTIFY_SOCKET set) and wait for READY=1."""
+    tmp: Path, env: dict[str, str], args: Sequence[str], watchdog_usec: int | None = None,
+    prefix: Sequence[str] = (),
+) -> DaemonProcess:  # fmt: skip
+    """Start mvllmd as systemd would (NOTIFY_SOCKET set) and wait for READY=1. `prefix` runs it through
+    a command that execs it in place (smallfs.MountNamespace.command: the same PID)."""
     notify = NotifyListener(tmp / f"notify-{len(list(tmp.glob('notify-*')))}")
     run_env = dict(env, NOTIFY_SOCKET=str(notify.path))
     stderr_path = tmp / f"mvllmd-{notify.path.name}.log"
     argv = [MVLLMD, *args]
-    launch = argv
+    launch = [*prefix, *argv]
     if watchdog_usec is not None:
         # WATCHDOG_PID must name the daemon itself, known only once it runs: a shell exports its own
         # PID and `exec`s mvllmd, which keeps that PID.
         script = f'export WATCHDOG_PID=$$ WATCHDOG_USEC={watchdog_usec}; exec "$@"'
-        launch = ["sh", "-c", script, "sh", *argv]
+        launch = [*prefix, "sh", "-c", script, "sh", *argv]
     with stderr_path.open("w") as stderr:
         proc = subprocess.Popen(launch, env=run_env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     daemon = DaemonProcess(proc, _address_of(args, env), run_env, notify, stderr_path, argv)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mvllm.jobs import InvalidSpec, JobSpec, validate
-from mvllmd.errors import Conflict, InvalidRequest
+from mvllmd.errors import FULL, Conflict, InvalidRequest, OutOfSpace, cause
 from mvllmd.jobs.input import FileIdentity, InputInfo, inspect
 from mvllmd.jobs.output import DoneMap, load_done, parts_dir, removing_dir
 
@@ -112,6 +112,8 @@ def _check_writable(folder: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
+        if exc.errno in FULL:
+            raise OutOfSpace(f"cannot write the output in {folder}: {cause(exc)}; free space there") from None
         raise InvalidRequest(f"cannot write the output in {folder}: {exc.strerror}") from None
 
 
