@@ -12,7 +12,7 @@ class ExitStatus(enum.IntEnum):
     FAILED = 1  # the daemon ran the operation and it failed
     USAGE = 2  # usage error or invalid input
     UNREACHABLE = 3  # the daemon cannot be reached
-    EXHAUSTED = 4  # not enough devices, ports or slots
+    EXHAUSTED = 4  # not enough devices, ports or slots; a file system full
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -22,7 +22,7 @@ Exit status:
   1    the operation failed
   2    usage error or invalid input
   3    mvllmd is unreachable
-  4    resources exhausted (devices, ports, slots)
+  4    resources exhausted (devices, ports, slots, disk space)
   130  interrupted"""
 
 

@@ -100,7 +100,7 @@ def _daemon_answers(ctl: Ctl) -> bool:
 async def _run_here(options: dict[str, Any], urls: list[str]) -> int:
     # The job runner (pyarrow, numpy) is imported here, not at the top: every other command of
     # mvllmctl would pay for it at each start (half a second of CPU).
-    from mvllmd.local import JobError, run_here  # noqa: PLC0415
+    from mvllmd.local import JobError, OutOfSpace, StorageError, run_here  # noqa: PLC0415
 
     spec = _spec(options, urls)
     stop = asyncio.Event()
@@ -110,6 +110,10 @@ async def _run_here(options: dict[str, Any], urls: list[str]) -> int:
             outcome = await run_here(
                 spec, stop, on_progress=lambda p: bar.update(_as_job(p, spec, pb.JOB_STATE_RUNNING))
             )
+    except OutOfSpace as exc:
+        raise CtlError(str(exc), ExitStatus.EXHAUSTED) from None
+    except StorageError as exc:
+        raise CtlError(str(exc), ExitStatus.FAILED) from None
     except JobError as exc:
         raise CtlError(str(exc), ExitStatus.USAGE) from None
     progress = outcome.progress

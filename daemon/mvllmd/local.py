@@ -16,16 +16,17 @@ from pathlib import Path
 from mvllm.jobs import JobSpec
 from mvllmd.config import JobSettings, defaults
 from mvllmd.dispatch.endpoints import Endpoints, Tuning
-from mvllmd.errors import MvllmError
+from mvllmd.errors import MvllmError, OutOfSpace, StorageError
 from mvllmd.jobs.output import parts_dir
 from mvllmd.jobs.prepare import prepare
 from mvllmd.jobs.run import Progress, Run
 from mvllmd.jobs.sources import UrlSource
 from mvllmd.jobs.targets import Target, endpoint_model, normalize_url
 
-__all__ = ["JobError", "Outcome", "Progress", "run_here"]
+__all__ = ["JobError", "OutOfSpace", "Outcome", "Progress", "StorageError", "run_here"]
 
 JobError = MvllmError  # what the job refuses or fails with: its message says what to do
+# Of which: OutOfSpace, a file system full (the output's); StorageError, another write that failed.
 
 
 @dataclass(frozen=True)

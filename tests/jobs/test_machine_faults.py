@@ -209,6 +209,9 @@ def test_mvllmd_stopped_during_the_final_assembly(
     if sig == signal.SIGKILL:
         assert not ns.inside(out).exists()  # never half-written: the parts are all there is
         assert ns.inside(parts_dir(out)).is_dir()
+    else:  # SIGTERM: mvllmd finishes the assembly it began, then stops (within the unit's TimeoutStopSec)
+        assert "job output" in daemon.stderr, daemon.stderr[-3000:]
+        assert_each_pair_once(pq.read_table(ns.inside(out)), prompts, 2)
     again = start(spawn, ns, short_tmp, again=daemon)
     found = wait_ended(again, job_id)
     assert found["state"] == "JOB_STATE_SUCCEEDED", (found, again.stderr[-3000:])
