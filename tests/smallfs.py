@@ -57,6 +57,7 @@ Why it looks like this, and what was checked:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import shutil
@@ -144,14 +145,19 @@ class MountNamespace:
         Returns the filler file's ``inside()`` path: unlink it to free the room.
         """
         directory = self.inside(path)
-        st = os.statvfs(directory)
-        free = st.f_bavail * st.f_frsize
-        size = (free - leave_bytes) // st.f_frsize * st.f_frsize
         filler = directory / f".smallfs-fill-{os.getpid()}-{len(os.listdir(directory))}"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            if size > 0:
-                os.posix_fallocate(fd, 0, size)
+            for _ in range(100):  # a program inside may take room meanwhile: measure again, take the rest
+                st = os.statvfs(directory)
+                size = (st.f_bavail * st.f_frsize - leave_bytes) // st.f_frsize * st.f_frsize
+                if size <= 0:
+                    break
+                try:
+                    os.posix_fallocate(fd, os.fstat(fd).st_size, size)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
         except BaseException:
             os.close(fd)
             filler.unlink()

@@ -120,6 +120,33 @@ def test_the_output_file_system_fills_mid_job(short_tmp: Path, spawn: Spawn, ns:
     assert leftovers(ns.inside(folder)) == ["out.parquet"]
 
 
+def test_the_output_file_system_too_small_for_the_assembly(short_tmp: Path, spawn: Spawn, ns: MountNamespace) -> None:
+    """The parts fit, OUT does not (the input's columns are carried into it): the job fails naming OUT;
+    once there is room, --resume assembles from the parts without asking any server."""
+    folder = short_tmp / "out"
+    ns.mount_tmpfs(folder, "4M")
+    daemon = start(spawn, ns, short_tmp)
+    launch(daemon, 2, *FAST_SIM)
+    prompts = 200
+    docs = [os.urandom(16384).hex() for _ in range(prompts)]  # 6.4 MB of OUT that the parts do not hold
+    data = write_prompts(short_tmp / "in.parquet", prompts, doc=docs)
+    out = folder / "out.parquet"
+    job_id = submit(daemon, data, out, *JOB)
+
+    found = watch_to_the_end(daemon, job_id, "output too small to assemble")
+    assert found["message"].startswith(f"no space left on device assembling {out}; "), found["message"]
+    assert found["samples_done"] == prompts * K
+    assert sorted(leftovers(ns.inside(folder))) == ["out.parquet.parts"]  # no temp file keeps the room
+
+    ns.resize(folder, "64M")
+    done = daemon.ctl("stop", "--all")  # no server left to ask: the parts hold every sample
+    assert done.returncode == 0, done.stderr
+    resume(daemon, data, out, "--model", "m", "--wait-for-instances", "60")
+    table = pq.read_table(ns.inside(out))
+    assert_each_pair_once(table, prompts, K)
+    assert table.column("doc").to_pylist() == [docs[i] for i in table.column("prompt_index").to_pylist()]
+
+
 def test_the_state_directory_full(short_tmp: Path, spawn: Spawn, ns: MountNamespace) -> None:
     state = short_tmp / "j-state"  # daemon_args' state directory
     ns.mount_tmpfs(state, "16M")
