@@ -30,6 +30,7 @@ STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     errors.Conflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.AlreadyRunning: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.OutOfSpace: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.InventoryError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.UnitError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.StorageError: grpc.StatusCode.FAILED_PRECONDITION,
