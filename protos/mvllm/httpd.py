@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl as _ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -40,6 +41,7 @@ class Response:
     status: int = 200
     body: bytes = b""
     content_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)  # more headers (Retry-After, ...)
 
 
 def json_response(payload: Any, status: int = 200) -> Response:
@@ -95,9 +97,11 @@ class Server:
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self, host: str, port: int, backlog: int = 4096) -> tuple[str, int]:
+    async def start(
+        self, host: str, port: int, backlog: int = 4096, ssl: _ssl.SSLContext | None = None
+    ) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=backlog)
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=backlog, ssl=ssl)
         self._sweeper = asyncio.create_task(self._close_idle())
         address: tuple[str, int] = self._server.sockets[0].getsockname()[:2]
         return address
@@ -240,7 +244,8 @@ class _Connection(asyncio.Protocol):
             if isinstance(response, Stream):
                 self._transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
             else:
-                headers = {"content-type": response.content_type, "content-length": str(len(response.body))}
+                headers = {"content-type": response.content_type, "content-length": str(len(response.body)),
+                           **response.headers}  # fmt: skip
                 self.write_head(response.status, headers, request.keep_alive, response.body)
             if not request.keep_alive:
                 self.close()

@@ -1,0 +1,151 @@
+"""The front door's HTTP routes, on the small HTTP/1.1 server the simulator uses (mvllm.httpd).
+
+This layer only translates: HTTP in, a proxy.Call out; errors in vLLM's envelope
+(`{"error": {"message", "type", "param", "code"}}`) with vLLM's status codes. Routes:
+
+- `POST /v1/completions`, `POST /v1/chat/completions`: forwarded (proxy.py), streamed or not;
+- `GET /v1/models`: the models some READY server serves;
+- `GET /health`: 200 while some server is READY, else 503.
+
+Every other path is 404: vLLM's development routes (`/collective_rpc`, `/pause`, `/sleep`,
+`/update_weights`, ...) are never forwarded. With tokens (`--http-token-file`), every route but
+/health wants `Authorization: Bearer TOKEN`, compared in constant time. Without tokens, a model whose
+servers want an API key is refused (403): the front door must not hand their servers to anyone who
+can reach it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from http import HTTPStatus
+from typing import Any
+
+from mvllm import httpd
+from mvllmd.frontdoor.proxy import Call, NoServer, Sink, forward
+from mvllmd.frontdoor.servers import Servers
+from mvllmd.transport import http
+
+MAX_BODY = 32 * 1024 * 1024  # a request body over this is refused (413)
+RETRY_AFTER_S = 5  # what a 503 for "no server" tells the client
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+               404: "NotFoundError", 413: "BadRequestError", 503: "ServiceUnavailableError"}  # fmt: skip
+STREAM_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> httpd.Response:
+    kind = ERROR_TYPES.get(status, HTTPStatus(status).phrase.replace(" ", ""))
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return httpd.Response(status, json.dumps(body).encode(), headers=headers or {})
+
+
+class FrontDoor:
+    def __init__(self, servers: Servers, tokens: frozenset[str] = frozenset()) -> None:
+        self._servers = servers
+        self._tokens = tuple(t.encode() for t in tokens)
+        self._client = http.Client()
+        self.server = httpd.Server(
+            {
+                ("POST", "/v1/completions"): self._generate,
+                ("POST", "/v1/chat/completions"): self._generate,
+                ("GET", "/v1/models"): self._models,
+                ("GET", "/health"): self._health,
+            },
+            max_body=MAX_BODY,
+        )
+
+    async def close(self) -> None:
+        await self.server.close()
+        self._client.close()
+
+    # --- routes ------------------------------------------------------------------------------------
+
+    async def _health(self, request: httpd.Request) -> httpd.Response:
+        if self._servers.models():
+            return httpd.Response(200, b"")
+        return error(503, "no server is READY", {"retry-after": str(RETRY_AFTER_S)})
+
+    async def _models(self, request: httpd.Request) -> httpd.Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        created = int(time.time())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "mvllm"} for m in self._servers.models()]
+        return httpd.json_response({"object": "list", "data": data})
+
+    async def _generate(self, request: httpd.Request) -> httpd.Response:
+        try:
+            call = self._call(request)
+        except _Refused as refused:
+            return refused.response
+        stream_out: list[httpd.Stream] = []
+
+        async def start() -> None:
+            stream_out.append(await request.stream(STREAM_HEADERS))
+
+        async def write(chunk: bytes) -> None:
+            await stream_out[0].write(chunk)
+
+        try:
+            answer = await forward(self._servers, self._client, call, Sink(start, write))
+        except NoServer as exc:
+            return error(503, str(exc), {"retry-after": str(RETRY_AFTER_S)})
+        if stream_out:
+            return stream_out[0]
+        return httpd.Response(answer.status, answer.body)
+
+    # --- checks ------------------------------------------------------------------------------------
+
+    def _authorized(self, request: httpd.Request) -> bool:
+        if not self._tokens:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        offered = given.strip().encode()
+        # Every token is compared, whatever matches: the time taken says nothing of which one did.
+        matches = [hmac.compare_digest(offered, token) for token in self._tokens]
+        return scheme.lower() == "bearer" and any(matches)
+
+    def _call(self, request: httpd.Request) -> Call:
+        """The request as a Call; raise _Refused with the answer for one that cannot go upstream."""
+        if not self._authorized(request):
+            raise _Refused(_unauthorized())
+        try:
+            body = json.loads(request.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _Refused(error(400, f"the request body is not JSON: {exc}")) from None
+        if not isinstance(body, dict):
+            raise _Refused(error(400, "the request body must be a JSON object"))
+        model = self._model_of(body)
+        if not self._tokens and self._servers.api_keys(model):
+            raise _Refused(error(403, f"the servers of {model} want an API key, and this front door has no "
+                                      "tokens: start mvllmd with --http-token-file to forward to them"))  # fmt: skip
+        want, stream = body.get("n", 1), body.get("stream", False)
+        if not isinstance(want, int) or isinstance(want, bool) or want < 1 or not isinstance(stream, bool):
+            raise _Refused(error(400, "`n` must be a positive integer and `stream` true or false"))
+        return Call(model, request.path, request.body, want, stream)
+
+    def _model_of(self, body: dict[str, Any]) -> str:
+        served = self._servers.models()
+        listed = ", ".join(served) or "none (no server is READY)"
+        model = body.get("model")
+        if model is None and len(served) == 1:
+            return served[0]
+        if model is None:
+            raise _Refused(error(400, f"name the model; served: {listed}"))
+        if not isinstance(model, str):
+            raise _Refused(error(400, "`model` must be a string"))
+        if model in served:
+            return model
+        if not served:
+            raise _Refused(error(503, "no server is READY", {"retry-after": str(RETRY_AFTER_S)}))
+        raise _Refused(error(404, f"The model `{model}` does not exist. Served: {listed}."))
+
+
+class _Refused(Exception):
+    def __init__(self, response: httpd.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def _unauthorized() -> httpd.Response:
+    return error(401, "give a token of this front door: Authorization: Bearer TOKEN", {"www-authenticate": "Bearer"})

@@ -1,0 +1,144 @@
+"""The front door's servers: per model, a lane on each READY instance, picked least-loaded.
+
+The front door is one more user of the daemon's endpoint table (dispatch/endpoints.py), as a job is:
+the Endpoint of each server (its breaker, hang watch, gauges, speed) is the one every job shares, and
+the front door holds a Lane on it per model with the jobs' least-loaded policy over them. Its
+requests count in the server's load (Endpoint.inflight) like a job's samples do; a request for n
+choices counts n.
+
+Which servers: this daemon's READY instances, by served model name, followed through the instance
+manager's events; a server that leaves (stopped, failed, UNHEALTHY) is left at once, and its requests
+in flight finish or fail where they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from mvllmd.dispatch.endpoints import Endpoints, Listener
+from mvllmd.dispatch.flights import Flight, Flights, Lane, Work
+from mvllmd.dispatch.policies.least_loaded import LeastLoaded
+from mvllmd.instances.manager import InstanceManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Model:
+    """One model's servers: a lane on each, the policy over them, the requests in flight."""
+
+    policy: LeastLoaded = field(default_factory=LeastLoaded)
+    lanes: dict[str, Lane] = field(default_factory=dict)  # by URL
+    flights: Flights = field(default_factory=Flights)
+
+
+class Servers:
+    def __init__(self, endpoints: Endpoints, instances: InstanceManager) -> None:
+        self._endpoints = endpoints
+        self._instances = instances
+        self._models: dict[str, _Model] = {}
+        self._events = instances.subscribe()
+        self._listener = Listener(read=self._reindex, hung=lambda endpoint: None)
+        endpoints.listen(self._listener)
+        self._follow: asyncio.Task[None] | None = None
+        self.sync()
+
+    def start(self) -> None:
+        self._follow = asyncio.create_task(self._follow_instances())
+
+    async def close(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+            await asyncio.gather(self._follow, return_exceptions=True)
+        self._instances.unsubscribe(self._events)
+        self._endpoints.unlisten(self._listener)
+        for model in self._models.values():
+            for lane in list(model.lanes.values()):
+                self._leave(model, lane)
+        self._models.clear()
+
+    # --- which servers -----------------------------------------------------------------------------
+
+    def models(self) -> list[str]:
+        """The models some server serves now, sorted."""
+        return sorted(name for name, model in self._models.items() if model.lanes)
+
+    def api_keys(self, model: str) -> bool:
+        """Whether any server of `model` wants an API key."""
+        found = self._models.get(model)
+        return found is not None and any(lane.endpoint.api_key for lane in found.lanes.values())
+
+    def sync(self) -> None:
+        """Join the READY instances' servers, and leave those that are no longer READY."""
+        ready: dict[str, dict[str, tuple[int, str]]] = {}
+        for view, key in self._instances.serving():
+            ready.setdefault(view.spec.served_model_name, {})[view.spec.url] = (view.spec.max_num_seqs, key)
+        for name in set(self._models) | set(ready):
+            model = self._models.setdefault(name, _Model())
+            wanted = ready.get(name, {})
+            for url, lane in list(model.lanes.items()):
+                if url not in wanted or wanted[url][1] != lane.endpoint.api_key:
+                    self._leave(model, lane)
+            for url, (capacity, key) in wanted.items():
+                if url not in model.lanes:
+                    lane = Lane(self._endpoints.join(url, capacity, key))
+                    model.lanes[url] = lane
+                    model.policy.add(lane)
+
+    def _leave(self, model: _Model, lane: Lane) -> None:
+        lane.left = True
+        model.policy.remove(lane)
+        del model.lanes[lane.url]
+        self._endpoints.leave(lane.endpoint)
+
+    async def _follow_instances(self) -> None:
+        while True:
+            await self._events.get()
+            while not self._events.empty():
+                self._events.get_nowait()
+            try:
+                self.sync()
+            except Exception:  # a bug here must not stop the front door from following its servers
+                log.exception("following the front door's servers failed")
+
+    def _reindex(self) -> None:
+        for model in self._models.values():
+            model.policy.reindex()
+
+    # --- requests ----------------------------------------------------------------------------------
+
+    def pick(self, model: str, want: int, avoid: frozenset[str] = frozenset()) -> Lane | None:
+        """The least-loaded usable server of `model` with room for `want` choices, not in `avoid`
+        (URLs already tried); else the least-loaded usable one, room or not (a front-door request
+        waits in the server's own queue rather than be refused); None when none is usable."""
+        found = self._models.get(model)
+        if found is None:
+            return None
+        now = time.monotonic()
+        avoided = [lane for url, lane in found.lanes.items() if url in avoid]
+        lane = found.policy.pick(want, now, avoided)
+        if lane is not None:
+            return lane
+        usable = [lane for url, lane in found.lanes.items() if url not in avoid and lane.usable(now)]
+        return min(usable, key=lambda lane: (lane.load + want) / max(found.policy.speed(lane), 1e-9), default=None)
+
+    def send(self, model: str, lane: Lane, want: int) -> Flight:
+        """Count a request of `want` choices to `lane` as in flight."""
+        flight = self._models[model].flights.open(Work(-1, None, list(range(want))), lane)
+        self._models[model].policy.changed(lane)
+        return flight
+
+    def land(self, model: str, flight: Flight, ok: bool | None) -> None:
+        """The request is over: answered (`ok`), failed in a way that counts against the server
+        (False), or neither (None: the client left, a 4xx)."""
+        found = self._models.get(model)
+        now = time.monotonic()
+        if ok:
+            flight.endpoint.succeeded(flight.held, now - flight.started, now)
+        elif ok is False:
+            flight.endpoint.failed(flight.started, now)
+        if found is not None and found.flights.land(flight):
+            found.policy.changed(flight.lane)
