@@ -88,8 +88,16 @@ def clean_environment(tmp: Path) -> dict[str, str]:
     return env
 
 
+def any_http_port(args: Sequence[str]) -> list[str]:
+    """`args`, with the front door on a port of its own (the default, 7080, is one per machine: two test
+    daemons at once would collide there), unless they say where it listens."""
+    given = any(a == "--http-listen" or a.startswith("--http-listen=") for a in args)
+    return list(args) if given else [*args, "--http-listen", "http://127.0.0.1:0"]
+
+
 def run_mvllmd(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MVLLMD, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    argv = [MVLLMD, *any_http_port(args)]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
 
 
 def assert_short_error(done: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
@@ -108,7 +116,7 @@ def start_daemon(
     notify = NotifyListener(tmp / f"notify-{len(list(tmp.glob('notify-*')))}")
     run_env = dict(env, NOTIFY_SOCKET=str(notify.path))
     stderr_path = tmp / f"mvllmd-{notify.path.name}.log"
-    argv = [MVLLMD, *args]
+    argv = [MVLLMD, *any_http_port(args)]
     launch = [*prefix, *argv]
     if watchdog_usec is not None:
         # WATCHDOG_PID must name the daemon itself, known only once it runs: a shell exports its own

@@ -24,7 +24,7 @@ def manager(user_manager: UserManager) -> UserManager:
 def test_installed_unit_reaches_running_and_stops_cleanly(manager: UserManager, tmp_path: Path) -> None:
     # A config path full of what systemd would otherwise expand or split: $, %, quotes, spaces.
     config = tmp_path / 'my cfg $HOME %h "q".toml'
-    config.write_text("[inventory]\nsim_gpus = 2\n")
+    config.write_text('[inventory]\nsim_gpus = 2\n[http]\nlisten = ["http://127.0.0.1:0"]\n')
     installed = manager.run([str(BIN / "mvllmd"), "install-units", "--user", "--runtime", "--config", str(config)])
     assert installed.returncode == 0, installed.stderr
     assert installed.stdout == f"installed {manager.unit_dir}/mvllmd.service\n"

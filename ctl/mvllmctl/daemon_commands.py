@@ -35,6 +35,7 @@ def info(ctl: Ctl, as_json: bool) -> None:
             ),
             ("under systemd", "yes" if response.under_systemd else "no"),
             ("listening on", ", ".join(response.listen_addresses)),
+            ("front door", ", ".join(response.http_urls) or "off"),
             ("state dir", response.state_dir),
         ]
     )

@@ -3,6 +3,10 @@
     unix:/abs/path        a unix socket (also accepted: unix:///abs/path)
     host:port             TCP; IPv6 literals in brackets: [::1]:7070
 
+The HTTP front door listens on URLs instead: `http://HOST:PORT` or `https://HOST:PORT` (`HttpAddress`),
+with the same rule in its own terms (plaintext and token-less listeners on loopback only, unless
+`--insecure-http`: `check_http_policy`).
+
 Plaintext TCP is allowed on loopback only; any other host needs mutual TLS (a server certificate and
 a CA for client certificates), or an explicit `--insecure-tcp`. The default sockets' paths come
 from mvllm.addresses, which clients share.
@@ -125,3 +129,44 @@ def default_socket(environ: Mapping[str, str], euid: int) -> UnixAddress:
 def first_path(value: str) -> str:
     """systemd passes several directories colon-separated; ours is the first."""
     return value.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class HttpAddress:
+    """Where the HTTP front door listens: http:// or https://, a host and a port (0: any free one)."""
+
+    tls: bool
+    tcp: TcpAddress
+
+    def __str__(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.tcp}"
+
+
+def parse_http_address(text: str) -> HttpAddress:
+    """`http://HOST:PORT` or `https://HOST:PORT`; raise AddressError with what is expected."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("http", "https") or "/" in rest:
+        raise AddressError(
+            f"{text!r}: expected http://HOST:PORT or https://HOST:PORT (or none), e.g. http://127.0.0.1:7080"
+        )
+    return HttpAddress(scheme == "https", _parse_tcp(rest))
+
+
+def check_http_policy(address: HttpAddress, insecure_http: bool, tls: TlsFiles | None, tokens: bool) -> None:
+    """https:// needs the daemon's certificate; off loopback, the front door needs TLS and tokens, unless
+    --insecure-http: anyone who reaches it could otherwise use every server behind it."""
+    if address.tls and tls is None:
+        raise AddressError(f"{address}: https needs the daemon's --tls-cert and --tls-key")
+    if address.tcp.is_loopback or insecure_http:
+        return
+    if not address.tls:
+        raise AddressError(
+            f"refusing to listen on {address}: it is not a loopback address, and plain http would carry tokens and "
+            "prompts in the clear. Use https:// (with --tls-cert and --tls-key), listen on 127.0.0.1, or pass "
+            "--insecure-http (insecure_http = true) if the network is trusted."
+        )
+    if not tokens:
+        raise AddressError(
+            f"refusing to listen on {address} without tokens: anyone who reaches it could use every server behind "
+            "it. Give --http-token-file (one token per line), or pass --insecure-http if the network is trusted."
+        )

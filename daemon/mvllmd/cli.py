@@ -80,6 +80,12 @@ Examples:
 @click.option("--endpoint-max-num-seqs", type=int, metavar="N", help="Batch limit of --endpoints servers. [256]")
 @click.option("--job-hang-timeout", type=float, metavar="SECONDS", help="Server finishing nothing: hung. [120]")
 @click.option("--job-stop-drain", type=float, metavar="SECONDS", help="On cancel/SIGTERM, requests may finish. [20]")
+@click.option("--http-listen", multiple=True, metavar="URL",
+              help="Front door URL: http(s)://HOST:PORT; repeat; none: off. [http://127.0.0.1:7080]")  # fmt: skip
+@click.option("--http-token-file", metavar="FILE", help="Front door bearer tokens, one per line (mode 600).")
+@click.option(
+    "--insecure-http/--no-insecure-http", default=None, help="Allow the front door off loopback without TLS/tokens."
+)
 @click.pass_context
 def cli(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
     """mvllmd: owns this host's GPUs and the vLLM servers on them, and runs rollout jobs across them.
@@ -91,6 +97,7 @@ def cli(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
         return
     overrides = {option.name: flags[option.flag.lstrip("-").replace("-", "_")] for option in OPTIONS}
     overrides["daemon.listen"] = list(flags["listen"]) or None
+    overrides["http.listen"] = list(flags["http_listen"]) or None
     config = load_config(config_file, overrides, os.environ, os.geteuid())
     _setup_logging(config.daemon.log_level, journald=bool(os.environ.get("JOURNAL_STREAM")))
     os.umask(0o077)  # state and sockets are private; listeners.py opens the socket to its group

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from mvllmd.addresses import ListenAddress, check_tcp_policy, default_socket, first_path, parse_address
+from mvllmd.addresses import (
+    HttpAddress,
+    ListenAddress,
+    check_http_policy,
+    check_tcp_policy,
+    default_socket,
+    first_path,
+    parse_address,
+    parse_http_address,
+)
 from mvllmd.errors import AddressError, ConfigError
 from mvllmd.inventory import GpuSourceChoice
 from mvllmd.tls import TlsFiles, tls_files
@@ -83,6 +92,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("jobs", "endpoint_max_num_seqs", int, 256, "--endpoint-max-num-seqs", minimum=1, maximum=100_000),
     Option("jobs", "hang_timeout_s", float, 120.0, "--job-hang-timeout", minimum=1, maximum=86400),
     Option("jobs", "stop_drain_s", float, 20.0, "--job-stop-drain", minimum=0, maximum=3600),
+    Option("http", "listen", list, ["http://127.0.0.1:7080"], "--http-listen"),
+    Option("http", "token_file", str, "", "--http-token-file"),
+    Option("http", "insecure_http", bool, False, "--insecure-http"),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -131,6 +143,13 @@ class JobSettings:
     stop_drain_s: float  # on cancel or SIGTERM, how long requests in flight may finish
 
 
+@dataclass(frozen=True)
+class HttpSettings:
+    listen: tuple[HttpAddress, ...]  # empty: no front door
+    tokens: frozenset[str] = field(default=frozenset(), repr=False)  # from token_file; never logged
+    insecure_http: bool = False
+
+
 DEFAULTS: Mapping[str, Any] = {o.name: o.default for o in OPTIONS}  # the one home of every default
 
 
@@ -152,6 +171,7 @@ class Config:
     instances: InstanceSettings = field(default_factory=lambda: defaults(InstanceSettings, "instances"))
     jobs: JobSettings = field(default_factory=lambda: defaults(JobSettings, "jobs"))
     config_file: Path | None = None
+    http: HttpSettings = HttpSettings(())  # built by load_config; () here: no front door
 
 
 def load_config(
@@ -268,7 +288,42 @@ def _build(values: dict[str, Any], config_file: Path | None, environ: Mapping[st
     )
     instances = _section(InstanceSettings, "instances", values)
     jobs = _section(JobSettings, "jobs", values)
-    return Config(daemon, inventory, engine, instances, jobs, config_file)
+    http = _http(values, tls)
+    return Config(daemon, inventory, engine, instances, jobs, config_file, http)
+
+
+def _http(values: dict[str, Any], tls: TlsFiles | None) -> HttpSettings:
+    texts: list[str] = values["http.listen"]
+    if texts == ["none"]:
+        return HttpSettings(())
+    if "none" in texts:
+        raise AddressError("--http-listen none turns the front door off: give it alone, not with addresses")
+    token_file = _optional_path(values["http.token_file"], "[http] token_file")
+    tokens = _tokens(token_file) if token_file is not None else frozenset()
+    addresses = tuple(parse_http_address(t) for t in texts)
+    for address in addresses:
+        check_http_policy(address, values["http.insecure_http"], tls, bool(tokens))
+    seen = [str(a) for a in addresses]
+    duplicates = sorted({a for a in seen if seen.count(a) > 1})
+    if duplicates:
+        raise AddressError(f"http listen address given twice: {', '.join(duplicates)}")
+    return HttpSettings(addresses, tokens, values["http.insecure_http"])
+
+
+def _tokens(path: Path) -> frozenset[str]:
+    """The front door's tokens: one per line (blank lines and # comments skipped), in a file that only
+    its owner may read."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(f"the token file {path} may be read by others (mode {mode & 0o777:o}); chmod 600 it")
+    tokens = frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    if not tokens:
+        raise ConfigError(f"the token file {path} holds no token (one per line)")
+    return tokens
 
 
 def _optional_path(text: str, what: str) -> Path | None:

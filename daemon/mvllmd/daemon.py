@@ -30,6 +30,7 @@ class DaemonInfo:
     state_dir: Path
     pid: int
     under_systemd: bool
+    http_urls: tuple[str, ...] = ()
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Daemon:
     instances: InstanceManager
     jobs: JobManager
     listen_addresses: tuple[str, ...] = ()
+    http_urls: tuple[str, ...] = ()  # the HTTP front door's, with the ports picked for port 0
     start_time: datetime = field(default_factory=lambda: datetime.now(UTC))
     _started: float = field(default_factory=time.monotonic)
 
@@ -54,6 +56,7 @@ class Daemon:
             state_dir=self.config.daemon.state_dir,
             pid=os.getpid(),
             under_systemd=self.under_systemd,
+            http_urls=self.http_urls,
         )
 
     async def devices(self, kind: DeviceKind | None = None) -> Inventory:

@@ -1,7 +1,8 @@
 """mvllmd's lifecycle: start-up, serve, drain, stop (in the manner of uvicorn's Server).
 
-Start-up takes the state-directory lock, picks the unit manager, reads the device inventory, binds every
-listen address and only then says READY=1. SIGTERM and SIGINT only set a flag; the daemon then says
+Start-up binds the gRPC listen addresses, takes the state-directory lock, picks the unit manager, reads
+the device inventory, starts the instances and jobs, binds the HTTP front door's addresses, and only
+then says READY=1. SIGTERM and SIGINT only set a flag; the daemon then says
 STOPPING=1, refuses new calls, lets running ones finish within `drain_timeout_s`, and cancels the rest.
 """
 
@@ -23,12 +24,16 @@ from grpc_reflection.v1alpha import reflection
 
 from mvllm import __version__
 from mvllm.v1 import daemon_pb2, daemon_pb2_grpc, instance_pb2, instance_pb2_grpc, job_pb2, job_pb2_grpc
+from mvllmd.addresses import HttpAddress, TcpAddress
 from mvllmd.api.daemon_service import DaemonServicer
 from mvllmd.api.instance_service import InstanceServicer
 from mvllmd.api.job_service import JobServicer
 from mvllmd.config import Config
 from mvllmd.daemon import Daemon
-from mvllmd.errors import ConfigError
+from mvllmd.dispatch.endpoints import Endpoints, Tuning
+from mvllmd.errors import AddressError, ConfigError
+from mvllmd.frontdoor.app import FrontDoor
+from mvllmd.frontdoor.servers import Servers
 from mvllmd.instances.backends.choice import BackendKind, pick_backend
 from mvllmd.instances.backends.process import ProcessBackend
 from mvllmd.instances.backends.protocol import UnitBackend
@@ -62,18 +67,23 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ
         bound = listeners.bind(server)  # first: a bad address fails before anything is touched
         state_lock = _lock_state_dir(config)
         try:
-            daemon = await _start_up(config, notifier, under_systemd, environ)
+            endpoints = Endpoints(Tuning.of(config.jobs))
+            daemon = await _start_up(config, notifier, under_systemd, environ, endpoints)
             daemon.listen_addresses = bound
-            health = _add_services(server, daemon)
-            await server.start()
+            front = FrontDoor(Servers(endpoints, daemon.instances), config.http.tokens)
             try:
+                daemon.http_urls = await _open_front_door(front, config)
+                health = _add_services(server, daemon)
+                await server.start()
                 await _run_until_signalled(daemon, health, notifier)
                 notifier.stopping(f"stopping jobs (up to {config.jobs.stop_drain_s:g}s for requests in flight)")
                 await daemon.jobs.close()
                 await _drain(server, health, notifier, config.daemon.drain_timeout_s)
             finally:
+                await front.close()
                 await daemon.jobs.close()
                 await daemon.instances.close()
+                await endpoints.close()
         finally:
             state_lock.release()
     finally:
@@ -92,7 +102,27 @@ def _lock_state_dir(config: Config) -> PidLock:
     return lock
 
 
-async def _start_up(config: Config, notifier: Notifier, under_systemd: bool, environ: Mapping[str, str]) -> Daemon:
+async def _open_front_door(front: FrontDoor, config: Config) -> tuple[str, ...]:
+    """Bind the front door's addresses (after the state lock: a second daemon is refused for that);
+    return their URLs, with the ports picked for port 0."""
+    urls = []
+    for address in config.http.listen:
+        context = config.daemon.tls.http_context() if address.tls and config.daemon.tls else None
+        try:
+            host, port = await front.listen(address.tcp.host, address.tcp.port, context)
+        except OSError as exc:
+            raise AddressError(
+                f"cannot listen on {address} (the HTTP front door): {exc.strerror or exc}; pass --http-listen "
+                "with another address, or --http-listen none"
+            ) from None
+        urls.append(str(HttpAddress(address.tls, TcpAddress(host, port))))
+    front.servers.start()
+    return tuple(urls)
+
+
+async def _start_up(
+    config: Config, notifier: Notifier, under_systemd: bool, environ: Mapping[str, str], endpoints: Endpoints
+) -> Daemon:
     notifier.status("detecting the unit manager")
     manager = await asyncio.to_thread(pick_backend, config.daemon.unit_manager, os.geteuid())
     notifier.status("reading the device inventory")
@@ -111,7 +141,8 @@ async def _start_up(config: Config, notifier: Notifier, under_systemd: bool, env
     notifier.status("re-adopting instances")
     await instances.start()
     store = JobStore(config.daemon.state_dir / "jobs.sqlite3")
-    jobs = JobManager(store, instances, config.jobs, resume_wait_s=config.instances.start_timeout_s)
+    jobs = JobManager(store, instances, config.jobs, resume_wait_s=config.instances.start_timeout_s,
+                      endpoints=endpoints)  # fmt: skip
     notifier.status("resuming jobs")
     await jobs.start()
     return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd, instances=instances, jobs=jobs)

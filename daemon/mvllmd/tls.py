@@ -1,4 +1,5 @@
-"""TLS for mvllmd's TCP listeners: the PEM files, checked at start-up, and gRPC's server credentials.
+"""TLS for mvllmd's TCP listeners: the PEM files, checked at start-up, gRPC's server credentials and the
+HTTP front door's context.
 
 With a certificate and key, every TCP listener speaks TLS (unix sockets stay plain: their file mode
 guards them). With a client CA too, a client must present a certificate that CA signed (mutual TLS):
@@ -35,6 +36,15 @@ class TlsFiles:
         except OSError as exc:  # checked at start-up, but a file can go before the listeners bind
             raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
         return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
+
+    def http_context(self) -> ssl.SSLContext:
+        """The HTTP front door's server context: this certificate; clients prove themselves by token."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load {self.cert} and {self.key}: {exc}") from None
+        return context
 
 
 def tls_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> TlsFiles | None:

@@ -63,7 +63,7 @@ async def door() -> AsyncIterator[Callable[..., Awaitable[tuple[str, Ready]]]]:
         table = Servers(endpoints, ready)  # type: ignore[arg-type]
         table.start()
         front = FrontDoor(table, tokens)
-        host, port = await front.server.start("127.0.0.1", 0)
+        host, port = await front.listen("127.0.0.1", 0)
         opened.append((front, table, endpoints))
         return f"http://{host}:{port}", ready
 

@@ -31,6 +31,7 @@ def mvllmd(manager: UserManager, tmp_path: Path) -> Iterator[Callable[..., Any]]
     config = tmp_path / "mvllmd.toml"
     config.write_text(
         "[inventory]\nsim_gpus = 4\n[instances]\nprobe_interval_s = 0.2\nport_base = 18700\nhang_timeout_s = 1.0\n"
+        '[http]\nlisten = ["http://127.0.0.1:0"]\n'  # the default port is one per machine
     )
     done = manager.run([str(BIN / "mvllmd"), "install-units", "--user", "--runtime", "--config", str(config)])
     assert done.returncode == 0, done.stderr

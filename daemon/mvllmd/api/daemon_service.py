@@ -58,6 +58,7 @@ def info_to_proto(info: DaemonInfo) -> pb.GetDaemonInfoResponse:
         state_dir=str(info.state_dir),
         pid=info.pid,
         under_systemd=info.under_systemd,
+        http_urls=list(info.http_urls),
     )
 
 

@@ -20,6 +20,7 @@ import hmac
 import json
 import time
 from http import HTTPStatus
+from ssl import SSLContext
 from typing import Any
 
 from mvllm import httpd
@@ -42,21 +43,27 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> h
 
 class FrontDoor:
     def __init__(self, servers: Servers, tokens: frozenset[str] = frozenset()) -> None:
-        self._servers = servers
+        self.servers = self._servers = servers
         self._tokens = tuple(t.encode() for t in tokens)
         self._client = http.Client()
-        self.server = httpd.Server(
-            {
-                ("POST", "/v1/completions"): self._generate,
-                ("POST", "/v1/chat/completions"): self._generate,
-                ("GET", "/v1/models"): self._models,
-                ("GET", "/health"): self._health,
-            },
-            max_body=MAX_BODY,
-        )
+        self._routes: dict[tuple[str, str], httpd.Handler] = {
+            ("POST", "/v1/completions"): self._generate,
+            ("POST", "/v1/chat/completions"): self._generate,
+            ("GET", "/v1/models"): self._models,
+            ("GET", "/health"): self._health,
+        }
+        self._servers_http: list[httpd.Server] = []
+
+    async def listen(self, host: str, port: int, ssl: SSLContext | None = None) -> tuple[str, int]:
+        """Serve on one more address; return the host and port bound (port 0: the one picked)."""
+        server = httpd.Server(self._routes, max_body=MAX_BODY)
+        bound = await server.start(host, port, ssl=ssl)
+        self._servers_http.append(server)
+        return bound
 
     async def close(self) -> None:
-        await self.server.close()
+        for server in self._servers_http:
+            await server.close()
         self._client.close()
 
     # --- routes ------------------------------------------------------------------------------------

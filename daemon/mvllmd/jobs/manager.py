@@ -73,12 +73,13 @@ class _Job:
 
 class JobManager:
     def __init__(self, store: JobStore, instances: InstanceManager, settings: JobSettings,
-                 resume_wait_s: float = DEFAULTS["instances.start_timeout_s"]) -> None:  # fmt: skip
+                 resume_wait_s: float = DEFAULTS["instances.start_timeout_s"],
+                 endpoints: Endpoints | None = None) -> None:  # fmt: skip
         self._store = store
         self._instances = instances
         self._settings = settings
         self._resume_wait_s = resume_wait_s  # a job resumed at start waits this long for its instances
-        self._endpoints = Endpoints(Tuning.of(settings))
+        self._endpoints = endpoints or Endpoints(Tuning.of(settings))  # shared with the front door
         self._jobs: dict[str, _Job] = {}
         self._closing = False
 

@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mvllm/v1/daemon.proto\x12\x08mvllm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x16\n\x14GetDaemonInfoRequest\"\x80\x02\n\x15GetDaemonInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12+\n\x0cunit_manager\x18\x05 \x01(\x0e\x32\x15.mvllm.v1.UnitManager\x12\x18\n\x10listen_addresses\x18\x06 \x03(\t\x12\x11\n\tstate_dir\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x15\n\runder_systemd\x18\t \x01(\x08\"E\n\rDeviceProcess\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x19\n\x11used_memory_bytes\x18\x03 \x01(\x04\"\xcc\x01\n\x06\x44\x65vice\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.mvllm.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\x06 \x01(\x04\x12*\n\tprocesses\x18\x07 \x03(\x0b\x32\x17.mvllm.v1.DeviceProcess\x12\x10\n\x08instance\x18\x08 \x01(\t\"8\n\x12ListDevicesRequest\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.mvllm.v1.DeviceKind\"a\n\x13ListDevicesResponse\x12!\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x10.mvllm.v1.Device\x12\'\n\ngpu_source\x18\x02 \x01(\x0e\x32\x13.mvllm.v1.GpuSource*\x85\x01\n\x0bUnitManager\x12\x1c\n\x18UNIT_MANAGER_UNSPECIFIED\x10\x00\x12\x1f\n\x1bUNIT_MANAGER_SYSTEMD_SYSTEM\x10\x01\x12\x1d\n\x19UNIT_MANAGER_SYSTEMD_USER\x10\x02\x12\x18\n\x14UNIT_MANAGER_PROCESS\x10\x03*q\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_KIND_GPU\x10\x01\x12\x18\n\x14\x44\x45VICE_KIND_CPU_SLOT\x10\x02\x12\x17\n\x13\x44\x45VICE_KIND_SIM_GPU\x10\x03*l\n\tGpuSource\x12\x1a\n\x16GPU_SOURCE_UNSPECIFIED\x10\x00\x12\x13\n\x0fGPU_SOURCE_NVML\x10\x01\x12\x19\n\x15GPU_SOURCE_NVIDIA_SMI\x10\x02\x12\x13\n\x0fGPU_SOURCE_NONE\x10\x03\x32\xad\x01\n\rDaemonService\x12P\n\rGetDaemonInfo\x12\x1e.mvllm.v1.GetDaemonInfoRequest\x1a\x1f.mvllm.v1.GetDaemonInfoResponse\x12J\n\x0bListDevices\x12\x1c.mvllm.v1.ListDevicesRequest\x1a\x1d.mvllm.v1.ListDevicesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mvllm/v1/daemon.proto\x12\x08mvllm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x16\n\x14GetDaemonInfoRequest\"\x93\x02\n\x15GetDaemonInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12+\n\x0cunit_manager\x18\x05 \x01(\x0e\x32\x15.mvllm.v1.UnitManager\x12\x18\n\x10listen_addresses\x18\x06 \x03(\t\x12\x11\n\tstate_dir\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x15\n\runder_systemd\x18\t \x01(\x08\x12\x11\n\thttp_urls\x18\n \x03(\t\"E\n\rDeviceProcess\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x19\n\x11used_memory_bytes\x18\x03 \x01(\x04\"\xcc\x01\n\x06\x44\x65vice\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.mvllm.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\x06 \x01(\x04\x12*\n\tprocesses\x18\x07 \x03(\x0b\x32\x17.mvllm.v1.DeviceProcess\x12\x10\n\x08instance\x18\x08 \x01(\t\"8\n\x12ListDevicesRequest\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.mvllm.v1.DeviceKind\"a\n\x13ListDevicesResponse\x12!\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x10.mvllm.v1.Device\x12\'\n\ngpu_source\x18\x02 \x01(\x0e\x32\x13.mvllm.v1.GpuSource*\x85\x01\n\x0bUnitManager\x12\x1c\n\x18UNIT_MANAGER_UNSPECIFIED\x10\x00\x12\x1f\n\x1bUNIT_MANAGER_SYSTEMD_SYSTEM\x10\x01\x12\x1d\n\x19UNIT_MANAGER_SYSTEMD_USER\x10\x02\x12\x18\n\x14UNIT_MANAGER_PROCESS\x10\x03*q\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_KIND_GPU\x10\x01\x12\x18\n\x14\x44\x45VICE_KIND_CPU_SLOT\x10\x02\x12\x17\n\x13\x44\x45VICE_KIND_SIM_GPU\x10\x03*l\n\tGpuSource\x12\x1a\n\x16GPU_SOURCE_UNSPECIFIED\x10\x00\x12\x13\n\x0fGPU_SOURCE_NVML\x10\x01\x12\x19\n\x15GPU_SOURCE_NVIDIA_SMI\x10\x02\x12\x13\n\x0fGPU_SOURCE_NONE\x10\x03\x32\xad\x01\n\rDaemonService\x12P\n\rGetDaemonInfo\x12\x1e.mvllm.v1.GetDaemonInfoRequest\x1a\x1f.mvllm.v1.GetDaemonInfoResponse\x12J\n\x0bListDevices\x12\x1c.mvllm.v1.ListDevicesRequest\x1a\x1d.mvllm.v1.ListDevicesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mvllm.v1.daemon_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UNITMANAGER']._serialized_start=787
-  _globals['_UNITMANAGER']._serialized_end=920
-  _globals['_DEVICEKIND']._serialized_start=922
-  _globals['_DEVICEKIND']._serialized_end=1035
-  _globals['_GPUSOURCE']._serialized_start=1037
-  _globals['_GPUSOURCE']._serialized_end=1145
+  _globals['_UNITMANAGER']._serialized_start=806
+  _globals['_UNITMANAGER']._serialized_end=939
+  _globals['_DEVICEKIND']._serialized_start=941
+  _globals['_DEVICEKIND']._serialized_end=1054
+  _globals['_GPUSOURCE']._serialized_start=1056
+  _globals['_GPUSOURCE']._serialized_end=1164
   _globals['_GETDAEMONINFOREQUEST']._serialized_start=68
   _globals['_GETDAEMONINFOREQUEST']._serialized_end=90
   _globals['_GETDAEMONINFORESPONSE']._serialized_start=93
-  _globals['_GETDAEMONINFORESPONSE']._serialized_end=349
-  _globals['_DEVICEPROCESS']._serialized_start=351
-  _globals['_DEVICEPROCESS']._serialized_end=420
-  _globals['_DEVICE']._serialized_start=423
-  _globals['_DEVICE']._serialized_end=627
-  _globals['_LISTDEVICESREQUEST']._serialized_start=629
-  _globals['_LISTDEVICESREQUEST']._serialized_end=685
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=687
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=784
-  _globals['_DAEMONSERVICE']._serialized_start=1148
-  _globals['_DAEMONSERVICE']._serialized_end=1321
+  _globals['_GETDAEMONINFORESPONSE']._serialized_end=368
+  _globals['_DEVICEPROCESS']._serialized_start=370
+  _globals['_DEVICEPROCESS']._serialized_end=439
+  _globals['_DEVICE']._serialized_start=442
+  _globals['_DEVICE']._serialized_end=646
+  _globals['_LISTDEVICESREQUEST']._serialized_start=648
+  _globals['_LISTDEVICESREQUEST']._serialized_end=704
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=706
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=803
+  _globals['_DAEMONSERVICE']._serialized_start=1167
+  _globals['_DAEMONSERVICE']._serialized_end=1340
 # @@protoc_insertion_point(module_scope)

@@ -48,7 +48,7 @@ class GetDaemonInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetDaemonInfoResponse(_message.Message):
-    __slots__ = ("version", "hostname", "start_time", "uptime_seconds", "unit_manager", "listen_addresses", "state_dir", "pid", "under_systemd")
+    __slots__ = ("version", "hostname", "start_time", "uptime_seconds", "unit_manager", "listen_addresses", "state_dir", "pid", "under_systemd", "http_urls")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class GetDaemonInfoResponse(_message.Message):
     STATE_DIR_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     UNDER_SYSTEMD_FIELD_NUMBER: _ClassVar[int]
+    HTTP_URLS_FIELD_NUMBER: _ClassVar[int]
     version: str
     hostname: str
     start_time: _timestamp_pb2.Timestamp
@@ -67,7 +68,8 @@ class GetDaemonInfoResponse(_message.Message):
     state_dir: str
     pid: int
     under_systemd: bool
-    def __init__(self, version: _Optional[str] = ..., hostname: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., unit_manager: _Optional[_Union[UnitManager, str]] = ..., listen_addresses: _Optional[_Iterable[str]] = ..., state_dir: _Optional[str] = ..., pid: _Optional[int] = ..., under_systemd: _Optional[bool] = ...) -> None: ...
+    http_urls: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., hostname: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., unit_manager: _Optional[_Union[UnitManager, str]] = ..., listen_addresses: _Optional[_Iterable[str]] = ..., state_dir: _Optional[str] = ..., pid: _Optional[int] = ..., under_systemd: _Optional[bool] = ..., http_urls: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeviceProcess(_message.Message):
     __slots__ = ("pid", "name", "used_memory_bytes")
