@@ -129,3 +129,39 @@ def test_sample_config_loads_and_names_every_key() -> None:
     text = sample.read_text()
     for option in OPTIONS:
         assert f"{option.key} =" in text, f"examples/mvllmd.toml does not document {option.name}"
+
+
+# --- the HTTP front door -------------------------------------------------------------------------
+
+
+def test_the_front_door_listens_on_loopback_by_default_and_can_be_turned_off() -> None:
+    (address,) = load().http.listen
+    assert str(address) == "http://127.0.0.1:7080" and not address.tls
+    assert load(**{"http.listen": ["none"]}).http.listen == ()
+    with pytest.raises(AddressError, match="give it alone"):
+        load(**{"http.listen": ["none", "http://127.0.0.1:1"]})
+    for bad in ("127.0.0.1:7080", "ftp://127.0.0.1:1", "http://127.0.0.1:1/v1", "http://127.0.0.1:99999"):
+        with pytest.raises(AddressError):
+            load(**{"http.listen": [bad]})
+
+
+def test_the_front_door_off_loopback_needs_tls_and_tokens(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# clients\nsecret-1\n\nsecret-2\n")
+    tokens.chmod(0o600)
+    with pytest.raises(AddressError, match="plain http would carry tokens"):
+        load(**{"http.listen": ["http://0.0.0.0:7080"], "http.token_file": str(tokens)})
+    with pytest.raises(AddressError, match="https needs the daemon's --tls-cert"):
+        load(**{"http.listen": ["https://127.0.0.1:7080"]})
+    opened = load(**{"http.listen": ["http://0.0.0.0:7080"], "http.insecure_http": True})
+    assert str(opened.http.listen[0]) == "http://0.0.0.0:7080"
+    assert load(**{"http.token_file": str(tokens)}).http.tokens == {"secret-1", "secret-2"}
+    assert "secret" not in repr(load(**{"http.token_file": str(tokens)}))  # never in a log line
+    tokens.chmod(0o644)
+    with pytest.raises(ConfigError, match="may be read by others"):
+        load(**{"http.token_file": str(tokens)})
+    empty = tmp_path / "empty"
+    empty.write_text("\n# none\n")
+    empty.chmod(0o600)
+    with pytest.raises(ConfigError, match="holds no token"):
+        load(**{"http.token_file": str(empty)})
