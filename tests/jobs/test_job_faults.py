@@ -102,6 +102,20 @@ def test_an_instance_that_hangs_mid_job(short_tmp: Path, spawn: Spawn, streamed:
     assert found["endpoints"]
 
 
+def test_an_instance_found_unhealthy_leaves_the_job_at_once(short_tmp: Path, spawn: Spawn) -> None:
+    # The job's own hang watch waits its default 120 s; the daemon finds the instance hung in about 2 s
+    # (UNHEALTHY), and the job must leave it then, not 120 s later.
+    daemon = job_daemon(spawn, short_tmp, "--hang-timeout", "2", "--max-restarts", "0")
+    launch(daemon, 1, *SLOW_SIM)
+    launch(daemon, 1, *SLOW_SIM, "--hang-after-requests", "40", name="hangs")
+    job_id, out = start_job(daemon, short_tmp)
+    wait_samples(daemon, job_id, FAULT_AT)
+    found = wait_ended(daemon, job_id, timeout=60)  # far less than the job's own hang timeout
+    assert found["state"] == "JOB_STATE_SUCCEEDED", (found, daemon.stderr[-3000:])
+    assert_each_pair_once(pq.read_table(out), SLOW_PROMPTS, K)
+    assert "hangs-0 left; its requests go elsewhere" in daemon.stderr
+
+
 def test_an_instance_answering_500s(short_tmp: Path, spawn: Spawn) -> None:
     daemon = job_daemon(spawn, short_tmp)
     launch(daemon, 1, *FAST_SIM)  # the errors come from the start: no need to wait for a moment mid-job

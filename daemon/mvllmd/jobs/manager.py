@@ -250,7 +250,7 @@ class JobManager:
         """Wait until a server of the job is ready; False if the job was stopped meanwhile."""
         spec = job.record.spec
         deadline = time.monotonic() + spec.wait_for_instances_s
-        while not any(target.ready for target in source.current()):
+        while not source.current():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Conflict(f"no instance serving {spec.model} became READY within {spec.wait_for_instances_s:g}s")

@@ -113,7 +113,7 @@ class Run:
             return progress
         if prepared.done.count < progress.samples_total:
             targets = self._source.current()
-            if not any(target.ready for target in targets):
+            if not targets:
                 raise InvalidRequest("no endpoint to send the job to")
             try:
                 await self._run(targets)
@@ -153,7 +153,7 @@ class Run:
     # --- the servers -----------------------------------------------------------------------------
 
     def _follow(self, targets: list[Target]) -> None:
-        """Ready servers join; those no longer listed leave; those listed but not ready stay."""
+        """Listed servers join; those no longer listed leave (their requests go elsewhere)."""
         listed = {t.url: t for t in targets}
         for lane in self._dispatcher.lanes():
             if not lane.left and lane.url not in listed:
@@ -161,7 +161,7 @@ class Run:
                 self._dispatcher.leave(lane.url)
         current = {lane.url for lane in self._dispatcher.lanes() if not lane.left}
         for target in targets:
-            if target.ready and target.url not in current:
+            if target.url not in current:
                 if target.instance:
                     self._instance_of[target.url] = target.instance
                 self._dispatcher.join(target.url, target.capacity, target.api_key)

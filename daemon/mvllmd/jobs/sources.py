@@ -1,13 +1,13 @@
 """Endpoint sources: where a job run learns which servers it may send to, as they join and leave.
 
-A source answers two things: `current()`, the servers now (each a Target: URL, batch size, API key,
-and whether it may take new work), and `changed()`, which returns when that may be different. A run
-follows its source for as long as it runs (run.py): a server that appears ready joins its dispatcher,
-one that is gone leaves it (its requests go elsewhere). Two sources today:
+A source answers two things: `current()`, the servers it may send to now (each a Target: URL, batch
+size, API key), and `changed()`, which returns when that may be different. A run follows its source
+for as long as it runs (run.py): a server that appears joins its dispatcher, one that is gone leaves
+it (its requests go elsewhere). Two sources today:
 
-- `InstanceSource`: this daemon's instances of the job's model. READY ones join; an UNHEALTHY one
-  stays (the dispatcher's own hang watch and breaker judge its requests, and the instance manager
-  restarts it if it stays so) but does not join; any other state leaves.
+- `InstanceSource`: this daemon's READY instances of the job's model. One that is no longer READY
+  leaves at once, UNHEALTHY included (hung: its requests go elsewhere now, not after the job's own
+  hang timeout), and joins again once READY.
 - `UrlSource`: servers named by URL (`--endpoints`), there from start to end.
 
 Servers attached by URL to the daemon and other hosts' instances will be further sources.
@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from mvllmd.instances.manager import InstanceManager
-from mvllmd.instances.spec import InstanceState
 from mvllmd.jobs.targets import Target, instance_targets
 
 
@@ -45,7 +44,7 @@ class UrlSource:
 
 
 class InstanceSource:
-    """The READY (and, once joined, UNHEALTHY) instances of `model`, following the instance manager."""
+    """The READY instances of `model`, following the instance manager."""
 
     def __init__(self, instances: InstanceManager, model: str) -> None:
         self._instances = instances
@@ -53,9 +52,7 @@ class InstanceSource:
         self._events = instances.subscribe()
 
     def current(self) -> list[Target]:
-        ready = instance_targets(self._instances, self._model)
-        unhealthy = instance_targets(self._instances, self._model, InstanceState.UNHEALTHY)
-        return ready + [t.staying_only() for t in unhealthy]
+        return instance_targets(self._instances, self._model)
 
     async def changed(self) -> None:
         await self._events.get()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from mvllmd.errors import Conflict, InvalidRequest
@@ -28,10 +28,6 @@ class Target:
     capacity: int  # max_num_seqs
     api_key: str = ""
     instance: str = ""  # the instance's name, for this daemon's own
-    ready: bool = True  # may take new work; False: a server already in use stays, a new one waits
-
-    def staying_only(self) -> Target:
-        return replace(self, ready=False)
 
 
 def normalize_url(text: str) -> str:
