@@ -83,6 +83,9 @@ Examples:
 @click.option("--http-listen", multiple=True, metavar="URL",
               help="Front door URL: http(s)://HOST:PORT; repeat; none: off. [http://127.0.0.1:7080]")  # fmt: skip
 @click.option("--http-token-file", metavar="FILE", help="Front door bearer tokens, one per line (mode 600).")
+@click.option("--http-session-idle", type=float, metavar="SECONDS", help="Front door: idle sessions end. [600]")
+@click.option("--http-sticky-factor", type=float, metavar="X",
+              help="Front door: a session moves off a server X times slower than the least loaded. [2]")  # fmt: skip
 @click.option(
     "--insecure-http/--no-insecure-http", default=None, help="Allow the front door off loopback without TLS/tokens."
 )

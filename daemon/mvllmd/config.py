@@ -95,6 +95,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("http", "listen", list, ["http://127.0.0.1:7080"], "--http-listen"),
     Option("http", "token_file", str, "", "--http-token-file"),
     Option("http", "insecure_http", bool, False, "--insecure-http"),
+    Option("http", "session_idle_s", float, 600.0, "--http-session-idle", minimum=1, maximum=86400),
+    Option("http", "sticky_factor", float, 2.0, "--http-sticky-factor", minimum=1, maximum=1000),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -143,14 +145,16 @@ class JobSettings:
     stop_drain_s: float  # on cancel or SIGTERM, how long requests in flight may finish
 
 
+DEFAULTS: Mapping[str, Any] = {o.name: o.default for o in OPTIONS}  # the one home of every default
+
+
 @dataclass(frozen=True)
 class HttpSettings:
     listen: tuple[HttpAddress, ...]  # empty: no front door
     tokens: frozenset[str] = field(default=frozenset(), repr=False)  # from token_file; never logged
     insecure_http: bool = False
-
-
-DEFAULTS: Mapping[str, Any] = {o.name: o.default for o in OPTIONS}  # the one home of every default
+    session_idle_s: float = DEFAULTS["http.session_idle_s"]
+    sticky_factor: float = DEFAULTS["http.sticky_factor"]
 
 
 def defaults(kind: type[S], section: str) -> S:
@@ -307,7 +311,8 @@ def _http(values: dict[str, Any], tls: TlsFiles | None) -> HttpSettings:
     duplicates = sorted({a for a in seen if seen.count(a) > 1})
     if duplicates:
         raise AddressError(f"http listen address given twice: {', '.join(duplicates)}")
-    return HttpSettings(addresses, tokens, values["http.insecure_http"])
+    return HttpSettings(addresses, tokens, values["http.insecure_http"], values["http.session_idle_s"],
+                        values["http.sticky_factor"])  # fmt: skip
 
 
 def _tokens(path: Path) -> frozenset[str]:

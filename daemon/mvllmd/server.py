@@ -70,7 +70,10 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ
             endpoints = Endpoints(Tuning.of(config.jobs))
             daemon = await _start_up(config, notifier, under_systemd, environ, endpoints)
             daemon.listen_addresses = bound
-            front = FrontDoor(Servers(endpoints, daemon.instances), config.http.tokens)
+            http = config.http
+            servers = Servers(endpoints, daemon.instances, session_idle_s=http.session_idle_s,
+                              sticky_factor=http.sticky_factor)  # fmt: skip
+            front = FrontDoor(servers, http.tokens)
             try:
                 daemon.http_urls = await _open_front_door(front, config)
                 health = _add_services(server, daemon)

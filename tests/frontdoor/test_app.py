@@ -182,3 +182,16 @@ async def test_tokens(door: Any, start_sim: StartSim, http: aiohttp.ClientSessio
     open_door, _ = await door([("sim", a, "server-key")])  # no tokens: a keyed server is not handed out
     status, answer = await post(http, f"{open_door}/v1/completions", COMPLETION)
     assert status == 403 and "--http-token-file" in answer["error"]["message"]
+
+
+async def test_a_session_names_itself_by_header_or_by_the_bodys_user(
+    door: Any, start_sim: StartSim, http: aiohttp.ClientSession
+) -> None:
+    a, _ = await start_sim("--time-scale", "0")
+    url, _ = await door([("sim", a, "")])
+    status, _ = await post(http, f"{url}/v1/completions", COMPLETION, **{"x-session-id": "agent-1"})
+    assert status == 200
+    status, _ = await post(http, f"{url}/v1/completions", {**COMPLETION, "user": "agent-2"})
+    assert status == 200
+    status, answer = await post(http, f"{url}/v1/completions", {**COMPLETION, "user": 7})
+    assert status == 400 and "`user` must be a string" in answer["error"]["message"]

@@ -7,6 +7,8 @@ This layer only translates: HTTP in, a proxy.Call out; errors in vLLM's envelope
 - `GET /v1/models`: the models some READY server serves;
 - `GET /health`: 200 while some server is READY, else 503.
 
+A request with `X-Session-ID` (or the body's `user`) is sticky-least-loaded (servers.py).
+
 Every other path is 404: vLLM's development routes (`/collective_rpc`, `/pause`, `/sleep`,
 `/update_weights`, ...) are never forwarded. With tokens (`--http-token-file`), every route but
 /health wants `Authorization: Bearer TOKEN`, compared in constant time. Without tokens, a model whose
@@ -129,7 +131,10 @@ class FrontDoor:
         want, stream = body.get("n", 1), body.get("stream", False)
         if not isinstance(want, int) or isinstance(want, bool) or want < 1 or not isinstance(stream, bool):
             raise _Refused(error(400, "`n` must be a positive integer and `stream` true or false"))
-        return Call(model, request.path, request.body, want, stream)
+        session = request.headers.get("x-session-id") or body.get("user") or ""
+        if not isinstance(session, str):
+            raise _Refused(error(400, "`user` must be a string"))
+        return Call(model, request.path, request.body, want, stream, session)
 
     def _model_of(self, body: dict[str, Any]) -> str:
         served = self._servers.models()

@@ -33,6 +33,7 @@ class Call:
     body: bytes
     want: int  # choices asked for (n): what the request counts in the server's load
     stream: bool
+    session: str = ""  # X-Session-ID, or the body's `user`: sticky least-loaded (servers.py)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ async def forward(servers: Servers, client: http.Client, call: Call, sink: Sink)
     tried: set[str] = set()
     last = ""
     for attempt in range(MAX_ATTEMPTS):
-        lane = servers.pick(call.model, call.want, frozenset(tried)) or servers.pick(call.model, call.want)
+        lane = servers.pick(call.model, call.want, frozenset(tried), call.session) or servers.pick(
+            call.model, call.want, session=call.session
+        )
         if lane is None:
             break
         tried.add(lane.url)

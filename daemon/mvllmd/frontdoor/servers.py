@@ -6,6 +6,12 @@ the front door holds a Lane on it per model with the jobs' least-loaded policy o
 requests count in the server's load (Endpoint.inflight) like a job's samples do; a request for n
 choices counts n.
 
+Sessions (sticky least-loaded): a request that names a session goes where the session's last request
+went, so that a multi-turn agent finds its prefix in that server's cache, unless that server is out,
+gone, or would take more than `sticky_factor` times as long as the least-loaded one (load per unit of
+speed, counting the request); then the session moves there. A session unused for `session_idle_s` is
+forgotten. Pure hashing fails the other way: one saturated server keeps its sessions while others idle.
+
 Which servers: this daemon's READY instances, by served model name, followed through the instance
 manager's events; a server that leaves (stopped, failed, UNHEALTHY) is left at once, and its requests
 in flight finish or fail where they are.
@@ -18,12 +24,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from mvllmd.config import DEFAULTS
 from mvllmd.dispatch.endpoints import Endpoints, Listener
 from mvllmd.dispatch.flights import Flight, Flights, Lane, Work
 from mvllmd.dispatch.policies.least_loaded import LeastLoaded
 from mvllmd.instances.manager import InstanceManager
 
 log = logging.getLogger(__name__)
+
+
+SWEEP_EVERY = 4096  # sessions are swept for idle ones once per this many new ones
 
 
 @dataclass
@@ -33,12 +43,18 @@ class _Model:
     policy: LeastLoaded = field(default_factory=LeastLoaded)
     lanes: dict[str, Lane] = field(default_factory=dict)  # by URL
     flights: Flights = field(default_factory=Flights)
+    sessions: dict[str, tuple[str, float]] = field(default_factory=dict)  # session -> (URL, last used)
+    opened: int = 0  # sessions opened since the last sweep
 
 
 class Servers:
-    def __init__(self, endpoints: Endpoints, instances: InstanceManager) -> None:
+    def __init__(self, endpoints: Endpoints, instances: InstanceManager, *,
+                 session_idle_s: float = DEFAULTS["http.session_idle_s"],
+                 sticky_factor: float = DEFAULTS["http.sticky_factor"]) -> None:  # fmt: skip
         self._endpoints = endpoints
         self._instances = instances
+        self._session_idle_s = session_idle_s
+        self._sticky_factor = sticky_factor
         self._models: dict[str, _Model] = {}
         self._events = instances.subscribe()
         self._listener = Listener(read=self._reindex, hung=lambda endpoint: None)
@@ -110,20 +126,53 @@ class Servers:
 
     # --- requests ----------------------------------------------------------------------------------
 
-    def pick(self, model: str, want: int, avoid: frozenset[str] = frozenset()) -> Lane | None:
-        """The least-loaded usable server of `model` with room for `want` choices, not in `avoid`
-        (URLs already tried); else the least-loaded usable one, room or not (a front-door request
-        waits in the server's own queue rather than be refused); None when none is usable."""
+    def pick(self, model: str, want: int, avoid: frozenset[str] = frozenset(), session: str = "") -> Lane | None:
+        """The server for a request of `want` choices: the session's (see the module docstring), else the
+        least-loaded usable one with room, not in `avoid` (URLs already tried), else the least-loaded
+        usable one, room or not (a front-door request waits in the server's queue rather than be
+        refused); None when none is usable."""
         found = self._models.get(model)
         if found is None:
             return None
         now = time.monotonic()
+        best = self._least_loaded(found, want, now, avoid)
+        if not session:
+            return best
+        sticky = self._sticky(found, session, now, avoid)
+        policy = found.policy
+        if sticky is not None and (
+            best is None or policy.value(sticky, want) <= self._sticky_factor * policy.value(best, want)
+        ):
+            best = sticky
+        if best is not None:
+            self._remember(found, session, best.url, now)
+        return best
+
+    def _least_loaded(self, found: _Model, want: int, now: float, avoid: frozenset[str]) -> Lane | None:
         avoided = [lane for url, lane in found.lanes.items() if url in avoid]
         lane = found.policy.pick(want, now, avoided)
         if lane is not None:
             return lane
         usable = [lane for url, lane in found.lanes.items() if url not in avoid and lane.usable(now)]
-        return min(usable, key=lambda lane: (lane.load + want) / max(found.policy.speed(lane), 1e-9), default=None)
+        return min(usable, key=lambda lane: found.policy.value(lane, want), default=None)
+
+    def _sticky(self, found: _Model, session: str, now: float, avoid: frozenset[str]) -> Lane | None:
+        """The session's server, if it has one, still there and usable, and the session is not idle."""
+        url, used = found.sessions.get(session, ("", 0.0))
+        lane = found.lanes.get(url)
+        if lane is None or now - used > self._session_idle_s or url in avoid or not lane.usable(now):
+            return None
+        return lane
+
+    def _remember(self, found: _Model, session: str, url: str, now: float) -> None:
+        if session not in found.sessions:
+            found.opened += 1
+            if found.opened >= SWEEP_EVERY:
+                found.opened = 0
+                idle = [s for s, (_, used) in found.sessions.items() if now - used > self._session_idle_s]
+                for gone in idle:
+                    del found.sessions[gone]
+        found.sessions[session] = (url, now)
 
     def send(self, model: str, lane: Lane, want: int) -> Flight:
         """Count a request of `want` choices to `lane` as in flight."""

@@ -93,6 +93,10 @@ class LeastLoaded:
     def _speed_of(self, lane: Lane) -> float:
         return self.speed(lane) or self._default
 
+    def value(self, lane: Lane, want: int) -> float:
+        """How soon a request of `want` samples would be done on `lane`: (load + want) / speed (lower is sooner)."""
+        return (lane.load + want) / self._speed_of(lane)
+
     def share(self, lane: Lane) -> int:
         """The most the lane may hold: its limit, in proportion to its speed against the fastest."""
         speed = self.speed(lane)
