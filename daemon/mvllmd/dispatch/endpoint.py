@@ -40,6 +40,7 @@ class Endpoint:
         self.speed = 0.0  # samples per second, smoothed; 0 until measured
         self.latency_s = 0.0  # a request's time from sent to answered, smoothed; 0 until measured
         self.users = 0  # the jobs that send to it now: each may hold an equal share of the limit
+        self.doors = 0  # the front door's models that send to it: they take no share (requests count in inflight)
         self._breaker = Breaker(failures, cooldown_s)
         now = time.monotonic()
         self._last_completion = now
@@ -110,16 +111,26 @@ class Endpoint:
         self._breaker.take_out(now, timeout_s)
         self._last_completion = now
 
-    def join(self, capacity: int) -> None:
-        """A user (a job) starts sending to it."""
-        self.users += 1
+    def join(self, capacity: int, shares: bool = True) -> None:
+        """A user starts sending to it: a job (`shares` its limit with the other jobs) or the front door."""
+        if shares:
+            self.users += 1
+        else:
+            self.doors += 1
         if capacity != self.capacity:
             lowered = self.limit < self.capacity
             self.capacity = capacity
             self.limit = min(self.limit, capacity) if lowered else capacity
 
-    def leave(self) -> None:
-        self.users = max(0, self.users - 1)
+    def leave(self, shares: bool = True) -> None:
+        if shares:
+            self.users = max(0, self.users - 1)
+        else:
+            self.doors = max(0, self.doors - 1)
+
+    @property
+    def used(self) -> bool:
+        return self.users + self.doors > 0
 
     # --- its gauges ------------------------------------------------------------------------------
 

@@ -59,21 +59,22 @@ class Endpoints:
         self._http = http.Client()
         self._watch: asyncio.Task[None] | None = None
 
-    def join(self, url: str, capacity: int, api_key: str = "") -> Endpoint:
-        """The endpoint of `url`, for one more user."""
+    def join(self, url: str, capacity: int, api_key: str = "", shares: bool = True) -> Endpoint:
+        """The endpoint of `url`, for one more user: a job, which `shares` the server's limit with the
+        other jobs, or the front door, which takes no share (its requests count in the load)."""
         endpoint = self._by_url.get(url)
         if endpoint is None or endpoint.api_key != api_key:
             endpoint = Endpoint(url, capacity, api_key, failures=self.tuning.breaker_failures,
                                 cooldown_s=self.tuning.breaker_cooldown_s)  # fmt: skip
             self._by_url[url] = endpoint
-        endpoint.join(capacity)
+        endpoint.join(capacity, shares)
         if self._watch is None or self._watch.done():
             self._watch = asyncio.get_running_loop().create_task(self._watch_all())
         return endpoint
 
-    def leave(self, endpoint: Endpoint) -> None:
-        endpoint.leave()
-        if endpoint.users == 0 and self._by_url.get(endpoint.url) is endpoint:
+    def leave(self, endpoint: Endpoint, shares: bool = True) -> None:
+        endpoint.leave(shares)
+        if not endpoint.used and self._by_url.get(endpoint.url) is endpoint:
             del self._by_url[endpoint.url]  # its requests still landing count on the object they hold
 
     def listen(self, listener: Listener) -> None:
