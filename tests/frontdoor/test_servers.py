@@ -82,3 +82,19 @@ async def test_a_session_moves_when_its_server_goes_and_forgets_when_idle(server
     finally:
         await idle.close()
         await endpoints.close()
+
+
+async def test_the_front_door_takes_no_share_of_a_server_from_the_jobs() -> None:
+    endpoints = Endpoints(Tuning(hang_timeout_s=30, metrics_interval_s=0))
+    job = endpoints.join(A, 256)  # a job's lane on A: the whole limit while it is A's only job
+    table = Servers(endpoints, Ready([("m", A, "")]))  # type: ignore[arg-type]
+    try:
+        lane = table.pick("m", 1)
+        assert lane is not None and lane.endpoint is job  # one state per server, shared
+        assert job.share() == 256
+        table.send("m", lane, 3)
+        assert job.inflight == 3  # its requests count in the server's load all the same
+    finally:
+        await table.close()
+        endpoints.leave(job)
+        await endpoints.close()
