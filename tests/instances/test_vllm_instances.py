@@ -286,10 +286,11 @@ async def a_sample_moves_between_real_engines(model: str, instances: list[dict[s
             assert said.status_code == 200, said.text
             # As generated text, without the special tokens (such as <|im_start|>) that this random model
             # samples: vLLM's default skip_special_tokens, which /detokenize does not apply.
-            # And where the sample's own last token ends inside a character, /detokenize shows it as U+FFFD
-            # while the stream holds it back (seen once in CI): that end is not the cut, so it is left aside.
+            # And where the sample's own last tokens end inside a character, /detokenize shows their bytes as
+            # U+FFFD (one or more) while the stream holds them back (twice in CI): that end is not the cut,
+            # so it is left aside.
             text = re.sub(r"<\|[a-z_]+\|>", "", said.json()["prompt"])
-            assert text.removesuffix("\ufffd") == whole.response.removesuffix("\ufffd")
+            assert text.rstrip("\ufffd") == whole.response.rstrip("\ufffd")
     finally:
         client.close()
 
