@@ -18,7 +18,8 @@ out="$PWD/demo-output/rollouts.parquet"
 
 work=$(mktemp -d -t mvllm-demo.XXXXXX)
 export MVLLM_ADDRESS="$work/mvllmd.sock"
-daemon_args=(--listen "unix:$work/mvllmd.sock" --state-dir "$work/state" --unit-manager process)
+daemon_args=(--listen "unix:$work/mvllmd.sock" --state-dir "$work/state" --unit-manager process
+             --http-listen http://127.0.0.1:0)  # the front door on a free port: 7080 may be taken
 launch_args=(-n 2)
 pid=""
 
