@@ -79,7 +79,8 @@ class JobManager:
         self._instances = instances
         self._settings = settings
         self._resume_wait_s = resume_wait_s  # a job resumed at start waits this long for its instances
-        self._endpoints = endpoints or Endpoints(Tuning.of(settings))  # shared with the front door
+        self._owns_endpoints = endpoints is None  # else the daemon's, shared with the front door: it closes it
+        self._endpoints = endpoints or Endpoints(Tuning.of(settings))
         self._jobs: dict[str, _Job] = {}
         self._closing = False
 
@@ -110,7 +111,8 @@ class JobManager:
         for job in running:
             job.stop.set()
         await asyncio.gather(*(job.task for job in running if job.task), return_exceptions=True)
-        await self._endpoints.close()
+        if self._owns_endpoints:
+            await self._endpoints.close()
         self._store.close()
 
     # --- the API --------------------------------------------------------------------------------
