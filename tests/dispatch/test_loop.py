@@ -42,8 +42,11 @@ async def run_job(
     seed: int | None = None,
     return_token_ids: bool = False,
     hedge: bool = True,
+    gauged: bool = False,
     **settings: float,
 ) -> tuple[list[Sample], Dispatcher]:
+    """Run a job of PROMPTS x SAMPLES over `urls`; with `gauged`, the work is added only once every
+    server's gauges have been read (a short job may otherwise end before the first reading)."""
     done = DoneMap(PROMPTS, SAMPLES)
     delivered: list[Sample] = []
 
@@ -57,6 +60,8 @@ async def run_job(
     dispatcher = Dispatcher(spec, endpoints, deliver, done.is_done)
     for url in urls:
         dispatcher.join(url, capacity=64)
+    while gauged and not all(lane.endpoint.gauges.ok for lane in dispatcher.lanes()):
+        await asyncio.sleep(0.01)
     for p in range(PROMPTS):
         dispatcher.add(Work(p, f"prompt number {p}", list(range(SAMPLES))))
     dispatcher.close_input()
@@ -255,19 +260,22 @@ async def test_other_clients_sequences_count_as_load(start_sim: StartSim, http: 
     other = asyncio.create_task(http.post(f"{busy}/v1/completions", json=body))
     while server.engine.num_running < 48:
         await asyncio.sleep(0.01)
-    seen: list[int] = []  # what the busy endpoint counted as other clients' load, as the job went
+    peaks = {busy: 0, idle: 0}  # our samples in flight at each server, at most, as the job went
 
     async def watch(dispatcher: Dispatcher, _: Endpoints) -> None:
-        busy_endpoint = lane_of(dispatcher, busy).endpoint
         while True:
-            seen.append(busy_endpoint.external)
-            await asyncio.sleep(0.005)
+            for url, peak in list(peaks.items()):
+                peaks[url] = max(peak, lane_of(dispatcher, url).inflight)
+            await asyncio.sleep(0.002)
 
-    samples, _ = await run_job([busy, idle], max_tokens=16, watch=watch, metrics_interval_s=0.02)
+    samples, _ = await run_job([busy, idle], max_tokens=160, watch=watch, gauged=True, hedge=False,
+                               metrics_interval_s=0.02)  # fmt: skip
     other.cancel()
-    assert max(seen) > 0
-    counts = by_endpoint(samples)
-    assert counts[idle] > counts[busy]
+    # Both have room for 64. The idle one was given all of it; the busy one, whose other 48 sequences
+    # count, far less (a reading may undercount them while our requests are on their way).
+    assert peaks[idle] == 64
+    assert peaks[busy] <= 64 - 16
+    assert len(samples) == PROMPTS * SAMPLES
 
 
 async def test_a_fault_of_its_own_stops_the_dispatcher_with_it(start_sim: StartSim) -> None:
