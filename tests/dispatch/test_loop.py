@@ -124,6 +124,17 @@ async def test_a_hung_endpoint_loses_nothing(start_sim: StartSim) -> None:
     assert by_endpoint(samples)[good] >= PROMPTS * SAMPLES - 4 * SAMPLES  # at most the 4 answered before
 
 
+async def test_a_hung_endpoint_is_found_from_its_metrics(start_sim: StartSim, caplog: pytest.LogCaptureFixture) -> None:
+    # The fallback waits 10 minutes: the job ends because the hung server's token counters stood still.
+    good = (await start_sim("--time-scale", "0.001"))[0]
+    hung = (await start_sim("--time-scale", "0.001", "--hang-after-requests", "5"))[0]
+    job = run_job([good, hung], hang_timeout_s=600.0, stall_s=0.5, metrics_interval_s=0.1)
+    samples, _ = await asyncio.wait_for(job, 60)
+    assert all(s.error is None for s in samples)
+    assert by_endpoint(samples)[good] >= PROMPTS * SAMPLES - 4 * SAMPLES
+    assert f"endpoint {hung}: its /metrics shows no token made for" in caplog.text
+
+
 async def test_an_endpoint_wrongly_taken_for_hung_comes_back(start_sim: StartSim) -> None:
     # A stalled machine can make a healthy server look hung (CI saw both of a job's servers taken out
     # at once). Back from its cooldown it must be judged on its new requests, not on its last answer

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from mvllmd.transport.gauges import GENERATED, RUNNING, WAITING, Gauges, parse, scrape
+from mvllmd.transport.gauges import GENERATED, PROMPT, RUNNING, WAITING, Gauges, parse, scrape
 from mvllmd.transport.http import Client, HttpError
 
 from simkit import StartSim
@@ -50,8 +50,25 @@ def test_two_readings_give_the_generation_rate_and_the_decode_step() -> None:
     assert gauges.tokens_per_s == pytest.approx(2000.0)
     assert gauges.step_s == pytest.approx(20 / 2000)  # 20 sequences running on average
     assert gauges.waiting_polls == 2
-    gauges.fail()
-    assert not gauges.ok and gauges.waiting_polls == 0
+    gauges.fail(now=102.0)
+    assert not gauges.ok and gauges.waiting_polls == 0 and gauges.failed_since == 102.0
+    gauges.fail(now=103.0)
+    assert gauges.failed_since == 102.0  # since the first failure
+    gauges.update({RUNNING: 1.0, WAITING: 0.0, GENERATED: 3000.0}, now=104.0)
+    assert gauges.ok and gauges.failed_since == 0
+
+
+def test_still_since_is_the_reading_that_first_showed_the_counters_as_they_are() -> None:
+    gauges = Gauges()
+    gauges.fail(now=1.0)
+    assert gauges.failed_since == 0  # it never answered: no gauges, not silent
+    gauges.update({RUNNING: 2.0, WAITING: 0.0, GENERATED: 10.0, PROMPT: 5.0}, now=2.0)
+    assert gauges.still_since == 2.0
+    gauges.update({RUNNING: 2.0, WAITING: 0.0, GENERATED: 10.0, PROMPT: 9.0}, now=3.0)  # a prefill
+    assert gauges.still_since == 3.0
+    gauges.update({RUNNING: 2.0, WAITING: 0.0, GENERATED: 10.0, PROMPT: 9.0}, now=4.0)
+    gauges.update({RUNNING: 0.0, WAITING: 0.0, GENERATED: 10.0, PROMPT: 9.0}, now=5.0)
+    assert gauges.still_since == 3.0 and gauges.at == 5.0
 
 
 @pytest.fixture

@@ -10,8 +10,15 @@ that job's `Lane` (flights.py). Everything here changes through methods; nothing
 - external: sequences running or waiting there beyond ours, from its gauges: other clients' load.
 - speed: the samples it completed per second, smoothed (half-life SPEED_HALF_LIFE_S); and, from the
   gauges, its peak generation rate (tokens/s), the better measure once every server has shown one.
-- hang watch: with requests of ours in flight and nothing completed for the hang timeout (counted
-  from the later of its last completion and the moment it last became busy), it is hung.
+- hang watch: a server is hung when, with requests of ours in flight and none of them answered:
+  - its /metrics shows its token counters (prompt and generated) standing still for `stall_s`, while
+    it runs and queues fewer sequences than we have there (vLLM whose engine stopped reads 0 and 0),
+    or for twice `stall_s` whatever it counts (a stand-in that keeps counting what it holds);
+  - its /metrics, which answered before, has not answered for SILENT_STALLS x `stall_s`;
+  - or, the fallback for a server without /metrics, nothing completed for the hang timeout.
+  Each span counts from the later of its last completion and the moment it last became busy. A
+  busy server's counters move with every step, so a stall of seconds is news: a hang is found in
+  about `stall_s`, not the minutes of the timeout.
 """
 
 from __future__ import annotations
@@ -26,10 +33,13 @@ log = logging.getLogger(__name__)
 
 SPEED_HALF_LIFE_S = 10.0
 WAITING_POLLS = 3  # readings in a row with requests waiting before a server is sent less
+STALL_S = 6.0  # token counters still this long, with our requests missing from its sequences: hung
+SILENT_STALLS = 5  # its /metrics silent this many stall spans (it answered before): hung
 
 
 class Endpoint:
-    def __init__(self, url: str, capacity: int, api_key: str = "", *, failures: int = 5, cooldown_s: float = 2.0):
+    def __init__(self, url: str, capacity: int, api_key: str = "", *, failures: int = 5, cooldown_s: float = 2.0,
+                 stall_s: float = STALL_S):  # fmt: skip
         self.url = url  # base URL, without /v1
         self.api_key = api_key
         self.capacity = capacity  # max_num_seqs: the samples it can run at once
@@ -42,6 +52,7 @@ class Endpoint:
         self.users = 0  # the jobs that send to it now: each may hold an equal share of the limit
         self.doors = 0  # the front door's models that send to it: they take no share (requests count in inflight)
         self._breaker = Breaker(failures, cooldown_s)
+        self._stall_s = stall_s
         now = time.monotonic()
         self._last_completion = now
         self._busy_since = now
@@ -100,14 +111,27 @@ class Endpoint:
         elif change is Change.REOPENED:
             log.warning("endpoint %s still fails; taken out for %.0fs", self.url, self._breaker.cooldown_s)
 
-    def hung(self, now: float, timeout_s: float) -> bool:
-        since = max(self._last_completion, self._busy_since)
-        return self.inflight > 0 and not self._breaker.is_open and now - since > timeout_s
+    def hung(self, now: float, timeout_s: float) -> str:
+        """Why it is hung (see the module docstring), or "" when it is not."""
+        if self.inflight == 0 or self._breaker.is_open:
+            return ""
+        waited = max(self._last_completion, self._busy_since)  # ours have waited since, none answered
+        g, stall = self.gauges, self._stall_s
+        if g.ok:
+            still = g.at - max(g.still_since, waited)
+            seqs = int(g.running + g.waiting)
+            if still >= 2 * stall or (still >= stall and seqs < self._inflight_at_poll):
+                return (f"its /metrics shows no token made for {still:.0f}s while {self._inflight_at_poll} "
+                        f"requests of ours were there (it runs {g.running:.0f}, queues {g.waiting:.0f})")  # fmt: skip
+        elif g.failed_since and now - max(g.failed_since, waited) >= SILENT_STALLS * stall:
+            return f"its /metrics has not answered for {now - g.failed_since:.0f}s with requests of ours there"
+        if now - waited > timeout_s:
+            return f"it completed nothing for {now - waited:.0f}s with requests in flight"
+        return ""
 
-    def take_out_hung(self, now: float, timeout_s: float) -> None:
+    def take_out_hung(self, now: float, timeout_s: float, why: str) -> None:
         """Hung: out for at least the hang timeout; judged afresh on what it is sent when back."""
-        log.warning("endpoint %s completed nothing for %.0fs with requests in flight: treating it as hung",
-                    self.url, now - max(self._last_completion, self._busy_since))  # fmt: skip
+        log.warning("endpoint %s: %s; treating it as hung", self.url, why)
         self._breaker.take_out(now, timeout_s)
         self._last_completion = now
 
@@ -156,7 +180,7 @@ class Endpoint:
 
     def unreadable(self) -> None:
         """Its /metrics failed: no gauges, and no outside load, until a reading works again."""
-        self.gauges.fail()
+        self.gauges.fail(time.monotonic())
         self.external = 0
 
     def _record_speed(self, samples: int, now: float) -> None:

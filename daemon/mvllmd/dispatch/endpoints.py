@@ -3,7 +3,8 @@
 `Endpoints` hands out the one Endpoint of a URL (`join`) and takes it back when a job is done with it
 (`leave`); an Endpoint nobody uses is forgotten. While any is in use it watches them all on one
 clock: each `metrics_interval_s` it reads every server's Prometheus /metrics (gauges.py) at once, and
-each HANG_CHECK_S it looks for servers that hang. Those that do are taken out, and every listener (a
+each HANG_CHECK_S it looks for servers that hang (from those readings: seconds, see endpoint.py;
+else after the hang timeout). Those that do are taken out, and every listener (a
 running job's dispatcher) is told, so that it sends their requests elsewhere; after each reading the
 listeners are told too (speeds and limits may have changed). A server whose /metrics fails just has
 no gauges. The cost is per server per interval, never per sample.
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mvllmd.config import JobSettings
-from mvllmd.dispatch.endpoint import Endpoint
+from mvllmd.dispatch.endpoint import STALL_S, Endpoint
 from mvllmd.transport import http
 from mvllmd.transport.gauges import scrape
 
@@ -32,7 +33,8 @@ HANG_CHECK_S = 0.25  # how often the servers are checked for a hang (a cheap loo
 class Tuning:
     """How the daemon treats servers; the same for every job (config.JobSettings gives the values)."""
 
-    hang_timeout_s: float
+    hang_timeout_s: float  # the fallback: nothing answered this long (a server without /metrics)
+    stall_s: float = STALL_S  # token counters still this long: hung (endpoint.py says how exactly)
     metrics_interval_s: float = 1.0  # how often each server's /metrics is read; 0: never
     breaker_failures: int = 5
     breaker_cooldown_s: float = 2.0
@@ -65,7 +67,7 @@ class Endpoints:
         endpoint = self._by_url.get(url)
         if endpoint is None or endpoint.api_key != api_key:
             endpoint = Endpoint(url, capacity, api_key, failures=self.tuning.breaker_failures,
-                                cooldown_s=self.tuning.breaker_cooldown_s)  # fmt: skip
+                                cooldown_s=self.tuning.breaker_cooldown_s, stall_s=self.tuning.stall_s)  # fmt: skip
             self._by_url[url] = endpoint
         endpoint.join(capacity, shares)
         if self._watch is None or self._watch.done():
@@ -108,8 +110,9 @@ class Endpoints:
     def _check_hangs(self) -> None:
         now = time.monotonic()
         for endpoint in list(self._by_url.values()):
-            if endpoint.hung(now, self.tuning.hang_timeout_s):
-                endpoint.take_out_hung(now, self.tuning.hang_timeout_s)
+            why = endpoint.hung(now, self.tuning.hang_timeout_s)
+            if why:
+                endpoint.take_out_hung(now, self.tuning.hang_timeout_s, why)
                 for listener in list(self._listeners):
                     listener.hung(endpoint)
 

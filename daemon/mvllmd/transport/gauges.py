@@ -5,7 +5,9 @@ gauges by engine and model: `vllm:num_requests_waiting{engine="0",model_name="m"
 fetches one endpoint's /metrics over the job's own keep-alive connections (http.py). `Gauges` keeps
 the latest reading of one endpoint and what follows from two readings: the server's generation rate
 (tokens/s) and the time each running sequence takes per token (its decode step, which grows with
-the batch). A server without /metrics, or one that answers badly, simply has no gauges (`ok` is False).
+the batch), and since when its token counters (prompt and generated) have stood still, which
+tells a hung server from a busy one (endpoint.py). A server without /metrics, or one that answers
+badly, simply has no gauges (`ok` is False); `failed_since` says since when, if it had some before.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from mvllmd.transport.requests import bearer
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 GENERATED = "vllm:generation_tokens_total"
-WANTED = (RUNNING, WAITING, GENERATED)
+PROMPT = "vllm:prompt_tokens_total"
+WANTED = (RUNNING, WAITING, GENERATED, PROMPT)
 RATE_WEIGHT = 0.3  # of a new reading in the smoothed rate: one interval's rate is noisy (when it was read)
 
 
@@ -95,10 +98,17 @@ class Gauges:
     step_s: float = 0.0  # seconds per token of one running sequence; 0 until measured
     min_step_s: float = 0.0  # the fastest seen: the server's step with a small batch
     waiting_polls: int = 0  # readings in a row with requests waiting
+    still_since: float = 0.0  # the reading that first showed the token counters as they are now
+    failed_since: float = 0.0  # readings have failed since then, after some worked; 0: they work, or never did
     _generated: float = -1.0
+    _tokens: float = -1.0  # prompt and generated tokens, the counters that move while the server works
 
     def update(self, values: dict[str, float], now: float) -> None:
         running, generated = values[RUNNING], values.get(GENERATED, -1.0)
+        tokens = generated + values.get(PROMPT, 0.0)
+        if not self.ok or tokens != self._tokens:
+            self.still_since = now
+        self._tokens, self.failed_since = tokens, 0.0
         if self.ok and generated >= self._generated >= 0 and now > self.at:
             self.tokens_per_s = (generated - self._generated) / (now - self.at)
             smooth = self.smooth_tokens_per_s
@@ -113,5 +123,7 @@ class Gauges:
         self.ok, self.running, self.waiting, self.at, self._generated = True, running, values[WAITING], now, generated
         self.waiting_polls = self.waiting_polls + 1 if self.waiting > 0 else 0
 
-    def fail(self) -> None:
+    def fail(self, now: float) -> None:
+        if self.ok:
+            self.failed_since = now
         self.ok, self.step_s, self.waiting_polls, self._generated = False, 0.0, 0, -1.0

@@ -1,0 +1,96 @@
+"""An endpoint's hang watch: what its /metrics readings and its answers make of it, reading by reading.
+
+Times are given, not waited for: `now` values a few seconds after the requests were sent.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mvllmd.dispatch.endpoint import SILENT_STALLS, Endpoint
+from mvllmd.transport.gauges import GENERATED, PROMPT, RUNNING, WAITING
+
+STALL = 6.0
+TIMEOUT = 120.0
+
+
+def busy(inflight: int = 8) -> tuple[Endpoint, float]:
+    endpoint = Endpoint("http://127.0.0.1:9", 64, stall_s=STALL)
+    endpoint.sent(inflight)
+    return endpoint, time.monotonic()
+
+
+def reading(endpoint: Endpoint, at: float, running: int, waiting: int = 0, tokens: float = 100.0) -> None:
+    endpoint.polling()
+    endpoint.read({RUNNING: running, WAITING: waiting, GENERATED: tokens, PROMPT: 50.0}, at)
+
+
+def test_an_engine_that_stopped_reads_nothing_running_and_is_hung_after_one_stall() -> None:
+    endpoint, t0 = busy()
+    reading(endpoint, t0 + 1, running=8)
+    reading(endpoint, t0 + 2, running=0)  # vLLM whose worker stopped: 0 and 0, and no token made
+    reading(endpoint, t0 + 1 + STALL - 0.5, running=0)
+    assert endpoint.hung(t0 + STALL + 0.5, TIMEOUT) == ""
+    reading(endpoint, t0 + 1 + STALL, running=0)
+    why = endpoint.hung(t0 + STALL + 1.1, TIMEOUT)
+    assert why == "its /metrics shows no token made for 6s while 8 requests of ours were there (it runs 0, queues 0)"
+
+
+def test_a_server_that_keeps_counting_what_it_holds_is_hung_after_two_stalls() -> None:
+    endpoint, t0 = busy()
+    for second in range(1, int(2 * STALL) + 1):
+        reading(endpoint, t0 + second, running=8)
+        assert endpoint.hung(t0 + second, TIMEOUT) == ""
+    reading(endpoint, t0 + 1 + 2 * STALL, running=8)
+    assert "no token made for 12s" in endpoint.hung(t0 + 1 + 2 * STALL, TIMEOUT)
+
+
+def test_counters_that_move_are_a_busy_server_not_a_hung_one() -> None:
+    endpoint, t0 = busy()
+    for second in range(1, 100):
+        reading(endpoint, t0 + second, running=0, waiting=0, tokens=100.0 + second)
+        assert endpoint.hung(t0 + second, TIMEOUT) == ""
+    assert "completed nothing for" in endpoint.hung(t0 + TIMEOUT + 1, TIMEOUT)  # the fallback still holds
+
+
+def test_the_stall_counts_from_the_last_answer() -> None:
+    endpoint, t0 = busy()
+    reading(endpoint, t0 + 1, running=0)
+    endpoint.succeeded(1, 0.5, t0 + 6)  # an answer came: it was working then
+    reading(endpoint, t0 + 1 + STALL, running=0)
+    assert endpoint.hung(t0 + 1 + STALL, TIMEOUT) == ""
+    reading(endpoint, t0 + 6 + STALL, running=0)
+    assert "no token made for 6s" in endpoint.hung(t0 + 6 + STALL, TIMEOUT)
+
+
+def test_nothing_in_flight_is_never_hung() -> None:
+    endpoint, t0 = busy()
+    endpoint.landed(8)
+    reading(endpoint, t0 + 1, running=0)
+    reading(endpoint, t0 + 100, running=0)
+    assert endpoint.hung(t0 + 1000, TIMEOUT) == ""
+
+
+def test_metrics_that_went_silent_tell_a_hang_too() -> None:
+    endpoint, t0 = busy()
+    reading(endpoint, t0 + 1, running=8)
+    endpoint.unreadable()
+    failed = time.monotonic()
+    assert endpoint.hung(failed + SILENT_STALLS * STALL - 1, TIMEOUT) == ""
+    assert "its /metrics has not answered for" in endpoint.hung(failed + SILENT_STALLS * STALL + 0.1, TIMEOUT)
+
+
+def test_a_server_without_metrics_has_only_the_timeout() -> None:
+    endpoint, t0 = busy()
+    endpoint.unreadable()  # never answered: no gauges, not silent
+    assert endpoint.hung(t0 + TIMEOUT - 1, TIMEOUT) == ""
+    assert "completed nothing for" in endpoint.hung(t0 + TIMEOUT + 1, TIMEOUT)
+
+
+def test_taken_out_it_is_not_judged_again_until_back() -> None:
+    endpoint, t0 = busy()
+    reading(endpoint, t0 + 1, running=0)
+    reading(endpoint, t0 + 1 + STALL, running=0)
+    why = endpoint.hung(t0 + 1 + STALL, TIMEOUT)
+    endpoint.take_out_hung(t0 + 1 + STALL, TIMEOUT, why)
+    assert endpoint.out and endpoint.hung(t0 + 2 + STALL, TIMEOUT) == ""
