@@ -52,6 +52,7 @@ class SimRequest:
     cached_tokens: int = 0  # prefix-cache hit at the last admission
     epoch: int = 0  # bumped on preemption, to drop stale heap entries
     first_token_at: float | None = None
+    scheduled_at: float | None = None  # first admitted to the batch: its time in the queue ends
     finished_at: float | None = None
     choice_done: list[bool] = field(default_factory=list)
     preemptions: int = 0
@@ -227,6 +228,7 @@ class Engine:
             hits += BLOCK if chained else 0
         if req.preemptions == 0:
             self.counters.prompt_tokens += req.prompt_len
+            req.scheduled_at = self.now
         self.counters.prefix_cache_queries += req.prompt_len
         self.counters.prefix_cache_hits += hits
         req.cached_tokens = hits

@@ -44,6 +44,7 @@ class Metrics:
     model_name: str
     e2e_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     ttft: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    queue_time: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
 
     def render(self, engine: Engine) -> str:
@@ -89,6 +90,7 @@ class Metrics:
         for name, hist, text in (
             ("vllm:e2e_request_latency_seconds", self.e2e_latency, "End-to-end request latency (simulated)."),
             ("vllm:time_to_first_token_seconds", self.ttft, "Time to first token (simulated)."),
+            ("vllm:request_queue_time_seconds", self.queue_time, "Time spent waiting, before the batch (simulated)."),
         ):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram", *hist.lines(name, labels)]
         metric(

@@ -245,6 +245,8 @@ class SimServer:
             self.metrics.e2e_latency.observe(req.finished_at - req.arrival)
         if req.first_token_at is not None:
             self.metrics.ttft.observe(req.first_token_at - req.arrival)
+        if req.scheduled_at is not None:
+            self.metrics.queue_time.observe(req.scheduled_at - req.arrival)
         if pending is not None:
             index = pending.requests.index(req)
             for out in pending.outputs[index]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -236,6 +237,22 @@ async def test_metrics_follow_what_was_served(start_sim: StartSim, http: aiohttp
     assert await metric(http, base, "vllm:num_requests_waiting") == 0
     assert await metric(http, base, "vllm:e2e_request_latency_seconds_count") == 3
     assert await metric(http, base, "mvllm_sim:simulated_seconds") == server.engine.now
+
+
+async def test_the_queue_time_is_what_a_request_waited_for_the_batch(
+    start_sim: StartSim, http: aiohttp.ClientSession
+) -> None:
+    base, server = await start_sim("--time-scale", "0", "--max-num-seqs", "1")
+    first, second = await asyncio.gather(
+        post(http, f"{base}/v1/completions", completion_body(max_tokens=40, ignore_eos=True)),
+        post(http, f"{base}/v1/completions", completion_body(max_tokens=40, ignore_eos=True)),
+    )
+    assert first[0] == second[0] == 200
+    assert await metric(http, base, "vllm:request_queue_time_seconds_count") == 2
+    waited = await metric(http, base, "vllm:request_queue_time_seconds_sum")
+    # One ran at once; the other waited for all of it: half of the simulated time (both are alike).
+    assert waited > 0
+    assert waited == pytest.approx(server.engine.now / 2, rel=0.05)
 
 
 async def test_metrics_escape_odd_model_names(start_sim: StartSim, http: aiohttp.ClientSession) -> None:
