@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/run_all.py [--readme README.md] [--quick]     # `make bench`
 
-Runs balance.py, throughput.py, memory.py, scale.py and dp_vs_tp.py one after another as subprocesses (their
-progress goes to stderr; what they print on stdout, their tables, is kept verbatim), draws bar charts
+Runs balance.py, throughput.py, memory.py, scale.py, dp_vs_tp.py and the front door's benchmarks
+(front_door*.py) one after another as subprocesses (their progress goes to stderr; what they print on
+stdout, their tables, is kept verbatim), draws bar charts
 of DP vs TP output tokens/s and of the throughput approaches as SVG files in docs/bench/, and prints
 the report in markdown. With --readme FILE, the report replaces what lies between the lines
 `<!-- bench:start -->` and `<!-- bench:end -->` of FILE. --quick runs smaller sizes (a few minutes).
@@ -44,6 +45,7 @@ BENCHES = (
     Bench("memory.py", "Memory of mvllmd for a large job", (), ("--sizes", "10000,100000")),
     Bench("scale.py", "mvllmd's CPU per sample as the servers grow", (), ("--prompts", "5000", "--runs", "1")),
     Bench("dp_vs_tp.py", "DP vs TP on 8 simulated GPUs", (), ("--prompts", "300", "--time-scale", "0.5")),
+    Bench("front_door.py", "The front door against straight requests and sglang-router", (), ("--duration", "3")),
 )  # fmt: skip
 
 
