@@ -22,6 +22,9 @@ from mvllmd import errors
 from mvllmd.api.boundary import rpc
 from mvllmd.config import load_config
 from mvllmd.daemon import Daemon
+from mvllmd.external.servers import ExternalServers
+from mvllmd.external.store import ExternalStore
+from mvllmd.fleet import Fleet
 from mvllmd.instances.backends.choice import BackendKind
 from mvllmd.instances.backends.process import ProcessBackend
 from mvllmd.instances.manager import InstanceManager
@@ -46,10 +49,13 @@ async def served(tmp_path: Path) -> AsyncIterator[str]:
 
     instances = InstanceManager(config, ProcessBackend(config.daemon.state_dir), inventory)
     config.daemon.state_dir.mkdir(parents=True)
-    jobs = JobManager(JobStore(config.daemon.state_dir / "jobs.sqlite3"), instances, config.jobs)
+    external = ExternalServers(ExternalStore(config.daemon.state_dir), config.instances, 256)
+    fleet = Fleet(instances, external)
+    jobs = JobManager(JobStore(config.daemon.state_dir / "jobs.sqlite3"), fleet, config.jobs)
     daemon = Daemon(
-        config=config, unit_manager=BackendKind.PROCESS, under_systemd=False, instances=instances, jobs=jobs
-    )
+        config=config, unit_manager=BackendKind.PROCESS, under_systemd=False, instances=instances, jobs=jobs,
+        fleet=fleet,
+    )  # fmt: skip
     daemon.listen_addresses = (f"unix:{tmp_path}/s",)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     health = _add_services(server, daemon)

@@ -19,6 +19,7 @@ from mvllmctl.context import Ctl
 from mvllmctl.daemon_commands import devices, info
 from mvllmctl.exit_codes import HELP as EXIT_HELP
 from mvllmctl.exit_codes import ExitStatus
+from mvllmctl.external_commands import attach, detach
 from mvllmctl.instance_commands import launch, logs, status, stop
 from mvllmctl.job_commands import cancel, job, jobs, submit, watch
 from mvllmctl.rollouts_command import generate_rollouts
@@ -53,8 +54,9 @@ def cli(
     tls_cert: str | None,
     tls_key: str | None,
 ) -> None:
-    """Control mvllmd: its devices, its engine instances (launch, status, stop, logs), and rollout jobs
-    (submit, jobs, job, watch, cancel; generate-rollouts for the seed script's flags)."""
+    """Control mvllmd: its devices, its engine instances (launch, status, stop, logs), servers it did not
+    launch (attach, detach), and rollout jobs (submit, jobs, job, watch, cancel; generate-rollouts for the
+    seed script's flags)."""
     client = Client(resolve_address(address, os.environ), timeout, resolve_tls(tls_ca, tls_cert, tls_key, os.environ))
     ctx.call_on_close(client.close)
     ctx.obj = Ctl(client=client)
@@ -69,7 +71,8 @@ def completion(shell: str) -> None:
     click.echo(completion_class(cli, {}, "mvllmctl", "_MVLLMCTL_COMPLETE").source())
 
 
-for command in (info, devices, launch, status, stop, logs, submit, jobs, job, watch, cancel, generate_rollouts):
+for command in (info, devices, launch, status, stop, logs, attach, detach, submit, jobs, job, watch, cancel,
+                generate_rollouts):  # fmt: skip
     cli.add_command(command)
 
 

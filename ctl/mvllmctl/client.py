@@ -146,6 +146,8 @@ class Client:
 
     def _explain(self, exc: Any) -> CtlError:
         code, details = exc.code(), exc.details() or ""
+        if code is grpc.StatusCode.UNAVAILABLE and _from_daemon(exc):  # a server the daemon could not reach
+            return CtlError(details, ExitStatus.UNREACHABLE)
         if code is grpc.StatusCode.UNAVAILABLE:
             return self._unreachable(details)
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -156,6 +158,14 @@ class Client:
                 ExitStatus.FAILED,
             )
         return CtlError(details or code.name.lower(), for_status_code(code))
+
+
+def _from_daemon(exc: Any) -> bool:
+    """Whether the daemon itself answered: it sends its version first, which a failed connection lacks."""
+    try:
+        return any(key == VERSION_METADATA_KEY for key, _ in exc.initial_metadata() or ())
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def _last_error(details: str) -> str:

@@ -11,7 +11,7 @@ class ExitStatus(enum.IntEnum):
     SUCCESS = 0
     FAILED = 1  # the daemon ran the operation and it failed
     USAGE = 2  # usage error or invalid input
-    UNREACHABLE = 3  # the daemon cannot be reached
+    UNREACHABLE = 3  # the daemon cannot be reached, or a server it was asked to reach (attach)
     EXHAUSTED = 4  # not enough devices, ports or slots; a file system full
     INTERRUPTED = 130  # Ctrl-C
 
@@ -21,7 +21,7 @@ Exit status:
   0    success
   1    the operation failed
   2    usage error or invalid input
-  3    mvllmd is unreachable
+  3    mvllmd is unreachable (or a server it was asked to attach)
   4    resources exhausted (devices, ports, slots, disk space)
   130  interrupted"""
 

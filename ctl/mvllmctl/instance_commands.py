@@ -164,18 +164,21 @@ def _print_ready(instances: Sequence[pb.Instance]) -> None:
 @json_option
 @pass_ctl
 def status(ctl: Ctl, as_json: bool) -> None:
-    """List the instances: state, URL, model, engine, devices, port."""
+    """List the instances and the external servers: state, URL, model, engine, devices, PID."""
     listing = ctl.client.call(_stub(ctl).ListInstances, pb.ListInstancesRequest())
     if as_json:
         print_json(listing)
         return
-    if not listing.instances:
-        click.echo("no instances; start some with `mvllmctl launch MODEL`", err=True)
+    if not listing.instances and not listing.external_servers:
+        click.echo("no instances; start some with `mvllmctl launch MODEL` (or `mvllmctl attach URL`)", err=True)
         return
     rows = [
         [i.name, _state(i.state), i.url, i.model, _engine(i.engine), ",".join(i.devices), str(i.pid or "-"),
          str(i.restarts), i.message[:60]]
         for i in listing.instances
+    ] + [
+        [e.name, _state(e.state), e.url, e.model, "external", "-", "-", "-", e.message[:60]]
+        for e in listing.external_servers
     ]  # fmt: skip
     print_table(["NAME", "STATE", "URL", "MODEL", "ENGINE", "DEVICES", "PID", "RESTARTS", "MESSAGE"], rows)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mvllm import __version__
 from mvllmd.config import Config
+from mvllmd.fleet import Fleet
 from mvllmd.instances.backends.choice import BackendKind
 from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.placement import device_ref
@@ -40,6 +41,7 @@ class Daemon:
     under_systemd: bool
     instances: InstanceManager
     jobs: JobManager
+    fleet: Fleet  # every server work may go to: the instances, and the external servers (fleet.external)
     listen_addresses: tuple[str, ...] = ()
     http_urls: tuple[str, ...] = ()  # the HTTP front door's, with the ports picked for port 0
     start_time: datetime = field(default_factory=lambda: datetime.now(UTC))

@@ -7,6 +7,8 @@
     ├── InventoryError           a device source that was asked for fails   (exit 1 at start-up)
     ├── InvalidRequest           a request that can never succeed           → INVALID_ARGUMENT
     ├── NotFound                 a named thing does not exist               → NOT_FOUND
+    ├── Unreachable              a server the daemon was asked to reach     → UNAVAILABLE
+    │                            does not answer (mvllmctl attach)
     ├── Conflict                 the thing exists, or is in the wrong state → FAILED_PRECONDITION
     ├── ResourceExhausted        no devices, ports or slots left            → RESOURCE_EXHAUSTED
     │   └── OutOfSpace           a file system (output, state) is full      → RESOURCE_EXHAUSTED
@@ -57,6 +59,10 @@ class InvalidRequest(MvllmError):
 
 class NotFound(MvllmError):
     """A named object does not exist."""
+
+
+class Unreachable(MvllmError):
+    """A server that the daemon was asked to reach (an external server at attach) does not answer."""
 
 
 class Conflict(MvllmError):

@@ -32,6 +32,9 @@ from mvllmd.config import Config
 from mvllmd.daemon import Daemon
 from mvllmd.dispatch.endpoints import Endpoints, Tuning
 from mvllmd.errors import AddressError, ConfigError
+from mvllmd.external.servers import ExternalServers
+from mvllmd.external.store import ExternalStore
+from mvllmd.fleet import Fleet
 from mvllmd.frontdoor.app import FrontDoor
 from mvllmd.frontdoor.servers import Servers
 from mvllmd.instances.backends.choice import BackendKind, pick_backend
@@ -71,7 +74,7 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ
             daemon = await _start_up(config, notifier, under_systemd, environ, endpoints)
             daemon.listen_addresses = bound
             http = config.http
-            servers = Servers(endpoints, daemon.instances, session_idle_s=http.session_idle_s,
+            servers = Servers(endpoints, daemon.fleet, session_idle_s=http.session_idle_s,
                               sticky_factor=http.sticky_factor)  # fmt: skip
             front = FrontDoor(servers, http.tokens)
             try:
@@ -85,6 +88,7 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ
             finally:
                 await front.close()
                 await daemon.jobs.close()
+                await daemon.fleet.external.close()
                 await daemon.instances.close()
                 await endpoints.close()
         finally:
@@ -143,12 +147,24 @@ async def _start_up(
     instances = InstanceManager(config, _backend(manager, config, environ), fresh_inventory)
     notifier.status("re-adopting instances")
     await instances.start()
+    external = _external_servers(config, instances)
+    await external.start()
+    fleet = Fleet(instances, external)
     store = JobStore(config.daemon.state_dir / "jobs.sqlite3")
-    jobs = JobManager(store, instances, config.jobs, resume_wait_s=config.instances.start_timeout_s,
+    jobs = JobManager(store, fleet, config.jobs, resume_wait_s=config.instances.start_timeout_s,
                       endpoints=endpoints)  # fmt: skip
     notifier.status("resuming jobs")
     await jobs.start()
-    return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd, instances=instances, jobs=jobs)
+    return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd, instances=instances, jobs=jobs,
+                  fleet=fleet)  # fmt: skip
+
+
+def _external_servers(config: Config, instances: InstanceManager) -> ExternalServers:
+    def local() -> dict[str, str]:
+        return {view.spec.name: view.spec.url for view in instances.list_instances()}
+
+    store = ExternalStore(config.daemon.state_dir)
+    return ExternalServers(store, config.instances, config.jobs.endpoint_max_num_seqs, local)
 
 
 def _backend(manager: BackendKind, config: Config, environ: Mapping[str, str]) -> UnitBackend:
@@ -168,7 +184,9 @@ async def _drain(server: Any, health: Any, notifier: Notifier, timeout_s: float)
 
 def _add_services(server: Any, daemon: Daemon) -> Any:
     daemon_pb2_grpc.add_DaemonServiceServicer_to_server(DaemonServicer(daemon), server)
-    instance_pb2_grpc.add_InstanceServiceServicer_to_server(InstanceServicer(daemon.instances), server)
+    instance_pb2_grpc.add_InstanceServiceServicer_to_server(
+        InstanceServicer(daemon.instances, daemon.fleet.external), server
+    )
     job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(daemon.jobs), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -1,6 +1,6 @@
 """The front door in this process, over real mvllm-sim servers on loopback, with real sockets both sides.
 
-The daemon's instance manager is stood in for by a list of READY servers (`Ready`): what is checked
+The daemon's fleet is stood in for by a list of READY servers (`Ready`): what is checked
 here is the front door's routing, forwarding, retries and errors; the daemon-level wiring has tests
 of its own.
 """
@@ -12,13 +12,13 @@ import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import pytest
 
 from mvllmd.dispatch.endpoints import Endpoints, Tuning
+from mvllmd.fleet import Server, Subscription
 from mvllmd.frontdoor.app import FrontDoor
 from mvllmd.frontdoor.servers import Servers
 
@@ -27,19 +27,17 @@ from simkit import StartSim
 
 @dataclass
 class Ready:
-    """The instance manager as the front door sees it: READY servers (model, url, api key)."""
+    """The fleet as the front door sees it: READY servers (model, url, api key)."""
 
     servers: list[tuple[str, str, str]] = field(default_factory=list)
     queues: list[asyncio.Queue[object]] = field(default_factory=list)
 
-    def serving(self) -> list[tuple[Any, str]]:
-        views = [SimpleNamespace(spec=SimpleNamespace(served_model_name=m, url=u, max_num_seqs=256))
-                 for m, u, _ in self.servers]  # fmt: skip
-        return [(view, key) for view, (_, _, key) in zip(views, self.servers, strict=True)]
+    def ready(self) -> list[Server]:
+        return [Server(url, url, model, 256, key) for model, url, key in self.servers]
 
-    def subscribe(self) -> asyncio.Queue[object]:
+    def subscribe(self) -> Subscription:
         self.queues.append(asyncio.Queue())
-        return self.queues[-1]
+        return Subscription([(self.queues[-1], self.unsubscribe)])
 
     def unsubscribe(self, queue: asyncio.Queue[object]) -> None:
         self.queues.remove(queue)

@@ -1,4 +1,5 @@
-"""InstanceService: translates launches, stops, listings and log streams between protos and the domain."""
+"""InstanceService: translates launches, stops, listings, log streams, and the attaching and detaching of
+external servers between protos and the domain."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from mvllm.v1 import instance_pb2 as pb
 from mvllm.v1 import instance_pb2_grpc
 from mvllmd.api.boundary import rpc, rpc_stream
 from mvllmd.errors import InvalidRequest
+from mvllmd.external.servers import AttachRequest, ExternalServers
+from mvllmd.external.state import ExternalView
 from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.request import LaunchRequest
 from mvllmd.instances.spec import EngineKind, InstanceState
@@ -30,8 +33,9 @@ DEFAULT_LOG_LINES = 200
 
 
 class InstanceServicer(instance_pb2_grpc.InstanceServiceServicer):  # type: ignore[misc]  # untyped stub base
-    def __init__(self, instances: InstanceManager) -> None:
+    def __init__(self, instances: InstanceManager, external: ExternalServers) -> None:
         self._instances = instances
+        self._external = external
 
     @rpc
     async def LaunchInstances(self, request: pb.LaunchInstancesRequest, context: Any) -> pb.LaunchInstancesResponse:
@@ -45,7 +49,19 @@ class InstanceServicer(instance_pb2_grpc.InstanceServiceServicer):  # type: igno
 
     @rpc
     async def ListInstances(self, request: pb.ListInstancesRequest, context: Any) -> pb.ListInstancesResponse:
-        return pb.ListInstancesResponse(instances=[instance_to_proto(v) for v in self._instances.list_instances()])
+        return pb.ListInstancesResponse(
+            instances=[instance_to_proto(v) for v in self._instances.list_instances()],
+            external_servers=[external_to_proto(v) for v in self._external.list_servers()],
+        )
+
+    @rpc
+    async def AttachServer(self, request: pb.AttachServerRequest, context: Any) -> pb.AttachServerResponse:
+        attach = AttachRequest(request.url, request.model, request.name, request.api_key, request.max_num_seqs)
+        return pb.AttachServerResponse(server=external_to_proto(await self._external.attach(attach)))
+
+    @rpc
+    async def DetachServer(self, request: pb.DetachServerRequest, context: Any) -> pb.DetachServerResponse:
+        return pb.DetachServerResponse(server=external_to_proto(await self._external.detach(request.name)))
 
     @rpc_stream
     async def GetInstanceLogs(
@@ -98,4 +114,21 @@ def instance_to_proto(view: InstanceView) -> pb.Instance:
         unit=view.unit,
         state_since=since,
         ready_after_seconds=view.ready_after_s,
+    )
+
+
+def external_to_proto(view: ExternalView) -> pb.ExternalServer:
+    since, attached = Timestamp(), Timestamp()
+    since.FromDatetime(view.since)
+    attached.FromSeconds(int(view.spec.attached_at))
+    return pb.ExternalServer(
+        name=view.spec.name,
+        state=STATES[view.state],
+        url=view.spec.url,
+        model=view.spec.model,
+        has_api_key=view.has_api_key,
+        max_num_seqs=view.spec.max_num_seqs,
+        message=view.message,
+        state_since=since,
+        attached_at=attached,
     )

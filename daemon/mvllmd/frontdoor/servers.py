@@ -13,9 +13,9 @@ gone, or would take more than `sticky_factor` times as long as the least-loaded 
 speed, counting the request); then the session moves there. A session unused for `session_idle_s` is
 forgotten. Pure hashing fails the other way: one saturated server keeps its sessions while others idle.
 
-Which servers: this daemon's READY instances, by served model name, followed through the instance
-manager's events; a server that leaves (stopped, failed, UNHEALTHY) is left at once, and its requests
-in flight finish or fail where they are.
+Which servers: the daemon's READY servers (fleet.py: its instances and the external servers attached to
+it), by served model name, followed through the fleet's changes; a server that leaves (stopped, failed,
+UNHEALTHY, detached) is left at once, and its requests in flight finish or fail where they are.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from mvllmd.config import DEFAULTS
 from mvllmd.dispatch.endpoints import Endpoints, Listener
 from mvllmd.dispatch.flights import Flight, Flights, Lane, Work
 from mvllmd.dispatch.policies.least_loaded import LeastLoaded
-from mvllmd.instances.manager import InstanceManager
+from mvllmd.fleet import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,15 @@ class _Model:
 
 
 class Servers:
-    def __init__(self, endpoints: Endpoints, instances: InstanceManager, *,
+    def __init__(self, endpoints: Endpoints, fleet: Fleet, *,
                  session_idle_s: float = DEFAULTS["http.session_idle_s"],
                  sticky_factor: float = DEFAULTS["http.sticky_factor"]) -> None:  # fmt: skip
         self._endpoints = endpoints
-        self._instances = instances
+        self._fleet = fleet
         self._session_idle_s = session_idle_s
         self._sticky_factor = sticky_factor
         self._models: dict[str, _Model] = {}
-        self._events = instances.subscribe()
+        self._changes = fleet.subscribe()
         self._listener = Listener(read=self._reindex, hung=lambda endpoint: None)
         endpoints.listen(self._listener)
         self._follow: asyncio.Task[None] | None = None
@@ -70,7 +70,7 @@ class Servers:
         if self._follow is not None:
             self._follow.cancel()
             await asyncio.gather(self._follow, return_exceptions=True)
-        self._instances.unsubscribe(self._events)
+        self._changes.close()
         self._endpoints.unlisten(self._listener)
         for model in self._models.values():
             for lane in list(model.lanes.values()):
@@ -89,10 +89,10 @@ class Servers:
         return found is not None and any(lane.endpoint.api_key for lane in found.lanes.values())
 
     def sync(self) -> None:
-        """Join the READY instances' servers, and leave those that are no longer READY."""
+        """Join the fleet's READY servers, and leave those that are no longer READY."""
         ready: dict[str, dict[str, tuple[int, str]]] = {}
-        for view, key in self._instances.serving():
-            ready.setdefault(view.spec.served_model_name, {})[view.spec.url] = (view.spec.max_num_seqs, key)
+        for server in self._fleet.ready():
+            ready.setdefault(server.model, {})[server.url] = (server.capacity, server.api_key)
         for name in set(self._models) | set(ready):
             model = self._models.setdefault(name, _Model())
             wanted = ready.get(name, {})
@@ -113,9 +113,7 @@ class Servers:
 
     async def _follow_instances(self) -> None:
         while True:
-            await self._events.get()
-            while not self._events.empty():
-                self._events.get_nowait()
+            await self._changes.changed()
             try:
                 self.sync()
             except Exception:  # a bug here must not stop the front door from following its servers

@@ -9,15 +9,24 @@ hung one.
 
 from __future__ import annotations
 
-import httpx
+from typing import Protocol
 
-from mvllmd.instances.spec import InstanceSpec
+import httpx
 
 COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 
 
+class Probed(Protocol):
+    """What a prober needs of a server: an instance's spec, or an external server's."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def served_model_name(self) -> str: ...
+
+
 class Prober:
-    def __init__(self, spec: InstanceSpec, api_key: str | None, timeout_s: float = 5.0) -> None:
+    def __init__(self, spec: Probed, api_key: str | None, timeout_s: float = 5.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._spec = spec
         self._client = httpx.AsyncClient(base_url=spec.url, headers=headers, timeout=timeout_s)

@@ -32,11 +32,11 @@ from mvllm.jobs import JobRecord, JobSpec, JobState, validate
 from mvllmd.config import DEFAULTS, JobSettings
 from mvllmd.dispatch.endpoints import Endpoints, Tuning
 from mvllmd.errors import Conflict, MvllmError, NotFound
-from mvllmd.instances.manager import InstanceManager
+from mvllmd.fleet import Fleet
 from mvllmd.jobs.output import parts_dir
 from mvllmd.jobs.prepare import Prepared, prepare
 from mvllmd.jobs.run import LaneView, Progress, Run
-from mvllmd.jobs.sources import EndpointSource, InstanceSource, UrlSource
+from mvllmd.jobs.sources import EndpointSource, FleetSource, UrlSource
 from mvllmd.jobs.store import JobStore
 from mvllmd.jobs.targets import Target, endpoint_model, instance_model, instance_targets, normalize_url
 
@@ -72,7 +72,7 @@ class _Job:
 
 
 class JobManager:
-    def __init__(self, store: JobStore, instances: InstanceManager, settings: JobSettings,
+    def __init__(self, store: JobStore, instances: Fleet, settings: JobSettings,
                  resume_wait_s: float = DEFAULTS["instances.start_timeout_s"],
                  endpoints: Endpoints | None = None) -> None:  # fmt: skip
         self._store = store
@@ -246,7 +246,7 @@ class JobManager:
         if spec.endpoints:
             capacity, key = self._settings.endpoint_max_num_seqs, spec.endpoint_api_key
             return UrlSource([Target(url, capacity, key) for url in spec.endpoints])
-        return InstanceSource(self._instances, spec.model)
+        return FleetSource(self._instances, spec.model)
 
     async def _wait_for_targets(self, job: _Job, source: EndpointSource) -> bool:
         """Wait until a server of the job is ready; False if the job was stopped meanwhile."""

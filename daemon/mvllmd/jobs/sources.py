@@ -5,12 +5,10 @@ size, API key), and `changed()`, which returns when that may be different. A run
 for as long as it runs (run.py): a server that appears joins its dispatcher, one that is gone leaves
 it (its requests go elsewhere). Two sources today:
 
-- `InstanceSource`: this daemon's READY instances of the job's model. One that is no longer READY
-  leaves at once, UNHEALTHY included (hung: its requests go elsewhere now, not after the job's own
-  hang timeout), and joins again once READY.
+- `FleetSource`: the daemon's READY servers of the job's model (fleet.py: its instances and the external
+  servers attached to it). One that is no longer READY leaves at once, UNHEALTHY included (hung: its
+  requests go elsewhere now, not after the job's own hang timeout), and joins again once READY.
 - `UrlSource`: servers named by URL (`--endpoints`), there from start to end.
-
-Servers attached by URL to the daemon and other hosts' instances will be further sources.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
-from mvllmd.instances.manager import InstanceManager
+from mvllmd.fleet import Fleet
 from mvllmd.jobs.targets import Target, instance_targets
 
 
@@ -43,21 +41,19 @@ class UrlSource:
         pass
 
 
-class InstanceSource:
-    """The READY instances of `model`, following the instance manager."""
+class FleetSource:
+    """The daemon's READY servers of `model`, following the fleet."""
 
-    def __init__(self, instances: InstanceManager, model: str) -> None:
-        self._instances = instances
+    def __init__(self, fleet: Fleet, model: str) -> None:
+        self._fleet = fleet
         self._model = model
-        self._events = instances.subscribe()
+        self._changes = fleet.subscribe()
 
     def current(self) -> list[Target]:
-        return instance_targets(self._instances, self._model)
+        return instance_targets(self._fleet, self._model)
 
     async def changed(self) -> None:
-        await self._events.get()
-        while not self._events.empty():
-            self._events.get_nowait()
+        await self._changes.changed()
 
     def close(self) -> None:
-        self._instances.unsubscribe(self._events)
+        self._changes.close()

@@ -1,8 +1,10 @@
-"""Where a job's requests go: this daemon's READY instances of the job's model, or servers named by URL.
+"""Where a job's requests go: the daemon's READY servers of the job's model (its instances and the
+external servers attached to it: fleet.py), or servers named by URL.
 
-Instances are matched by their served model name or by the model they were launched with; the job
-then asks for the served name. Servers named by URL (the seed script's comma-separated list) may be
-given with or without the /v1 suffix; without --model, they are asked which model they serve.
+The daemon's servers are matched by their served model name, or an instance by the model it was
+launched with; the job then asks for the served name. Servers named by URL (the seed script's
+comma-separated list) may be given with or without the /v1 suffix; without --model, they are asked
+which model they serve.
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from mvllmd.errors import Conflict, InvalidRequest
-from mvllmd.instances.manager import InstanceManager
-from mvllmd.instances.spec import InstanceState
-from mvllmd.instances.state import LIVE
+from mvllmd.fleet import Fleet
 from mvllmd.transport import http
 from mvllmd.transport.requests import bearer
 
@@ -27,7 +27,7 @@ class Target:
     url: str  # base URL, without /v1
     capacity: int  # max_num_seqs
     api_key: str = ""
-    instance: str = ""  # the instance's name, for this daemon's own
+    instance: str = ""  # the server's name, for the daemon's own (instances, external servers)
 
 
 def normalize_url(text: str) -> str:
@@ -46,36 +46,35 @@ def normalize_url(text: str) -> str:
     return url
 
 
-def instance_model(instances: InstanceManager, requested: str, waiting: bool = False) -> str:
-    """The served model name a job asks this daemon's instances for; raise saying what is served.
+def instance_model(fleet: Fleet, requested: str, waiting: bool = False) -> str:
+    """The served model name a job asks the daemon's servers for; raise saying what is served.
 
     A job that may wait for instances (`waiting`) is taken while none runs yet, if it names its model:
-    it waits for an instance that serves that name."""
-    live = [v.spec for v in instances.list_instances() if v.state in LIVE]
-    served = sorted({s.served_model_name for s in live})
+    it waits for a server of that name."""
+    live = fleet.live()
+    served = sorted({s.model for s in live})
     if not live and waiting:
         if not requested:
             raise InvalidRequest("no instance runs yet to say which model to wait for; pass --model")
         return requested
     if not live:
-        raise Conflict("no instance is running; launch one (mvllmctl launch MODEL) or pass --endpoints URL,...")
+        raise Conflict(
+            "no instance is running; launch one (mvllmctl launch MODEL), attach a server (mvllmctl attach URL) "
+            "or pass --endpoints URL,..."
+        )
     if not requested:
         if len(served) > 1:
-            raise InvalidRequest(f"the instances serve several models ({', '.join(served)}); pass --model")
+            raise InvalidRequest(f"the daemon's servers serve several models ({', '.join(served)}); pass --model")
         return served[0]
-    for spec in live:
-        if requested in (spec.served_model_name, spec.model):
-            return spec.served_model_name
+    for server in live:
+        if requested in (server.model, server.launched_as):
+            return server.model
     raise InvalidRequest(f"no instance serves model {requested!r}; served: {', '.join(served)}")
 
 
-def instance_targets(instances: InstanceManager, model: str, *states: InstanceState) -> list[Target]:
-    """This daemon's instances of `model` in these states (READY unless told)."""
-    return [
-        Target(view.spec.url, view.spec.max_num_seqs, key, view.spec.name)
-        for view, key in instances.serving(*states)
-        if view.spec.served_model_name == model
-    ]
+def instance_targets(fleet: Fleet, model: str) -> list[Target]:
+    """The daemon's READY servers of `model`: its instances and the external servers attached to it."""
+    return [Target(s.url, s.capacity, s.api_key, s.name) for s in fleet.ready() if s.model == model]
 
 
 async def endpoint_model(urls: list[str], requested: str, api_key: str = "") -> str:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mvllm/v1/instance.proto\x12\x08mvllm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xef\x02\n\x08Instance\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.mvllm.v1.InstanceState\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12$\n\x06\x65ngine\x18\x05 \x01(\x0e\x32\x14.mvllm.v1.EngineKind\x12\x0f\n\x07\x64\x65vices\x18\x06 \x03(\t\x12\x0c\n\x04port\x18\x07 \x01(\r\x12\x0c\n\x04host\x18\x08 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\t \x01(\r\x12\x0b\n\x03pid\x18\n \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\r\x12\x10\n\x08restarts\x18\x0c \x01(\r\x12\x0f\n\x07message\x18\r \x01(\t\x12\x0c\n\x04unit\x18\x0e \x01(\t\x12/\n\x0bstate_since\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13ready_after_seconds\x18\x10 \x01(\x01\"\xfd\x02\n\x16LaunchInstancesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x03 \x01(\r\x12$\n\x06\x65ngine\x18\x04 \x01(\x0e\x32\x14.mvllm.v1.EngineKind\x12\x0f\n\x07\x64\x65vices\x18\x05 \x01(\t\x12\x11\n\tport_base\x18\x06 \x01(\r\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x36\n\x03\x65nv\x18\x08 \x03(\x0b\x32).mvllm.v1.LaunchInstancesRequest.EnvEntry\x12\x13\n\x0b\x65ngine_args\x18\t \x03(\t\x12\x13\n\x0bname_prefix\x18\n \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x0b \x01(\t\x12\r\n\x05\x66orce\x18\x0c \x01(\x08\x12\x0b\n\x03\x63pu\x18\r \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x0e \x01(\r\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x17LaunchInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\"A\n\x14StopInstancesRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\">\n\x15StopInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\"\x16\n\x14ListInstancesRequest\">\n\x15ListInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\"J\n\x16GetInstanceLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x12\n\ntail_lines\x18\x03 \x01(\r\"(\n\x17GetInstanceLogsResponse\x12\r\n\x05lines\x18\x01 \x03(\t*\xda\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INSTANCE_STATE_STARTING\x10\x01\x12\x18\n\x14INSTANCE_STATE_READY\x10\x02\x12\x1c\n\x18INSTANCE_STATE_UNHEALTHY\x10\x03\x12\x1d\n\x19INSTANCE_STATE_RESTARTING\x10\x04\x12\x19\n\x15INSTANCE_STATE_FAILED\x10\x05\x12\x1a\n\x16INSTANCE_STATE_STOPPED\x10\x06*T\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NGINE_KIND_VLLM\x10\x01\x12\x13\n\x0f\x45NGINE_KIND_SIM\x10\x02\x32\xe7\x02\n\x0fInstanceService\x12V\n\x0fLaunchInstances\x12 .mvllm.v1.LaunchInstancesRequest\x1a!.mvllm.v1.LaunchInstancesResponse\x12P\n\rStopInstances\x12\x1e.mvllm.v1.StopInstancesRequest\x1a\x1f.mvllm.v1.StopInstancesResponse\x12P\n\rListInstances\x12\x1e.mvllm.v1.ListInstancesRequest\x1a\x1f.mvllm.v1.ListInstancesResponse\x12X\n\x0fGetInstanceLogs\x12 .mvllm.v1.GetInstanceLogsRequest\x1a!.mvllm.v1.GetInstanceLogsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mvllm/v1/instance.proto\x12\x08mvllm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xef\x02\n\x08Instance\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.mvllm.v1.InstanceState\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12$\n\x06\x65ngine\x18\x05 \x01(\x0e\x32\x14.mvllm.v1.EngineKind\x12\x0f\n\x07\x64\x65vices\x18\x06 \x03(\t\x12\x0c\n\x04port\x18\x07 \x01(\r\x12\x0c\n\x04host\x18\x08 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\t \x01(\r\x12\x0b\n\x03pid\x18\n \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\r\x12\x10\n\x08restarts\x18\x0c \x01(\r\x12\x0f\n\x07message\x18\r \x01(\t\x12\x0c\n\x04unit\x18\x0e \x01(\t\x12/\n\x0bstate_since\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13ready_after_seconds\x18\x10 \x01(\x01\"\xfd\x02\n\x16LaunchInstancesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x03 \x01(\r\x12$\n\x06\x65ngine\x18\x04 \x01(\x0e\x32\x14.mvllm.v1.EngineKind\x12\x0f\n\x07\x64\x65vices\x18\x05 \x01(\t\x12\x11\n\tport_base\x18\x06 \x01(\r\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x36\n\x03\x65nv\x18\x08 \x03(\x0b\x32).mvllm.v1.LaunchInstancesRequest.EnvEntry\x12\x13\n\x0b\x65ngine_args\x18\t \x03(\t\x12\x13\n\x0bname_prefix\x18\n \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x0b \x01(\t\x12\r\n\x05\x66orce\x18\x0c \x01(\x08\x12\x0b\n\x03\x63pu\x18\r \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x0e \x01(\r\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x17LaunchInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\"A\n\x14StopInstancesRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\">\n\x15StopInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\"\x16\n\x14ListInstancesRequest\"r\n\x15ListInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\x12\x32\n\x10\x65xternal_servers\x18\x02 \x03(\x0b\x32\x18.mvllm.v1.ExternalServer\"J\n\x16GetInstanceLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x12\n\ntail_lines\x18\x03 \x01(\r\"(\n\x17GetInstanceLogsResponse\x12\r\n\x05lines\x18\x01 \x03(\t\"\x80\x02\n\x0e\x45xternalServer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.mvllm.v1.InstanceState\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x13\n\x0bhas_api_key\x18\x05 \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\r\x12\x0f\n\x07message\x18\x07 \x01(\t\x12/\n\x0bstate_since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x61ttached_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"f\n\x13\x41ttachServerRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x04 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\"@\n\x14\x41ttachServerResponse\x12(\n\x06server\x18\x01 \x01(\x0b\x32\x18.mvllm.v1.ExternalServer\"#\n\x13\x44\x65tachServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x14\x44\x65tachServerResponse\x12(\n\x06server\x18\x01 \x01(\x0b\x32\x18.mvllm.v1.ExternalServer*\xda\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INSTANCE_STATE_STARTING\x10\x01\x12\x18\n\x14INSTANCE_STATE_READY\x10\x02\x12\x1c\n\x18INSTANCE_STATE_UNHEALTHY\x10\x03\x12\x1d\n\x19INSTANCE_STATE_RESTARTING\x10\x04\x12\x19\n\x15INSTANCE_STATE_FAILED\x10\x05\x12\x1a\n\x16INSTANCE_STATE_STOPPED\x10\x06*T\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NGINE_KIND_VLLM\x10\x01\x12\x13\n\x0f\x45NGINE_KIND_SIM\x10\x02\x32\x85\x04\n\x0fInstanceService\x12V\n\x0fLaunchInstances\x12 .mvllm.v1.LaunchInstancesRequest\x1a!.mvllm.v1.LaunchInstancesResponse\x12P\n\rStopInstances\x12\x1e.mvllm.v1.StopInstancesRequest\x1a\x1f.mvllm.v1.StopInstancesResponse\x12P\n\rListInstances\x12\x1e.mvllm.v1.ListInstancesRequest\x1a\x1f.mvllm.v1.ListInstancesResponse\x12X\n\x0fGetInstanceLogs\x12 .mvllm.v1.GetInstanceLogsRequest\x1a!.mvllm.v1.GetInstanceLogsResponse0\x01\x12M\n\x0c\x41ttachServer\x12\x1d.mvllm.v1.AttachServerRequest\x1a\x1e.mvllm.v1.AttachServerResponse\x12M\n\x0c\x44\x65tachServer\x12\x1d.mvllm.v1.DetachServerRequest\x1a\x1e.mvllm.v1.DetachServerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LAUNCHINSTANCESREQUEST_ENVENTRY']._loaded_options = None
   _globals['_LAUNCHINSTANCESREQUEST_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_INSTANCESTATE']._serialized_start=1228
-  _globals['_INSTANCESTATE']._serialized_end=1446
-  _globals['_ENGINEKIND']._serialized_start=1448
-  _globals['_ENGINEKIND']._serialized_end=1532
+  _globals['_INSTANCESTATE']._serialized_start=1812
+  _globals['_INSTANCESTATE']._serialized_end=2030
+  _globals['_ENGINEKIND']._serialized_start=2032
+  _globals['_ENGINEKIND']._serialized_end=2116
   _globals['_INSTANCE']._serialized_start=71
   _globals['_INSTANCE']._serialized_end=438
   _globals['_LAUNCHINSTANCESREQUEST']._serialized_start=441
@@ -53,11 +53,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTINSTANCESREQUEST']._serialized_start=1021
   _globals['_LISTINSTANCESREQUEST']._serialized_end=1043
   _globals['_LISTINSTANCESRESPONSE']._serialized_start=1045
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1107
-  _globals['_GETINSTANCELOGSREQUEST']._serialized_start=1109
-  _globals['_GETINSTANCELOGSREQUEST']._serialized_end=1183
-  _globals['_GETINSTANCELOGSRESPONSE']._serialized_start=1185
-  _globals['_GETINSTANCELOGSRESPONSE']._serialized_end=1225
-  _globals['_INSTANCESERVICE']._serialized_start=1535
-  _globals['_INSTANCESERVICE']._serialized_end=1894
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1159
+  _globals['_GETINSTANCELOGSREQUEST']._serialized_start=1161
+  _globals['_GETINSTANCELOGSREQUEST']._serialized_end=1235
+  _globals['_GETINSTANCELOGSRESPONSE']._serialized_start=1237
+  _globals['_GETINSTANCELOGSRESPONSE']._serialized_end=1277
+  _globals['_EXTERNALSERVER']._serialized_start=1280
+  _globals['_EXTERNALSERVER']._serialized_end=1536
+  _globals['_ATTACHSERVERREQUEST']._serialized_start=1538
+  _globals['_ATTACHSERVERREQUEST']._serialized_end=1640
+  _globals['_ATTACHSERVERRESPONSE']._serialized_start=1642
+  _globals['_ATTACHSERVERRESPONSE']._serialized_end=1706
+  _globals['_DETACHSERVERREQUEST']._serialized_start=1708
+  _globals['_DETACHSERVERREQUEST']._serialized_end=1743
+  _globals['_DETACHSERVERRESPONSE']._serialized_start=1745
+  _globals['_DETACHSERVERRESPONSE']._serialized_end=1809
+  _globals['_INSTANCESERVICE']._serialized_start=2119
+  _globals['_INSTANCESERVICE']._serialized_end=2636
 # @@protoc_insertion_point(module_scope)

@@ -138,10 +138,12 @@ class ListInstancesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListInstancesResponse(_message.Message):
-    __slots__ = ("instances",)
+    __slots__ = ("instances", "external_servers")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_SERVERS_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
-    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+    external_servers: _containers.RepeatedCompositeFieldContainer[ExternalServer]
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., external_servers: _Optional[_Iterable[_Union[ExternalServer, _Mapping]]] = ...) -> None: ...
 
 class GetInstanceLogsRequest(_message.Message):
     __slots__ = ("name", "follow", "tail_lines")
@@ -158,3 +160,57 @@ class GetInstanceLogsResponse(_message.Message):
     LINES_FIELD_NUMBER: _ClassVar[int]
     lines: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, lines: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExternalServer(_message.Message):
+    __slots__ = ("name", "state", "url", "model", "has_api_key", "max_num_seqs", "message", "state_since", "attached_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HAS_API_KEY_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATE_SINCE_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: InstanceState
+    url: str
+    model: str
+    has_api_key: bool
+    max_num_seqs: int
+    message: str
+    state_since: _timestamp_pb2.Timestamp
+    attached_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., url: _Optional[str] = ..., model: _Optional[str] = ..., has_api_key: _Optional[bool] = ..., max_num_seqs: _Optional[int] = ..., message: _Optional[str] = ..., state_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attached_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class AttachServerRequest(_message.Message):
+    __slots__ = ("url", "model", "name", "api_key", "max_num_seqs")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    model: str
+    name: str
+    api_key: str
+    max_num_seqs: int
+    def __init__(self, url: _Optional[str] = ..., model: _Optional[str] = ..., name: _Optional[str] = ..., api_key: _Optional[str] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+
+class AttachServerResponse(_message.Message):
+    __slots__ = ("server",)
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    server: ExternalServer
+    def __init__(self, server: _Optional[_Union[ExternalServer, _Mapping]] = ...) -> None: ...
+
+class DetachServerRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DetachServerResponse(_message.Message):
+    __slots__ = ("server",)
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    server: ExternalServer
+    def __init__(self, server: _Optional[_Union[ExternalServer, _Mapping]] = ...) -> None: ...

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class InstanceServiceStub:
-    """InstanceService launches, stops, lists and tails the engine servers of this host.
+    """InstanceService launches, stops, lists and tails the engine servers of this host, and attaches
+    (and detaches) servers that mvllmd did not launch.
     """
 
     def __init__(self, channel):
@@ -55,10 +56,21 @@ class InstanceServiceStub:
                 request_serializer=mvllm_dot_v1_dot_instance__pb2.GetInstanceLogsRequest.SerializeToString,
                 response_deserializer=mvllm_dot_v1_dot_instance__pb2.GetInstanceLogsResponse.FromString,
                 _registered_method=True)
+        self.AttachServer = channel.unary_unary(
+                '/mvllm.v1.InstanceService/AttachServer',
+                request_serializer=mvllm_dot_v1_dot_instance__pb2.AttachServerRequest.SerializeToString,
+                response_deserializer=mvllm_dot_v1_dot_instance__pb2.AttachServerResponse.FromString,
+                _registered_method=True)
+        self.DetachServer = channel.unary_unary(
+                '/mvllm.v1.InstanceService/DetachServer',
+                request_serializer=mvllm_dot_v1_dot_instance__pb2.DetachServerRequest.SerializeToString,
+                response_deserializer=mvllm_dot_v1_dot_instance__pb2.DetachServerResponse.FromString,
+                _registered_method=True)
 
 
 class InstanceServiceServicer:
-    """InstanceService launches, stops, lists and tails the engine servers of this host.
+    """InstanceService launches, stops, lists and tails the engine servers of this host, and attaches
+    (and detaches) servers that mvllmd did not launch.
     """
 
     def LaunchInstances(self, request, context):
@@ -89,6 +101,23 @@ class InstanceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachServer(self, request, context):
+        """AttachServer registers a server that mvllmd did not launch (vLLM under Slurm or Kubernetes,
+        another team's): checked at once (reachable, serving the model), then kept in the state
+        directory and health-checked like an instance; jobs and the HTTP front door use it while READY.
+        It is never restarted by mvllmd.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DetachServer(self, request, context):
+        """DetachServer forgets an attached server; the server itself is left as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InstanceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +141,16 @@ def add_InstanceServiceServicer_to_server(servicer, server):
                     request_deserializer=mvllm_dot_v1_dot_instance__pb2.GetInstanceLogsRequest.FromString,
                     response_serializer=mvllm_dot_v1_dot_instance__pb2.GetInstanceLogsResponse.SerializeToString,
             ),
+            'AttachServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachServer,
+                    request_deserializer=mvllm_dot_v1_dot_instance__pb2.AttachServerRequest.FromString,
+                    response_serializer=mvllm_dot_v1_dot_instance__pb2.AttachServerResponse.SerializeToString,
+            ),
+            'DetachServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetachServer,
+                    request_deserializer=mvllm_dot_v1_dot_instance__pb2.DetachServerRequest.FromString,
+                    response_serializer=mvllm_dot_v1_dot_instance__pb2.DetachServerResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'mvllm.v1.InstanceService', rpc_method_handlers)
@@ -121,7 +160,8 @@ def add_InstanceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InstanceService:
-    """InstanceService launches, stops, lists and tails the engine servers of this host.
+    """InstanceService launches, stops, lists and tails the engine servers of this host, and attaches
+    (and detaches) servers that mvllmd did not launch.
     """
 
     @staticmethod
@@ -222,6 +262,60 @@ class InstanceService:
             '/mvllm.v1.InstanceService/GetInstanceLogs',
             mvllm_dot_v1_dot_instance__pb2.GetInstanceLogsRequest.SerializeToString,
             mvllm_dot_v1_dot_instance__pb2.GetInstanceLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mvllm.v1.InstanceService/AttachServer',
+            mvllm_dot_v1_dot_instance__pb2.AttachServerRequest.SerializeToString,
+            mvllm_dot_v1_dot_instance__pb2.AttachServerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetachServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mvllm.v1.InstanceService/DetachServer',
+            mvllm_dot_v1_dot_instance__pb2.DetachServerRequest.SerializeToString,
+            mvllm_dot_v1_dot_instance__pb2.DetachServerResponse.FromString,
             options,
             channel_credentials,
             insecure,
