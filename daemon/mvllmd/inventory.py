@@ -129,6 +129,44 @@ def read_nvml() -> tuple[Device, ...]:
         pynvml.nvmlShutdown()
 
 
+@dataclass(frozen=True)
+class GpuUsage:
+    """A GPU's load now, for the metrics (read at each scrape)."""
+
+    index: int
+    uuid: str
+    name: str
+    utilization: float  # share of the last sample period a kernel ran (NVML's gpu utilization), 0 to 1
+    memory_used_bytes: int
+    memory_total_bytes: int
+
+
+def read_gpu_usage() -> tuple[GpuUsage, ...]:
+    """Each real GPU's utilisation and memory, through NVML; InventoryError without NVML."""
+    try:
+        import pynvml  # noqa: PLC0415  (optional, as in read_nvml)
+    except ImportError as exc:
+        raise InventoryError("nvidia-ml-py is not installed") from exc
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        raise InventoryError(f"NVML could not be initialised: {exc}") from exc
+    try:
+        return tuple(_nvml_usage(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount()))
+    except pynvml.NVMLError as exc:
+        raise InventoryError(f"NVML failed while reading devices: {exc}") from exc
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _nvml_usage(nvml: Any, index: int) -> GpuUsage:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+    uuid, name = _text(nvml.nvmlDeviceGetUUID(handle)), _text(nvml.nvmlDeviceGetName(handle))
+    return GpuUsage(index, uuid, name, int(rates.gpu) / 100, int(memory.used), int(memory.total))
+
+
 def _nvml_device(nvml: Any, index: int) -> Device:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     memory = nvml.nvmlDeviceGetMemoryInfo(handle)

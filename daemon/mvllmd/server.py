@@ -47,6 +47,7 @@ from mvllmd.jobs.manager import JobManager
 from mvllmd.jobs.store import JobStore
 from mvllmd.listeners import Listeners
 from mvllmd.locks import PidLock
+from mvllmd.metrics.prometheus import Metrics
 from mvllmd.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,14 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ
         state_lock = _lock_state_dir(config)
         try:
             endpoints = Endpoints(Tuning.of(config.jobs))
-            daemon = await _start_up(config, notifier, under_systemd, environ, endpoints)
+            metrics = Metrics()
+            daemon = await _start_up(config, notifier, under_systemd, environ, endpoints, metrics)
             daemon.listen_addresses = bound
             http = config.http
             servers = Servers(endpoints, daemon.fleet, session_idle_s=http.session_idle_s,
                               sticky_factor=http.sticky_factor)  # fmt: skip
-            front = FrontDoor(servers, http.tokens)
+            _measure(metrics, daemon, servers)
+            front = FrontDoor(servers, http.tokens, metrics)
             try:
                 daemon.http_urls = await _open_front_door(front, config)
                 health = _add_services(server, daemon)
@@ -127,8 +130,20 @@ async def _open_front_door(front: FrontDoor, config: Config) -> tuple[str, ...]:
     return tuple(urls)
 
 
-async def _start_up(
-    config: Config, notifier: Notifier, under_systemd: bool, environ: Mapping[str, str], endpoints: Endpoints
+def _measure(metrics: Metrics, daemon: Daemon, servers: Servers) -> None:
+    """What the metrics read at each scrape: the instances by engine and state (the external servers'
+    source goes beside it, engine "external"), and each server's requests in flight."""
+    metrics.count_servers(lambda: [(str(v.spec.engine), str(v.state)) for v in daemon.instances.list_instances()])
+    metrics.watch_servers(servers.load)
+
+
+async def _start_up(  # noqa: PLR0917  (each is a part the daemon is made of)
+    config: Config,
+    notifier: Notifier,
+    under_systemd: bool,
+    environ: Mapping[str, str],
+    endpoints: Endpoints,
+    metrics: Metrics,
 ) -> Daemon:
     notifier.status("detecting the unit manager")
     manager = await asyncio.to_thread(pick_backend, config.daemon.unit_manager, os.geteuid())
@@ -152,7 +167,7 @@ async def _start_up(
     fleet = Fleet(instances, external)
     store = JobStore(config.daemon.state_dir / "jobs.sqlite3")
     jobs = JobManager(store, fleet, config.jobs, resume_wait_s=config.instances.start_timeout_s,
-                      endpoints=endpoints)  # fmt: skip
+                      endpoints=endpoints, events=metrics)  # fmt: skip
     notifier.status("resuming jobs")
     await jobs.start()
     return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd, instances=instances, jobs=jobs,

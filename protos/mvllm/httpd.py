@@ -7,6 +7,12 @@ a time per connection, in order), whole responses and chunked streams (SSE) with
 handler cancelled when its client goes away (as aiohttp's handler_cancellation and uvicorn do), and the
 connection cut without an answer for fault injection. Malformed requests get 400, unknown paths 404,
 other methods 405 and bodies over `max_body` 413; a handler that fails gets 500 and the server goes on.
+A request must arrive whole (head and body) within `request_timeout_s` of its first byte: a client that
+sends half a request and stalls gets 408 and its connection is closed (uvicorn has no such limit of its
+own; nginx's client_header_timeout and client_body_timeout are 60 s). On a TLS port, a client that
+speaks plain HTTP gets 400 in plain HTTP, as nginx answers it, rather than a failed handshake: the first
+byte of each connection is peeked before TLS starts. Errors of its own come in vLLM's envelope
+(`{"error": {"message", "type", "param", "code"}}`).
 
 It replaced aiohttp's web server in the simulator, which cost about 95 us of CPU a request there
 against 40 us for this one: at --time-scale 0 that was half the simulator's cost, and the simulator
@@ -20,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import ssl as _ssl
 import time
 from collections import deque
@@ -34,6 +41,9 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024 * 1024
 IDLE_TIMEOUT_S = 75.0  # an idle keep-alive connection is closed after this (aiohttp's default)
+REQUEST_TIMEOUT_S = 30.0  # a request begun must arrive whole within this (a stalled client is cut: 408)
+TLS_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello (a TLS record of type handshake)
+ERROR_TYPES = {400: "BadRequestError", 408: "RequestTimeoutError", 413: "BadRequestError"}
 
 
 @dataclass
@@ -89,20 +99,26 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class Server:
-    def __init__(self, routes: Mapping[tuple[str, str], Handler], max_body: int = MAX_BODY) -> None:
+    def __init__(self, routes: Mapping[tuple[str, str], Handler], max_body: int = MAX_BODY,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:  # fmt: skip
         self.routes = dict(routes)
         self.max_body = max_body
+        self.request_timeout_s = request_timeout_s
         self._paths = {path for _, path in routes}
         self._connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._tls: _TlsListener | None = None
 
     async def start(
         self, host: str, port: int, backlog: int = 4096, ssl: _ssl.SSLContext | None = None
     ) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=backlog, ssl=ssl)
-        self._sweeper = asyncio.create_task(self._close_idle())
+        self._sweeper = asyncio.create_task(self._sweep())
+        if ssl is not None:
+            self._tls = _TlsListener(self, ssl, host, port, backlog)
+            return self._tls.address
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=backlog)
         address: tuple[str, int] = self._server.sockets[0].getsockname()[:2]
         return address
 
@@ -111,6 +127,8 @@ class Server:
             self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
+        if self._tls is not None:
+            await self._tls.close()
         for conn in list(self._connections):
             conn.cut()
         if self._server is not None:
@@ -123,20 +141,83 @@ class Server:
             return json_response({"detail": HTTPStatus(status).phrase}, status)
         return await handler(request)
 
-    async def _close_idle(self) -> None:
+    async def _sweep(self) -> None:
+        """Close idle keep-alive connections, and cut off requests that do not arrive in time."""
         while True:
-            await asyncio.sleep(IDLE_TIMEOUT_S / 4)
+            await asyncio.sleep(min(IDLE_TIMEOUT_S, self.request_timeout_s) / 4)
             now = time.monotonic()
             for conn in list(self._connections):
                 if conn.idle_since is not None and now - conn.idle_since > IDLE_TIMEOUT_S:
                     conn.close()
+                elif conn.reading_since is not None and now - conn.reading_since > self.request_timeout_s:
+                    conn.timed_out(self.request_timeout_s)
+
+
+class _TlsListener:
+    """A TLS port that answers a plain-HTTP client in plain HTTP: each connection's first byte is peeked
+    (MSG_PEEK: it stays for the handshake) before TLS starts, or not."""
+
+    def __init__(self, server: Server, context: _ssl.SSLContext, host: str, port: int, backlog: int) -> None:
+        self._server, self._context = server, context
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family, backlog=backlog)
+        self._sock.setblocking(False)
+        self.address: tuple[str, int] = self._sock.getsockname()[:2]
+        self._starting: set[asyncio.Task[None]] = set()
+        self._accepting = asyncio.create_task(self._accept())
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._sock)
+            task = asyncio.create_task(self._open(conn))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _open(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(conn.fileno(), wake)
+        try:
+            async with asyncio.timeout(self._server.request_timeout_s):
+                await readable
+            first = conn.recv(1, socket.MSG_PEEK)
+        except (TimeoutError, OSError):
+            conn.close()
+            return
+        finally:
+            loop.remove_reader(conn.fileno())
+        if not first:
+            conn.close()
+            return
+        tls = first[0] == TLS_HANDSHAKE
+        try:
+            await loop.connect_accepted_socket(
+                lambda: _Connection(self._server, plain_at_tls=not tls), conn, ssl=self._context if tls else None
+            )
+        except (OSError, _ssl.SSLError, ConnectionError) as exc:  # a failed handshake: nothing to answer
+            log.debug("a TLS connection failed to open: %s", exc)
+            conn.close()
+
+    async def close(self) -> None:
+        self._accepting.cancel()
+        for task in list(self._starting):
+            task.cancel()
+        await asyncio.gather(self._accepting, *self._starting, return_exceptions=True)
+        self._sock.close()
 
 
 class _Connection(asyncio.Protocol):
     """One client connection: httptools parses, requests queue, one task answers them in order."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, plain_at_tls: bool = False) -> None:
         self._server = server
+        self._plain_at_tls = plain_at_tls  # a plain-HTTP client at a TLS port: it gets 400 and the door
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request] = deque()
@@ -150,6 +231,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.streaming = False  # a chunked answer's head has gone out
         self.idle_since: float | None = time.monotonic()
+        self.reading_since: float | None = None  # a request has begun and not yet arrived whole
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -158,6 +240,10 @@ class _Connection(asyncio.Protocol):
         self._server._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._plain_at_tls:
+            self._plain_at_tls = False
+            self._refuse(400, "this port speaks TLS: the plain HTTP request was sent to an https:// port")
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -186,6 +272,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url, self._headers, self._body, self._size, self._too_large = b"", {}, [], 0, False
         self.idle_since = None
+        self.reading_since = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -205,6 +292,7 @@ class _Connection(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self.reading_since = None
         if self._too_large:
             self._refuse(413, f"the request body is over {self._server.max_body} bytes")
             return
@@ -274,10 +362,19 @@ class _Connection(asyncio.Protocol):
             if self._gone():
                 raise ConnectionResetError("the client closed the connection")
 
+    def timed_out(self, timeout_s: float) -> None:
+        """The request begun did not arrive whole in time: 408, and the connection closes."""
+        if self._task is not None:  # an earlier request's answer is being written: judged again after it
+            self.reading_since = time.monotonic()
+            return
+        self.reading_since = None
+        self._refuse(408, f"the request did not arrive whole within {timeout_s:g} s")
+
     def _refuse(self, status: int, message: str) -> None:
         """Answer a request that cannot be parsed or taken, then close: the stream is out of step."""
         log.warning("refusing a request: %s", message)
-        body = json.dumps({"error": {"message": message, "code": status}}).encode()
+        kind = ERROR_TYPES.get(status, HTTPStatus(status).phrase.replace(" ", "") + "Error")
+        body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
         self.write_head(status, {"content-type": "application/json", "content-length": str(len(body))}, False, body)
         self.close()
 

@@ -4,8 +4,10 @@ This layer only translates: HTTP in, a proxy.Call out; errors in vLLM's envelope
 (`{"error": {"message", "type", "param", "code"}}`) with vLLM's status codes. Routes:
 
 - `POST /v1/completions`, `POST /v1/chat/completions`: forwarded (proxy.py), streamed or not;
+- `POST /tokenize`, `POST /detokenize`: forwarded to a server of the body's model (vLLM's own routes);
 - `GET /v1/models`: the models some READY server serves;
-- `GET /health`: 200 while some server is READY, else 503.
+- `GET /health`: 200 while some server is READY, else 503;
+- `GET /metrics`: mvllmd's own Prometheus metrics (metrics/prometheus.py).
 
 A request with `X-Session-ID` (or the body's `user`) is sticky-least-loaded (servers.py).
 
@@ -13,11 +15,14 @@ Every other path is 404: vLLM's development routes (`/collective_rpc`, `/pause`,
 `/update_weights`, ...) are never forwarded. With tokens (`--http-token-file`), every route but
 /health wants `Authorization: Bearer TOKEN`, compared in constant time. Without tokens, a model whose
 servers want an API key is refused (403): the front door must not hand their servers to anyone who
-can reach it.
+can reach it. /metrics wants the token too when there are tokens (it names the servers and models;
+Prometheus sends it with `authorization: credentials_file`, examples/prometheus.yml), unlike vLLM's
+own /metrics, which its --api-key leaves open; without tokens (loopback only) it is open.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -28,12 +33,14 @@ from typing import Any
 from mvllm import httpd
 from mvllmd.frontdoor.proxy import Call, NoServer, Sink, forward
 from mvllmd.frontdoor.servers import Servers
+from mvllmd.metrics.prometheus import CONTENT_TYPE, Metrics
 from mvllmd.transport import http
 
 MAX_BODY = 32 * 1024 * 1024  # a request body over this is refused (413)
 RETRY_AFTER_S = 5  # what a 503 for "no server" tells the client
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
                404: "NotFoundError", 413: "BadRequestError", 503: "ServiceUnavailableError"}  # fmt: skip
+TOOLS = frozenset({"/tokenize", "/detokenize"})
 STREAM_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
 
 
@@ -44,21 +51,30 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> h
 
 
 class FrontDoor:
-    def __init__(self, servers: Servers, tokens: frozenset[str] = frozenset()) -> None:
+    def __init__(self, servers: Servers, tokens: frozenset[str] = frozenset(), metrics: Metrics | None = None,
+                 request_timeout_s: float = httpd.REQUEST_TIMEOUT_S) -> None:  # fmt: skip
         self.servers = self._servers = servers
         self._tokens = tuple(t.encode() for t in tokens)
         self._client = http.Client()
+        self.metrics = metrics or Metrics()
+        if metrics is None:
+            self.metrics.watch_servers(servers.load)
+        servers.events = self.metrics
+        self._request_timeout_s = request_timeout_s
         self._routes: dict[tuple[str, str], httpd.Handler] = {
             ("POST", "/v1/completions"): self._generate,
             ("POST", "/v1/chat/completions"): self._generate,
+            ("POST", "/tokenize"): self._generate,
+            ("POST", "/detokenize"): self._generate,
             ("GET", "/v1/models"): self._models,
             ("GET", "/health"): self._health,
+            ("GET", "/metrics"): self._metrics,
         }
         self._servers_http: list[httpd.Server] = []
 
     async def listen(self, host: str, port: int, ssl: SSLContext | None = None) -> tuple[str, int]:
         """Serve on one more address; return the host and port bound (port 0: the one picked)."""
-        server = httpd.Server(self._routes, max_body=MAX_BODY)
+        server = httpd.Server(self._routes, max_body=MAX_BODY, request_timeout_s=self._request_timeout_s)
         bound = await server.start(host, port, ssl=ssl)
         self._servers_http.append(server)
         return bound
@@ -74,6 +90,12 @@ class FrontDoor:
         if self._servers.models():
             return httpd.Response(200, b"")
         return error(503, "no server is READY", {"retry-after": str(RETRY_AFTER_S)})
+
+    async def _metrics(self, request: httpd.Request) -> httpd.Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        await asyncio.to_thread(self.metrics.read_gpus)  # NVML blocks; the rest is read on the loop
+        return httpd.Response(200, self.metrics.render(), CONTENT_TYPE)
 
     async def _models(self, request: httpd.Request) -> httpd.Response:
         if not self._authorized(request):
@@ -96,7 +118,7 @@ class FrontDoor:
             await stream_out[0].write(chunk)
 
         try:
-            answer = await forward(self._servers, self._client, call, Sink(start, write))
+            answer = await forward(self._servers, self._client, call, Sink(start, write), self.metrics)
         except NoServer as exc:
             return error(503, str(exc), {"retry-after": str(RETRY_AFTER_S)})
         if stream_out:
@@ -128,13 +150,15 @@ class FrontDoor:
         if not self._tokens and self._servers.api_keys(model):
             raise _Refused(error(403, f"the servers of {model} want an API key, and this front door has no "
                                       "tokens: start mvllmd with --http-token-file to forward to them"))  # fmt: skip
+        if request.path in TOOLS:  # /tokenize, /detokenize: a request that runs no sequence
+            return Call(model, request.path, request.body, 0, False, fields=body)
         want, stream = body.get("n", 1), body.get("stream", False)
         if not isinstance(want, int) or isinstance(want, bool) or want < 1 or not isinstance(stream, bool):
             raise _Refused(error(400, "`n` must be a positive integer and `stream` true or false"))
         session = request.headers.get("x-session-id") or body.get("user") or ""
         if not isinstance(session, str):
             raise _Refused(error(400, "`user` must be a string"))
-        return Call(model, request.path, request.body, want, stream, session)
+        return Call(model, request.path, request.body, want, stream, session, body)
 
     def _model_of(self, body: dict[str, Any]) -> str:
         served = self._servers.models()

@@ -15,7 +15,13 @@ forgotten. Pure hashing fails the other way: one saturated server keeps its sess
 
 Which servers: the daemon's READY servers (fleet.py: its instances and the external servers attached to
 it), by served model name, followed through the fleet's changes; a server that leaves (stopped, failed,
-UNHEALTHY, detached) is left at once, and its requests in flight finish or fail where they are.
+UNHEALTHY, detached) is left at once. Its requests in flight go elsewhere at once (`watch`: proxy.py
+sends one not yet answered to another server, and continues a stream), as do those of a server the
+endpoint table takes out as hung.
+
+What the metrics read (metrics/): each server's requests in flight and breaker (`load`), hang events
+(the table's listener), and breaker trips, seen as a new `open_until` at each round of readings or
+scrape that is not a hang's.
 """
 
 from __future__ import annotations
@@ -23,13 +29,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mvllmd.config import DEFAULTS
+from mvllmd.dispatch.endpoint import Endpoint
 from mvllmd.dispatch.endpoints import Endpoints, Listener
 from mvllmd.dispatch.flights import Flight, Flights, Lane, Work
 from mvllmd.dispatch.policies.least_loaded import LeastLoaded
 from mvllmd.fleet import Fleet
+from mvllmd.metrics import NO_EVENTS, Events
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +67,10 @@ class Servers:
         self._sticky_factor = sticky_factor
         self._models: dict[str, _Model] = {}
         self._changes = fleet.subscribe()
-        self._listener = Listener(read=self._reindex, hung=lambda endpoint: None)
+        self.events: Events = NO_EVENTS
+        self._watched: dict[Flight, asyncio.Future[None]] = {}  # requests in flight -> set when their server goes
+        self._opened: dict[str, float] = {}  # a server's breaker's open_until, as last seen (breaker trips)
+        self._listener = Listener(read=self._read, hung=self._hung)
         endpoints.listen(self._listener)
         self._follow: asyncio.Task[None] | None = None
         self.sync()
@@ -106,6 +118,7 @@ class Servers:
                     model.policy.add(lane)
 
     def _leave(self, model: _Model, lane: Lane) -> None:
+        self._release(lambda flight: flight.lane is lane)
         lane.left = True
         model.policy.remove(lane)
         del model.lanes[lane.url]
@@ -119,9 +132,43 @@ class Servers:
             except Exception:  # a bug here must not stop the front door from following its servers
                 log.exception("following the front door's servers failed")
 
-    def _reindex(self) -> None:
+    def _read(self) -> None:
+        self.breakers()
         for model in self._models.values():
             model.policy.reindex()
+
+    def _hung(self, endpoint: Endpoint) -> None:
+        """The table took `endpoint` out as hung: its requests go elsewhere now."""
+        self._opened[endpoint.url] = endpoint.open_until  # a hang, not a breaker trip
+        self.events.hung(endpoint.url)
+        self._release(lambda flight: flight.endpoint is endpoint)
+
+    def _release(self, which: Callable[[Flight], bool]) -> None:
+        for flight, out in self._watched.items():
+            if which(flight) and not out.done():
+                out.set_result(None)
+
+    # --- what the metrics read ---------------------------------------------------------------------
+
+    def endpoints(self) -> list[Endpoint]:
+        """The servers the front door may send to, one each."""
+        found = {id(lane.endpoint): lane.endpoint for model in self._models.values() for lane in model.lanes.values()}
+        return list(found.values())
+
+    def load(self) -> list[tuple[str, int, bool]]:
+        """Each server's URL, mvllmd's sequences in flight there, and whether it is out (metrics)."""
+        self.breakers()
+        now = time.monotonic()
+        return [(e.url, e.inflight, e.open_until > now) for e in self.endpoints()]
+
+    def breakers(self) -> None:
+        """Count the breaker trips since the last look: a new open_until that no hang set."""
+        for endpoint in self.endpoints():
+            until, seen = endpoint.open_until, self._opened.get(endpoint.url, 0.0)
+            if until != seen:
+                self._opened[endpoint.url] = until
+                if until > seen:
+                    self.events.breaker_tripped(endpoint.url)
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -173,6 +220,13 @@ class Servers:
                     del found.sessions[gone]
         found.sessions[session] = (url, now)
 
+    def watch(self, flight: Flight) -> asyncio.Future[None]:
+        """A future set if `flight`'s server is taken out as hung or leaves before the flight lands."""
+        out = self._watched[flight] = asyncio.get_running_loop().create_future()
+        if flight.lane.left:
+            out.set_result(None)
+        return out
+
     def send(self, model: str, lane: Lane, want: int) -> Flight:
         """Count a request of `want` choices to `lane` as in flight."""
         flight = self._models[model].flights.open(Work(-1, None, list(range(want))), lane)
@@ -184,6 +238,7 @@ class Servers:
         (False), or neither (None: the client left, a 4xx)."""
         found = self._models.get(model)
         now = time.monotonic()
+        self._watched.pop(flight, None)
         if ok:
             flight.endpoint.succeeded(flight.held, now - flight.started, now)
         elif ok is False:

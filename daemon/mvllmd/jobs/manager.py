@@ -39,6 +39,7 @@ from mvllmd.jobs.run import LaneView, Progress, Run
 from mvllmd.jobs.sources import EndpointSource, FleetSource, UrlSource
 from mvllmd.jobs.store import JobStore
 from mvllmd.jobs.targets import Target, endpoint_model, instance_model, instance_targets, normalize_url
+from mvllmd.metrics import NO_EVENTS, Events
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,9 @@ class _Job:
 class JobManager:
     def __init__(self, store: JobStore, instances: Fleet, settings: JobSettings,
                  resume_wait_s: float = DEFAULTS["instances.start_timeout_s"],
-                 endpoints: Endpoints | None = None) -> None:  # fmt: skip
+                 endpoints: Endpoints | None = None, *, events: Events = NO_EVENTS) -> None:  # fmt: skip
         self._store = store
+        self._events = events  # samples, errors and tokens written, for the metrics
         self._instances = instances
         self._settings = settings
         self._resume_wait_s = resume_wait_s  # a job resumed at start waits this long for its instances
@@ -229,7 +231,7 @@ class JobManager:
             concurrent = prepared.spec.max_concurrent or self._settings.max_concurrent
             prepared = replace(prepared, spec=replace(prepared.spec, max_concurrent=concurrent))
             job.run = Run(prepared, source, self._endpoints, job.stop, stop_drain_s=self._settings.stop_drain_s,
-                          on_progress=lambda p: self._progressed(job, p))  # fmt: skip
+                          on_progress=lambda p: self._progressed(job, p), events=self._events)  # fmt: skip
             self._finish(job, await job.run.run())
         except MvllmError as exc:
             self._end(job, JobState.FAILED, str(exc))

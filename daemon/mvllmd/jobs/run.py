@@ -36,6 +36,7 @@ from mvllmd.jobs.output import RESUME, PartWriter, assemble, parts_dir, result_s
 from mvllmd.jobs.prepare import MANIFEST, Prepared, fingerprint
 from mvllmd.jobs.sources import EndpointSource
 from mvllmd.jobs.targets import Target
+from mvllmd.metrics import NO_EVENTS, Events
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,9 @@ class LaneView:
 class Run:
     def __init__(self, prepared: Prepared, source: EndpointSource, endpoints: Endpoints, stop: asyncio.Event, *,
                  stop_drain_s: float, on_progress: Callable[[Progress], None] = lambda p: None,
-                 flush_age_s: float = FLUSH_AGE_S) -> None:  # fmt: skip
+                 flush_age_s: float = FLUSH_AGE_S, events: Events = NO_EVENTS) -> None:  # fmt: skip
         self._prepared = prepared
+        self._events = events
         self._source = source
         self._stop = stop
         self._stop_drain_s = stop_drain_s
@@ -233,6 +235,8 @@ class Run:
                 if spec.on_error == OnError.FAIL and not progress.failed:
                     progress.failed = f"prompt {sample.prompt_index}: {sample.error}"
                     self._stop.set()
+        errors, tokens = sum(1 for s in fresh if s.error), sum(s.completion_tokens or 0 for s in fresh)
+        self._events.samples(spec.model, len(fresh), errors, tokens)
         self._on_progress(progress)
 
     async def _flush_when_old(self) -> None:

@@ -10,16 +10,18 @@ goes on from where the sample was, so the whole is one sample, with the distribu
 in one request (no first-answer-wins race, which would favour short samples). `Prefix.join` makes the
 one Sample of the two parts.
 
-Only what a continuation reproduces exactly can move (see `movable`): no seed (a seeded sample must be
-the same on a rerun, whatever moved), no stop strings (one could straddle the cut), a max_tokens to
-split, and no request option (penalties, structured output) that would read the prefix as prompt.
+Only what a continuation reproduces exactly can move (see `continuable`): no seed (a seeded sample
+must be the same on a rerun, whatever moved), no stop strings (one could straddle the cut), and no
+request option (penalties, structured output) that would read the prefix as prompt; a job's sample
+also needs a max_tokens to split (`movable`). The front door continues a client's stream cut mid-way
+by the same rule (frontdoor/relay.py).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,14 +31,18 @@ STREAM_INTERVAL = 64  # tokens per chunk of a streamed choice (vLLM's per-reques
 MOVABLE_EXTRA = frozenset({"top_k", "min_p", "ignore_eos", "chat_template_kwargs"})
 
 
+def continuable(seed: object, stop: object, options: Iterable[str]) -> bool:
+    """Whether a sample asked for with this seed, these stop strings and these request options (beyond
+    the prompt, n, temperature, top_p, max_tokens) continues exactly from its tokens (module docstring)."""
+    return seed is None and not stop and set(options) <= MOVABLE_EXTRA
+
+
 def movable(sampling: Sampling) -> bool:
     """Whether a sample of this job can be continued elsewhere as the same sample (module docstring)."""
     return (
-        sampling.seed is None
-        and not sampling.stop
+        continuable(sampling.seed, sampling.stop, sampling.extra_body)
         and sampling.max_tokens is not None
         and sampling.max_tokens >= 2 * STREAM_INTERVAL
-        and set(sampling.extra_body) <= MOVABLE_EXTRA
     )
 
 
@@ -86,6 +92,11 @@ class Stream:
                     self.done = True
                 else:
                     self._chunk(json.loads(payload))
+
+    def add(self, chunk: Any) -> None:
+        """One event's data, already parsed (for a reader that splits the events itself); ValueError if
+        it is not a chunk."""
+        self._chunk(chunk)
 
     def _chunk(self, chunk: Any) -> None:
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
