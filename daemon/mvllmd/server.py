@@ -131,9 +131,10 @@ async def _open_front_door(front: FrontDoor, config: Config) -> tuple[str, ...]:
 
 
 def _measure(metrics: Metrics, daemon: Daemon, servers: Servers) -> None:
-    """What the metrics read at each scrape: the instances by engine and state (the external servers'
-    source goes beside it, engine "external"), and each server's requests in flight."""
+    """What the metrics read at each scrape: the instances by engine and state, the external servers by
+    state (engine "external"), and each server's requests in flight."""
     metrics.count_servers(lambda: [(str(v.spec.engine), str(v.state)) for v in daemon.instances.list_instances()])
+    metrics.count_servers(lambda: [("external", str(v.state)) for v in daemon.fleet.external.list_servers()])
     metrics.watch_servers(servers.load)
 
 

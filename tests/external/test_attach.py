@@ -131,6 +131,8 @@ def test_attach_use_lose_regain_restart_detach(short_tmp: Path, spawn: Spawn, si
     answer = httpx.post(f"{door}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4}, timeout=10)
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["text"]
+    metrics = httpx.get(f"{door}/metrics", timeout=10).text
+    assert 'mvllm_instances{engine="external",state="ready"} 1.0' in metrics
 
     # Killed: UNHEALTHY, out of the front door; a job waits for it, and runs once it is back on its port.
     sim.kill()
