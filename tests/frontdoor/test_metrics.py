@@ -1,0 +1,43 @@
+"""GET /metrics of a real mvllmd after real traffic through its front door to two simulator instances,
+read with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from test_daemon_front_door import front_door
+
+from daemonkit import Spawn
+from jobkit import FAST_SIM, daemon_args, launch
+
+
+def test_metrics_follow_the_traffic(short_tmp: Path, spawn: Spawn) -> None:
+    daemon = spawn(daemon_args(short_tmp))
+    url = front_door(daemon)
+    launch(daemon, 2, *FAST_SIM, model="m")
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for i in range(10):
+            answer = client.post("/v1/completions", json={"model": "m", "prompt": f"p{i}", "max_tokens": 4})
+            assert answer.status_code == 200
+        body = {"model": "m", "prompt": "s", "max_tokens": 4, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as stream:
+            assert stream.status_code == 200 and "[DONE]" in stream.read().decode()
+        assert client.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
+        scraped = client.get("/metrics")
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = [s for family in text_string_to_metric_families(scraped.text) for s in family.samples]
+
+    def values(name: str, **labels: str) -> list[float]:
+        return [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
+
+    assert values("mvllm_instances", engine="sim", state="ready") == [2.0]
+    served = values("mvllm_frontdoor_requests_total", model="m", status="200")
+    assert sum(served) == 11  # ten answers and one stream, each counted under the server that answered
+    assert values("mvllm_frontdoor_first_byte_seconds_count", model="m") == [11.0]
+    assert values("mvllm_frontdoor_request_seconds_count", model="m") == [11.0]
+    assert sum(values("mvllm_frontdoor_retries_total")) == 0
+    assert sorted(values("mvllm_server_inflight")) == [0.0, 0.0]  # two servers, nothing in flight now
+    assert values("mvllm_server_breaker_open") == [0.0, 0.0]
+    assert values("mvllm_frontdoor_requests_total", model="nope") == []  # refused at the door, never forwarded
