@@ -46,6 +46,11 @@ BENCHES = (
     Bench("scale.py", "mvllmd's CPU per sample as the servers grow", (), ("--prompts", "5000", "--runs", "1")),
     Bench("dp_vs_tp.py", "DP vs TP on 8 simulated GPUs", (), ("--prompts", "300", "--time-scale", "0.5")),
     Bench("front_door.py", "The front door against straight requests and sglang-router", (), ("--duration", "3")),
+    Bench("front_door_balance.py", "Balance through the front door", (), ("--sessions", "500")),
+    Bench("front_door_sessions.py", "Sessions through the front door: prefix hits and makespan", (),
+          ("--sessions", "200")),
+    Bench("vllm_bench_serve.py", "vllm bench serve through the front door (real vLLM CPU engines)", (),
+          ("--prompts", "50")),
 )  # fmt: skip
 
 
