@@ -86,6 +86,8 @@ Examples:
 @click.option("--http-session-idle", type=float, metavar="SECONDS", help="Front door: idle sessions end. [600]")
 @click.option("--http-sticky-factor", type=float, metavar="X",
               help="Front door: a session moves off a server X times slower than the least loaded. [2]")  # fmt: skip
+@click.option("--http-reserve", type=float, metavar="SHARE",
+              help="Front door: the share of each server's batch jobs leave free while it is used. [0.1]")  # fmt: skip
 @click.option(
     "--insecure-http/--no-insecure-http", default=None, help="Allow the front door off loopback without TLS/tokens."
 )

@@ -97,6 +97,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("http", "insecure_http", bool, False, "--insecure-http"),
     Option("http", "session_idle_s", float, 600.0, "--http-session-idle", minimum=1, maximum=86400),
     Option("http", "sticky_factor", float, 2.0, "--http-sticky-factor", minimum=1, maximum=1000),
+    Option("http", "reserve", float, 0.1, "--http-reserve", minimum=0, maximum=0.9),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -155,6 +156,7 @@ class HttpSettings:
     insecure_http: bool = False
     session_idle_s: float = DEFAULTS["http.session_idle_s"]
     sticky_factor: float = DEFAULTS["http.sticky_factor"]
+    reserve: float = DEFAULTS["http.reserve"]  # of each server's capacity, left free by jobs for the front door
 
 
 def defaults(kind: type[S], section: str) -> S:
@@ -312,7 +314,7 @@ def _http(values: dict[str, Any], tls: TlsFiles | None) -> HttpSettings:
     if duplicates:
         raise AddressError(f"http listen address given twice: {', '.join(duplicates)}")
     return HttpSettings(addresses, tokens, values["http.insecure_http"], values["http.session_idle_s"],
-                        values["http.sticky_factor"])  # fmt: skip
+                        values["http.sticky_factor"], values["http.reserve"])  # fmt: skip
 
 
 def _tokens(path: Path) -> frozenset[str]:

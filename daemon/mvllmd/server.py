@@ -71,7 +71,7 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ
         bound = listeners.bind(server)  # first: a bad address fails before anything is touched
         state_lock = _lock_state_dir(config)
         try:
-            endpoints = Endpoints(Tuning.of(config.jobs))
+            endpoints = Endpoints(Tuning.of(config.jobs, door_reserve=config.http.reserve))
             metrics = Metrics()
             daemon = await _start_up(config, notifier, under_systemd, environ, endpoints, metrics)
             daemon.listen_addresses = bound

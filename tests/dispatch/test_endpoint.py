@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from mvllmd.dispatch.endpoint import SILENT_STALLS, Endpoint
+from mvllmd.dispatch.endpoint import DOOR_IDLE_S, SILENT_STALLS, Endpoint
 from mvllmd.transport.gauges import GENERATED, PROMPT, RUNNING, WAITING
 
 STALL = 6.0
@@ -94,3 +94,29 @@ def test_taken_out_it_is_not_judged_again_until_back() -> None:
     why = endpoint.hung(t0 + 1 + STALL, TIMEOUT)
     endpoint.take_out_hung(t0 + 1 + STALL, TIMEOUT, why)
     assert endpoint.out and endpoint.hung(t0 + 2 + STALL, TIMEOUT) == ""
+
+
+def test_jobs_leave_the_front_door_its_reserve_while_it_uses_the_server() -> None:
+    endpoint = Endpoint("http://127.0.0.1:9", 64, door_reserve=0.1)
+    endpoint.join(64)  # a job
+    endpoint.join(64, shares=False)  # the front door
+    assert endpoint.share() == 64  # the front door has sent nothing here: the job may hold it all
+    endpoint.sent(1, door=True)
+    assert endpoint.kept() == 7 and endpoint.share() == 57  # 10 % of 64, rounded up
+    endpoint.sent(19, door=True)
+    assert endpoint.kept() == 20 and endpoint.share() == 44  # more than the reserve: all its requests
+    endpoint.join(64)  # a second job: they split what is left
+    assert endpoint.share() == 22
+    endpoint.landed(20, door=True)
+    assert endpoint.kept() == 7
+    endpoint.tick(time.monotonic() + DOOR_IDLE_S + 1)
+    assert endpoint.kept() == 0 and endpoint.share() == 32  # the front door left a minute ago
+
+
+def test_no_reserve_still_counts_the_front_doors_requests() -> None:
+    endpoint = Endpoint("http://127.0.0.1:9", 8)
+    endpoint.join(8)
+    endpoint.sent(3, door=True)
+    assert endpoint.share() == 5
+    endpoint.sent(20, door=True)
+    assert endpoint.share() == 1  # a job keeps one place, however busy the front door

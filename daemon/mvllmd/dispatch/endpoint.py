@@ -8,6 +8,11 @@ that job's `Lane` (flights.py). Everything here changes through methods; nothing
 - limit: the server's max_num_seqs at first. A server that keeps requests waiting (WAITING_POLLS
   readings in a row) is allowed less, down to what it runs; with none waiting it grows back.
 - external: sequences running or waiting there beyond ours, from its gauges: other clients' load.
+- the front door's reserve: jobs share the limit less what they leave free for the front door while
+  it uses the server (a request in flight there, or one in the last DOOR_IDLE_S): `door_reserve` of
+  its capacity (at least one sequence), or the front door's requests there if more. So an agent's
+  request is never queued behind a job's samples; and a server the front door does not use gives the
+  jobs all of its limit.
 - speed: the samples it completed per second, smoothed (half-life SPEED_HALF_LIFE_S); and, from the
   gauges, its peak generation rate (tokens/s), the better measure once every server has shown one.
 - hang watch: a server is hung when, with requests of ours in flight and none of them answered:
@@ -24,6 +29,7 @@ that job's `Lane` (flights.py). Everything here changes through methods; nothing
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from mvllmd.dispatch.breaker import Breaker, Change
@@ -35,24 +41,29 @@ SPEED_HALF_LIFE_S = 10.0
 WAITING_POLLS = 3  # readings in a row with requests waiting before a server is sent less
 STALL_S = 6.0  # token counters still this long, with our requests missing from its sequences: hung
 SILENT_STALLS = 5  # its /metrics silent this many stall spans (it answered before): hung
+DOOR_IDLE_S = 60.0  # the front door's reserve on a server holds this long after its last request there
 
 
 class Endpoint:
     def __init__(self, url: str, capacity: int, api_key: str = "", *, failures: int = 5, cooldown_s: float = 2.0,
-                 stall_s: float = STALL_S):  # fmt: skip
+                 stall_s: float = STALL_S, door_reserve: float = 0.0):  # fmt: skip
         self.url = url  # base URL, without /v1
         self.api_key = api_key
         self.capacity = capacity  # max_num_seqs: the samples it can run at once
         self.limit = capacity  # the capacity in effect: lowered while the server queues what it is sent
         self.gauges = Gauges()
         self.external = 0  # sequences on the server that are not ours, from its gauges
-        self.inflight = 0  # our samples in flight there, every job's
+        self.inflight = 0  # our samples in flight there, every job's and the front door's
+        self.door_inflight = 0  # the front door's part of them
         self.speed = 0.0  # samples per second, smoothed; 0 until measured
         self.latency_s = 0.0  # a request's time from sent to answered, smoothed; 0 until measured
         self.users = 0  # the jobs that send to it now: each may hold an equal share of the limit
         self.doors = 0  # the front door's models that send to it: they take no share (requests count in inflight)
         self._breaker = Breaker(failures, cooldown_s)
         self._stall_s = stall_s
+        self._door_reserve = door_reserve
+        self._door_at = 0.0  # the front door's last request here
+        self._door_active = False  # its reserve holds
         now = time.monotonic()
         self._last_completion = now
         self._busy_since = now
@@ -83,18 +94,35 @@ class Endpoint:
         return self._breaker.allows(now, busy=self.inflight > 0)
 
     def share(self) -> int:
-        """The part of its limit one of its users may hold."""
-        return max(1, self.limit // max(1, self.users))
+        """The part of its limit one job may hold: an equal part of what the front door leaves."""
+        return max(1, (self.limit - self.kept()) // max(1, self.users))
+
+    def kept(self) -> int:
+        """The sequences jobs leave free for the front door (see the module docstring)."""
+        if not self._door_active:
+            return 0
+        reserve = max(1, math.ceil(self.capacity * self._door_reserve)) if self._door_reserve > 0 else 0
+        return min(self.limit - 1, max(reserve, self.door_inflight))
 
     # --- what happens to it ---------------------------------------------------------------------
 
-    def sent(self, samples: int) -> None:
+    def sent(self, samples: int, door: bool = False) -> None:
         if self.inflight == 0:
             self._busy_since = time.monotonic()
         self.inflight += samples
+        if door:
+            self.door_inflight += samples
+            self._door_at, self._door_active = time.monotonic(), True
 
-    def landed(self, samples: int) -> None:
+    def landed(self, samples: int, door: bool = False) -> None:
         self.inflight -= samples
+        if door:
+            self.door_inflight -= samples
+
+    def tick(self, now: float) -> None:
+        """The front door's reserve ends when none of its requests is here and none came for DOOR_IDLE_S."""
+        if self._door_active and self.door_inflight == 0 and now - self._door_at > DOOR_IDLE_S:
+            self._door_active = False
 
     def succeeded(self, samples: int, took_s: float, now: float) -> None:
         self._last_completion = now

@@ -40,11 +40,13 @@ class Tuning:
     breaker_cooldown_s: float = 2.0
     max_attempts: int = 6  # a retryable failure is tried again, elsewhere, up to this many times in all
     request_timeout_s: float | None = None  # a request not answered by then fails (retryable); None: never
+    door_reserve: float = 0.0  # the share of each server's capacity jobs leave to the front door (endpoint.py)
 
     @classmethod
-    def of(cls, settings: JobSettings) -> Tuning:
-        """The daemon's tuning, from its job settings (the rest are these defaults, the only ones)."""
-        return cls(hang_timeout_s=settings.hang_timeout_s)
+    def of(cls, settings: JobSettings, door_reserve: float = 0.0) -> Tuning:
+        """The daemon's tuning, from its job settings and the front door's reserve (the rest are these
+        defaults, the only ones)."""
+        return cls(hang_timeout_s=settings.hang_timeout_s, door_reserve=door_reserve)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class Endpoints:
         endpoint = self._by_url.get(url)
         if endpoint is None or endpoint.api_key != api_key:
             endpoint = Endpoint(url, capacity, api_key, failures=self.tuning.breaker_failures,
-                                cooldown_s=self.tuning.breaker_cooldown_s, stall_s=self.tuning.stall_s)  # fmt: skip
+                                cooldown_s=self.tuning.breaker_cooldown_s, stall_s=self.tuning.stall_s,
+                                door_reserve=self.tuning.door_reserve)  # fmt: skip
             self._by_url[url] = endpoint
         endpoint.join(capacity, shares)
         if self._watch is None or self._watch.done():
@@ -110,6 +113,7 @@ class Endpoints:
     def _check_hangs(self) -> None:
         now = time.monotonic()
         for endpoint in list(self._by_url.values()):
+            endpoint.tick(now)
             why = endpoint.hung(now, self.tuning.hang_timeout_s)
             if why:
                 endpoint.take_out_hung(now, self.tuning.hang_timeout_s, why)

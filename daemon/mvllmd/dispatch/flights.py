@@ -2,8 +2,8 @@
 
 - `Work`: one prompt and the sample indexes it still needs (and, for a moved sample, what it made).
 - `Flight`: one request on its way: its work, its lane, its task, its stream, its copy or original.
-- `Lane`: one job's view of one Endpoint: the samples it has in flight there, its requests there, and
-  its own counts (the Endpoint holds what every job shares).
+- `Lane`: one job's view of one Endpoint (or the front door's, for one model): the samples it has in
+  flight there, its requests there, and its own counts (the Endpoint holds what every user shares).
 - `Flights`: every request of the job in flight, and the counts that go with them. A request counts
   the samples it asked for until it lands; a streamed choice that finishes gives its place back at
   once (`release`). Landing is idempotent: a request may be landed by whoever learns first that it
@@ -40,6 +40,7 @@ class Lane:
     reserved: int = 0  # samples that will move to it once their check is back
     requests: dict[int, Flight] = field(default_factory=dict)  # in the order they were sent
     left: bool = False  # the server left (its instance stopped): nothing new goes there
+    door: bool = False  # the front door's lane, not a job's: jobs leave room for its requests
     version: int = 0  # for the policy's index: bumped whenever its key may have changed
 
     @property
@@ -48,13 +49,14 @@ class Lane:
 
     @property
     def load(self) -> int:
-        """What the server runs that this job must count: its own samples and other clients'."""
-        return self.inflight + self.endpoint.external
+        """What the server runs that this user must count: a job, its own samples and other clients'
+        (other jobs have their shares); the front door, everything there."""
+        return self.endpoint.load if self.door else self.inflight + self.endpoint.external
 
     @property
     def limit(self) -> int:
-        """This job's share of the server's limit in effect."""
-        return self.endpoint.share()
+        """A job's share of the server's limit in effect; the front door's, all of it."""
+        return self.endpoint.limit if self.door else self.endpoint.share()
 
     def usable(self, now: float) -> bool:
         return not self.left and self.endpoint.usable(now)
@@ -114,7 +116,7 @@ class Flights:
         self._by_id[flight.id] = flight
         lane.requests[flight.id] = flight
         lane.inflight += flight.held
-        lane.endpoint.sent(flight.held)
+        lane.endpoint.sent(flight.held, lane.door)
         self.inflight += flight.held
         return flight
 
@@ -137,4 +139,4 @@ class Flights:
     def _count(self, lane: Lane, samples: int) -> None:
         lane.inflight += samples
         self.inflight += samples
-        lane.endpoint.landed(-samples)
+        lane.endpoint.landed(-samples, lane.door)

@@ -113,7 +113,7 @@ class Servers:
                     self._leave(model, lane)
             for url, (capacity, key) in wanted.items():
                 if url not in model.lanes:
-                    lane = Lane(self._endpoints.join(url, capacity, key, shares=False))
+                    lane = Lane(self._endpoints.join(url, capacity, key, shares=False), door=True)
                     model.lanes[url] = lane
                     model.policy.add(lane)
 
