@@ -9,6 +9,7 @@ import asyncio
 import gc
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -121,6 +122,7 @@ async def serve(config: SimConfig, host: str, port: int) -> None:
     if config.faults.startup_mode == "refuse" and config.faults.startup_delay_s > 0:
         await asyncio.sleep(config.faults.startup_delay_s)  # the port stays closed meanwhile
     await server.start(host, port)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, server.hang)
     log.info("mvllm-sim serving %s on http://%s:%d (profile %s, TP%d, time scale %g)",
              config.served_model_name, host, port, config.step_model.name, config.step_model.tp,
              config.time_scale)  # fmt: skip

@@ -6,6 +6,8 @@ From flags (the whole server) or, for targeted tests, from the `X-Mvllm-Fault` r
     drop                the connection is closed before the answer (after the first chunk when streaming)
     drop-after=K        streaming: close the connection after K chunks
     status=CODE         answer CODE (429, 500 or 503) in vLLM's error envelope
+and, for a fault at a moment of the caller's choosing, SIGUSR1: the engine stops stepping from then on
+(as vLLM whose worker stopped: /health and /metrics still answer; nothing is made again).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class RequestFault:
 class FaultPlan:
     config: FaultConfig
     requests_seen: int = 0
+    hung_by_signal: bool = False  # SIGUSR1 came: the engine is stuck for good
     _rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
@@ -70,7 +73,7 @@ class FaultPlan:
     @property
     def engine_hung(self) -> bool:
         limit = self.config.hang_after_requests
-        return limit is not None and self.requests_seen >= limit
+        return self.hung_by_signal or (limit is not None and self.requests_seen >= limit)
 
 
 def parse_header(value: str) -> RequestFault:

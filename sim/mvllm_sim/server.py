@@ -104,6 +104,12 @@ class SimServer:
         self._http = HttpServer({route: self._guarded(handler) for route, handler in routes.items()})
         return await self._http.start(host, port)
 
+    def hang(self) -> None:
+        """The engine stops stepping, for good, from now (SIGUSR1; faults.py)."""
+        log.warning("engine hung on request (SIGUSR1): nothing will be stepped again")
+        self.faults.hung_by_signal = True
+        self.runner.wake()
+
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()

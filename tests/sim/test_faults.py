@@ -4,11 +4,13 @@ answers, slow start. Faults that end the process run mvllm-sim as a real process
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from collections.abc import Callable
 
 import aiohttp
+import httpx
 import pytest
 
 from mvllm_sim.faults import CRASH_EXIT_STATUS, HEADER
@@ -155,3 +157,22 @@ def test_crash_at_a_simulated_time(sim_process: Callable[..., SimProcess]) -> No
     # At time scale 0.01, 30 simulated seconds are 0.3 s of wall time, idle or not.
     sim = sim_process("--time-scale", "0.01", "--crash-at", "30")
     assert sim.proc.wait(20) == CRASH_EXIT_STATUS
+
+
+def test_sigusr1_hangs_the_engine_from_then_on(sim_process: Callable[..., SimProcess]) -> None:
+    sim = sim_process("--time-scale", "0")
+    sim.wait_listening()
+    assert _post_sync(f"{sim.url}/v1/completions") == 200
+    sim.proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.3)  # the signal is handled by the sim's loop
+    steps = _steps(sim.url)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{sim.url}/v1/completions", json=completion_body(), timeout=1.0)  # accepted, never answered
+    assert httpx.get(f"{sim.url}/health").status_code == 200  # as vLLM's /health while its worker is stopped
+    assert _steps(sim.url) == steps  # nothing was stepped for the request
+
+
+def _steps(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    (line,) = [line for line in text.splitlines() if line.startswith("mvllm_sim:engine_steps_total{")]
+    return float(line.rsplit(" ", 1)[1])
