@@ -114,7 +114,20 @@ async def test_reflection_lists_the_services(served: str) -> None:
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     } <= services
-    assert methods == {"GetDaemonInfo", "ListDevices"}
+    assert methods == {"GetDaemonInfo", "ListDevices", "GetOverview"}
+
+
+async def test_get_overview_of_an_idle_daemon(served: str) -> None:
+    async with grpc.aio.insecure_channel(served) as channel:
+        overview = await daemon_pb2_grpc.DaemonServiceStub(channel).GetOverview(pb.GetOverviewRequest())
+    sims = [g for g in overview.gpus if g.kind == pb.DEVICE_KIND_SIM_GPU]  # (a GPU host adds its real ones)
+    assert [(g.uuid, g.utilization, g.memory_used_bytes, g.memory_total_bytes) for g in sims] == [
+        ("sim-gpu-0", 0.0, 0, 80 * 2**30),
+        ("sim-gpu-1", 0.0, 0, 80 * 2**30),
+    ]
+    assert (list(overview.servers), list(overview.jobs)) == ([], [])
+    assert overview.front_door == pb.OverviewFrontDoor()  # off (this daemon has none), nothing counted
+    assert overview.version == __version__ and overview.uptime_seconds >= 0
 
 
 class Faulty(daemon_pb2_grpc.DaemonServiceServicer):  # type: ignore[misc]

@@ -5,7 +5,9 @@ Real GPUs are read through NVML (the `pynvml` module of nvidia-ml-py). Where NVM
 them, each listed as what it is and never as a GPU:
 
 - CPU slots (`[inventory] cpu_slots`): places for CPU engines such as the vLLM CPU build;
-- simulated GPUs (`[inventory] sim_gpus`): assignable only to the simulator engine.
+- simulated GPUs (`[inventory] sim_gpus`): assignable only to the simulator engine. They have a
+  simulated reading (`sim_gpu_usage`) that follows what runs on them: 80 GiB each, in use what the
+  instances placed there reserve, busy while one of them runs sequences.
 
 This module imports neither grpc nor the rest of the daemon, so it can be checked on its own on a GPU
 host: `python -m mvllmd.inventory` prints what it reads as JSON.
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 NVIDIA_SMI_TIMEOUT_S = 15.0
+SIM_GPU_NAME = "simulated GPU (mvllm-sim only)"
+SIM_GPU_MEMORY_BYTES = 80 * 1024 * MIB  # a simulated GPU's memory in its reading: an H100 80GB's (mvllm-sim's default)
 
 GpuSourceChoice = Literal["auto", "nvml", "nvidia-smi", "none"]
 
@@ -105,7 +109,7 @@ def read_gpus(choice: GpuSourceChoice = "auto") -> tuple[GpuSource, tuple[Device
 
 def declared_devices(cpu_slots: int, sim_gpus: int) -> tuple[Device, ...]:
     slots = (Device(DeviceKind.CPU_SLOT, i, f"cpu-slot-{i}", "CPU slot (for CPU engines)") for i in range(cpu_slots))
-    sims = (Device(DeviceKind.SIM_GPU, i, f"sim-gpu-{i}", "simulated GPU (mvllm-sim only)") for i in range(sim_gpus))
+    sims = (Device(DeviceKind.SIM_GPU, i, f"sim-gpu-{i}", SIM_GPU_NAME) for i in range(sim_gpus))
     return (*slots, *sims)
 
 
@@ -139,6 +143,7 @@ class GpuUsage:
     utilization: float  # share of the last sample period a kernel ran (NVML's gpu utilization), 0 to 1
     memory_used_bytes: int
     memory_total_bytes: int
+    kind: DeviceKind = DeviceKind.GPU  # SIM_GPU: a simulated reading (sim_gpu_usage)
 
 
 def read_gpu_usage() -> tuple[GpuUsage, ...]:
@@ -157,6 +162,41 @@ def read_gpu_usage() -> tuple[GpuUsage, ...]:
         raise InventoryError(f"NVML failed while reading devices: {exc}") from exc
     finally:
         pynvml.nvmlShutdown()
+
+
+# --- simulated GPUs --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimLoad:
+    """An instance on simulated GPUs, as their simulated reading follows it."""
+
+    devices: tuple[int, ...]  # the simulated GPUs' indexes
+    memory_share: float  # the share of each GPU's memory it reserves (vLLM's --gpu-memory-utilization)
+    running: int  # the sequences it runs now (its /metrics)
+
+
+def sim_gpu_usage(count: int, loads: Iterable[SimLoad]) -> tuple[GpuUsage, ...]:
+    """A simulated reading of `count` simulated GPUs: nothing is measured, it follows what runs there.
+
+    Memory: what the instances placed on a GPU reserve, each its `memory_share` of the total (vLLM takes
+    its share of every GPU of its group at start, used or not), at most the total. Utilisation: 1 while
+    an instance there runs sequences, else 0 (a GPU that runs a batch runs kernels all the time, as
+    NVML's figure shows).
+    """
+    reserved = [0.0] * count
+    busy = [False] * count
+    for load in loads:
+        for index in load.devices:
+            if 0 <= index < count:
+                reserved[index] += load.memory_share
+                busy[index] = busy[index] or load.running > 0
+    total = SIM_GPU_MEMORY_BYTES
+    used = [int(min(1.0, share) * total) for share in reserved]
+    return tuple(
+        GpuUsage(i, f"sim-gpu-{i}", SIM_GPU_NAME, float(busy[i]), used[i], total, DeviceKind.SIM_GPU)
+        for i in range(count)
+    )
 
 
 def _nvml_usage(nvml: Any, index: int) -> GpuUsage:

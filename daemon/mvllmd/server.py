@@ -49,6 +49,7 @@ from mvllmd.listeners import Listeners
 from mvllmd.locks import PidLock
 from mvllmd.metrics.prometheus import Metrics
 from mvllmd.notify import Notifier
+from mvllmd.overview import Overview
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +81,17 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ
                               sticky_factor=http.sticky_factor)  # fmt: skip
             _measure(metrics, daemon, servers)
             front = FrontDoor(servers, http.tokens, metrics)
+            overview = Overview(daemon, endpoints, metrics)
             try:
                 daemon.http_urls = await _open_front_door(front, config)
-                health = _add_services(server, daemon)
+                health = _add_services(server, daemon, overview)
                 await server.start()
                 await _run_until_signalled(daemon, health, notifier)
                 notifier.stopping(f"stopping jobs (up to {config.jobs.stop_drain_s:g}s for requests in flight)")
                 await daemon.jobs.close()
                 await _drain(server, health, notifier, config.daemon.drain_timeout_s)
             finally:
+                overview.close()
                 await front.close()
                 await daemon.jobs.close()
                 await daemon.fleet.external.close()
@@ -198,8 +201,8 @@ async def _drain(server: Any, health: Any, notifier: Notifier, timeout_s: float)
     log.info("stopped")
 
 
-def _add_services(server: Any, daemon: Daemon) -> Any:
-    daemon_pb2_grpc.add_DaemonServiceServicer_to_server(DaemonServicer(daemon), server)
+def _add_services(server: Any, daemon: Daemon, overview: Overview | None = None) -> Any:
+    daemon_pb2_grpc.add_DaemonServiceServicer_to_server(DaemonServicer(daemon, overview), server)
     instance_pb2_grpc.add_InstanceServiceServicer_to_server(
         InstanceServicer(daemon.instances, daemon.fleet.external), server
     )

@@ -1,4 +1,5 @@
-"""DaemonService: translates GetDaemonInfo and ListDevices between protos and the Daemon."""
+"""DaemonService: translates GetDaemonInfo, ListDevices and GetOverview between protos and the Daemon
+(its overview is assembled by overview.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from mvllm.convert import state_to_proto
 from mvllm.v1 import daemon_pb2 as pb
 from mvllm.v1 import daemon_pb2_grpc
 from mvllmd.api.boundary import rpc
+from mvllmd.api.instance_service import STATES as INSTANCE_STATES
 from mvllmd.daemon import Daemon, DaemonInfo
 from mvllmd.instances.backends.choice import BackendKind
 from mvllmd.inventory import Device, DeviceKind, GpuSource, Inventory
+from mvllmd.jobs.manager import JobView
+from mvllmd.overview import DoorView, GaugeSource, GpuView, Overview, ServerView, Snapshot
 
 UNIT_MANAGERS = {
     BackendKind.SYSTEMD_SYSTEM: pb.UNIT_MANAGER_SYSTEMD_SYSTEM,
@@ -29,11 +34,17 @@ GPU_SOURCES = {
     GpuSource.NONE: pb.GPU_SOURCE_NONE,
 }
 KINDS_BY_PROTO = {v: k for k, v in DEVICE_KINDS.items()}
+GAUGE_SOURCES = {
+    GaugeSource.TABLE: pb.GAUGE_SOURCE_ENDPOINT_TABLE,
+    GaugeSource.SCRAPED: pb.GAUGE_SOURCE_SCRAPED,
+    GaugeSource.NONE: pb.GAUGE_SOURCE_NONE,
+}
 
 
 class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):  # type: ignore[misc]  # untyped stub base
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, overview: Overview | None = None) -> None:
         self._daemon = daemon
+        self._overview = overview or Overview(daemon)
 
     @rpc
     async def GetDaemonInfo(self, request: pb.GetDaemonInfoRequest, context: Any) -> pb.GetDaemonInfoResponse:
@@ -43,6 +54,10 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):  # type: ignore[mis
     async def ListDevices(self, request: pb.ListDevicesRequest, context: Any) -> pb.ListDevicesResponse:
         kind = KINDS_BY_PROTO.get(request.kind)  # UNSPECIFIED (and unknown values) list everything
         return inventory_to_proto(await self._daemon.devices(kind))
+
+    @rpc
+    async def GetOverview(self, request: pb.GetOverviewRequest, context: Any) -> pb.GetOverviewResponse:
+        return overview_to_proto(await self._overview.snapshot())
 
 
 def info_to_proto(info: DaemonInfo) -> pb.GetDaemonInfoResponse:
@@ -81,4 +96,85 @@ def device_to_proto(device: Device) -> pb.Device:
             pb.DeviceProcess(pid=p.pid, name=p.name, used_memory_bytes=p.used_memory_bytes) for p in device.processes
         ],
         instance=device.instance,
+    )
+
+
+def overview_to_proto(snapshot: Snapshot) -> pb.GetOverviewResponse:
+    taken = Timestamp()
+    taken.FromDatetime(snapshot.taken_at)
+    return pb.GetOverviewResponse(
+        taken_at=taken,
+        uptime_seconds=snapshot.uptime_s,
+        version=snapshot.version,
+        hostname=snapshot.hostname,
+        gpus=[gpu_to_proto(g) for g in snapshot.gpus],
+        gpu_source=GPU_SOURCES[snapshot.gpu_source],
+        servers=[server_to_proto(s) for s in snapshot.servers],
+        jobs=[job_to_proto(j) for j in snapshot.jobs],
+        front_door=door_to_proto(snapshot.door),
+    )
+
+
+def gpu_to_proto(gpu: GpuView) -> pb.OverviewGpu:
+    u = gpu.usage
+    return pb.OverviewGpu(
+        kind=DEVICE_KINDS[u.kind],
+        index=u.index,
+        uuid=u.uuid,
+        name=u.name,
+        utilization=u.utilization,
+        memory_used_bytes=u.memory_used_bytes,
+        memory_total_bytes=u.memory_total_bytes,
+        instances=list(gpu.instances),
+    )
+
+
+def server_to_proto(server: ServerView) -> pb.OverviewServer:
+    return pb.OverviewServer(
+        name=server.name,
+        engine=server.engine,
+        state=INSTANCE_STATES[server.state],
+        url=server.url,
+        model=server.model,
+        running=server.running,
+        waiting=server.waiting,
+        tokens_per_second=server.tokens_per_s,
+        gauges=GAUGE_SOURCES[server.gauges],
+        max_num_seqs=server.max_num_seqs,
+        inflight=server.inflight,
+        door_inflight=server.door_inflight,
+        devices=list(server.devices),
+    )
+
+
+def job_to_proto(view: JobView) -> pb.OverviewJob:
+    record = view.record
+    return pb.OverviewJob(
+        id=record.id,
+        state=state_to_proto(record.state),
+        model=record.spec.model,
+        samples_total=record.samples_total,
+        samples_done=record.samples_done,
+        errors=record.errors,
+        completion_tokens=record.completion_tokens,
+        samples_per_second=view.samples_per_s,
+        tokens_per_second=view.tokens_per_s,
+        eta_seconds=view.eta_s,
+        inflight=view.inflight,
+        output_path=str(record.spec.output_path),
+        message=record.message,
+    )
+
+
+def door_to_proto(door: DoorView) -> pb.OverviewFrontDoor:
+    totals = door.totals
+    return pb.OverviewFrontDoor(
+        urls=list(door.urls),
+        requests_total=totals.requests,
+        errors_total=totals.errors,
+        statuses=[pb.StatusCount(status=status, requests=count) for status, count in totals.statuses],
+        retries_total=totals.retries,
+        continued_streams_total=totals.continued,
+        stream_errors_total=totals.stream_errors,
+        inflight=door.inflight,
     )

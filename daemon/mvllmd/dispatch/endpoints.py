@@ -82,6 +82,10 @@ class Endpoints:
         if not endpoint.used and self._by_url.get(endpoint.url) is endpoint:
             del self._by_url[endpoint.url]  # its requests still landing count on the object they hold
 
+    def find(self, url: str) -> Endpoint | None:
+        """The endpoint of `url` while anyone uses it (and so its gauges are read), else None. To read."""
+        return self._by_url.get(url)
+
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
 

@@ -55,6 +55,7 @@ class JobView:
     eta_s: float = 0.0
     inflight: int = 0
     endpoints: tuple[LaneView, ...] = ()
+    samples_per_s: float = 0.0  # since this run began (a resumed job's earlier samples not counted)
 
 
 @dataclass(eq=False)
@@ -343,7 +344,7 @@ class JobManager:
         left = progress.samples_total - progress.samples_done
         eta = left / rate if rate > 0 and running else 0.0
         inflight = run.inflight if run is not None else 0
-        return JobView(job.record, progress.tokens_per_s, eta, inflight, self._endpoint_views(job))
+        return JobView(job.record, progress.tokens_per_s, eta, inflight, self._endpoint_views(job), rate)
 
     def _endpoint_views(self, job: _Job) -> tuple[LaneView, ...]:
         return tuple(job.run.views()) if job.run is not None else job.final_endpoints

@@ -4,10 +4,32 @@ The domain (the front door, the jobs, the endpoint table's listeners) calls an `
 things happen; it never imports prometheus_client. `prometheus.py` is the one module that does: its
 `Metrics` keeps the counters and histograms behind these methods, and reads what already exists (the
 instances, the requests in flight per server, the GPUs) when Prometheus scrapes, with collectors.
-The front door serves it at `GET /metrics` (README, "Metrics", lists every metric).
+The front door serves it at `GET /metrics` (README, "Metrics", lists every metric). `door_totals`
+reads the front door's counters back as plain totals (`mvllmctl top`): they are counted here only.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DoorTotals:
+    """The front door's requests since the daemon started, as the metrics counted them."""
+
+    statuses: tuple[tuple[int, int], ...] = ()  # (status the client got, requests), by status
+    retries: int = 0
+    continued: int = 0
+    stream_errors: int = 0
+
+    @property
+    def requests(self) -> int:
+        return sum(count for _, count in self.statuses)
+
+    @property
+    def errors(self) -> int:
+        """Requests whose client got a status of 400 or more."""
+        return sum(count for status, count in self.statuses if status >= 400)
 
 
 class Events:
@@ -34,6 +56,10 @@ class Events:
 
     def breaker_tripped(self, server: str) -> None:
         """`server`'s breaker opened (or opened again after its probe failed)."""
+
+    def door_totals(self) -> DoorTotals:
+        """The front door's counts so far (this base counts nothing: none)."""
+        return DoorTotals()
 
 
 NO_EVENTS = Events()

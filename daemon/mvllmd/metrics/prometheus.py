@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from mvllmd.errors import InventoryError
 from mvllmd.inventory import GpuUsage, read_gpu_usage
-from mvllmd.metrics import Events
+from mvllmd.metrics import DoorTotals, Events
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,19 @@ class Metrics(Events):
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def door_totals(self) -> DoorTotals:
+        """The front door's counters as plain totals, read from the counters themselves."""
+        statuses: dict[int, int] = {}
+        for labels, value in _totals(self._requests):
+            status = int(labels["status"])
+            statuses[status] = statuses.get(status, 0) + int(value)
+        return DoorTotals(
+            statuses=tuple(sorted(statuses.items())),
+            retries=sum(int(v) for _, v in _totals(self._retries)),
+            continued=sum(int(v) for _, v in _totals(self._continued)),
+            stream_errors=sum(int(v) for _, v in _totals(self._stream_failed)),
+        )
+
     # --- events ------------------------------------------------------------------------------------
 
     def door_request(self, model: str, server: str, status: int, first_byte_s: float | None, total_s: float) -> None:
@@ -109,6 +122,14 @@ class Metrics(Events):
 
     def breaker_tripped(self, server: str) -> None:
         self._trips.labels(server).inc()
+
+
+def _totals(counter: Counter) -> Iterator[tuple[dict[str, str], float]]:
+    """Each label set's total of a counter (its `_total` samples; not `_created`)."""
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                yield sample.labels, sample.value
 
 
 class _Fleet(Collector):

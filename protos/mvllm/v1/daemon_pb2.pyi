@@ -1,6 +1,8 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from mvllm.v1 import instance_pb2 as _instance_pb2
+from mvllm.v1 import job_pb2 as _job_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -30,6 +32,13 @@ class GpuSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GPU_SOURCE_NVML: _ClassVar[GpuSource]
     GPU_SOURCE_NVIDIA_SMI: _ClassVar[GpuSource]
     GPU_SOURCE_NONE: _ClassVar[GpuSource]
+
+class GaugeSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GAUGE_SOURCE_UNSPECIFIED: _ClassVar[GaugeSource]
+    GAUGE_SOURCE_ENDPOINT_TABLE: _ClassVar[GaugeSource]
+    GAUGE_SOURCE_SCRAPED: _ClassVar[GaugeSource]
+    GAUGE_SOURCE_NONE: _ClassVar[GaugeSource]
 UNIT_MANAGER_UNSPECIFIED: UnitManager
 UNIT_MANAGER_SYSTEMD_SYSTEM: UnitManager
 UNIT_MANAGER_SYSTEMD_USER: UnitManager
@@ -42,6 +51,10 @@ GPU_SOURCE_UNSPECIFIED: GpuSource
 GPU_SOURCE_NVML: GpuSource
 GPU_SOURCE_NVIDIA_SMI: GpuSource
 GPU_SOURCE_NONE: GpuSource
+GAUGE_SOURCE_UNSPECIFIED: GaugeSource
+GAUGE_SOURCE_ENDPOINT_TABLE: GaugeSource
+GAUGE_SOURCE_SCRAPED: GaugeSource
+GAUGE_SOURCE_NONE: GaugeSource
 
 class GetDaemonInfoRequest(_message.Message):
     __slots__ = ()
@@ -114,3 +127,137 @@ class ListDevicesResponse(_message.Message):
     devices: _containers.RepeatedCompositeFieldContainer[Device]
     gpu_source: GpuSource
     def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., gpu_source: _Optional[_Union[GpuSource, str]] = ...) -> None: ...
+
+class GetOverviewRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetOverviewResponse(_message.Message):
+    __slots__ = ("taken_at", "uptime_seconds", "version", "hostname", "gpus", "gpu_source", "servers", "jobs", "front_door")
+    TAKEN_AT_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    GPU_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    FRONT_DOOR_FIELD_NUMBER: _ClassVar[int]
+    taken_at: _timestamp_pb2.Timestamp
+    uptime_seconds: float
+    version: str
+    hostname: str
+    gpus: _containers.RepeatedCompositeFieldContainer[OverviewGpu]
+    gpu_source: GpuSource
+    servers: _containers.RepeatedCompositeFieldContainer[OverviewServer]
+    jobs: _containers.RepeatedCompositeFieldContainer[OverviewJob]
+    front_door: OverviewFrontDoor
+    def __init__(self, taken_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., version: _Optional[str] = ..., hostname: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[OverviewGpu, _Mapping]]] = ..., gpu_source: _Optional[_Union[GpuSource, str]] = ..., servers: _Optional[_Iterable[_Union[OverviewServer, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[OverviewJob, _Mapping]]] = ..., front_door: _Optional[_Union[OverviewFrontDoor, _Mapping]] = ...) -> None: ...
+
+class OverviewGpu(_message.Message):
+    __slots__ = ("kind", "index", "uuid", "name", "utilization", "memory_used_bytes", "memory_total_bytes", "instances")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    kind: DeviceKind
+    index: int
+    uuid: str
+    name: str
+    utilization: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+    instances: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., utilization: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., instances: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class OverviewServer(_message.Message):
+    __slots__ = ("name", "engine", "state", "url", "model", "running", "waiting", "tokens_per_second", "gauges", "max_num_seqs", "inflight", "door_inflight", "devices")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    GAUGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DOOR_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    engine: str
+    state: _instance_pb2.InstanceState
+    url: str
+    model: str
+    running: int
+    waiting: int
+    tokens_per_second: float
+    gauges: GaugeSource
+    max_num_seqs: int
+    inflight: int
+    door_inflight: int
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., state: _Optional[_Union[_instance_pb2.InstanceState, str]] = ..., url: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., gauges: _Optional[_Union[GaugeSource, str]] = ..., max_num_seqs: _Optional[int] = ..., inflight: _Optional[int] = ..., door_inflight: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class OverviewJob(_message.Message):
+    __slots__ = ("id", "state", "model", "samples_total", "samples_done", "errors", "completion_tokens", "samples_per_second", "tokens_per_second", "eta_seconds", "inflight", "output_path", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_DONE_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: _job_pb2.JobState
+    model: str
+    samples_total: int
+    samples_done: int
+    errors: int
+    completion_tokens: int
+    samples_per_second: float
+    tokens_per_second: float
+    eta_seconds: float
+    inflight: int
+    output_path: str
+    message: str
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., model: _Optional[str] = ..., samples_total: _Optional[int] = ..., samples_done: _Optional[int] = ..., errors: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., inflight: _Optional[int] = ..., output_path: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StatusCount(_message.Message):
+    __slots__ = ("status", "requests")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    status: int
+    requests: int
+    def __init__(self, status: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
+
+class OverviewFrontDoor(_message.Message):
+    __slots__ = ("urls", "requests_total", "errors_total", "statuses", "retries_total", "continued_streams_total", "stream_errors_total", "inflight")
+    URLS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CONTINUED_STREAMS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ERRORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    urls: _containers.RepeatedScalarFieldContainer[str]
+    requests_total: int
+    errors_total: int
+    statuses: _containers.RepeatedCompositeFieldContainer[StatusCount]
+    retries_total: int
+    continued_streams_total: int
+    stream_errors_total: int
+    inflight: int
+    def __init__(self, urls: _Optional[_Iterable[str]] = ..., requests_total: _Optional[int] = ..., errors_total: _Optional[int] = ..., statuses: _Optional[_Iterable[_Union[StatusCount, _Mapping]]] = ..., retries_total: _Optional[int] = ..., continued_streams_total: _Optional[int] = ..., stream_errors_total: _Optional[int] = ..., inflight: _Optional[int] = ...) -> None: ...

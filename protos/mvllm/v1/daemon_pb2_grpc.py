@@ -45,6 +45,11 @@ class DaemonServiceStub:
                 request_serializer=mvllm_dot_v1_dot_daemon__pb2.ListDevicesRequest.SerializeToString,
                 response_deserializer=mvllm_dot_v1_dot_daemon__pb2.ListDevicesResponse.FromString,
                 _registered_method=True)
+        self.GetOverview = channel.unary_unary(
+                '/mvllm.v1.DaemonService/GetOverview',
+                request_serializer=mvllm_dot_v1_dot_daemon__pb2.GetOverviewRequest.SerializeToString,
+                response_deserializer=mvllm_dot_v1_dot_daemon__pb2.GetOverviewResponse.FromString,
+                _registered_method=True)
 
 
 class DaemonServiceServicer:
@@ -65,6 +70,16 @@ class DaemonServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOverview(self, request, context):
+        """GetOverview returns one snapshot of what the daemon runs, for `mvllmctl top`: each GPU's
+        utilisation and memory, each server's load, each unfinished job's progress, and the front door's
+        request counters. Counters are totals since the daemon started: a client takes rates from two
+        snapshots (their uptime_seconds are on one monotonic clock).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +92,11 @@ def add_DaemonServiceServicer_to_server(servicer, server):
                     servicer.ListDevices,
                     request_deserializer=mvllm_dot_v1_dot_daemon__pb2.ListDevicesRequest.FromString,
                     response_serializer=mvllm_dot_v1_dot_daemon__pb2.ListDevicesResponse.SerializeToString,
+            ),
+            'GetOverview': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOverview,
+                    request_deserializer=mvllm_dot_v1_dot_daemon__pb2.GetOverviewRequest.FromString,
+                    response_serializer=mvllm_dot_v1_dot_daemon__pb2.GetOverviewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +154,33 @@ class DaemonService:
             '/mvllm.v1.DaemonService/ListDevices',
             mvllm_dot_v1_dot_daemon__pb2.ListDevicesRequest.SerializeToString,
             mvllm_dot_v1_dot_daemon__pb2.ListDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOverview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mvllm.v1.DaemonService/GetOverview',
+            mvllm_dot_v1_dot_daemon__pb2.GetOverviewRequest.SerializeToString,
+            mvllm_dot_v1_dot_daemon__pb2.GetOverviewResponse.FromString,
             options,
             channel_credentials,
             insecure,
