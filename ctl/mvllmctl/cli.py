@@ -23,6 +23,7 @@ from mvllmctl.external_commands import attach, detach
 from mvllmctl.instance_commands import launch, logs, status, stop
 from mvllmctl.job_commands import cancel, job, jobs, submit, watch
 from mvllmctl.rollouts_command import generate_rollouts
+from mvllmctl.top import top
 
 EPILOG = f"""\b
 Address: --address, else $MVLLM_ADDRESS, else the first socket that exists of
@@ -56,7 +57,7 @@ def cli(
 ) -> None:
     """Control mvllmd: its devices, its engine instances (launch, status, stop, logs), servers it did not
     launch (attach, detach), and rollout jobs (submit, jobs, job, watch, cancel; generate-rollouts for the
-    seed script's flags)."""
+    seed script's flags); top shows them all, live."""
     client = Client(resolve_address(address, os.environ), timeout, resolve_tls(tls_ca, tls_cert, tls_key, os.environ))
     ctx.call_on_close(client.close)
     ctx.obj = Ctl(client=client)
@@ -71,7 +72,7 @@ def completion(shell: str) -> None:
     click.echo(completion_class(cli, {}, "mvllmctl", "_MVLLMCTL_COMPLETE").source())
 
 
-for command in (info, devices, launch, status, stop, logs, attach, detach, submit, jobs, job, watch, cancel,
+for command in (info, devices, top, launch, status, stop, logs, attach, detach, submit, jobs, job, watch, cancel,
                 generate_rollouts):  # fmt: skip
     cli.add_command(command)
 
