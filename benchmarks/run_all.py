@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/run_all.py [--readme README.md] [--quick]     # `make bench`
 
-Runs balance.py, throughput.py, memory.py, scale.py, dp_vs_tp.py and the front door's benchmarks
-(front_door*.py) one after another as subprocesses (their progress goes to stderr; what they print on
-stdout, their tables, is kept verbatim), draws bar charts
-of DP vs TP output tokens/s and of the throughput approaches as SVG files in docs/bench/, and prints
-the report in markdown. With --readme FILE, the report replaces what lies between the lines
+Runs balance.py, throughput.py, memory.py, scale.py, dp_vs_tp.py, the front door's benchmarks
+(front_door*.py), hang.py and vllm_bench_serve.py one after another as subprocesses (their progress
+goes to stderr; what they print on stdout, their tables, is kept verbatim), draws bar charts of DP vs TP
+output tokens/s and of the throughput approaches as SVG files in docs/bench/, and prints the report in
+markdown. With --readme FILE, the report replaces what lies between the lines
 `<!-- bench:start -->` and `<!-- bench:end -->` of FILE. --quick runs smaller sizes (a few minutes).
 A benchmark that fails is reported as failed; the others still run; the exit status is then 1.
 """
@@ -49,6 +49,7 @@ BENCHES = (
     Bench("front_door_balance.py", "Balance through the front door", (), ("--sessions", "500")),
     Bench("front_door_sessions.py", "Sessions through the front door: prefix hits and makespan", (),
           ("--sessions", "200")),
+    Bench("hang.py", "Hung servers found from their /metrics, for jobs and the front door", (), ("--engines", "sim")),
     Bench("vllm_bench_serve.py", "vllm bench serve through the front door (real vLLM CPU engines)", (),
           ("--prompts", "50")),
 )  # fmt: skip

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SPEED_HALF_LIFE_S = 10.0
 WAITING_POLLS = 3  # readings in a row with requests waiting before a server is sent less
-STALL_S = 6.0  # token counters still this long, with our requests missing from its sequences: hung
+STALL_S = 5.0  # token counters still this long, with our requests missing from its sequences: hung
 SILENT_STALLS = 5  # its /metrics silent this many stall spans (it answered before): hung
 DOOR_IDLE_S = 60.0  # the front door's reserve on a server holds this long after its last request there
 
