@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import httpx
 import openai
 
 from daemonkit import DaemonProcess, Spawn, assert_short_error, run_mvllmd
@@ -72,3 +73,26 @@ def test_a_front_door_port_in_use_is_a_start_up_error(short_tmp: Path, spawn: Sp
     same = run_mvllmd(["--listen", f"unix:{short_tmp}/c.sock", "--state-dir", str(short_tmp / "j-state")], first.env)
     assert same.returncode != 0 and "state directory" in same.stderr, same.stderr
     assert "front door" not in same.stderr
+
+
+def test_off_loopback_a_missing_or_wrong_token_is_401(short_tmp: Path, spawn: Spawn) -> None:
+    tokens = short_tmp / "tokens"
+    tokens.write_text("first-token\nsecond-token\n")
+    tokens.chmod(0o600)
+    listen = ["--http-listen", "http://0.0.0.0:0", "--insecure-http", "--http-token-file", str(tokens)]
+    daemon = spawn(daemon_args(short_tmp, *listen))
+    url = front_door(daemon)
+    assert url.startswith("http://0.0.0.0:")
+    launch(daemon, 1, *FAST_SIM, model="m")
+    local = url.replace("0.0.0.0", "127.0.0.1")  # every address: the test's traffic stays on loopback
+    body = {"model": "m", "prompt": "hi", "max_tokens": 2}
+    for headers in ({}, {"authorization": "Bearer wrong-token"}, {"authorization": "Basic first-token"}):
+        refused = httpx.post(f"{local}/v1/completions", json=body, headers=headers)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"]["type"] == "AuthenticationError"
+        assert refused.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{local}/v1/models").status_code == 401
+    assert httpx.get(f"{local}/health").status_code == 200  # for load balancers' checks
+    for token in ("first-token", "second-token"):
+        answer = httpx.post(f"{local}/v1/completions", json=body, headers={"authorization": f"Bearer {token}"})
+        assert answer.status_code == 200, answer.text

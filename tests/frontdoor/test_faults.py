@@ -80,4 +80,4 @@ def test_an_instance_that_hangs_with_health_200(short_tmp: Path, spawn: Spawn) -
 
     assert asyncio.run(run()) == []
     assert f"endpoint {hung}: its /metrics shows no token made for" in daemon.stderr
-    assert instance(daemon, "hangs-0")["state"] == "INSTANCE_STATE_READY"  # still healthy to the daemon: /health says 200
+    assert instance(daemon, "hangs-0")["state"] == "INSTANCE_STATE_READY"  # to the daemon: /health says 200
