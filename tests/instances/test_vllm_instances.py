@@ -6,7 +6,9 @@ READY again; (process supervisor) SIGSTOP an engine's worker: UNHEALTHY, then re
 units gone, processes gone, devices free. Slow (vLLM takes 35-60 s to start on this machine), so the
 engines start once per flow: the systemd flow is one test; the process supervisor's tests share one
 daemon and its two engines (`supervised`), in order, each waiting until both are READY before it starts.
-The systemd test comes first and leaves nothing running: two engines at a time are what fits here."""
+The systemd test comes first and leaves nothing running: two engines at a time are what fits here.
+The same two engines behind mvllmd's HTTP front door serve the official openai client and vLLM's own
+`vllm bench serve` (scripts/vllm_bench_serve.py), before the tests that kill them."""
 
 from __future__ import annotations
 
@@ -16,18 +18,21 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mvllm.jobs import Sampling
 from mvllmd.transport import http
@@ -38,6 +43,7 @@ from daemonkit import clean_environment, instance_status, start_daemon, wait_for
 from usermanager import UserManager, available, remove_stale_cgroups
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 420.0
 
 
@@ -181,6 +187,42 @@ def test_a_sample_moves_between_the_engines(supervised: Supervised) -> None:
     asyncio.run(a_sample_moves_between_real_engines(supervised.model, instances))
 
 
+def test_the_openai_client_through_the_front_door(supervised: Supervised) -> None:
+    """The official openai client, sync and async, streamed and not, n > 1, completions and chat, through
+    mvllmd's front door to the two real engines: each engine's own /metrics counts the requests it
+    finished, and together they finished every choice asked for (a request of n choices is n in vLLM)."""
+    instances = both_ready(supervised.ctl)
+    url = front_door(supervised.ctl, supervised.model)
+    before = [openai_choices_finished(i["url"]) for i in instances]
+    asked = asyncio.run(openai_clients(url, supervised.model, instances[0]["url"]))
+    after = [openai_choices_finished(i["url"]) for i in instances]
+    served = [b - a for a, b in zip(before, after, strict=True)]
+    assert sum(served) == asked and all(served), served  # every choice once, and both engines served some
+
+
+def test_vllm_bench_serve_through_the_front_door(supervised: Supervised) -> None:
+    """vLLM's own `vllm bench serve` (scripts/vllm_bench_serve.py, run with the engine's python), random
+    dataset, against the front door: every request completes, and reached an engine once."""
+    instances = both_ready(supervised.ctl)
+    url = front_door(supervised.ctl, supervised.model)
+    before = [openai_choices_finished(i["url"]) for i in instances]
+    prompts = 20
+    argv = [str(engine_dir() / "venv" / "bin" / "python"), str(ROOT / "scripts" / "vllm_bench_serve.py"),
+            "--base-url", url, "--model", supervised.model, "--tokenizer", supervised.model,
+            "--num-prompts", str(prompts), "--random-input-len", "64", "--random-output-len", str(OPENAI_MAX_TOKENS),
+            "--max-concurrency", "8", "--disable-tqdm", "--save-result", "--result-dir", str(supervised.tmp),
+            "--result-filename", "bench.json"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Serving Benchmark Result" in done.stdout
+    result = json.loads((supervised.tmp / "bench.json").read_text())
+    assert (result["completed"], result["failed"]) == (prompts, 0)
+    assert result["total_output_tokens"] == prompts * OPENAI_MAX_TOKENS  # the random dataset ignores EOS
+    after = [openai_choices_finished(i["url"]) for i in instances]
+    served = [b - a for a, b in zip(before, after, strict=True)]
+    assert sum(served) == prompts, served  # each once (how they split: see test_the_openai_client_...)
+
+
 def test_a_killed_engine_is_started_again(supervised: Supervised) -> None:
     ctl = supervised.ctl
     instances = both_ready(ctl)
@@ -293,6 +335,110 @@ async def a_sample_moves_between_real_engines(model: str, instances: list[dict[s
             assert text.rstrip("\ufffd") == whole.response.rstrip("\ufffd")
     finally:
         client.close()
+
+
+# --- the front door, with real clients ---------------------------------------------------------------
+
+# max_tokens of every request the front door's tests send: between two buckets (20 and 50) of vLLM's
+# vllm:request_params_max_tokens histogram that no other request of this module falls between (the
+# daemon's probes ask 1 token, the jobs above 8, the moves 150 and 200), so that each engine's count
+# there is the front door's requests.
+OPENAI_MAX_TOKENS = 32
+BUCKETS = ("20.0", "50.0")
+BURST = 32  # async requests at once (n=2), and half as many chat streams (n=2)
+
+
+def front_door(ctl: Callable[..., Any], model: str) -> str:
+    """The daemon's front door URL (`mvllmctl info`), once it lists the model (its servers are READY)."""
+    done = ctl("info", "--json")
+    assert done.returncode == 0, done.stderr
+    (url,) = json.loads(done.stdout)["http_urls"]
+
+    def lists_model() -> bool:
+        models = httpx.get(f"{url}/v1/models", timeout=10)
+        return models.status_code == 200 and [m["id"] for m in models.json()["data"]] == [model]
+
+    wait_for(lists_model, 30)
+    return str(url)
+
+
+def openai_choices_finished(engine_url: str) -> float:
+    """How many requests the engine finished with a max_tokens of OPENAI_MAX_TOKENS's bucket, by its
+    /metrics (vLLM counts each of a request's n choices as a request of its own)."""
+    text = httpx.get(f"{engine_url}/metrics", timeout=10).text
+    bucket = {le: 0.0 for le in BUCKETS}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "vllm:request_params_max_tokens_bucket" and sample.labels["le"] in bucket:
+                bucket[sample.labels["le"]] += sample.value
+    low, high = BUCKETS
+    return bucket[high] - bucket[low]
+
+
+async def openai_clients(url: str, model: str, engine_url: str) -> int:
+    """Completions and chat through the front door, with the sync client and the async one, streamed and
+    not, n > 1; every choice is OPENAI_MAX_TOKENS tokens long (ignore_eos) and its text not empty. The
+    chat template is the tiny model's own (chat_template.jinja, which vLLM loads from the model's
+    directory): the prompt tokens of a chat answer are what the engine's /tokenize makes of the messages
+    with it. Returns how many choices were asked for."""
+    extra = {"ignore_eos": True}
+    common: dict[str, Any] = {"model": model, "max_tokens": OPENAI_MAX_TOKENS, "extra_body": extra}
+    messages: list[Any] = [{"role": "user", "content": "Tell me a story"}]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    asked = 0
+
+    completion = client.completions.create(prompt="Once upon a time", n=3, **common)
+    assert sorted(c.index for c in completion.choices) == [0, 1, 2] and all(c.text for c in completion.choices)
+    assert completion.usage is not None and completion.usage.completion_tokens == 3 * OPENAI_MAX_TOKENS
+    asked += 3
+    pieces = list(client.completions.create(prompt="Hello", n=2, stream=True, stream_options={"include_usage": True},
+                                            **common))  # fmt: skip
+    texts = assemble((c.index, c.text) for chunk in pieces for c in chunk.choices)
+    assert sorted(texts) == [0, 1] and all(texts.values()), texts
+    usage = pieces[-1].usage  # the last chunk, with include_usage
+    assert usage is not None and usage.completion_tokens == 2 * OPENAI_MAX_TOKENS
+    asked += 2
+    chat = client.chat.completions.create(messages=messages, n=2, **common)
+    assert len(chat.choices) == 2 and all(c.message.content for c in chat.choices)
+    assert chat.usage is not None and chat.usage.completion_tokens == 2 * OPENAI_MAX_TOKENS
+    tokenized = httpx.post(f"{engine_url}/tokenize", json={"model": model, "messages": messages}, timeout=30)
+    assert tokenized.status_code == 200, tokenized.text
+    assert chat.usage.prompt_tokens == tokenized.json()["count"]  # the template applied, as the engine does
+    asked += 2
+    chunks = list(client.chat.completions.create(messages=messages, stream=True, stream_options={"include_usage": True},
+                                                 **common))  # fmt: skip
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == OPENAI_MAX_TOKENS
+    assert "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices)
+    asked += 1
+    client.close()
+
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as aclient:
+
+        async def complete(i: int) -> None:
+            done = await aclient.completions.create(prompt=f"Question {i}:", n=2, **common)
+            assert len(done.choices) == 2 and done.usage is not None
+            assert done.usage.completion_tokens == 2 * OPENAI_MAX_TOKENS
+
+        async def chat_stream(i: int) -> None:
+            said = [{"role": "user", "content": f"Say {i}"}]
+            got = await aclient.chat.completions.create(messages=said, n=2, stream=True, **common)
+            texts = assemble([(c.index, c.delta.content or "") async for chunk in got for c in chunk.choices])
+            assert sorted(texts) == [0, 1] and all(texts.values()), texts
+
+        # 96 choices at once. The front door weighs each engine by the peak generation rate its
+        # /metrics has shown, and an engine that has only had small batches reads as slow (about 20
+        # times slower than its twin here): a burst of 32 choices could all go to the other engine.
+        await asyncio.gather(*(complete(i) for i in range(BURST)), *(chat_stream(i) for i in range(BURST // 2)))
+    return asked + BURST * 2 + BURST // 2 * 2
+
+
+def assemble(parts: Iterable[tuple[int, str]]) -> dict[int, str]:
+    """A streamed answer's text per choice index."""
+    texts: dict[int, str] = {}
+    for index, text in parts:
+        texts[index] = texts.get(index, "") + text
+    return texts
 
 
 def _group(pgid: int) -> set[int]:
