@@ -38,7 +38,7 @@ BAR = 10  # the width of the memory and progress bars
 KEY_WAIT_MS = 100  # how long the view waits for a key before it looks for a new snapshot
 STALE_AFTER = 3  # intervals without a new snapshot before the header says how old it is
 
-SIM_NOTE = "sim-gpu: a simulated reading (memory: what its instances reserve; busy: they run sequences)"
+SIM_NOTE = "(sim-gpu: a simulated reading; memory: what its instances reserve; busy while they run sequences)"
 
 Fetch = Callable[[], pb.GetOverviewResponse]
 
@@ -265,8 +265,8 @@ def _servers(now: pb.GetOverviewResponse) -> list[Line]:
         state = instance_pb2.InstanceState.Name(s.state).removeprefix("INSTANCE_STATE_").lower()
         gauges = [str(s.running), str(s.waiting), f"{s.tokens_per_second:,.0f}"] if read else ["-", "-", "-"]
         inflight = f"{s.inflight}" + (f" ({s.door_inflight} door)" if s.door_inflight else "")
-        rows.append([s.name, s.engine, state, s.model, *gauges, str(s.max_num_seqs), inflight, s.url])
-    headers = ["SERVER", "ENGINE", "STATE", "MODEL", "RUNNING", "WAITING", "TOKENS/S", "MAX SEQS", "OURS", "URL"]
+        rows.append([s.name, s.engine, state, s.model, *gauges, str(s.max_num_seqs), inflight])
+    headers = ["SERVER", "ENGINE", "STATE", "MODEL", "RUNNING", "WAITING", "TOKENS/S", "MAX SEQS", "OURS"]
     return _table(headers, rows)
 
 
