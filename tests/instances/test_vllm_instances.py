@@ -421,8 +421,8 @@ async def openai_clients(url: str, model: str, engine_url: str) -> int:
             assert done.usage.completion_tokens == 2 * OPENAI_MAX_TOKENS
 
         async def chat_stream(i: int) -> None:
-            said = [{"role": "user", "content": f"Say {i}"}]
-            got = await aclient.chat.completions.create(messages=said, n=2, stream=True, **common)
+            said: list[Any] = [{"role": "user", "content": f"Say {i}"}]
+            got: Any = await aclient.chat.completions.create(messages=said, n=2, stream=True, **common)
             texts = assemble([(c.index, c.delta.content or "") async for chunk in got for c in chunk.choices])
             assert sorted(texts) == [0, 1] and all(texts.values()), texts
 
