@@ -79,7 +79,7 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ
             http = config.http
             servers = Servers(endpoints, daemon.fleet, session_idle_s=http.session_idle_s,
                               sticky_factor=http.sticky_factor)  # fmt: skip
-            _measure(metrics, daemon, servers)
+            _measure(metrics, daemon, endpoints)
             front = FrontDoor(servers, http.tokens, metrics)
             overview = Overview(daemon, endpoints, metrics)
             try:
@@ -133,12 +133,12 @@ async def _open_front_door(front: FrontDoor, config: Config) -> tuple[str, ...]:
     return tuple(urls)
 
 
-def _measure(metrics: Metrics, daemon: Daemon, servers: Servers) -> None:
+def _measure(metrics: Metrics, daemon: Daemon, endpoints: Endpoints) -> None:
     """What the metrics read at each scrape: the instances by engine and state, the external servers by
-    state (engine "external"), and each server's requests in flight."""
+    state (engine "external"), and each server of the endpoint table (in flight, out, trips, hangs)."""
     metrics.count_servers(lambda: [(str(v.spec.engine), str(v.state)) for v in daemon.instances.list_instances()])
     metrics.count_servers(lambda: [("external", str(v.state)) for v in daemon.fleet.external.list_servers()])
-    metrics.watch_servers(servers.load)
+    metrics.watch_servers(endpoints.all)
 
 
 async def _start_up(  # noqa: PLR0917  (each is a part the daemon is made of)

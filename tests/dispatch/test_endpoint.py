@@ -120,3 +120,17 @@ def test_no_reserve_still_counts_the_front_doors_requests() -> None:
     assert endpoint.share() == 5
     endpoint.sent(20, door=True)
     assert endpoint.share() == 1  # a job keeps one place, however busy the front door
+
+
+def test_trips_and_hangs_are_counted_for_the_metrics() -> None:
+    endpoint = Endpoint("http://127.0.0.1:9", 8, failures=2, cooldown_s=1.0)
+    t0 = time.monotonic()
+    for i in range(2):
+        endpoint.failed(t0, t0 + i)
+    assert endpoint.out and endpoint.trips == 1
+    endpoint.failed(t0 + 3, t0 + 3.5)  # its probe, sent after it was taken out, failed: out again
+    assert endpoint.trips == 2
+    endpoint.failed(t0, t0 + 4)  # sent before it was taken out: counts for nothing
+    assert endpoint.trips == 2 and endpoint.hangs == 0
+    endpoint.take_out_hung(t0 + 5, TIMEOUT, "a test")
+    assert endpoint.hangs == 1

@@ -59,6 +59,8 @@ class Endpoint:
         self.latency_s = 0.0  # a request's time from sent to answered, smoothed; 0 until measured
         self.users = 0  # the jobs that send to it now: each may hold an equal share of the limit
         self.doors = 0  # the front door's models that send to it: they take no share (requests count in inflight)
+        self.trips = 0  # its breaker opened (failures in a row, or a failed probe), times since it was joined
+        self.hangs = 0  # it was taken out as hung, times since it was joined
         self._breaker = Breaker(failures, cooldown_s)
         self._stall_s = stall_s
         self._door_reserve = door_reserve
@@ -134,6 +136,8 @@ class Endpoint:
     def failed(self, started: float, now: float) -> None:
         """A retryable failure of a request sent at `started`; the breaker decides what it means."""
         change = self._breaker.failed(started, now)
+        if change in {Change.OPENED, Change.REOPENED}:
+            self.trips += 1
         if change is Change.OPENED:
             log.warning("endpoint %s taken out for %.0fs after repeated failures", self.url, self._breaker.cooldown_s)
         elif change is Change.REOPENED:
@@ -160,6 +164,7 @@ class Endpoint:
     def take_out_hung(self, now: float, timeout_s: float, why: str) -> None:
         """Hung: out for at least the hang timeout; judged afresh on what it is sent when back."""
         log.warning("endpoint %s: %s; treating it as hung", self.url, why)
+        self.hangs += 1
         self._breaker.take_out(now, timeout_s)
         self._last_completion = now
 

@@ -86,6 +86,10 @@ class Endpoints:
         """The endpoint of `url` while anyone uses it (and so its gauges are read), else None. To read."""
         return self._by_url.get(url)
 
+    def all(self) -> list[Endpoint]:
+        """Every server in use now, one Endpoint each."""
+        return list(self._by_url.values())
+
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
 

@@ -58,8 +58,7 @@ class FrontDoor:
         self._client = http.Client()
         self.metrics = metrics or Metrics()
         if metrics is None:
-            self.metrics.watch_servers(servers.load)
-        servers.events = self.metrics
+            self.metrics.watch_servers(servers.endpoints)
         self._request_timeout_s = request_timeout_s
         self._routes: dict[tuple[str, str], httpd.Handler] = {
             ("POST", "/v1/completions"): self._generate,

@@ -38,7 +38,6 @@ from mvllmd.dispatch.endpoints import Endpoints, Listener
 from mvllmd.dispatch.flights import Flight, Flights, Lane, Work
 from mvllmd.dispatch.policies.least_loaded import LeastLoaded
 from mvllmd.fleet import Fleet
-from mvllmd.metrics import NO_EVENTS, Events
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +66,7 @@ class Servers:
         self._sticky_factor = sticky_factor
         self._models: dict[str, _Model] = {}
         self._changes = fleet.subscribe()
-        self.events: Events = NO_EVENTS
         self._watched: dict[Flight, asyncio.Future[None]] = {}  # requests in flight -> set when their server goes
-        self._opened: dict[str, float] = {}  # a server's breaker's open_until, as last seen (breaker trips)
         self._listener = Listener(read=self._read, hung=self._hung)
         endpoints.listen(self._listener)
         self._follow: asyncio.Task[None] | None = None
@@ -133,14 +130,11 @@ class Servers:
                 log.exception("following the front door's servers failed")
 
     def _read(self) -> None:
-        self.breakers()
         for model in self._models.values():
             model.policy.reindex()
 
     def _hung(self, endpoint: Endpoint) -> None:
         """The table took `endpoint` out as hung: its requests go elsewhere now."""
-        self._opened[endpoint.url] = endpoint.open_until  # a hang, not a breaker trip
-        self.events.hung(endpoint.url)
         self._release(lambda flight: flight.endpoint is endpoint)
 
     def _release(self, which: Callable[[Flight], bool]) -> None:
@@ -154,21 +148,6 @@ class Servers:
         """The servers the front door may send to, one each."""
         found = {id(lane.endpoint): lane.endpoint for model in self._models.values() for lane in model.lanes.values()}
         return list(found.values())
-
-    def load(self) -> list[tuple[str, int, bool]]:
-        """Each server's URL, mvllmd's sequences in flight there, and whether it is out (metrics)."""
-        self.breakers()
-        now = time.monotonic()
-        return [(e.url, e.inflight, e.open_until > now) for e in self.endpoints()]
-
-    def breakers(self) -> None:
-        """Count the breaker trips since the last look: a new open_until that no hang set."""
-        for endpoint in self.endpoints():
-            until, seen = endpoint.open_until, self._opened.get(endpoint.url, 0.0)
-            if until != seen:
-                self._opened[endpoint.url] = until
-                if until > seen:
-                    self.events.breaker_tripped(endpoint.url)
 
     # --- requests ----------------------------------------------------------------------------------
 

@@ -51,12 +51,6 @@ class Events:
     def samples(self, model: str, done: int, errors: int, tokens: int) -> None:
         """A job wrote `done` samples, `errors` of them errors, with `tokens` completion tokens."""
 
-    def hung(self, server: str) -> None:
-        """The endpoint table took `server` out as hung."""
-
-    def breaker_tripped(self, server: str) -> None:
-        """`server`'s breaker opened (or opened again after its probe failed)."""
-
     def door_totals(self) -> DoorTotals:
         """The front door's counts so far (this base counts nothing: none)."""
         return DoorTotals()

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mvllmd.errors import InventoryError
@@ -27,7 +28,21 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text fo
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 ServerCount = Callable[[], Iterable[tuple[str, str]]]  # (engine, state) of each server of one source
-ServerLoad = Callable[[], Iterable[tuple[str, int, bool]]]  # (URL, requests in flight, breaker open)
+
+
+class ServerState(Protocol):
+    """What is read of each server at a scrape (dispatch/endpoint.py's Endpoint)."""
+
+    url: str
+    inflight: int
+    trips: int
+    hangs: int
+
+    @property
+    def out(self) -> bool: ...
+
+
+ServerStates = Callable[[], Iterable[ServerState]]  # every server in the endpoint table
 
 
 class Metrics(Events):
@@ -51,9 +66,7 @@ class Metrics(Events):
         self._errors = Counter("mvllm_job_sample_errors", "Job samples written as errors", ["model"], registry=r)
         self._tokens = Counter("mvllm_job_completion_tokens", "Completion tokens of job samples written", ["model"],
                                registry=r)  # fmt: skip
-        self._hangs = Counter("mvllm_server_hangs", "Servers taken out as hung", ["server"], registry=r)
-        self._trips = Counter("mvllm_server_breaker_trips", "Server breakers opened (after failures in a row, "
-                              "or a failed probe)", ["server"], registry=r)  # fmt: skip
+        self._door_children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
         self._fleet = _Fleet()
         self._servers = _Servers()
         self._gpus = _Gpus()
@@ -67,8 +80,8 @@ class Metrics(Events):
         the external servers' (engine "external")."""
         self._fleet.sources.append(source)
 
-    def watch_servers(self, source: ServerLoad) -> None:
-        """Report each server's requests in flight and breaker at each scrape."""
+    def watch_servers(self, source: ServerStates) -> None:
+        """Report each server's requests in flight, breaker, trips and hangs at each scrape."""
         self._servers.source = source
 
     def read_gpus(self) -> None:
@@ -98,10 +111,17 @@ class Metrics(Events):
     # --- events ------------------------------------------------------------------------------------
 
     def door_request(self, model: str, server: str, status: int, first_byte_s: float | None, total_s: float) -> None:
-        self._requests.labels(model, server, str(status)).inc()
+        # The labelled children once per (model, server, status): labels() costs more than counting.
+        children = self._door_children.get((model, server, status))
+        if children is None:
+            children = (self._requests.labels(model, server, str(status)), self._first_byte.labels(model),
+                        self._total.labels(model))  # fmt: skip
+            self._door_children[(model, server, status)] = children
+        requests, first_byte, total = children
+        requests.inc()
         if first_byte_s is not None:
-            self._first_byte.labels(model).observe(first_byte_s)
-        self._total.labels(model).observe(total_s)
+            first_byte.observe(first_byte_s)
+        total.observe(total_s)
 
     def door_retry(self, model: str) -> None:
         self._retries.labels(model).inc()
@@ -116,12 +136,6 @@ class Metrics(Events):
         self._samples.labels(model).inc(done)
         self._errors.labels(model).inc(errors)
         self._tokens.labels(model).inc(tokens)
-
-    def hung(self, server: str) -> None:
-        self._hangs.labels(server).inc()
-
-    def breaker_tripped(self, server: str) -> None:
-        self._trips.labels(server).inc()
 
 
 def _totals(counter: Counter) -> Iterator[tuple[dict[str, str], float]]:
@@ -150,18 +164,23 @@ class _Fleet(Collector):
 
 class _Servers(Collector):
     def __init__(self) -> None:
-        self.source: ServerLoad = list
+        self.source: ServerStates = list
 
     def collect(self) -> Iterator[Metric]:
         inflight = GaugeMetricFamily("mvllm_server_inflight", "Sequences of mvllmd's in flight at each server "
                                      "(jobs' and the front door's)", labels=["server"])  # fmt: skip
         out = GaugeMetricFamily("mvllm_server_breaker_open", "1 while a server is taken out (breaker open, "
                                 "or hung)", labels=["server"])  # fmt: skip
-        for url, count, is_out in self.source():
-            inflight.add_metric([url], count)
-            out.add_metric([url], int(is_out))
-        yield inflight
-        yield out
+        hangs = CounterMetricFamily("mvllm_server_hangs", "Times a server was taken out as hung (since it "
+                                    "joined the endpoint table)", labels=["server"])  # fmt: skip
+        trips = CounterMetricFamily("mvllm_server_breaker_trips", "Times a server's breaker opened (failures "
+                                    "in a row, or a failed probe) since it joined", labels=["server"])  # fmt: skip
+        for server in self.source():
+            inflight.add_metric([server.url], server.inflight)
+            out.add_metric([server.url], int(server.out))
+            hangs.add_metric([server.url], server.hangs)
+            trips.add_metric([server.url], server.trips)
+        yield from (inflight, out, hangs, trips)
 
 
 class _Gpus(Collector):
