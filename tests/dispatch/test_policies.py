@@ -110,3 +110,35 @@ def test_round_robin_takes_turns_whatever_the_load() -> None:
     assert [group.index(policy.pick(1, now=0.0)) for _ in range(6)] == [0, 1, 2, 0, 1, 2]  # type: ignore[arg-type]
     policy.remove(group[1])
     assert [group.index(policy.pick(1, now=0.0)) for _ in range(4)] == [0, 2, 0, 2]  # type: ignore[arg-type]
+
+
+def test_per_sequence_speeds_share_a_light_load_between_equal_servers() -> None:
+    # Two equal servers, one given more so far: its peak rate is ten times the other's, its decode step
+    # the same. By peak rate every request would go to it; by step (the front door's) they alternate.
+    group = lanes(2)
+    for lane, peak in zip(group, (1000.0, 100.0), strict=True):
+        lane.endpoint.gauges.peak_tokens_per_s = peak
+        lane.endpoint.gauges.min_step_s = 0.02
+    by_rate, by_step = LeastLoaded(), LeastLoaded(per_sequence=True)
+    for policy in (by_rate, by_step):
+        for lane in group:
+            policy.add(lane)
+
+    def split(policy: LeastLoaded) -> list[int]:
+        counts = [0, 0]
+        for lane in group:
+            lane.inflight = 0
+            policy.changed(lane)
+        for _ in range(8):
+            lane = policy.pick(1, now=0.0)
+            assert lane is not None
+            lane.inflight += 1
+            policy.changed(lane)
+            counts[group.index(lane)] += 1
+        return counts
+
+    assert split(by_rate) == [8, 0]
+    assert split(by_step) == [4, 4]
+    group[1].endpoint.gauges.min_step_s = 0.04  # one twice as slow a step: it holds a third
+    by_step.reindex()
+    assert split(by_step) == [5, 3]

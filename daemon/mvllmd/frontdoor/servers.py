@@ -49,7 +49,7 @@ SWEEP_EVERY = 4096  # sessions are swept for idle ones once per this many new on
 class _Model:
     """One model's servers: a lane on each, the policy over them, the requests in flight."""
 
-    policy: LeastLoaded = field(default_factory=LeastLoaded)
+    policy: LeastLoaded = field(default_factory=lambda: LeastLoaded(per_sequence=True))
     lanes: dict[str, Lane] = field(default_factory=dict)  # by URL
     flights: Flights = field(default_factory=Flights)
     sessions: dict[str, tuple[str, float]] = field(default_factory=dict)  # session -> (URL, last used)

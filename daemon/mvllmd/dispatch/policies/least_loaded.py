@@ -6,7 +6,9 @@ speed is the peak generation rate the server's gauges have shown, when every ser
 one (the server's own measure, there within a reading or two); else the samples it completed per
 second (which lags: a slow server's first answers come late); a server not yet measured counts as
 fast as the fastest. A slower server may hold less, in proportion to its speed (`share`), so that
-little work is left stranded on it at the end.
+little work is left stranded on it at the end. The front door's (`per_sequence`) takes instead how
+fast a server makes one sequence's tokens at its lightest (1 / its fastest decode step seen): its
+load seldom fills a server, so a peak rate would measure what it was given.
 
 The choice costs the same whatever the number of servers: the lanes sit in a heap keyed by
 (load + hint) / speed, where the hint is the request size most asked for (a prompt's samples; one
@@ -34,7 +36,12 @@ HINT_MISSES = 8  # requests of another size in a row before the keys count that 
 class LeastLoaded:
     balances: ClassVar[bool] = True
 
-    def __init__(self) -> None:
+    def __init__(self, per_sequence: bool = False) -> None:
+        # per_sequence: a server's speed is how fast it makes one sequence's tokens at its lightest
+        # (1 / its fastest decode step seen), not its peak rate. For the front door, whose load rarely
+        # fills a server: a peak rate measures the load a server was given, so a server given little
+        # looked slow and was given nothing (two equal vLLM engines split 16 requests 0:32).
+        self._per_sequence = per_sequence
         self._lanes: list[Lane] = []
         self._heap: list[tuple[float, int, int, Lane]] = []
         self._order = itertools.count()
@@ -88,6 +95,9 @@ class LeastLoaded:
 
     def speed(self, lane: Lane) -> float:
         endpoint = lane.endpoint
+        if self._per_sequence:
+            step = endpoint.gauges.min_step_s
+            return 1.0 / step if step > 0 else 0.0  # 0: not measured, counted as fast as the fastest
         return endpoint.gauges.peak_tokens_per_s if self.by_rate else endpoint.speed
 
     def _speed_of(self, lane: Lane) -> float:
