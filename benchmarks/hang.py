@@ -10,7 +10,7 @@ users meet: the engine stops while its API server still answers `/health` 200 an
 
 - vLLM: SIGSTOP of the engine's worker process (`VLLM::Worker`); its /metrics then reads 0 running
   and 0 waiting, and its token counters stand still;
-- mvllm-sim: SIGUSR1 (its engine stops stepping; its gauges still count the requests it holds).
+- mvllm-sim: SIGUSR1 (its engine stops stepping; its /metrics reads 0 and 0 too, as vLLM's does).
 
 Twice per engine:
 - a job: a rollout job keeps both instances busy; once each holds requests of the job, one is hung;

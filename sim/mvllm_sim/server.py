@@ -165,7 +165,7 @@ class SimServer:
         return json_response({"prompt": detokenize(ids)})
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        return text_response(self.metrics.render(self.engine))
+        return text_response(self.metrics.render(self.engine, hung=self.faults.engine_hung))
 
     # --- generation -----------------------------------------------------------------------------
 

@@ -55,8 +55,9 @@ async def test_hang_after_requests_freezes_the_engine(start_sim: StartSim, http:
     assert not stuck.done()
     async with http.get(f"{base}/health") as r:
         assert r.status == 200  # as vLLM's /health does while its engine is stuck
-    # /metrics tells the truth: the request waits and no token moves.
-    assert await gauge(http, base, "vllm:num_requests_waiting") == 1
+    # /metrics reads as vLLM's does while its worker is stopped: nothing running or waiting, no token made.
+    assert await gauge(http, base, "vllm:num_requests_waiting") == 0
+    assert await gauge(http, base, "vllm:num_requests_running") == 0
     assert await gauge(http, base, "vllm:generation_tokens_total") == generated
     stuck.cancel()
     with pytest.raises(asyncio.CancelledError):
