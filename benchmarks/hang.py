@@ -8,9 +8,10 @@ with the daemon's own instance health check set to 10 minutes, so that what is m
 endpoint table's watch that jobs and the front door share (dispatch/endpoint.py). The hang is the one
 users meet: the engine stops while its API server still answers `/health` 200 and `/metrics`:
 
-- vLLM: SIGSTOP of the engine's worker process (`VLLM::Worker`); its /metrics then reads 0 running
-  and 0 waiting, and its token counters stand still;
-- mvllm-sim: SIGUSR1 (its engine stops stepping; its /metrics reads 0 and 0 too, as vLLM's does).
+- vLLM: SIGSTOP of the engine's worker process (`VLLM::Worker`); its /metrics keeps answering, its
+  running and waiting gauges frozen as they were (38 running, in one run here) and its token counters
+  still;
+- mvllm-sim: SIGUSR1 (its engine stops stepping; its gauges freeze as they were, as vLLM's do).
 
 Twice per engine:
 - a job: a rollout job keeps both instances busy; once each holds requests of the job, one is hung;

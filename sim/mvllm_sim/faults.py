@@ -7,8 +7,8 @@ From flags (the whole server) or, for targeted tests, from the `X-Mvllm-Fault` r
     drop-after=K        streaming: close the connection after K chunks
     status=CODE         answer CODE (429, 500 or 503) in vLLM's error envelope
 and, for a fault at a moment of the caller's choosing, SIGUSR1: the engine stops stepping from then on
-(as vLLM whose worker stopped: /health and /metrics still answer, the latter with 0 running and 0
-waiting; nothing is made again). --hang-after-requests hangs it the same way.
+(as vLLM whose worker stopped: /health and /metrics still answer, the latter with its running and
+waiting gauges frozen as they were; nothing is made again). --hang-after-requests hangs it the same way.
 """
 
 from __future__ import annotations

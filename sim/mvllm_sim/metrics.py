@@ -47,9 +47,9 @@ class Metrics:
     queue_time: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
 
-    def render(self, engine: Engine, hung: bool = False) -> str:
-        """The exposition text. A hung engine reads 0 running and 0 waiting, as vLLM's does while its
-        worker is stopped (its requests are stuck all the same)."""
+    def render(self, engine: Engine, frozen: tuple[int, int] | None = None) -> str:
+        """The exposition text. A hung engine's running and waiting gauges stay `frozen` as they were
+        when it hung, as vLLM's do while its worker is stopped (they are published at each step)."""
         labels = f'engine="0",model_name="{_escape(self.model_name)}"'
         c = engine.counters
         lines: list[str] = []
@@ -61,13 +61,13 @@ class Metrics:
             "vllm:num_requests_running",
             "gauge",
             "Number of requests in model execution batches.",
-            0 if hung else engine.num_running,
+            frozen[0] if frozen else engine.num_running,
         )
         metric(
             "vllm:num_requests_waiting",
             "gauge",
             "Number of requests waiting to be processed.",
-            0 if hung else engine.num_waiting,
+            frozen[1] if frozen else engine.num_waiting,
         )
         metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", engine.kv_usage)
         metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", c.prompt_tokens)

@@ -74,6 +74,7 @@ class SimServer:
         self.config = config
         self.engine = Engine(config.step_model, config.max_num_seqs, config.max_num_batched_tokens, config.kv_tokens)
         self.faults = FaultPlan(config.faults)
+        self._frozen: tuple[int, int] | None = None  # running and waiting when the engine hung
         self.runner = Runner(
             self.engine, config.time_scale, config.faults.crash_at_s, hung=lambda: self.faults.engine_hung
         )
@@ -104,9 +105,15 @@ class SimServer:
         self._http = HttpServer({route: self._guarded(handler) for route, handler in routes.items()})
         return await self._http.start(host, port)
 
+    def _freeze(self) -> None:
+        """The engine stops: its gauges stay as they were (vLLM's engine publishes them each step)."""
+        if self._frozen is None:
+            self._frozen = (self.engine.num_running, self.engine.num_waiting)
+
     def hang(self) -> None:
         """The engine stops stepping, for good, from now (SIGUSR1; faults.py)."""
         log.warning("engine hung on request (SIGUSR1): nothing will be stepped again")
+        self._freeze()
         self.faults.hung_by_signal = True
         self.runner.wake()
 
@@ -165,7 +172,7 @@ class SimServer:
         return json_response({"prompt": detokenize(ids)})
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        return text_response(self.metrics.render(self.engine, hung=self.faults.engine_hung))
+        return text_response(self.metrics.render(self.engine, frozen=self._frozen))
 
     # --- generation -----------------------------------------------------------------------------
 
@@ -179,6 +186,8 @@ class SimServer:
         if self._starting():
             raise ApiError(503, "the server is starting", "ServiceUnavailableError")
         fault = self.faults.for_request(request.headers.get(HEADER.lower()))
+        if self.faults.engine_hung:
+            self._freeze()
         if fault.crash:
             log.error("injected crash after %d requests", self.faults.requests_seen - 1)
             os._exit(CRASH_EXIT_STATUS)

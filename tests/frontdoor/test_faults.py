@@ -69,7 +69,7 @@ def test_an_instance_killed_under_load(short_tmp: Path, spawn: Spawn) -> None:
 
 def test_an_instance_that_hangs_with_health_200(short_tmp: Path, spawn: Spawn) -> None:
     # The daemon's own health check would take 5 minutes: the front door's servers are watched through
-    # their /metrics, where a hung engine reads 0 and 0 and its token counters stand still (out in about 6 s).
+    # their /metrics, where a hung engine's token counters stand still (out in about 11 s).
     daemon = spawn(daemon_args(short_tmp, "--hang-timeout", "300"))
     launch(daemon, 1, "--time-scale", "0.05", name="good")
     launch(daemon, 1, "--time-scale", "0.05", "--hang-after-requests", "40", name="hangs")

@@ -69,11 +69,6 @@ def test_still_since_is_the_reading_that_first_showed_the_counters_as_they_are()
     gauges.update({RUNNING: 2.0, WAITING: 0.0, GENERATED: 10.0, PROMPT: 9.0}, now=4.0)
     gauges.update({RUNNING: 0.0, WAITING: 0.0, GENERATED: 10.0, PROMPT: 9.0}, now=5.0)
     assert gauges.still_since == 3.0 and gauges.at == 5.0
-    assert gauges.empty_since == 5.0  # the first reading, in a row, with nothing running or waiting
-    gauges.update({RUNNING: 0.0, WAITING: 0.0, GENERATED: 10.0, PROMPT: 9.0}, now=6.0)
-    assert gauges.empty_since == 5.0
-    gauges.update({RUNNING: 0.0, WAITING: 1.0, GENERATED: 10.0, PROMPT: 9.0}, now=7.0)
-    assert gauges.empty_since == 0
 
 
 @pytest.fixture

@@ -16,11 +16,11 @@ that job's `Lane` (flights.py). Everything here changes through methods; nothing
 - speed: the samples it completed per second, smoothed (half-life SPEED_HALF_LIFE_S); and, from the
   gauges, its peak generation rate (tokens/s), the better measure once every server has shown one.
 - hang watch: a server is hung when, with requests of ours in flight and none of them answered:
-  - its /metrics shows its token counters (prompt and generated) standing still for `stall_s`, while
-    it says it runs and queues nothing at all (vLLM whose engine stopped reads 0 and 0), or for
-    BUSY_STALLS x `stall_s` whatever it counts (an engine stuck holding its sequences; a busy server
-    on a starved CPU can make no token for seconds while it counts ours, as the real vLLM CPU build did
-    under load: 7 s);
+  - its /metrics shows its token counters (prompt and generated) standing still for `stall_s`: a
+    vLLM engine publishes them at each step, and one whose worker stopped publishes nothing (its
+    running and waiting gauges freeze as they were). A busy server steps many times a second; on a
+    starved CPU the real vLLM CPU build made no token for 7 s while it counted one of our 23 requests,
+    so `stall_s` is 10 s, not less;
   - its /metrics, which answered before, has not answered for SILENT_STALLS x `stall_s`;
   - or, the fallback for a server without /metrics, nothing completed for the hang timeout.
   Each span counts from the later of its last completion and the moment it last became busy. A
@@ -41,9 +41,8 @@ log = logging.getLogger(__name__)
 
 SPEED_HALF_LIFE_S = 10.0
 WAITING_POLLS = 3  # readings in a row with requests waiting before a server is sent less
-STALL_S = 5.0  # token counters still this long, while it says it holds nothing and we have requests there: hung
-BUSY_STALLS = 4  # token counters still this many stall spans, whatever it says it holds: hung
-SILENT_STALLS = 5  # its /metrics silent this many stall spans (it answered before): hung
+STALL_S = 10.0  # token counters still this long, with requests of ours there and none answered: hung
+SILENT_STALLS = 3  # its /metrics silent this many stall spans (it answered before): hung
 DOOR_IDLE_S = 60.0  # the front door's reserve on a server holds this long after its last request there
 
 
@@ -154,8 +153,7 @@ class Endpoint:
         g, stall = self.gauges, self._stall_s
         if g.ok:
             still = g.at - max(g.still_since, waited)
-            empty = g.at - max(g.still_since, waited, g.empty_since) if g.empty_since else 0.0
-            if still >= BUSY_STALLS * stall or empty >= stall:
+            if still >= stall:
                 return (f"its /metrics shows no token made for {still:.0f}s while {self._inflight_at_poll} "
                         f"requests of ours were there (it runs {g.running:.0f}, queues {g.waiting:.0f})")  # fmt: skip
         elif g.failed_since and now - max(g.failed_since, waited) >= SILENT_STALLS * stall:

@@ -99,7 +99,6 @@ class Gauges:
     min_step_s: float = 0.0  # the fastest seen: the server's step with a small batch
     waiting_polls: int = 0  # readings in a row with requests waiting
     still_since: float = 0.0  # the reading that first showed the token counters as they are now
-    empty_since: float = 0.0  # the first of the readings in a row with nothing running or waiting; 0: not now
     failed_since: float = 0.0  # readings have failed since then, after some worked; 0: they work, or never did
     _generated: float = -1.0
     _tokens: float = -1.0  # prompt and generated tokens, the counters that move while the server works
@@ -109,8 +108,6 @@ class Gauges:
         tokens = generated + values.get(PROMPT, 0.0)
         if not self.ok or tokens != self._tokens:
             self.still_since = now
-        empty = running + values[WAITING] == 0
-        self.empty_since = (self.empty_since if self.ok and self.empty_since else now) if empty else 0.0
         self._tokens, self.failed_since = tokens, 0.0
         if self.ok and generated >= self._generated >= 0 and now > self.at:
             self.tokens_per_s = (generated - self._generated) / (now - self.at)
@@ -129,4 +126,4 @@ class Gauges:
     def fail(self, now: float) -> None:
         if self.ok:
             self.failed_since = now
-        self.ok, self.step_s, self.waiting_polls, self._generated, self.empty_since = False, 0.0, 0, -1.0, 0.0
+        self.ok, self.step_s, self.waiting_polls, self._generated = False, 0.0, 0, -1.0
