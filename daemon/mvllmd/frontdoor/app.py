@@ -160,17 +160,17 @@ class FrontDoor:
         return Call(model, request.path, request.body, want, stream, session, body)
 
     def _model_of(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        if isinstance(model, str) and self._servers.serves(model):
+            return model  # the common case, without listing every model
         served = self._servers.models()
         listed = ", ".join(served) or "none (no server is READY)"
-        model = body.get("model")
         if model is None and len(served) == 1:
             return served[0]
         if model is None:
             raise _Refused(error(400, f"name the model; served: {listed}"))
         if not isinstance(model, str):
             raise _Refused(error(400, "`model` must be a string"))
-        if model in served:
-            return model
         if not served:
             raise _Refused(error(503, "no server is READY", {"retry-after": str(RETRY_AFTER_S)}))
         raise _Refused(error(404, f"The model `{model}` does not exist. Served: {listed}."))

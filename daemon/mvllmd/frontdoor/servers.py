@@ -92,6 +92,11 @@ class Servers:
         """The models some server serves now, sorted."""
         return sorted(name for name, model in self._models.items() if model.lanes)
 
+    def serves(self, model: str) -> bool:
+        """Whether some server serves `model` now."""
+        found = self._models.get(model)
+        return found is not None and bool(found.lanes)
+
     def api_keys(self, model: str) -> bool:
         """Whether any server of `model` wants an API key."""
         found = self._models.get(model)
