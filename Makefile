@@ -38,7 +38,7 @@ demo: $(STAMP)
 
 test: lint typecheck pytest
 
-bench: $(STAMP)
+bench: $(STAMP) engine
 	$(BIN)/python benchmarks/run_all.py --readme README.md
 
 lint: $(STAMP)
@@ -49,7 +49,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP) engine
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25  # the slowest: CI has 20 minutes
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
