@@ -55,7 +55,8 @@ async def test_hang_after_requests_freezes_the_engine(start_sim: StartSim, http:
     assert not stuck.done()
     async with http.get(f"{base}/health") as r:
         assert r.status == 200  # as vLLM's /health does while its engine is stuck
-    # /metrics reads as vLLM's does while its worker is stopped: nothing running or waiting, no token made.
+    # /metrics reads as vLLM's does while its worker is stopped: its gauges as they were when it hung
+    # (idle: 0 and 0, though a request is stuck), and no token made.
     assert await gauge(http, base, "vllm:num_requests_waiting") == 0
     assert await gauge(http, base, "vllm:num_requests_running") == 0
     assert await gauge(http, base, "vllm:generation_tokens_total") == generated
