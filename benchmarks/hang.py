@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,19 +47,12 @@ import openai
 
 from mvllm.v1 import job_pb2
 
-from benchkit import engine_dir, exit_on_sigterm, machine, mvllmd, print_table, write_prompts
+from benchkit import ctl, engine_dir, exit_on_sigterm, machine, mvllmd, print_table, write_prompts
 
 READY_TIMEOUT_S = 600.0
 OUT_TIMEOUT_S = 200.0  # the fallback (120 s) plus room: a run that goes past it failed to see the hang
 CLIENTS = 16
-
-
-def ctl(sock: str, *args: str, timeout: float = 60) -> str:
-    argv = [str(Path(sys.executable).parent / "mvllmctl"), "--address", f"unix:{sock}", *args]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"mvllmctl {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout
+HANGS, INFLIGHT = "mvllm_server_hangs_total", "mvllm_server_inflight"
 
 
 def wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
@@ -132,9 +124,10 @@ def job_run(daemon: Any, model: str, victim: dict[str, Any], engine: str, tmp: P
     return took
 
 
-def hangs_counted(door: str, url: str) -> float:
+def door_metric(door: str, name: str, url: str) -> float:
+    """The front door's metric `name` for the server `url` (0 when it has none)."""
     for line in httpx.get(f"{door}/metrics", timeout=10).text.splitlines():
-        if line.startswith(f'mvllm_server_hangs_total{{server="{url}"}}'):
+        if line.startswith(f'{name}{{server="{url}"}}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -144,23 +137,16 @@ def door_run(door: str, model: str, victim: dict[str, Any], engine: str) -> floa
     stop = threading.Event()
     loop_thread = threading.Thread(target=lambda: asyncio.run(clients(door, model, stop)), daemon=True)
     loop_thread.start()
-    before = hangs_counted(door, victim["url"])
+    before = door_metric(door, HANGS, victim["url"])
     try:
-        wait(lambda: inflight(door, victim["url"]) > 0, 120, "front-door requests on the victim")
+        wait(lambda: door_metric(door, INFLIGHT, victim["url"]) > 0, 120, "front-door requests on the victim")
         with hung(engine, victim["pid"]):
-            took = wait(lambda: hangs_counted(door, victim["url"]) > before, OUT_TIMEOUT_S,
+            took = wait(lambda: door_metric(door, HANGS, victim["url"]) > before, OUT_TIMEOUT_S,
                         f"{victim['name']} counted hung by the front door")  # fmt: skip
     finally:
         stop.set()
         loop_thread.join(60)
     return took
-
-
-def inflight(door: str, url: str) -> float:
-    for line in httpx.get(f"{door}/metrics", timeout=10).text.splitlines():
-        if line.startswith(f'mvllm_server_inflight{{server="{url}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def clients(door: str, model: str, stop: threading.Event) -> None:

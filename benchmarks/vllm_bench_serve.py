@@ -25,19 +25,11 @@ from typing import Any
 
 import httpx
 
-from benchkit import engine_dir, exit_on_sigterm, mvllmd, print_table
+from benchkit import ctl, engine_dir, exit_on_sigterm, mvllmd, print_table
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE.parent / "scripts" / "vllm_bench_serve.py"
 READY_TIMEOUT_S = 600
-
-
-def ctl(sock: str, *args: str, timeout: float = 60) -> str:
-    argv = [str(Path(sys.executable).parent / "mvllmctl"), "--address", f"unix:{sock}", *args]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"mvllmctl {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout
 
 
 def finished(engine_url: str) -> float:
