@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 
 from mvllmd.errors import InventoryError
 
@@ -113,10 +113,18 @@ def declared_devices(cpu_slots: int, sim_gpus: int) -> tuple[Device, ...]:
     return (*slots, *sims)
 
 
+T = TypeVar("T")
+
+
 # --- NVML -----------------------------------------------------------------------------------------
 
 
 def read_nvml() -> tuple[Device, ...]:
+    return _each_nvml_device(_nvml_device)
+
+
+def _each_nvml_device(read: Callable[[Any, int], T]) -> tuple[T, ...]:
+    """`read(pynvml, index)` of every GPU, NVML opened around it; InventoryError without NVML."""
     try:
         import pynvml  # noqa: PLC0415  (optional at import time: the module must load without it)
     except ImportError as exc:
@@ -126,7 +134,7 @@ def read_nvml() -> tuple[Device, ...]:
     except pynvml.NVMLError as exc:
         raise InventoryError(f"NVML could not be initialised: {exc}") from exc
     try:
-        return tuple(_nvml_device(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount()))
+        return tuple(read(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount()))
     except pynvml.NVMLError as exc:
         raise InventoryError(f"NVML failed while reading devices: {exc}") from exc
     finally:
@@ -148,20 +156,7 @@ class GpuUsage:
 
 def read_gpu_usage() -> tuple[GpuUsage, ...]:
     """Each real GPU's utilisation and memory, through NVML; InventoryError without NVML."""
-    try:
-        import pynvml  # noqa: PLC0415  (optional, as in read_nvml)
-    except ImportError as exc:
-        raise InventoryError("nvidia-ml-py is not installed") from exc
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        raise InventoryError(f"NVML could not be initialised: {exc}") from exc
-    try:
-        return tuple(_nvml_usage(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount()))
-    except pynvml.NVMLError as exc:
-        raise InventoryError(f"NVML failed while reading devices: {exc}") from exc
-    finally:
-        pynvml.nvmlShutdown()
+    return _each_nvml_device(_nvml_usage)
 
 
 # --- simulated GPUs --------------------------------------------------------------------------------
