@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from mvllmd.dispatch.endpoint import Endpoint
 from mvllmd.transport.streams import Prefix, Stream
@@ -40,8 +41,8 @@ class Lane:
     reserved: int = 0  # samples that will move to it once their check is back
     requests: dict[int, Flight] = field(default_factory=dict)  # in the order they were sent
     left: bool = False  # the server left (its instance stopped): nothing new goes there
-    door: bool = False  # the front door's lane, not a job's: jobs leave room for its requests
     version: int = 0  # for the policy's index: bumped whenever its key may have changed
+    door: ClassVar[bool] = False  # the front door's lane (DoorLane), not a job's
 
     @property
     def url(self) -> str:
@@ -49,14 +50,14 @@ class Lane:
 
     @property
     def load(self) -> int:
-        """What the server runs that this user must count: a job, its own samples and other clients'
-        (other jobs have their shares); the front door, everything there."""
-        return self.endpoint.load if self.door else self.inflight + self.endpoint.external
+        """What the server runs that this job must count: its own samples and other clients' (other
+        jobs have their shares)."""
+        return self.inflight + self.endpoint.external
 
     @property
     def limit(self) -> int:
-        """A job's share of the server's limit in effect; the front door's, all of it."""
-        return self.endpoint.limit if self.door else self.endpoint.share()
+        """This job's share of the server's limit in effect."""
+        return self.endpoint.share()
 
     def usable(self, now: float) -> bool:
         return not self.left and self.endpoint.usable(now)
@@ -64,6 +65,22 @@ class Lane:
     def available(self, now: float) -> bool:
         """Usable, with room under this job's share."""
         return self.usable(now) and self.load < self.limit
+
+
+@dataclass(eq=False)
+class DoorLane(Lane):
+    """The front door's view of one Endpoint, for one model: it counts everything on the server, and
+    may fill all of its limit (jobs leave it room: Endpoint.kept)."""
+
+    door: ClassVar[bool] = True
+
+    @property
+    def load(self) -> int:
+        return self.endpoint.load
+
+    @property
+    def limit(self) -> int:
+        return self.endpoint.limit
 
 
 @dataclass(eq=False)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from mvllmd.config import InstanceSettings
 from mvllmd.external.state import Changes, ExternalServer
-from mvllmd.instances.health import Prober
+from mvllmd.instances.health import Prober, Progress
 from mvllmd.instances.spec import InstanceState
 
 log = logging.getLogger(__name__)
@@ -25,8 +24,7 @@ class Watch:
         self._server = server
         self._changes = changes
         self._settings = settings
-        self._last_tokens: float | None = None
-        self._last_progress = time.monotonic()
+        self._progress = Progress()
 
     async def run(self, prober: Prober) -> None:
         """Check at once, then every probe interval, until cancelled (detach, daemon stop)."""
@@ -44,23 +42,8 @@ class Watch:
         """One look: READY when it answers and progresses, else UNHEALTHY with the reason."""
         ok, why = await prober.ready()
         if ok:
-            ok, why = await self._progressing(prober)
+            ok, why = await self._progress.check(prober, self._settings.hang_timeout_s)
         if ok:
             self._changes.set_state(self._server, InstanceState.READY, "")
         else:
             self._changes.set_state(self._server, InstanceState.UNHEALTHY, why)
-
-    async def _progressing(self, prober: Prober) -> tuple[bool, str]:
-        """Its token counters moved lately, or else a probe request is answered (see instances/supervision.py)."""
-        timeout = self._settings.hang_timeout_s
-        tokens = await prober.token_count()
-        now = time.monotonic()
-        if tokens is not None and tokens != self._last_tokens:
-            self._last_tokens, self._last_progress = tokens, now
-            return True, ""
-        if now - self._last_progress < timeout:
-            return True, ""
-        if await prober.probe(deadline_s=timeout / 2):
-            self._last_progress = time.monotonic()
-            return True, ""
-        return False, f"no progress for {now - self._last_progress:.0f}s and a probe request went unanswered"

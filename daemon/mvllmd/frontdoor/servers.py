@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from mvllmd.config import DEFAULTS
 from mvllmd.dispatch.endpoint import Endpoint
 from mvllmd.dispatch.endpoints import Endpoints, Listener
-from mvllmd.dispatch.flights import Flight, Flights, Lane, Work
+from mvllmd.dispatch.flights import DoorLane, Flight, Flights, Lane, Work
 from mvllmd.dispatch.policies.least_loaded import LeastLoaded
 from mvllmd.fleet import Fleet
 
@@ -115,7 +115,7 @@ class Servers:
                     self._leave(model, lane)
             for url, (capacity, key) in wanted.items():
                 if url not in model.lanes:
-                    lane = Lane(self._endpoints.join(url, capacity, key, shares=False), door=True)
+                    lane = DoorLane(self._endpoints.join(url, capacity, key, shares=False))
                     model.lanes[url] = lane
                     model.policy.add(lane)
 

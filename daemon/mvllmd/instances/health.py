@@ -9,6 +9,8 @@ hung one.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
@@ -72,3 +74,28 @@ class Prober:
         except httpx.HTTPError:
             return False
         return response.status_code == 200
+
+
+@dataclass
+class Progress:
+    """Whether an engine made progress lately, remembered between looks: its token counters moved
+    within `timeout_s`, or else a probe request is answered within half of it."""
+
+    last_tokens: float | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+
+    def made(self) -> None:
+        self.last_progress = time.monotonic()
+
+    async def check(self, prober: Prober, timeout_s: float) -> tuple[bool, str]:
+        tokens = await prober.token_count()
+        now = time.monotonic()
+        if tokens is not None and tokens != self.last_tokens:
+            self.last_tokens, self.last_progress = tokens, now
+            return True, ""
+        if now - self.last_progress < timeout_s:
+            return True, ""
+        if await prober.probe(deadline_s=timeout_s / 2):
+            self.made()
+            return True, ""
+        return False, f"no progress for {now - self.last_progress:.0f}s and a probe request went unanswered"

@@ -16,13 +16,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mvllmd.config import InstanceSettings
 from mvllmd.errors import UnitError
 from mvllmd.instances.backends.protocol import UnitBackend
-from mvllmd.instances.health import Prober
+from mvllmd.instances.health import Prober, Progress
 from mvllmd.instances.logs import last_lines
 from mvllmd.instances.spec import InstanceState, log_path
 from mvllmd.instances.state import Events, Instance
@@ -38,11 +38,9 @@ Forget = Callable[[Instance], Awaitable[None]]
 
 
 @dataclass
-class _Progress:
+class _Progress(Progress):
     """What the monitor remembers between rounds."""
 
-    last_tokens: float | None = None
-    last_progress: float = field(default_factory=time.monotonic)
     unhealthy_since: float | None = None
 
     def reset(self) -> None:
@@ -114,7 +112,7 @@ class Monitor:
         inst, timeout = self._inst, self._settings.start_timeout_s
         if ok:
             self._became_ready()
-            self._progress.last_progress = time.monotonic()
+            self._progress.made()
         elif time.monotonic() - inst.started_round > timeout:
             await self._backend.stop(inst.name, force=True)
             self._events.set_state(inst, InstanceState.FAILED, f"not ready after {timeout:g}s: {why}")
@@ -123,18 +121,7 @@ class Monitor:
 
     async def _progressing(self, prober: Prober) -> tuple[bool, str]:
         """Did the engine make progress lately? Its token counters say so, or else a probe request."""
-        progress, timeout = self._progress, self._settings.hang_timeout_s
-        tokens = await prober.token_count()
-        now = time.monotonic()
-        if tokens is not None and tokens != progress.last_tokens:
-            progress.last_tokens, progress.last_progress = tokens, now
-            return True, ""
-        if now - progress.last_progress < timeout:
-            return True, ""
-        if await prober.probe(deadline_s=timeout / 2):
-            progress.last_progress = time.monotonic()
-            return True, ""
-        return False, f"no progress for {now - progress.last_progress:.0f}s and a probe request went unanswered"
+        return await self._progress.check(prober, self._settings.hang_timeout_s)
 
     async def _judge(self, ok: bool, why: str) -> None:
         """READY again when healthy; UNHEALTHY otherwise, and killed (then restarted) if it lasts."""
