@@ -24,6 +24,7 @@ from mvllmctl.instance_commands import launch, logs, status, stop
 from mvllmctl.job_commands import cancel, job, jobs, submit, watch
 from mvllmctl.rollouts_command import generate_rollouts
 from mvllmctl.top import top
+from mvllmctl.weight_commands import sleep, wake, weights
 
 EPILOG = f"""\b
 Address: --address, else $MVLLM_ADDRESS, else the first socket that exists of
@@ -56,8 +57,9 @@ def cli(
     tls_key: str | None,
 ) -> None:
     """Control mvllmd: its devices, its engine instances (launch, status, stop, logs), servers it did not
-    launch (attach, detach), and rollout jobs (submit, jobs, job, watch, cancel; generate-rollouts for the
-    seed script's flags); top shows them all, live."""
+    launch (attach, detach), rollout jobs (submit, jobs, job, watch, cancel; generate-rollouts for the
+    seed script's flags), and the instances' weights (weights update, sleep, wake); top shows them all,
+    live."""
     client = Client(resolve_address(address, os.environ), timeout, resolve_tls(tls_ca, tls_cert, tls_key, os.environ))
     ctx.call_on_close(client.close)
     ctx.obj = Ctl(client=client)
@@ -73,7 +75,7 @@ def completion(shell: str) -> None:
 
 
 for command in (info, devices, top, launch, status, stop, logs, attach, detach, submit, jobs, job, watch, cancel,
-                generate_rollouts):  # fmt: skip
+                generate_rollouts, weights, sleep, wake):  # fmt: skip
     cli.add_command(command)
 
 

@@ -57,6 +57,12 @@ def _env_pairs(values: Sequence[str]) -> dict[str, str]:
 @click.option("--max-num-seqs", type=click.IntRange(1), help="The engines' --max-num-seqs.")
 @click.option("--cpu", is_flag=True, help="vLLM on CPU slots even where the host has GPUs.")
 @click.option("--force", is_flag=True, help="Take GPUs that other processes use.")
+@click.option(
+    "--weight-updates/--no-weight-updates",
+    default=None,
+    help="vLLM's development routes on, for `mvllmctl weights update`, sleep and wake. They have no"
+    " authentication: the engines must bind to loopback. [the daemon's [instances] weight_updates]",
+)
 @click.option("--no-wait", is_flag=True, help="Return once started; do not wait for READY.")
 @click.option("--wait-timeout", type=float, default=900, show_default=True, metavar="SECONDS")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
@@ -77,6 +83,7 @@ def launch(
     max_num_seqs: int | None,
     cpu: bool,
     force: bool,
+    weight_updates: bool | None,
     no_wait: bool,
     wait_timeout: float,
     engine_args: tuple[str, ...],
@@ -103,6 +110,7 @@ def launch(
         force=force,
         cpu=cpu,
         max_num_seqs=max_num_seqs or 0,
+        weight_updates=weight_updates,
     )
     started = ctl.client.call(_stub(ctl).LaunchInstances, request)
     names = [i.name for i in started.instances]
@@ -164,7 +172,8 @@ def _print_ready(instances: Sequence[pb.Instance]) -> None:
 @json_option
 @pass_ctl
 def status(ctl: Ctl, as_json: bool) -> None:
-    """List the instances and the external servers: state, URL, model, engine, devices, PID."""
+    """List the instances and the external servers: state, URL, model, engine, devices, PID, and the
+    version of the weights they serve (instances launched with --weight-updates)."""
     listing = ctl.client.call(_stub(ctl).ListInstances, pb.ListInstancesRequest())
     if as_json:
         print_json(listing)
@@ -174,13 +183,21 @@ def status(ctl: Ctl, as_json: bool) -> None:
         return
     rows = [
         [i.name, _state(i.state), i.url, i.model, _engine(i.engine), ",".join(i.devices), str(i.pid or "-"),
-         str(i.restarts), i.message[:60]]
+         str(i.restarts), _weights(i), i.message[:60]]
         for i in listing.instances
     ] + [
-        [e.name, _state(e.state), e.url, e.model, "external", "-", "-", "-", e.message[:60]]
+        [e.name, _state(e.state), e.url, e.model, "external", "-", "-", "-", "-", e.message[:60]]
         for e in listing.external_servers
     ]  # fmt: skip
-    print_table(["NAME", "STATE", "URL", "MODEL", "ENGINE", "DEVICES", "PID", "RESTARTS", "MESSAGE"], rows)
+    headers = ["NAME", "STATE", "URL", "MODEL", "ENGINE", "DEVICES", "PID", "RESTARTS", "WEIGHTS", "MESSAGE"]
+    print_table(headers, rows)
+
+
+def _weights(inst: pb.Instance) -> str:
+    """The version of its weights ("-" without weight updates), and whether it sleeps."""
+    if not inst.weight_updates:
+        return "-"
+    return inst.weight_version + (f" (asleep {inst.sleep_level})" if inst.sleep_level else "")
 
 
 @click.command()

@@ -86,6 +86,12 @@ def sampling_options(f: Any) -> Any:
 @click.option(
     "--on-error", type=click.Choice([e.value for e in OnError]), default=OnError.RECORD.value, show_default=True
 )
+@click.option(
+    "--weight-version",
+    metavar="V",
+    help="Only servers at this version of the weights (after `mvllmctl weights update`) take the job's work;"
+    " the others wait, or join once updated. [any]",
+)
 @click.option("--resume", is_flag=True, help="Finish an existing output or its parts (same arguments).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output and its parts.")
 @sampling_options
@@ -144,6 +150,7 @@ def job_spec(options: dict[str, Any]) -> JobSpec:
                 overwrite=options["overwrite"],
                 endpoint_api_key=options["api_key"] or "",
                 hedge=not options["no_hedge"],
+                weight_version=options["weight_version"] or "",
             )
         )
 

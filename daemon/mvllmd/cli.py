@@ -75,6 +75,8 @@ Examples:
 @click.option("--hang-timeout", type=float, metavar="SECONDS", help="No progress this long: UNHEALTHY. [30]")
 @click.option("--max-restarts", type=int, metavar="N", help="Restarts in 5 minutes before FAILED. [5]")
 @click.option("--start-timeout", type=float, metavar="SECONDS", help="Not READY this long: FAILED. [1800]")
+@click.option("--weight-updates/--no-weight-updates", default=None,
+              help="Launch instances with weight updates on (loopback only), unless a launch says. [off]")  # fmt: skip
 @click.option("--max-running-jobs", type=int, metavar="N", help="Jobs running at once; more wait QUEUED. [4]")
 @click.option("--job-max-concurrent", type=int, metavar="N", help="A job's samples in flight, by default. [1024]")
 @click.option("--endpoint-max-num-seqs", type=int, metavar="N", help="Batch limit of --endpoints servers. [256]")

@@ -87,6 +87,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("instances", "hang_timeout_s", float, 30.0, "--hang-timeout", minimum=0.5, maximum=3600),
     Option("instances", "max_restarts", int, 5, "--max-restarts", minimum=0, maximum=1000),
     Option("instances", "start_timeout_s", float, 1800.0, "--start-timeout", minimum=1, maximum=86400),
+    Option("instances", "weight_updates", bool, False, "--weight-updates"),
     Option("jobs", "max_running", int, 4, "--max-running-jobs", minimum=1, maximum=1000),
     Option("jobs", "max_concurrent", int, 1024, "--job-max-concurrent", minimum=1, maximum=1_000_000),
     Option("jobs", "endpoint_max_num_seqs", int, 256, "--endpoint-max-num-seqs", minimum=1, maximum=100_000),
@@ -135,6 +136,7 @@ class InstanceSettings:
     hang_timeout_s: float  # counters still this long and a probe request unanswered: UNHEALTHY
     max_restarts: int  # restarts within RESTART_WINDOW_S before an instance is FAILED
     start_timeout_s: float  # not READY this long after a (re)start: FAILED
+    weight_updates: bool  # instances launched with vLLM's development routes on, unless a launch says
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,14 @@ from pathlib import Path
 
 from mvllm import __version__
 from mvllmd.config import Config
+from mvllmd.dispatch.endpoints import Endpoints
 from mvllmd.fleet import Fleet
 from mvllmd.instances.backends.choice import BackendKind
 from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.placement import device_ref
 from mvllmd.inventory import DeviceKind, Inventory, read_inventory
 from mvllmd.jobs.manager import JobManager
+from mvllmd.weights.updates import WeightUpdates
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Daemon:
     instances: InstanceManager
     jobs: JobManager
     fleet: Fleet  # every server work may go to: the instances, and the external servers (fleet.external)
+    endpoints: Endpoints  # one Endpoint per server in use, shared by the jobs and the front door
+    weights: WeightUpdates  # updates, sleep and wake of the instances with weight updates on
     listen_addresses: tuple[str, ...] = ()
     http_urls: tuple[str, ...] = ()  # the HTTP front door's, with the ports picked for port 0
     start_time: datetime = field(default_factory=lambda: datetime.now(UTC))

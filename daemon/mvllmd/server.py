@@ -23,11 +23,21 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from mvllm import __version__
-from mvllm.v1 import daemon_pb2, daemon_pb2_grpc, instance_pb2, instance_pb2_grpc, job_pb2, job_pb2_grpc
+from mvllm.v1 import (
+    daemon_pb2,
+    daemon_pb2_grpc,
+    instance_pb2,
+    instance_pb2_grpc,
+    job_pb2,
+    job_pb2_grpc,
+    weights_pb2,
+    weights_pb2_grpc,
+)
 from mvllmd.addresses import HttpAddress, TcpAddress
 from mvllmd.api.daemon_service import DaemonServicer
 from mvllmd.api.instance_service import InstanceServicer
 from mvllmd.api.job_service import JobServicer
+from mvllmd.api.weight_service import WeightServicer
 from mvllmd.config import Config
 from mvllmd.daemon import Daemon
 from mvllmd.dispatch.endpoints import Endpoints, Tuning
@@ -50,6 +60,7 @@ from mvllmd.locks import PidLock
 from mvllmd.metrics.prometheus import Metrics
 from mvllmd.notify import Notifier
 from mvllmd.overview import Overview
+from mvllmd.weights.updates import WeightUpdates
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +68,7 @@ SERVICES = (
     daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name,
     instance_pb2.DESCRIPTOR.services_by_name["InstanceService"].full_name,
     job_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    weights_pb2.DESCRIPTOR.services_by_name["WeightService"].full_name,
 )
 SERVER_OPTIONS = (
     # gRPC turns SO_REUSEPORT on by default; with it, a second daemon could bind the same TCP port.
@@ -72,9 +84,9 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ
         bound = listeners.bind(server)  # first: a bad address fails before anything is touched
         state_lock = _lock_state_dir(config)
         try:
-            endpoints = Endpoints(Tuning.of(config.jobs, door_reserve=config.http.reserve))
             metrics = Metrics()
-            daemon = await _start_up(config, notifier, under_systemd, environ, endpoints, metrics)
+            daemon = await _start_up(config, notifier, under_systemd, environ, metrics)
+            endpoints = daemon.endpoints
             daemon.listen_addresses = bound
             http = config.http
             servers = Servers(endpoints, daemon.fleet, session_idle_s=http.session_idle_s,
@@ -94,6 +106,7 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ
                 overview.close()
                 await front.close()
                 await daemon.jobs.close()
+                await daemon.weights.close()
                 await daemon.fleet.external.close()
                 await daemon.instances.close()
                 await endpoints.close()
@@ -141,12 +154,11 @@ def _measure(metrics: Metrics, daemon: Daemon, endpoints: Endpoints) -> None:
     metrics.watch_servers(endpoints.all)
 
 
-async def _start_up(  # noqa: PLR0917  (each is a part the daemon is made of)
+async def _start_up(
     config: Config,
     notifier: Notifier,
     under_systemd: bool,
     environ: Mapping[str, str],
-    endpoints: Endpoints,
     metrics: Metrics,
 ) -> Daemon:
     notifier.status("detecting the unit manager")
@@ -164,6 +176,10 @@ async def _start_up(  # noqa: PLR0917  (each is a part the daemon is made of)
         return await asyncio.to_thread(read_inventory, settings.gpu_source, settings.cpu_slots, settings.sim_gpus)
 
     instances = InstanceManager(config, _backend(manager, config, environ), fresh_inventory)
+    # One Endpoint per server for jobs and the front door; an instance's weights are shared with it.
+    endpoints = Endpoints(Tuning.of(config.jobs, door_reserve=config.http.reserve), weights_of=instances.weights_of)
+    weights = WeightUpdates(instances, endpoints)
+    weights.start()  # before the instances: a re-adopted one is told its version when it is READY
     notifier.status("re-adopting instances")
     await instances.start()
     external = _external_servers(config, instances)
@@ -175,7 +191,7 @@ async def _start_up(  # noqa: PLR0917  (each is a part the daemon is made of)
     notifier.status("resuming jobs")
     await jobs.start()
     return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd, instances=instances, jobs=jobs,
-                  fleet=fleet)  # fmt: skip
+                  fleet=fleet, endpoints=endpoints, weights=weights)  # fmt: skip
 
 
 def _external_servers(config: Config, instances: InstanceManager) -> ExternalServers:
@@ -207,6 +223,7 @@ def _add_services(server: Any, daemon: Daemon, overview: Overview | None = None)
         InstanceServicer(daemon.instances, daemon.fleet.external), server
     )
     job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(daemon.jobs), server)
+    weights_pb2_grpc.add_WeightServiceServicer_to_server(WeightServicer(daemon.weights), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

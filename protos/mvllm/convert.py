@@ -49,6 +49,7 @@ def spec_from_proto(spec: pb.JobSpec) -> JobSpec:
         overwrite=spec.overwrite,
         endpoint_api_key=spec.endpoint_api_key,
         hedge=not spec.no_hedge,
+        weight_version=spec.weight_version,
     )
 
 
@@ -81,6 +82,7 @@ def spec_to_proto(spec: JobSpec, *, with_api_key: bool = False) -> pb.JobSpec:
         overwrite=spec.overwrite,
         endpoint_api_key=spec.endpoint_api_key if with_api_key else "",
         no_hedge=not spec.hedge,
+        weight_version=spec.weight_version,
     )
 
 

@@ -93,6 +93,7 @@ class JobSpec:
     overwrite: bool = False
     endpoint_api_key: str = field(default="", repr=False)  # for the endpoints; never shown, never logged
     hedge: bool = True  # least-loaded: move or copy slow work in the tail
+    weight_version: str = ""  # only servers at this version of the weights (weights/); empty: any
 
     def to_json(self) -> str:
         """The stored form (it holds the endpoints' API key: the store is the daemon user's alone)."""
@@ -155,6 +156,15 @@ class Sample:
     error: str | None
     logprobs: list[float] | None = None
     token_ids: list[int] | None = None
+    # The versions of the weights its tokens were made with, in order (weights/): one, or more when
+    # an update in `keep` mode or a move between servers fell within it. None where the servers it
+    # ran on have no version (launched without weight updates, or external).
+    weight_versions: list[str] | None = None
+
+    @property
+    def weight_version(self) -> str | None:
+        """The version that made its last token."""
+        return self.weight_versions[-1] if self.weight_versions else None
 
 
 def extra_body_from_json(text: str) -> Any:
@@ -185,6 +195,8 @@ def validate(spec: JobSpec) -> JobSpec:
     _check_sampling(spec.sampling)
     if spec.endpoint_api_key and not spec.endpoints:
         raise InvalidSpec("--api-key is for --endpoints servers; mvllmd's instances use their own keys")
+    if spec.weight_version and spec.endpoints:
+        raise InvalidSpec("--weight-version is for mvllmd's instances: it knows no version of --endpoints servers")
     return replace(
         spec,
         policy=_member(Policy, spec.policy, "--policy"),

@@ -48,6 +48,22 @@ def test_a_sim_spec_on_simulated_gpus(tmp_path: Path) -> None:
     assert api_key(spec) == ""
 
 
+def test_a_spec_with_weight_updates_and_then_new_weights(tmp_path: Path) -> None:
+    request = LaunchRequest("/ckpt/step-0/", engine=EngineKind.SIM, weight_updates=True,
+                            engine_args=("--model-len", "9"))  # fmt: skip
+    spec = instance_spec(config(tmp_path), request, sys.executable, name="m-0", port=9000,
+                         devices=(Device(DeviceKind.SIM_GPU, 0, "sim-0", "sim"),))  # fmt: skip
+    assert spec.env == {"VLLM_SERVER_DEV_MODE": "1"}  # the development routes, on loopback only
+    assert (spec.weight_updates, spec.weights_path, spec.weight_version) == (True, "/ckpt/step-0/", "step-0")
+    moved = spec.with_weights("/ckpt/step-1", "v1")
+    assert moved.argv[moved.argv.index("--model") + 1] == "/ckpt/step-1"  # the next start loads it
+    assert moved.argv[moved.argv.index("--served-model-name") + 1] == "/ckpt/step-0/"  # clients' name stays
+    assert (moved.weights_path, moved.weight_version) == ("/ckpt/step-1", "v1")
+    plain = instance_spec(config(tmp_path), LaunchRequest("m", engine=EngineKind.SIM), sys.executable, name="p-0",
+                          port=9001, devices=(Device(DeviceKind.SIM_GPU, 1, "sim-1", "sim"),))  # fmt: skip
+    assert (plain.weight_updates, plain.weight_version, plain.env) == (False, "", {})
+
+
 @pytest.mark.parametrize(
     ("engine", "args", "expected"),
     [

@@ -20,6 +20,8 @@ from mvllmd.instances.request import LaunchRequest, validate
         (LaunchRequest("m", env={"A": "x\0"}), "--env 'A': names are"),
         (LaunchRequest("m", engine_args=("--x", "a\0")), "engine arguments cannot hold a NUL byte"),
         (LaunchRequest("m", host="example.com"), "--host 'example.com': give an IP address"),
+        (LaunchRequest("m", host="0.0.0.0", weight_updates=True), "--weight-updates needs --host on loopback"),
+        (LaunchRequest("m", host="10.1.2.3", env={"VLLM_SERVER_DEV_MODE": "1"}), "needs --host on loopback"),
     ],
 )
 def test_refused(request_: LaunchRequest, message: str) -> None:
@@ -31,3 +33,8 @@ def test_refused(request_: LaunchRequest, message: str) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "0.0.0.0", "localhost"])
 def test_accepted(host: str) -> None:
     validate(LaunchRequest("org/m", count=256, tensor_parallel_size=64, host=host, env={"_A1": ""}))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_weight_updates_on_loopback(host: str) -> None:
+    validate(LaunchRequest("org/m", host=host, weight_updates=True))

@@ -133,3 +133,22 @@ def test_a_finished_sample_outlives_the_process_through_the_journal(tmp_path: Pa
     assert table.column("error").to_pylist()[2] == "too long"
     again.close()
     assert load_done(parts, DoneMap(4, 2)) == 3
+
+
+def test_weight_versions_are_columns_and_a_part_from_before_them_reads_as_null(tmp_path: Path) -> None:
+    source = inspect(write_input(tmp_path, 2))
+    out = tmp_path / "out.parquet"
+    schema = result_schema(False, False)
+    parts = parts_dir(out)
+    parts.mkdir()
+    # A part written by a release without the weight columns (a job resumed across an upgrade).
+    old = pa.schema([f for f in schema if not f.name.startswith("weight_")])
+    row = {name: getattr(sample(0, 0), name) for name in old.names}
+    pq.write_table(pa.Table.from_pylist([row], schema=old), parts / "part-000001.parquet")
+    writer = PartWriter(parts, schema)
+    writer.add([Sample(1, 0, "r", "stop", 3, 5, "http://x", 0.1, None, None, weight_versions=["v1", "v2"])])
+    writer.close()
+    assemble(parts, out, source, schema, metadata={}, expected_rows=2)
+    table = pq.read_table(out)
+    assert table.column("weight_version").to_pylist() == [None, "v2"]
+    assert table.column("weight_versions").to_pylist() == [None, ["v1", "v2"]]

@@ -82,3 +82,32 @@ def test_a_prefix_continues_a_sample() -> None:
         [-1.0, -2.0, -3.0, -4.0],
         "http://fast",
     )
+
+
+def test_each_token_is_labelled_with_the_version_read_with_it() -> None:
+    version = ["a"]
+    stream = Stream(2, version=lambda: version[0])
+    stream.feed(event({"choices": [{"index": 0, "text": "x", "prompt_token_ids": [7], "token_ids": [1]},
+                                   {"index": 1, "text": "y", "token_ids": [2]}]}))  # fmt: skip
+    version[0] = "b"  # an update came between the two chunks (the server paused, reloaded, resumed)
+    stream.feed(event({"choices": [{"index": 0, "text": " z", "token_ids": [3], "finish_reason": "length"}]}))
+    stream.feed(event({"choices": [{"index": 1, "text": "", "token_ids": [], "finish_reason": "stop"}]}))
+    assert stream.sample(0, "http://e", Sampling(), 0, 0, 0.1).weight_versions == ["a", "b"]
+    assert stream.sample(0, "http://e", Sampling(), 0, 0, 0.1).weight_version == "b"
+    assert stream.sample(1, "http://e", Sampling(), 0, 1, 0.1).weight_versions == ["a"]  # its last chunk made nothing
+    unlabelled = Stream(1)
+    unlabelled.feed(event({"choices": [{"index": 0, "text": "x", "token_ids": [1], "finish_reason": "stop"}]}))
+    assert unlabelled.sample(0, "http://e", Sampling(), 0, 0, 0.1).weight_versions is None
+
+
+def test_a_moved_sample_keeps_the_versions_of_both_parts() -> None:
+    stream = Stream(1, version=lambda: "a")
+    stream.feed(event({"choices": [{"index": 0, "text": "one", "prompt_token_ids": [7], "token_ids": [1]}]}))
+    prefix = stream.prefix(0, started=1.0, earlier=None)
+    assert prefix is not None and prefix.versions == ("a",)
+    on_b = Sample(0, 0, " two", "stop", 2, 1, "http://b", 0.1, None, None, weight_versions=["b"])
+    on_a = Sample(0, 0, " two", "stop", 2, 1, "http://a2", 0.1, None, None, weight_versions=["a"])
+    unversioned = Sample(0, 0, " two", "stop", 2, 1, "http://x", 0.1, None, None)
+    assert prefix.join(on_b).weight_versions == ["a", "b"]
+    assert prefix.join(on_a).weight_versions == ["a"]  # one version, listed once
+    assert prefix.join(unversioned).weight_versions == ["a"]

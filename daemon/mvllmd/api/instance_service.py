@@ -90,6 +90,7 @@ def launch_from_proto(request: pb.LaunchInstancesRequest) -> LaunchRequest:
         force=request.force,
         cpu=request.cpu,
         max_num_seqs=request.max_num_seqs,
+        weight_updates=request.weight_updates if request.HasField("weight_updates") else None,
     )
 
 
@@ -114,6 +115,10 @@ def instance_to_proto(view: InstanceView) -> pb.Instance:
         unit=view.unit,
         state_since=since,
         ready_after_seconds=view.ready_after_s,
+        weight_updates=spec.weight_updates,
+        weight_version=spec.weight_version,
+        weights_path=spec.weights_path,
+        sleep_level=view.sleep_level,
     )
 
 

@@ -26,6 +26,9 @@ that job's `Lane` (flights.py). Everything here changes through methods; nothing
   Each span counts from the later of its last completion and the moment it last became busy. A
   busy server's counters move with every step, so a stall of seconds is news: a hang is found in
   about `stall_s`, not the minutes of the timeout.
+- weights (weights/state.py, its instance's, shared): the version of the weights it serves, by
+  which the tokens read from it are labelled; `held` while an update pauses it or it sleeps:
+  nothing new is sent to it (the front door's last resort aside), and it is not judged hung.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import time
 
 from mvllmd.dispatch.breaker import Breaker, Change
 from mvllmd.transport.gauges import Gauges
+from mvllmd.weights.state import Weights
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ DOOR_IDLE_S = 60.0  # the front door's reserve on a server holds this long after
 
 class Endpoint:
     def __init__(self, url: str, capacity: int, api_key: str = "", *, failures: int = 5, cooldown_s: float = 2.0,
-                 stall_s: float = STALL_S, door_reserve: float = 0.0):  # fmt: skip
+                 stall_s: float = STALL_S, door_reserve: float = 0.0, weights: Weights | None = None):  # fmt: skip
         self.url = url  # base URL, without /v1
         self.api_key = api_key
         self.capacity = capacity  # max_num_seqs: the samples it can run at once
@@ -63,6 +67,7 @@ class Endpoint:
         self.doors = 0  # the front door's models that send to it: they take no share (requests count in inflight)
         self.trips = 0  # its breaker opened (failures in a row, or a failed probe), times since it was joined
         self.hangs = 0  # it was taken out as hung, times since it was joined
+        self.weights = weights or Weights()
         self._breaker = Breaker(failures, cooldown_s)
         self._stall_s = stall_s
         self._door_reserve = door_reserve
@@ -94,8 +99,8 @@ class Endpoint:
         return self._breaker.open_until
 
     def usable(self, now: float) -> bool:
-        """Its breaker lets a request go now."""
-        return self._breaker.allows(now, busy=self.inflight > 0)
+        """Not held, and its breaker lets a request go now."""
+        return not self.weights.held and self._breaker.allows(now, busy=self.inflight > 0)
 
     def share(self) -> int:
         """The part of its limit one job may hold: an equal part of what the front door leaves."""
@@ -147,7 +152,7 @@ class Endpoint:
 
     def hung(self, now: float, timeout_s: float) -> str:
         """Why it is hung (see the module docstring), or "" when it is not."""
-        if self.inflight == 0 or self._breaker.is_open:
+        if self.inflight == 0 or self._breaker.is_open or self.weights.held:
             return ""
         waited = max(self._last_completion, self._busy_since)  # ours have waited since, none answered
         g, stall = self.gauges, self._stall_s
@@ -168,6 +173,10 @@ class Endpoint:
         self.hangs += 1
         self._breaker.take_out(now, timeout_s)
         self._last_completion = now
+
+    def released(self) -> None:
+        """Its hold ended (weights/updates.py): the pause does not count as a stall."""
+        self._last_completion = time.monotonic()
 
     def join(self, capacity: int, shares: bool = True) -> None:
         """A user starts sending to it: a job (`shares` its limit with the other jobs) or the front door."""

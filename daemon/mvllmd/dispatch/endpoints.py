@@ -23,6 +23,7 @@ from mvllmd.config import JobSettings
 from mvllmd.dispatch.endpoint import STALL_S, Endpoint
 from mvllmd.transport import http
 from mvllmd.transport.gauges import scrape
+from mvllmd.weights.state import Weights
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,13 @@ class Tuning:
 @dataclass(frozen=True)
 class Listener:
     read: Callable[[], None]  # a round of readings is in
-    hung: Callable[[Endpoint], None]  # this endpoint was taken out as hung
+    lost: Callable[[Endpoint], None]  # its requests in flight go elsewhere now: it hung, or an update aborts them
 
 
 class Endpoints:
-    def __init__(self, tuning: Tuning) -> None:
+    def __init__(self, tuning: Tuning, weights_of: Callable[[str], Weights | None] = lambda url: None) -> None:
         self.tuning = tuning
+        self._weights_of = weights_of  # a server's weights (its instance's), by URL; None: it has none
         self._by_url: dict[str, Endpoint] = {}
         self._listeners: list[Listener] = []
         self._http = http.Client()
@@ -70,7 +72,7 @@ class Endpoints:
         if endpoint is None or endpoint.api_key != api_key:
             endpoint = Endpoint(url, capacity, api_key, failures=self.tuning.breaker_failures,
                                 cooldown_s=self.tuning.breaker_cooldown_s, stall_s=self.tuning.stall_s,
-                                door_reserve=self.tuning.door_reserve)  # fmt: skip
+                                door_reserve=self.tuning.door_reserve, weights=self._weights_of(url))  # fmt: skip
             self._by_url[url] = endpoint
         endpoint.join(capacity, shares)
         if self._watch is None or self._watch.done():
@@ -89,6 +91,11 @@ class Endpoints:
     def all(self) -> list[Endpoint]:
         """Every server in use now, one Endpoint each."""
         return list(self._by_url.values())
+
+    def evacuate(self, endpoint: Endpoint) -> None:
+        """Every user sends its requests in flight on `endpoint` elsewhere, now."""
+        for listener in list(self._listeners):
+            listener.lost(endpoint)
 
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -125,8 +132,7 @@ class Endpoints:
             why = endpoint.hung(now, self.tuning.hang_timeout_s)
             if why:
                 endpoint.take_out_hung(now, self.tuning.hang_timeout_s, why)
-                for listener in list(self._listeners):
-                    listener.hung(endpoint)
+                self.evacuate(endpoint)
 
     async def _read_all(self) -> None:
         endpoints = list(self._by_url.values())

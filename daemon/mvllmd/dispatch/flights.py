@@ -42,6 +42,7 @@ class Lane:
     requests: dict[int, Flight] = field(default_factory=dict)  # in the order they were sent
     left: bool = False  # the server left (its instance stopped): nothing new goes there
     version: int = 0  # for the policy's index: bumped whenever its key may have changed
+    weight_version: str = ""  # the job's --weight-version: the server is usable only while it serves that
     door: ClassVar[bool] = False  # the front door's lane (DoorLane), not a job's
 
     @property
@@ -60,7 +61,11 @@ class Lane:
         return self.endpoint.share()
 
     def usable(self, now: float) -> bool:
-        return not self.left and self.endpoint.usable(now)
+        return (
+            not self.left
+            and (not self.weight_version or self.weight_version == self.endpoint.weights.version)
+            and self.endpoint.usable(now)
+        )
 
     def available(self, now: float) -> bool:
         """Usable, with room under this job's share."""

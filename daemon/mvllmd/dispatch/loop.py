@@ -72,7 +72,7 @@ class Dispatcher:
         self._fault: Exception | None = None  # an unexpected error in a request's task; run() raises it
         self._reindexed = 0.0
         self._http = http.Client()  # the requests' keep-alive connections
-        self._listener = Listener(self._read, self._hung)
+        self._listener = Listener(self._read, self._lost)
         self._tail: Tail | None = None
         if isinstance(self._policy, LeastLoaded):  # the end game even without hedging; moves and copies with it
             hooks = Hooks(self.lanes, self._launch, self._land, self._set_fault, self._wake.set,
@@ -139,7 +139,7 @@ class Dispatcher:
         earlier = self._lanes.get(url)
         if earlier is not None and not earlier.left:
             return
-        lane = Lane(self._endpoints.join(url, capacity, api_key))
+        lane = Lane(self._endpoints.join(url, capacity, api_key), weight_version=self._spec.weight_version)
         if earlier is not None:  # back (its instance restarted): the job's counts there go on
             lane.completed, lane.tokens = earlier.completed, earlier.tokens
         self._lanes[url] = lane
@@ -236,7 +236,10 @@ class Dispatcher:
 
     def _launch(self, work: Work, lane: Lane, hedge_of: Flight | None) -> Flight:
         flight = self._flights.open(work, lane, hedge_of)
-        if self._tail is not None and self._live > 1 and self._tail.may_move_from(lane):
+        weights = lane.endpoint.weights
+        if weights.version:  # streamed, so that each token is labelled with the version that made it
+            flight.stream = Stream(len(work.samples), lambda: self._release(flight), lambda: weights.version)
+        elif self._tail is not None and self._live > 1 and self._tail.may_move_from(lane):
             flight.stream = Stream(len(work.samples), lambda: self._release(flight))
         self._policy.changed(lane)
         flight.task = asyncio.create_task(self._fly(flight))
@@ -327,7 +330,7 @@ class Dispatcher:
         self._policy.reindex()
         self._wake.set()
 
-    def _hung(self, endpoint: Endpoint) -> None:
+    def _lost(self, endpoint: Endpoint) -> None:
         for lane in self._lanes.values():
             if lane.endpoint is endpoint:
                 self._requeue(lane)

@@ -31,7 +31,7 @@ from ssl import SSLContext
 from typing import Any
 
 from mvllm import httpd
-from mvllmd.frontdoor.proxy import Call, NoServer, Sink, forward
+from mvllmd.frontdoor.proxy import VERSION_HEADER, Call, NoServer, Sink, forward
 from mvllmd.frontdoor.servers import Servers
 from mvllmd.metrics.prometheus import CONTENT_TYPE, Metrics
 from mvllmd.transport import http
@@ -110,8 +110,8 @@ class FrontDoor:
             return refused.response
         stream_out: list[httpd.Stream] = []
 
-        async def start() -> None:
-            stream_out.append(await request.stream(STREAM_HEADERS))
+        async def start(headers: dict[str, str]) -> None:
+            stream_out.append(await request.stream({**STREAM_HEADERS, **headers}))
 
         async def write(chunk: bytes) -> None:
             await stream_out[0].write(chunk)
@@ -122,7 +122,7 @@ class FrontDoor:
             return error(503, str(exc), {"retry-after": str(RETRY_AFTER_S)})
         if stream_out:
             return stream_out[0]
-        return httpd.Response(answer.status, answer.body)
+        return httpd.Response(answer.status, answer.body, headers=answer.headers)
 
     # --- checks ------------------------------------------------------------------------------------
 
@@ -157,7 +157,8 @@ class FrontDoor:
         session = request.headers.get("x-session-id") or body.get("user") or ""
         if not isinstance(session, str):
             raise _Refused(error(400, "`user` must be a string"))
-        return Call(model, request.path, request.body, want, stream, session, body)
+        version = request.headers.get(VERSION_HEADER, "")
+        return Call(model, request.path, request.body, want, stream, session, body, version)
 
     def _model_of(self, body: dict[str, Any]) -> str:
         model = body.get("model")

@@ -30,6 +30,7 @@ from mvllmd.transport.requests import RETRYABLE_STATUS, bearer, ends_whole
 MAX_ATTEMPTS = 4  # servers tried for one request (or one continuation), in all
 BACKOFF_S = 0.05  # before the second attempt; doubled for each one after
 COMPLETIONS = "/v1/completions"
+VERSION_HEADER = "x-mvllm-weight-version"  # a request's pins it to servers at that version; an answer's says it
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,14 @@ class Call:
     stream: bool
     session: str = ""  # X-Session-ID, or the body's `user`: sticky least-loaded (servers.py)
     fields: dict[str, Any] = field(default_factory=dict)  # the body, parsed
+    weight_version: str = ""  # X-Mvllm-Weight-Version: only servers at that version
 
 
 @dataclass(frozen=True)
 class Answer:
     status: int
     body: bytes  # empty for a streamed answer, which went to the sink
+    headers: dict[str, str] = field(default_factory=dict)  # X-Mvllm-Weight-Version, from a server that has one
 
 
 class NoServer(Exception):
@@ -54,9 +57,12 @@ class NoServer(Exception):
 
 
 class Sink:
-    """Where a streamed answer goes: `start` once, before the first chunk; then `write` each chunk."""
+    """Where a streamed answer goes: `start` once, with the answer's own headers, before the first chunk;
+    then `write` each chunk."""
 
-    def __init__(self, start: Callable[[], Awaitable[None]], write: Callable[[bytes], Awaitable[None]]) -> None:
+    def __init__(
+        self, start: Callable[[dict[str, str]], Awaitable[None]], write: Callable[[bytes], Awaitable[None]]
+    ) -> None:
         self.start, self.write = start, write
         self.started = False
 
@@ -93,6 +99,7 @@ class _Forward:
         self.started = time.monotonic()
         self.first_byte: float | None = None
         self.server = ""  # the last that answered
+        self.version = ""  # the version of the weights of the server tried last
 
     async def send(self, up: _Upstream) -> http.Response:
         """Send to a server of the model, and to another while it fails before its answer begins; raise
@@ -103,9 +110,8 @@ class _Forward:
                 self.events.door_retry(call.model)
                 await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1))
             avoid = frozenset(self.tried)
-            lane = self.servers.pick(call.model, up.want, avoid, call.session) or self.servers.pick(
-                call.model, up.want, session=call.session
-            )
+            lane = self.servers.pick(call.model, up.want, avoid, call.session, call.weight_version)
+            lane = lane or self.servers.pick(call.model, up.want, session=call.session, version=call.weight_version)
             if lane is None:
                 break
             try:
@@ -115,9 +121,15 @@ class _Forward:
                 last = str(exc)
                 if up.begun:
                     raise _Cut(last) from None
-        raise NoServer(f"no server of {call.model} could take the request" + (f" (last: {last})" if last else ""))
+        at = f" at weight version {call.weight_version}" if call.weight_version else ""
+        raise NoServer(f"no server of {call.model}{at} could take the request" + (f" (last: {last})" if last else ""))
+
+    def headers(self) -> dict[str, str]:
+        """The answer's own headers: the version of the weights of the server that answered."""
+        return {VERSION_HEADER: self.version} if self.version else {}
 
     async def _once(self, lane: Lane, up: _Upstream) -> http.Response:
+        self.version = lane.endpoint.weights.version
         flight = self.servers.send(self.call.model, lane, up.want)
         out = self.servers.watch(flight)
         ok: bool | None = None
@@ -153,7 +165,7 @@ async def forward(servers: Servers, client: http.Client, call: Call, sink: Sink,
             answer = await _streamed(door, Relay(call.path, call.fields, sink.write), sink)
         else:
             response = await door.send(_Upstream(call.path, call.body, call.want, None))
-            answer = Answer(response.status, response.body)
+            answer = Answer(response.status, response.body, door.headers())
         status = answer.status
         return answer
     except NoServer:
@@ -167,7 +179,7 @@ async def _streamed(door: _Forward, relay: Relay, sink: Sink) -> Answer:
     async def on_data(chunk: bytes) -> None:
         if not sink.started:
             sink.started = True
-            await sink.start()
+            await sink.start(door.headers())
         await relay.original(chunk)
 
     original = _Upstream(door.call.path, relay.body(door.call.body), door.call.want, on_data)

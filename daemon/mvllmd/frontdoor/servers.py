@@ -13,6 +13,10 @@ gone, or would take more than `sticky_factor` times as long as the least-loaded 
 speed, counting the request); then the session moves there. A session unused for `session_idle_s` is
 forgotten. Pure hashing fails the other way: one saturated server keeps its sessions while others idle.
 
+Weights (weights/): a request that names a version (X-Mvllm-Weight-Version) goes only to a server
+at that version. A server paused for an update is used only when no other can be: the request waits
+in its queue, and runs on the new weights once the update ends.
+
 Which servers: the daemon's READY servers (fleet.py: its instances and the external servers attached to
 it), by served model name, followed through the fleet's changes; a server that leaves (stopped, failed,
 UNHEALTHY, detached) is left at once. Its requests in flight go elsewhere at once (`watch`: proxy.py
@@ -56,6 +60,10 @@ class _Model:
     opened: int = 0  # sessions opened since the last sweep
 
 
+def _updating(lane: Lane) -> bool:
+    return not lane.left and lane.endpoint.weights.updating
+
+
 class Servers:
     def __init__(self, endpoints: Endpoints, fleet: Fleet, *,
                  session_idle_s: float = DEFAULTS["http.session_idle_s"],
@@ -67,7 +75,7 @@ class Servers:
         self._models: dict[str, _Model] = {}
         self._changes = fleet.subscribe()
         self._watched: dict[Flight, asyncio.Future[None]] = {}  # requests in flight -> set when their server goes
-        self._listener = Listener(read=self._read, hung=self._hung)
+        self._listener = Listener(read=self._read, lost=self._lost)
         endpoints.listen(self._listener)
         self._follow: asyncio.Task[None] | None = None
         self.sync()
@@ -138,8 +146,8 @@ class Servers:
         for model in self._models.values():
             model.policy.reindex()
 
-    def _hung(self, endpoint: Endpoint) -> None:
-        """The table took `endpoint` out as hung: its requests go elsewhere now."""
+    def _lost(self, endpoint: Endpoint) -> None:
+        """`endpoint` hung, or an update aborts its requests: they go elsewhere now."""
         self._release(lambda flight: flight.endpoint is endpoint)
 
     def _release(self, which: Callable[[Flight], bool]) -> None:
@@ -156,15 +164,20 @@ class Servers:
 
     # --- requests ----------------------------------------------------------------------------------
 
-    def pick(self, model: str, want: int, avoid: frozenset[str] = frozenset(), session: str = "") -> Lane | None:
+    def pick(
+        self, model: str, want: int, avoid: frozenset[str] = frozenset(), session: str = "", version: str = ""
+    ) -> Lane | None:
         """The server for a request of `want` choices: the session's (see the module docstring), else the
         least-loaded usable one with room, not in `avoid` (URLs already tried), else the least-loaded
         usable one, room or not (a front-door request waits in the server's queue rather than be
-        refused); None when none is usable."""
+        refused), else one paused for an update (it runs once the update ends); None when there is none.
+        With `version`, only a server at that version of the weights."""
         found = self._models.get(model)
         if found is None:
             return None
         now = time.monotonic()
+        if version:
+            return self._pinned(found, want, now, avoid, version)
         best = self._least_loaded(found, want, now, avoid)
         if not session:
             return best
@@ -184,7 +197,15 @@ class Servers:
         if lane is not None:
             return lane
         usable = [lane for url, lane in found.lanes.items() if url not in avoid and lane.usable(now)]
+        usable = usable or [lane for url, lane in found.lanes.items() if url not in avoid and _updating(lane)]
         return min(usable, key=lambda lane: found.policy.value(lane, want), default=None)
+
+    def _pinned(self, found: _Model, want: int, now: float, avoid: frozenset[str], version: str) -> Lane | None:
+        """The least-loaded server at `version` (X-Mvllm-Weight-Version), one not tried first."""
+        at = [lane for lane in found.lanes.values() if lane.endpoint.weights.version == version]
+        usable = [lane for lane in at if lane.usable(now)] or [lane for lane in at if _updating(lane)]
+        fresh = [lane for lane in usable if lane.url not in avoid] or usable
+        return min(fresh, key=lambda lane: found.policy.value(lane, want), default=None)
 
     def _sticky(self, found: _Model, session: str, now: float, avoid: frozenset[str]) -> Lane | None:
         """The session's server, if it has one, still there and usable, and the session is not idle."""

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 from mvllmd.config import Config, EngineSettings
 from mvllmd.errors import InvalidRequest
 from mvllmd.instances.placement import device_ref
-from mvllmd.instances.request import LaunchRequest
+from mvllmd.instances.request import DEV_MODE_ENV, LaunchRequest
 from mvllmd.instances.spec import EngineKind, InstanceSpec, log_path
 from mvllmd.inventory import Device, DeviceKind
 
@@ -54,7 +55,16 @@ def instance_spec(
         max_num_seqs=request.max_num_seqs or max_num_seqs(request.engine, request.engine_args),
         hf_token_file=str(config.engine.hf_token_file or ""),
         launched_at=time.time(),
+        weight_updates=bool(request.weight_updates),
+        weights_path=request.model if request.weight_updates else "",
+        weight_version=first_version(request.model) if request.weight_updates else "",
     )
+
+
+def first_version(model: str) -> str:
+    """The version of the weights an instance is launched with: the model path's last part, as an
+    update's version defaults to its path's (weights/)."""
+    return Path(model.rstrip("/")).name or model
 
 
 def engine_argv(request: LaunchRequest, python: str, port: int) -> list[str]:
@@ -74,6 +84,8 @@ def engine_env(request: LaunchRequest, devices: tuple[Device, ...], settings: En
     if devices[0].kind is DeviceKind.GPU:
         indexes = ",".join(str(d.index) for d in devices)
         env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=indexes)  # NVML's numbering
+    if request.weight_updates:
+        env[DEV_MODE_ENV] = "1"  # vLLM's development routes: /pause, /collective_rpc, /sleep, ...
     if settings.hf_home:
         env.setdefault("HF_HOME", str(settings.hf_home))
     return env

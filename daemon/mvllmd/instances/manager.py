@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 from mvllmd.config import Config
 from mvllmd.errors import InvalidRequest, NotFound, UnitError
@@ -26,6 +27,7 @@ from mvllmd.instances.spec import InstanceSpec, InstanceState, log_path, read_sp
 from mvllmd.instances.state import LIVE, Events, Instance, InstanceEvent, InstanceView
 from mvllmd.instances.supervision import Monitor
 from mvllmd.inventory import Inventory
+from mvllmd.weights.state import Weights
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,37 @@ class InstanceManager:
         ready = [i for i in self._instances.values() if i.state in wanted]
         return [(i.view(), i.api_key) for i in sorted(ready, key=lambda i: i.name)]
 
+    def of_model(self, model: str) -> list[Instance]:
+        """The live instances that serve `model` (their served name, or the model they were launched
+        with), by name. For the weights' updates, which change them (`set_weights`)."""
+        found = [
+            i for i in self._instances.values() if i.state in LIVE and model in (i.spec.served_model_name, i.spec.model)
+        ]
+        return sorted(found, key=lambda i: i.name)
+
+    def instance(self, name: str) -> Instance | None:
+        return self._instances.get(name)
+
+    def weights_of(self, url: str) -> Weights | None:
+        """The weights of the instance at `url` (shared: dispatch/endpoints.py holds them by reference)."""
+        for inst in self._instances.values():
+            if inst.spec.url == url:
+                return inst.weights
+        return None
+
+    def set_weights(self, inst: Instance, path: str, version: str) -> None:
+        """From now on the instance serves `version`, and loads `path` when it starts again (its spec,
+        written first: a restart of mvllmd or of the engine brings the new weights back)."""
+        spec = inst.spec.with_weights(path, version)
+        write_spec(self._state_dir, spec)
+        inst.spec = spec
+        inst.weights.version = version
+        self._events.publish(inst, inst.state)
+
+    async def restart(self, inst: Instance) -> None:
+        """Kill its engine: the monitor starts it again from its spec (backoff and budget as for a crash)."""
+        await self._backend.kill(inst.name)
+
     def subscribe(self) -> asyncio.Queue[InstanceEvent]:
         return self._events.subscribe()
 
@@ -99,6 +132,8 @@ class InstanceManager:
     # --- launch ---------------------------------------------------------------------------------
 
     async def launch(self, request: LaunchRequest) -> list[InstanceView]:
+        if request.weight_updates is None:
+            request = replace(request, weight_updates=self._config.instances.weight_updates)
         python = engine_python(self._config.engine, request.engine)
         validate(request)
         async with self._lock:

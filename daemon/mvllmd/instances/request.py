@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from mvllmd.errors import InvalidRequest
 from mvllmd.instances.spec import EngineKind
 
+DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"  # vLLM's development and RL routes, with no authentication
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -28,6 +29,7 @@ class LaunchRequest:
     force: bool = False
     cpu: bool = False
     max_num_seqs: int = 0
+    weight_updates: bool | None = None  # vLLM's development routes on (weights/), loopback only; None: config's
 
 
 def validate(request: LaunchRequest) -> None:
@@ -43,12 +45,22 @@ def validate(request: LaunchRequest) -> None:
     if any("\0" in arg for arg in request.engine_args):
         raise InvalidRequest("engine arguments cannot hold a NUL byte")
     _validate_host(request.host)
+    dev_mode = request.weight_updates or request.env.get(DEV_MODE_ENV, "0") not in {"", "0"}
+    if dev_mode and not _loopback(request.host):
+        raise InvalidRequest(
+            f"--weight-updates needs --host on loopback, not {request.host}: vLLM's weight-update routes "
+            "(/pause, /collective_rpc, /sleep) answer anyone who reaches the port, without the API key"
+        )
 
 
 def _validate_env(env: dict[str, str]) -> None:
     for key, value in env.items():
         if not ENV_NAME.fullmatch(key) or "\0" in value:
             raise InvalidRequest(f"--env {key!r}: names are [A-Za-z_][A-Za-z0-9_]* and values hold no NUL")
+
+
+def _loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
 def _validate_host(host: str) -> None:

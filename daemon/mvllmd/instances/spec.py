@@ -14,7 +14,7 @@ import enum
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,25 @@ class InstanceSpec:
     max_num_seqs: int = 0
     hf_token_file: str = ""  # the launcher reads it into HF_TOKEN; the token itself is never stored here
     launched_at: float = 0.0
+    # Weight updates (weights/): the engine runs with vLLM's development routes on, bound to loopback.
+    # `weights_path` is what it loads at its next start (`--model` in argv), `weight_version` the
+    # version mvllmd gave those weights: both change with each update, so a restart brings them back.
+    weight_updates: bool = False
+    weights_path: str = ""
+    weight_version: str = ""
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    def with_weights(self, path: str, version: str) -> InstanceSpec:
+        """The spec of this instance on other weights: its engine starts from `path` (its `--model`;
+        the served model name stays), and they are `version`."""
+        argv = list(self.argv)
+        at = argv.index("--model") + 1  # engines.engine_argv puts it before any engine argument
+        argv[at] = path
+        return replace(self, argv=tuple(argv), weights_path=path, weight_version=version)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

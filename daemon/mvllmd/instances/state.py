@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from mvllmd.instances.spec import InstanceSpec, InstanceState
+from mvllmd.weights.state import Weights
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class InstanceView:
     message: str
     unit: str
     ready_after_s: float
+    sleep_level: int = 0
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class Instance:
     started: float = field(default_factory=time.monotonic)  # launch, for ready_after_s
     started_round: float = field(default_factory=time.monotonic)  # this (re)start, for the start deadline
     monitor: asyncio.Task[None] | None = None
+    weights: Weights = field(default_factory=Weights)
+
+    def __post_init__(self) -> None:
+        self.weights.version = self.spec.weight_version
 
     @property
     def name(self) -> str:
@@ -75,6 +81,7 @@ class Instance:
             message=self.message,
             unit=self.unit,
             ready_after_s=self.ready_after_s,
+            sleep_level=self.weights.sleep_level,
         )
 
 

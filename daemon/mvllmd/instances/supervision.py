@@ -7,6 +7,7 @@
 - an engine that exits after it was READY is started again, with backoff, up to `max_restarts` times
   in RESTART_WINDOW_S, then FAILED;
 - an engine UNHEALTHY for longer than `hang_timeout_s` is killed and started again, on the same budget;
+  one held on purpose (its weights are being updated, or it sleeps) is not judged by its progress;
 - an engine stopped outside mvllmd (`systemctl stop mvllm-instances.target`) is forgotten.
 """
 
@@ -102,8 +103,10 @@ class Monitor:
         if inst.state in STARTING:
             await self._starting(ok, why)
             return True
-        if ok:
+        if ok and not inst.weights.held:  # held: paused on purpose (an update, a sleep), making nothing
             ok, why = await self._progressing(prober)
+        elif ok:
+            self._progress.made()
         await self._judge(ok, why)
         return True
 

@@ -65,6 +65,8 @@ BASE_FIELDS = [
     pa.field("latency_s", pa.float64()),
     pa.field("seed", pa.int64()),
     pa.field("error", pa.string()),
+    pa.field("weight_version", pa.string()),  # null where the servers have no version (Sample)
+    pa.field("weight_versions", pa.list_(pa.string())),
 ]
 
 
@@ -205,8 +207,7 @@ class PartWriter:
         if not self._rows:
             return
         rows = sorted(self._rows, key=lambda r: (r.prompt_index, r.sample_index))
-        names = self._schema.names
-        columns = {f.name: [getattr(r, f.name) for r in rows] for f in fields(Sample) if f.name in names}
+        columns = {name: [getattr(r, name) for r in rows] for name in self._schema.names}
         table = pa.Table.from_pydict(columns, schema=self._schema)
         path = self._dir / f"part-{self._next:06d}.parquet"
         try:
@@ -383,7 +384,11 @@ def _first_of_each_key(keys: Any, previous: int) -> pa.Array | None:
 
 class _RunCursor:
     def __init__(self, path: Path, schema: pa.Schema, batch_rows: int) -> None:
-        self._batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=schema.names)
+        file = pq.ParquetFile(path)
+        # A part written before a column existed (weight_version came later) has it null.
+        has = set(file.schema_arrow.names)
+        self._missing = [f for f in schema if f.name not in has]
+        self._batches = file.iter_batches(batch_size=batch_rows, columns=[n for n in schema.names if n in has])
         self._schema = schema
         self._buffer: pa.Table | None = None
 
@@ -392,7 +397,10 @@ class _RunCursor:
             batch = next(self._batches, None)
             if batch is None:
                 return False
-            self._buffer = pa.Table.from_batches([batch]).cast(self._schema)
+            table = pa.Table.from_batches([batch])
+            for f in self._missing:
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+            self._buffer = table.select(self._schema.names).cast(self._schema)
         return True
 
     def last_key(self) -> int:

@@ -65,15 +65,24 @@ class Partial:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    versions: list[str] = field(default_factory=list)  # the weights' versions its tokens came from, in order
 
 
 class Stream:
     """A streamed answer as it comes (`feed` gets the body's bytes): each choice's text, token ids,
-    logprobs and finish reason, the prompt's token ids, and the usage."""
+    logprobs and finish reason, the prompt's token ids, and the usage.
 
-    def __init__(self, n: int, on_finish: Callable[[], None] = lambda: None) -> None:
+    With `version`, the version of the server's weights now (weights/): each chunk's tokens are
+    counted as that version's when they are read. An update resumes the server only after its
+    pause, reload and version calls have gone and come back, and a pause answers once the tokens
+    made before it are on their way: those are read before the server makes another."""
+
+    def __init__(
+        self, n: int, on_finish: Callable[[], None] = lambda: None, version: Callable[[], str] | None = None
+    ) -> None:
         self.choices = [Partial() for _ in range(n)]
         self._on_finish = on_finish  # called as each choice finishes
+        self._version = version
         self.prompt_token_ids: list[int] | None = None
         self.usage: dict[str, Any] = {}
         self.done = False  # [DONE] came
@@ -114,6 +123,10 @@ class Stream:
             if text is None:
                 text = (choice.get("delta") or {}).get("content")
             partial.text.append(text or "")
+            if self._version is not None and (text or choice.get("token_ids")):
+                version = self._version()
+                if not partial.versions or partial.versions[-1] != version:
+                    partial.versions.append(version)
             if isinstance(choice.get("prompt_token_ids"), list) and self.prompt_token_ids is None:
                 self.prompt_token_ids = choice["prompt_token_ids"]  # completions: on a choice's first chunk
             partial.token_ids.extend(choice.get("token_ids") or ())
@@ -157,6 +170,7 @@ class Stream:
             error=None,
             logprobs=list(c.logprobs) if sampling.logprobs is not None else None,
             token_ids=list(c.token_ids) if sampling.return_token_ids else None,
+            weight_versions=list(c.versions) or None,
         )
 
     def prefix(self, i: int, started: float, earlier: Prefix | None) -> Prefix | None:
@@ -166,11 +180,12 @@ class Stream:
         if not c.token_ids or self.prompt_token_ids is None:
             return None
         made = Prefix(tuple(self.prompt_token_ids), tuple(c.token_ids), "".join(c.text), tuple(c.logprobs),
-                      len(self.prompt_token_ids), started)  # fmt: skip
+                      len(self.prompt_token_ids), started, tuple(c.versions))  # fmt: skip
         if earlier is None:
             return made
         return Prefix(earlier.prompt_token_ids, earlier.token_ids + made.token_ids, earlier.text + made.text,
-                      earlier.logprobs + made.logprobs, earlier.prompt_tokens, earlier.started)  # fmt: skip
+                      earlier.logprobs + made.logprobs, earlier.prompt_tokens, earlier.started,
+                      spanned(earlier.versions, made.versions))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -183,6 +198,7 @@ class Prefix:
     logprobs: tuple[float, ...]
     prompt_tokens: int
     started: float  # when the sample was first sent
+    versions: tuple[str, ...] = ()  # the weights' versions of its tokens, in order
 
     def prompt(self) -> list[int]:
         return [*self.prompt_token_ids, *self.token_ids]
@@ -203,7 +219,16 @@ class Prefix:
             error=None,
             logprobs=None if rest.logprobs is None else [*self.logprobs, *rest.logprobs],
             token_ids=None if rest.token_ids is None else [*self.token_ids, *rest.token_ids],
+            weight_versions=list(spanned(self.versions, rest.weight_versions or ())) or None,
         )
+
+
+def spanned(first: Sequence[str], then: Sequence[str]) -> tuple[str, ...]:
+    """The versions of two runs of tokens, one after the other: a version the second starts with is
+    not listed twice."""
+    if first and then and first[-1] == then[0]:
+        return (*first, *then[1:])
+    return (*first, *then)
 
 
 def samples(  # noqa: PLR0917  (as Stream.sample)

@@ -37,7 +37,7 @@ ENGINE_KIND_VLLM: EngineKind
 ENGINE_KIND_SIM: EngineKind
 
 class Instance(_message.Message):
-    __slots__ = ("name", "state", "url", "model", "engine", "devices", "port", "host", "tensor_parallel_size", "pid", "max_num_seqs", "restarts", "message", "unit", "state_since", "ready_after_seconds")
+    __slots__ = ("name", "state", "url", "model", "engine", "devices", "port", "host", "tensor_parallel_size", "pid", "max_num_seqs", "restarts", "message", "unit", "state_since", "ready_after_seconds", "weight_updates", "weight_version", "weights_path", "sleep_level")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,10 @@ class Instance(_message.Message):
     UNIT_FIELD_NUMBER: _ClassVar[int]
     STATE_SINCE_FIELD_NUMBER: _ClassVar[int]
     READY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_PATH_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_LEVEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: InstanceState
     url: str
@@ -70,10 +74,14 @@ class Instance(_message.Message):
     unit: str
     state_since: _timestamp_pb2.Timestamp
     ready_after_seconds: float
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., url: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., devices: _Optional[_Iterable[str]] = ..., port: _Optional[int] = ..., host: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pid: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ..., unit: _Optional[str] = ..., state_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_after_seconds: _Optional[float] = ...) -> None: ...
+    weight_updates: bool
+    weight_version: str
+    weights_path: str
+    sleep_level: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., url: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., devices: _Optional[_Iterable[str]] = ..., port: _Optional[int] = ..., host: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pid: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ..., unit: _Optional[str] = ..., state_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_after_seconds: _Optional[float] = ..., weight_updates: _Optional[bool] = ..., weight_version: _Optional[str] = ..., weights_path: _Optional[str] = ..., sleep_level: _Optional[int] = ...) -> None: ...
 
 class LaunchInstancesRequest(_message.Message):
-    __slots__ = ("model", "count", "tensor_parallel_size", "engine", "devices", "port_base", "host", "env", "engine_args", "name_prefix", "api_key", "force", "cpu", "max_num_seqs")
+    __slots__ = ("model", "count", "tensor_parallel_size", "engine", "devices", "port_base", "host", "env", "engine_args", "name_prefix", "api_key", "force", "cpu", "max_num_seqs", "weight_updates")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +103,7 @@ class LaunchInstancesRequest(_message.Message):
     FORCE_FIELD_NUMBER: _ClassVar[int]
     CPU_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_UPDATES_FIELD_NUMBER: _ClassVar[int]
     model: str
     count: int
     tensor_parallel_size: int
@@ -109,7 +118,8 @@ class LaunchInstancesRequest(_message.Message):
     force: bool
     cpu: bool
     max_num_seqs: int
-    def __init__(self, model: _Optional[str] = ..., count: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., devices: _Optional[str] = ..., port_base: _Optional[int] = ..., host: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., engine_args: _Optional[_Iterable[str]] = ..., name_prefix: _Optional[str] = ..., api_key: _Optional[str] = ..., force: _Optional[bool] = ..., cpu: _Optional[bool] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    weight_updates: bool
+    def __init__(self, model: _Optional[str] = ..., count: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., devices: _Optional[str] = ..., port_base: _Optional[int] = ..., host: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., engine_args: _Optional[_Iterable[str]] = ..., name_prefix: _Optional[str] = ..., api_key: _Optional[str] = ..., force: _Optional[bool] = ..., cpu: _Optional[bool] = ..., max_num_seqs: _Optional[int] = ..., weight_updates: _Optional[bool] = ...) -> None: ...
 
 class LaunchInstancesResponse(_message.Message):
     __slots__ = ("instances",)

@@ -1,0 +1,1 @@
+"""Weight updates, sleep and wake of the instances launched with weight updates on."""
