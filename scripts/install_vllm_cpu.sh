@@ -29,4 +29,12 @@ if [ ! -f "$dir/.model-done" ]; then
   "$dir/venv/bin/python" "$here/make_tiny_model.py" "$dir/tiny-qwen2"
   touch "$dir/.model-done"
 fi
+
+if [ ! -f "$dir/.model-b-done" ]; then
+  # The same model with other weights: the checkpoint that weight updates load in the tests.
+  echo "building its second checkpoint in $dir/tiny-qwen2-b" >&2
+  rm -rf "$dir/tiny-qwen2-b"
+  "$dir/venv/bin/python" "$here/make_tiny_model.py" "$dir/tiny-qwen2-b" --seed 1
+  touch "$dir/.model-b-done"
+fi
 echo "$dir"

