@@ -1,5 +1,6 @@
 """`mvllm-sim`: a vLLM stand-in. It takes vLLM's server arguments, so mvllmd launches it as it
-launches vLLM, plus its own timing, length and fault options. See `mvllm-sim --help`.
+launches vLLM, plus its own timing, length and fault options, and reads vLLM's VLLM_API_KEY and
+VLLM_SERVER_DEV_MODE from the environment. See `mvllm-sim --help`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import uvloop
 
 from mvllm_sim.faults import ERROR_STATUSES, FaultConfig
-from mvllm_sim.profiles import ProfileError, load_profiles, step_model
+from mvllm_sim.profiles import ProfileError, load_profiles, reload_seconds, step_model
 from mvllm_sim.server import SimConfig, SimServer
 from mvllm_sim.text import LengthModel
+from mvllm_sim.weights import fingerprint, is_model_checkpoint
 
 log = logging.getLogger("mvllm_sim")
 
@@ -27,6 +29,14 @@ Timing: each engine step advances a simulated clock by the profile's step time; 
 simulated time x --time-scale in wall time (0: no waiting at all). /metrics reports simulated seconds.
 
 Faults, per request, with the header X-Mvllm-Fault: crash | hang | drop | drop-after=K | status=CODE.
+
+Weights: a --model that is a directory with a config.json is a checkpoint; its fingerprint (a hash
+of its files) tags every word the server writes, and /collective_rpc reload_weights swaps it, so a
+client can tell from the text which weights made each token (mvllm_sim.weights; weights_tag in
+mvllm_sim.text reads a word's tag).
+With VLLM_SERVER_DEV_MODE=1, as vLLM, the development routes are served (without the API key):
+/pause?mode=abort|wait|keep, /resume, /is_paused, /sleep?level=0|1|2, /wake_up, /is_sleeping,
+/collective_rpc (reload_weights), /update_weight_version, /weight_info, /reset_prefix_cache.
 
 Example: mvllm-sim --model meta-llama/Llama-3.1-8B-Instruct --port 8001 --tensor-parallel-size 2 --time-scale 0.1
 """
@@ -57,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-tokens", type=int, help="KV cache capacity in tokens. [the profile's, for the TP size]")
     s.add_argument("--output-len-mu", type=float, default=5.3, help="Log-normal output length: log median. [5.3]")
     s.add_argument("--output-len-sigma", type=float, default=0.8, help="Log-normal output length: spread. [0.8]")
+    s.add_argument("--reload-s", type=float, metavar="SECONDS",
+                   help="Simulated time a weights reload takes. [the profile's: 3.2 for h100-8b]")  # fmt: skip
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     f = p.add_argument_group("faults")
     f.add_argument("--crash-after-requests", type=int, metavar="K", help="Exit (status 70) when request K+1 arrives.")
@@ -77,7 +89,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from(args: argparse.Namespace) -> SimConfig:
+def config_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> SimConfig:
+    """The server's configuration from its flags and `env` (VLLM_SERVER_DEV_MODE, read as vLLM reads it:
+    an integer, true unless 0). Fingerprints --model when it is a checkpoint. Raises ValueError."""
     model = step_model(args.profile, args.tensor_parallel_size, args.speed)
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_tokens"):
         value = getattr(args, name)
@@ -88,6 +102,11 @@ def config_from(args: argparse.Namespace) -> SimConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1")
     if args.time_scale < 0 or args.speed <= 0:
         raise ValueError("--time-scale must be >= 0 and --speed > 0")
+    if args.reload_s is not None and args.reload_s < 0:
+        raise ValueError("--reload-s must be >= 0")
+    dev_mode = env.get("VLLM_SERVER_DEV_MODE", "0")
+    if not dev_mode.strip().lstrip("+-").isdigit():
+        raise ValueError(f"VLLM_SERVER_DEV_MODE must be an integer (0: off), not {dev_mode!r}")
     max_model_len = args.max_model_len or model.max_model_len
     kv_tokens = args.kv_tokens or model.kv_tokens
     if max_model_len > kv_tokens:  # vLLM refuses to start in this case too
@@ -114,6 +133,9 @@ def config_from(args: argparse.Namespace) -> SimConfig:
             fault_seed=args.fault_seed,
         ),
         api_key=args.api_key,
+        dev_mode=int(dev_mode) != 0,
+        reload_s=reload_seconds(args.profile) if args.reload_s is None else args.reload_s,
+        fingerprint=fingerprint(args.model) if is_model_checkpoint(args.model) else None,
     )
 
 

@@ -16,6 +16,10 @@ of the prompt's KV. Blocks of finished requests stay cached until their space is
 
 Cost per step does not grow with the batch: a global decode counter advances all decoding
 sequences at once, and a heap yields the ones that finish.
+
+Pausing, as vLLM's scheduler pause states: "paused_new" admits nothing from the queue (requests
+already running go on, so they drain), "paused_all" schedules nothing at all (running requests keep
+their place and their KV, and go on where they were once unpaused).
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mvllm_sim.profiles import StepModel
 
 BLOCK = 16
+PauseState = Literal["unpaused", "paused_new", "paused_all"]
 
 
 @dataclass(eq=False)
@@ -87,6 +93,7 @@ class Engine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kv_capacity = kv_tokens
         self.now = 0.0
+        self.pause: PauseState = "unpaused"
         self.counters = Counters()
         self.on_finish: Callable[[SimRequest], None] = lambda req: None
         self.on_progress: Callable[[SimRequest], None] = lambda req: None
@@ -122,7 +129,10 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self._running and not self._waiting
+        """Nothing to step: no request, or none that the pause lets run."""
+        if self.pause == "paused_all":
+            return True
+        return not self._running and (self.pause == "paused_new" or not self._waiting)
 
     def generated_now(self, req: SimRequest, choice: int) -> int:
         """Tokens choice `choice` of `req` has generated so far."""
@@ -153,10 +163,24 @@ class Engine:
             self._release(req)
         req.state = "aborted"
 
+    def reset_prefix_cache(self, reset_running: bool = False) -> bool:
+        """Forget every cached prefix, as vLLM's: with `reset_running`, the running requests are first
+        preempted (recomputed when they run again; the oldest stays first in the queue); without, the
+        reset fails (False) while a running request holds KV."""
+        if reset_running:
+            for req in reversed(list(self._running.values())):
+                self._preempt(req)
+        if self._running:
+            return False
+        self._cached_free.clear()
+        return True
+
     # --- the step -------------------------------------------------------------------------------
 
     def step(self) -> float | None:
         """Run one engine step; return its simulated duration, or None when there is nothing to do."""
+        if self.pause == "paused_all":
+            return None
         self._make_room_for_decode()
         budget = self.max_num_batched_tokens - self._n_decoding
         prefill_tokens, prefilled = self._schedule_prefill(budget)
@@ -192,7 +216,8 @@ class Engine:
             budget -= chunk
             total += chunk
             touched.append(req)
-        while budget > 0 and self._waiting and self._can_admit(self._waiting[0]):
+        admitting = self.pause == "unpaused"
+        while admitting and budget > 0 and self._waiting and self._can_admit(self._waiting[0]):
             req = self._waiting.popleft()
             self._admit(req)
             chunk = min(req.prefill_left, budget)

@@ -12,6 +12,10 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
                    480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 
 
+SLEEP_STATE_HELP = ("Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; "
+                    "weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.")  # fmt: skip
+
+
 @dataclass
 class Histogram:
     buckets: tuple[float, ...]
@@ -47,9 +51,10 @@ class Metrics:
     queue_time: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
 
-    def render(self, engine: Engine, frozen: tuple[int, int] | None = None) -> str:
-        """The exposition text. A hung engine's running and waiting gauges stay `frozen` as they were
-        when it hung, as vLLM's do while its worker is stopped (they are published at each step)."""
+    def render(self, engine: Engine, frozen: tuple[int, int] | None = None, sleep: tuple[int, int] = (0, 0)) -> str:
+        """The exposition text. The running and waiting gauges of an engine that steps no more (hung,
+        or paused) stay `frozen` as they were when it stopped, as vLLM's do (they are published at
+        each step). `sleep`: (asleep, level) as the last /sleep or /wake_up left them."""
         labels = f'engine="0",model_name="{_escape(self.model_name)}"'
         c = engine.counters
         lines: list[str] = []
@@ -95,6 +100,11 @@ class Metrics:
             ("vllm:request_queue_time_seconds", self.queue_time, "Time spent waiting, before the batch (simulated)."),
         ):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram", *hist.lines(name, labels)]
+        lines += [f"# HELP vllm:engine_sleep_state {SLEEP_STATE_HELP}", "# TYPE vllm:engine_sleep_state gauge"]
+        asleep, level = sleep
+        states = {"awake": 1 - asleep, "weights_offloaded": int(asleep and level == 1),
+                  "discard_all": int(asleep and level == 2)}  # fmt: skip
+        lines += [f'vllm:engine_sleep_state{{{labels},sleep_state="{s}"}} {float(v)}' for s, v in states.items()]
         metric(
             "mvllm_sim:simulated_seconds",
             "gauge",

@@ -46,13 +46,23 @@ def load_profiles() -> dict[str, dict[str, Any]]:
     return tomllib.loads(text)
 
 
-def step_model(name: str, tp: int = 1, speed: float = 1.0) -> StepModel:
+def _profile(name: str) -> dict[str, Any]:
     profiles = load_profiles()
     if name not in profiles:
         raise ProfileError(f"unknown profile {name!r}; known: {', '.join(sorted(profiles))}")
+    return profiles[name]
+
+
+def reload_seconds(name: str) -> float:
+    """How long reloading the profile's weights from disk takes, in simulated seconds (at any TP size:
+    the read of the checkpoint, which the ranks share, dominates)."""
+    return float(_profile(name)["reload_s"])
+
+
+def step_model(name: str, tp: int = 1, speed: float = 1.0) -> StepModel:
+    p = _profile(name)
     if tp not in SUPPORTED_TP:
         raise ProfileError(f"--tensor-parallel-size {tp} is not modelled; use one of {SUPPORTED_TP}")
-    p = profiles[name]
     fixed = per_token = 0.0
     if tp > 1:
         allreduces = 2 * p["layers"]  # after attention and after the MLP, in every layer

@@ -254,10 +254,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     }
 
 
-def words_as_tokens(output: Output) -> list[str]:
-    """Each word is one token; its text carries the space before it (none before the first of an
-    answer; a continued answer's first word follows the words of the prompt, and has one)."""
-    return [w if i == 0 and not output.continued else f" {w}" for i, w in enumerate(output.words)]
+def words_as_tokens(words: Sequence[str], continued: bool, start: int = 0) -> list[str]:
+    """Words `start`, `start` + 1, ... of an answer as tokens: each word is one token, whose text
+    carries the space before it (none before the first of an answer; a continued answer's first word
+    follows the words of the prompt, and has one)."""
+    return [w if start + i == 0 and not continued else f" {w}" for i, w in enumerate(words)]
 
 
 def logprobs_block(chat: bool, tokens: Sequence[str], top: int, offset: int = 0) -> dict[str, Any]:
@@ -287,7 +288,7 @@ def logprobs_block(chat: bool, tokens: Sequence[str], top: int, offset: int = 0)
 
 
 def choice_body(job: Job, index: int, output: Output, prompt_ids: Sequence[int]) -> dict[str, Any]:
-    tokens = words_as_tokens(output)
+    tokens = words_as_tokens(output.words, output.continued)
     text = "".join(tokens)
     lp = logprobs_block(job.chat, tokens, job.sampling.logprobs) if job.sampling.logprobs is not None else None
     base: dict[str, Any] = {

@@ -3,7 +3,11 @@
 The wall-clock target of each step is computed from a fixed anchor, so waits do not drift; at a small
 time scale several steps run back to back before the loop sleeps. While the engine is idle, the
 simulated clock follows the wall clock (divided by the time scale), so an idle server ages as a real
-one does. With --time-scale 0 the engine runs as fast as it can and idle time does not count.
+one does (a paused engine is idle too: its queue ages). With --time-scale 0 the engine runs as fast as
+it can and idle time does not count.
+
+Work that is not a step (a weights reload) occupies the engine for a stretch of simulated time, as a
+utility call occupies vLLM's engine core between two steps: nothing is stepped meanwhile.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class Runner:
         self._crash_at_s = crash_at_s
         self._hung = hung
         self._wake = asyncio.Event()
+        self._occupied = 0  # stretches of other work under way
         self._anchor_wall = time.monotonic()
         self._anchor_sim = 0.0
 
@@ -47,6 +52,29 @@ class Runner:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def update(self, change: Callable[[], None]) -> None:
+        """Change what the engine may run (lift a pause), then wake it. An idle engine's clock first
+        catches up with the wall clock: the time it stood still counts."""
+        if self.engine.idle:
+            self._resync()
+        change()
+        self._wake.set()
+
+    async def occupy(self, seconds: float) -> None:
+        """Hold the engine for `seconds` of simulated time, after the step under way: no step runs."""
+        self._occupied += 1
+        try:
+            if self.engine.idle:
+                self._resync()
+            self.engine.now += seconds
+            delay = 0.0
+            if self.time_scale > 0:
+                delay = self._anchor_wall + (self.engine.now - self._anchor_sim) * self.time_scale - time.monotonic()
+            await asyncio.sleep(max(0.0, delay))
+        finally:
+            self._occupied -= 1
+            self._wake.set()
 
     def now_sim(self) -> float:
         """The simulated clock, advanced to the wall clock when the engine is idle."""
@@ -60,6 +88,9 @@ class Runner:
             self._check_crash()
             if self._hung():
                 await asyncio.Event().wait()  # a stuck engine: nothing is ever stepped again
+            if self._occupied:
+                await self._idle()
+                continue
             dt = self.engine.step()
             if dt is None:
                 await self._idle()

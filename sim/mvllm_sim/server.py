@@ -1,10 +1,16 @@
 """The HTTP side: vLLM's OpenAI-compatible endpoints over the simulated engine (on mvllm.httpd).
 
 GET /health, /v1/models, /metrics, /version; POST /v1/completions, /v1/chat/completions (with SSE
-streaming), /detokenize. A client that disconnects has its request aborted in the engine, as vLLM does. A streamed
-choice goes out as vLLM 0.32 sends it: its first token at once, then a chunk per `stream_interval`
-tokens (the request's; 1 by default), its last chunk when it ends; with `return_token_ids`, each
-chunk holds its tokens' ids and the first the prompt's.
+streaming), /detokenize; with VLLM_SERVER_DEV_MODE=1, vLLM's development routes (devroutes.py: pause,
+sleep, weights reload). A client that disconnects has its request aborted in the engine, as vLLM does.
+A streamed choice goes out as vLLM 0.32 sends it: its first token at once, then a chunk per
+`stream_interval` tokens (the request's; 1 by default), its last chunk when it ends; with
+`return_token_ids`, each chunk holds its tokens' ids and the first the prompt's. A request that a
+pause in abort mode ends gets finish_reason "abort" with the tokens it had (a streamed choice that had
+none gets no chunk, as from vLLM).
+
+Each choice's words are drawn when its request arrives; the words a client gets are those as the
+weights that made each token write them (weights.Provenance), so a reload mid-answer shows.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mvllm.httpd import Handler, Request, Response, Stream, json_response, text_response
+from mvllm.httpd import Handler, Request, Response, json_response, text_response
 from mvllm.httpd import Server as HttpServer
+from mvllm_sim.control import Control
+from mvllm_sim.devroutes import dev_routes
 from mvllm_sim.engine import Engine, SimRequest
 from mvllm_sim.faults import CRASH_EXIT_STATUS, HEADER, FaultConfig, FaultPlan, RequestFault, error_for
 from mvllm_sim.metrics import Metrics
@@ -29,7 +36,6 @@ from mvllm_sim.profiles import StepModel
 from mvllm_sim.protocol import (
     ApiError,
     Job,
-    logprobs_block,
     new_id,
     parse_chat,
     parse_completion,
@@ -38,7 +44,9 @@ from mvllm_sim.protocol import (
     words_as_tokens,
 )
 from mvllm_sim.runner import Runner
-from mvllm_sim.text import LengthModel, Output, answer_so_far, detokenize, generate, sample_key, token_ids
+from mvllm_sim.sse import SseWriter
+from mvllm_sim.text import LengthModel, Output, answer_so_far, detokenize, generate, sample_key
+from mvllm_sim.weights import Provenance, Weights
 
 log = logging.getLogger(__name__)
 VLLM_VERSION = "0.32.0"
@@ -57,6 +65,9 @@ class SimConfig:
     lengths: LengthModel = field(default_factory=LengthModel)
     faults: FaultConfig = field(default_factory=FaultConfig)
     api_key: str | None = None
+    dev_mode: bool = False  # VLLM_SERVER_DEV_MODE: the development routes are served
+    reload_s: float = 0.0  # simulated seconds a weights reload takes
+    fingerprint: str | None = None  # of the weights at --model, when that is a checkpoint
 
 
 @dataclass
@@ -66,7 +77,10 @@ class _Pending:
     job: Job
     requests: list[SimRequest]
     outputs: list[list[Output]]
+    provenance: list[list[Provenance]]  # per request, per choice: which weights made which token
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    flush: bool = False  # streamed: send every token made, whatever the stream interval
+    written: asyncio.Event = field(default_factory=asyncio.Event)  # all made so far is out (see flush)
 
 
 class SimServer:
@@ -79,6 +93,10 @@ class SimServer:
             self.engine, config.time_scale, config.faults.crash_at_s, hung=lambda: self.faults.engine_hung
         )
         self.metrics = Metrics(config.served_model_name)
+        weights = Weights(config.model, config.fingerprint)
+        self.control = Control(
+            self.engine, self.runner, self, weights=weights, reload_s=config.reload_s, workers=config.step_model.tp
+        )
         self.started = time.monotonic()
         self._pending: dict[int, _Pending] = {}
         self._requests = itertools.count()  # numbers unseeded requests: each draws its own output
@@ -93,7 +111,7 @@ class SimServer:
         """Run the engine loop and listen; returns the address bound (port 0 picks a free one)."""
         self._engine_task = asyncio.create_task(self.runner.run())
         self._engine_task.add_done_callback(_engine_stopped)
-        routes = {
+        routes: dict[tuple[str, str], Handler] = {
             ("GET", "/health"): self.health,
             ("GET", "/v1/models"): self.models,
             ("GET", "/metrics"): self.metrics_endpoint,
@@ -102,6 +120,8 @@ class SimServer:
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/detokenize"): self.detokenize,
         }
+        if self.config.dev_mode:
+            routes.update(dev_routes(self.control))
         self._http = HttpServer({route: self._guarded(handler) for route, handler in routes.items()})
         return await self._http.start(host, port)
 
@@ -172,7 +192,8 @@ class SimServer:
         return json_response({"prompt": detokenize(ids)})
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        return text_response(self.metrics.render(self.engine, frozen=self._frozen))
+        frozen = self._frozen or self.control.gauges
+        return text_response(self.metrics.render(self.engine, frozen, self.control.sleep_state))
 
     # --- generation -----------------------------------------------------------------------------
 
@@ -208,9 +229,14 @@ class SimServer:
         finally:
             for req in pending.requests:
                 self._pending.pop(req.id, None)
+            pending.written.set()  # the answer goes out as this handler returns, before a flush resumes
         if fault.drop_after_chunks is not None:
             request.cut()  # the answer is lost; the engine had finished it
-        outputs = [o for per_prompt in pending.outputs for o in per_prompt]
+        outputs = [
+            p.output(o)
+            for outs, provs in zip(pending.outputs, pending.provenance, strict=True)
+            for o, p in zip(outs, provs, strict=True)
+        ]
         return json_response(response_body(job, outputs))
 
     async def _parse(self, request: Request, chat: bool) -> Job:
@@ -222,7 +248,8 @@ class SimServer:
 
     def _submit(self, job: Job) -> _Pending:
         s = self.config
-        pending = _Pending(job, [], [])
+        pending = _Pending(job, [], [], [])
+        tag = self.control.weights.tag
         for prompt, ids in zip(job.prompts, job.prompt_ids, strict=True):
             room = s.max_model_len - len(ids)
             cap = min(job.sampling.max_tokens or room, room)
@@ -230,7 +257,7 @@ class SimServer:
             keys = [sample_key(prompt, i, job.sampling.seed, request) for i in range(job.sampling.n)]
             made = answer_so_far(ids)
             sampling = job.sampling
-            outputs = [generate(k, s.lengths, cap, sampling.ignore_eos, sampling.stop, made) for k in keys]
+            outputs = [generate(k, s.lengths, cap, sampling.ignore_eos, sampling.stop, made, tag) for k in keys]
             req = SimRequest(
                 prompt_ids=ids,
                 targets=[max(1, len(o.words)) for o in outputs],
@@ -239,12 +266,13 @@ class SimServer:
             )
             pending.requests.append(req)
             pending.outputs.append(outputs)
+            pending.provenance.append([Provenance([(0, tag)]) for _ in outputs])
             self.runner.submit(req)
             self._pending[req.id] = pending
         return pending
 
     async def _wait_all(self, pending: _Pending) -> None:
-        while any(r.state != "finished" for r in pending.requests):
+        while not all(_ended(r) for r in pending.requests):
             pending.event.clear()
             await pending.event.wait()
 
@@ -253,8 +281,10 @@ class SimServer:
             if req.state in ("waiting", "running"):
                 self.engine.abort(req)
                 self.metrics.finished["abort"] += req.n
+        self.control.request_ended()
 
     def _on_finish(self, req: SimRequest) -> None:
+        self.control.request_ended()
         pending = self._pending.get(req.id)
         if req.finished_at is not None:
             self.metrics.e2e_latency.observe(req.finished_at - req.arrival)
@@ -273,25 +303,76 @@ class SimServer:
         if pending is not None:
             pending.event.set()
 
+    # --- what the engine's controls do to the requests in flight (control.Clients) --------------
+
+    def _in_flight(self) -> list[_Pending]:
+        return list({id(p): p for p in self._pending.values()}.values())
+
+    def abort_all(self) -> None:
+        """End every request in flight with finish_reason "abort" and the tokens each choice made (a
+        choice that had ended keeps its own ending), as vLLM's pause in abort mode ends them."""
+        for pending in self._in_flight():
+            for r, req in enumerate(pending.requests):
+                if req.state not in ("waiting", "running"):
+                    continue
+                made = [self.engine.generated_now(req, i) for i in range(req.n)]
+                cut = [not done for done in req.choice_done]
+                self.engine.abort(req)
+                pending.outputs[r] = [
+                    replace(out, words=out.words[: made[i]], finish_reason="abort") if cut[i] else out
+                    for i, out in enumerate(pending.outputs[r])
+                ]
+                self.metrics.finished["abort"] += sum(cut)
+            pending.event.set()
+
+    async def flush(self) -> None:
+        """Every token made so far goes out on its stream, whatever the stream interval, and every
+        request that ended has its answer written; returns once all is handed to the connections."""
+        waits = []
+        for pending in self._in_flight():
+            if pending.job.sampling.stream:
+                pending.flush = True
+                pending.written.clear()
+                pending.event.set()
+            elif not all(_ended(r) for r in pending.requests):
+                continue  # nothing to write yet
+            waits.append(pending.written.wait())
+        await asyncio.gather(*waits)
+
+    def switch_weights(self, tag: int | None) -> None:
+        """The tokens each choice in flight makes from now on are made by weights of `tag`."""
+        for pending in self._in_flight():
+            for req, provenance in zip(pending.requests, pending.provenance, strict=True):
+                if req.state in ("waiting", "running"):
+                    for i, choice in enumerate(provenance):
+                        choice.switch(self.engine.generated_now(req, i), tag)
+
     # --- streaming ------------------------------------------------------------------------------
 
     async def _stream(self, request: Request, pending: _Pending, fault: RequestFault) -> Response:
         job = pending.job
         response = await request.stream({"content-type": "text/event-stream", "cache-control": "no-cache"})
-        stream = _SseWriter(response, job, new_id(job.chat), fault.drop_after_chunks)
+        stream = SseWriter(response, job, new_id(job.chat), fault.drop_after_chunks)
         progress = [[_ChoiceProgress() for _ in range(job.sampling.n)] for _ in pending.requests]
-        while True:
-            pending.event.clear()
-            for r, req in enumerate(pending.requests):
-                for i, out in enumerate(pending.outputs[r]):
-                    await self._emit(stream, req, i, index=r * job.sampling.n + i, out=out, progress=progress[r][i])
-            if stream.dropped:
-                self._abort(pending)  # as vLLM does when its client goes away
-                request.cut()
-                return response
-            if all(r.state == "finished" for r in pending.requests):
-                break
-            await pending.event.wait()
+        try:
+            while True:
+                pending.event.clear()
+                force, pending.flush = pending.flush, False
+                for r, req in enumerate(pending.requests):
+                    for i, out in enumerate(pending.outputs[r]):
+                        index, provenance = r * job.sampling.n + i, pending.provenance[r][i]
+                        await self._emit(stream, req, i, index=index, out=out, provenance=provenance,
+                                         progress=progress[r][i], force=force)  # fmt: skip
+                pending.written.set()
+                if stream.dropped:
+                    self._abort(pending)  # as vLLM does when its client goes away
+                    request.cut()
+                    return response
+                if all(_ended(r) for r in pending.requests):
+                    break
+                await pending.event.wait()
+        finally:
+            pending.written.set()  # a flush does not wait for a stream that is gone
         if job.sampling.include_usage:
             completion = sum(len(o.words) for per in pending.outputs for o in per)
             await stream.usage(usage(job.prompt_tokens, completion))
@@ -299,17 +380,31 @@ class SimServer:
         return response
 
     async def _emit(
-        self, stream: _SseWriter, req: SimRequest, i: int, *, index: int, out: Output, progress: _ChoiceProgress
+        self,
+        stream: SseWriter,
+        req: SimRequest,
+        i: int,
+        *,
+        index: int,
+        out: Output,
+        provenance: Provenance,
+        progress: _ChoiceProgress,
+        force: bool,
     ) -> None:
-        """Send what choice `i` of `req` generated since the last chunk, and its finish reason once done."""
+        """Send what choice `i` of `req` generated since the last chunk (all of it if `force`: the
+        stream interval is not waited for), and its finish reason once done."""
         if progress.closed:
             return
-        done = req.state == "finished" or (req.state == "running" and req.choice_done[i])
+        done = _ended(req) or (req.state == "running" and req.choice_done[i])
         have = len(out.words) if done else min(len(out.words), self.engine.generated_now(req, i))
-        fewer = progress.sent > 0 and have - progress.sent < req.stream_interval  # after the first chunk
+        fewer = progress.sent > 0 and have - progress.sent < req.stream_interval and not force
         if not done and (have == progress.sent or fewer):
             return  # nothing new, or less than the stream interval
-        tokens = words_as_tokens(out)[progress.sent : have]
+        if have == 0 and out.finish_reason == "abort":
+            progress.closed = True  # aborted before its first token: vLLM sends nothing for it
+            return
+        words = provenance.words(out.words, progress.sent, have)
+        tokens = words_as_tokens(words, out.continued, progress.sent)
         prompt = req.prompt_ids if progress.sent == 0 else None
         await stream.choice(index, tokens, out.finish_reason if done else None, prompt, progress.offset)
         progress.sent, progress.offset, progress.closed = have, progress.offset + sum(map(len, tokens)), done
@@ -320,6 +415,10 @@ class _ChoiceProgress:
     sent: int = 0  # tokens sent
     offset: int = 0  # characters sent (text_offset of the next token)
     closed: bool = False  # the finish chunk went out
+
+
+def _ended(req: SimRequest) -> bool:
+    return req.state in ("finished", "aborted")
 
 
 def _json_body(request: Request) -> Any:
@@ -335,71 +434,3 @@ def _engine_stopped(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("the engine loop failed", exc_info=task.exception())
         os._exit(1)
-
-
-class _SseWriter:
-    def __init__(self, response: Stream, job: Job, ident: str, drop_after: int | None) -> None:
-        self._response, self._job, self._id = response, job, ident
-        self._created = int(time.time())
-        self._chunks = 0
-        self._drop_after = drop_after
-        self.dropped = False
-        self._prompt_sent = False
-
-    async def _send(self, payload: dict[str, Any]) -> None:
-        if self.dropped:
-            return
-        if self._drop_after is not None and self._chunks >= self._drop_after:
-            self.dropped = True
-            return
-        self._chunks += 1
-        await self._response.write(f"data: {json.dumps(payload)}\n\n".encode())
-
-    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        kind = "chat.completion.chunk" if self._job.chat else "text_completion"
-        return {
-            "id": self._id,
-            "object": kind,
-            "created": self._created,
-            "model": self._job.model,
-            "choices": choices,
-        }
-
-    async def choice(
-        self, index: int, tokens: Sequence[str], reason: str | None, prompt: Sequence[int] | None, offset: int
-    ) -> None:
-        """A chunk of one choice; `prompt` (the prompt's token ids) on the choice's first chunk."""
-        text = "".join(tokens)
-        sampling = self._job.sampling
-        lp = (
-            logprobs_block(self._job.chat, tokens, sampling.logprobs, offset)
-            if sampling.logprobs is not None and tokens
-            else None
-        )
-        ids = token_ids(text) if sampling.return_token_ids else None
-        first = prompt is not None
-        if self._job.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-            body = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason, "token_ids": ids}
-        else:
-            body = {
-                "index": index,
-                "text": text,
-                "logprobs": lp,
-                "finish_reason": reason,
-                "stop_reason": None,
-                "prompt_token_ids": list(prompt) if prompt is not None and sampling.return_token_ids else None,
-                "token_ids": ids,
-            }
-        chunk = self._envelope([body])
-        if self._job.chat and sampling.return_token_ids and not self._prompt_sent:
-            chunk["prompt_token_ids"] = list(prompt or ())  # vLLM: on the stream's first chunk
-            self._prompt_sent = True
-        await self._send(chunk)
-
-    async def usage(self, numbers: dict[str, Any]) -> None:
-        await self._send(dict(self._envelope([]), usage=numbers))
-
-    async def done(self) -> None:
-        if not self.dropped:
-            await self._response.write(b"data: [DONE]\n\n")

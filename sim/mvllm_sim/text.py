@@ -18,6 +18,12 @@ their token ids) continues an answer of p tokens, as a model reads its own answe
 drawn is the log-normal's conditioned on exceeding p, less p. A client that moves a running sample
 to another server, with the tokens it made as the new prompt, so gets the rest of one answer, whose
 whole length has the distribution of an answer made in one request.
+
+Weights tags: a server that serves a checkpoint directory (see weights.py) marks every word with the
+weights that made it. A word's index in the 1,024-word list is drawn as without weights; its low four
+bits are then replaced by the weights' tag (0-15), so `weights_tag(word)` reads the tag back from the
+word alone, token by token, and lengths never depend on the weights. Without a checkpoint nothing is
+replaced: the output is the same as before tags existed (and its words' tags are meaningless).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ VOCAB_SIZE = 32000
 _PIECE = re.compile(r"<\|\w+\|>|\w+|[^\w\s]")
 _SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "su", "da", "fi", "go", "hu", "ja", "we")
 WORDS = tuple(a + b + c for a in _SYLLABLES for b in _SYLLABLES for c in ("", "n", "s", "r"))  # 1,024 words
+TAGS = 16  # weights tags: the low four bits of a word's index
+_INDEX = {w: i for i, w in enumerate(WORDS)}
 _NORMAL = statistics.NormalDist()
 
 
@@ -44,6 +52,16 @@ def pieces(text: str) -> list[str]:
 
 def token_ids(text: str) -> list[int]:
     return [zlib.crc32(p.encode()) % VOCAB_SIZE for p in pieces(text)]
+
+
+def weights_tag(word: str) -> int:
+    """The weights tag a word carries (KeyError for a word the simulator cannot make)."""
+    return _INDEX[word] % TAGS
+
+
+def with_tag(word: str, tag: int) -> str:
+    """The word of the same draw made by weights of tag `tag`."""
+    return WORDS[_INDEX[word] - _INDEX[word] % TAGS + tag]
 
 
 def answer_so_far(ids: Sequence[int]) -> int:
@@ -89,10 +107,17 @@ class Output:
 
 
 def generate(  # noqa: PLR0917
-    key: int, lengths: LengthModel, cap: int, ignore_eos: bool, stop: Sequence[str] = (), made: int = 0
+    key: int,
+    lengths: LengthModel,
+    cap: int,
+    ignore_eos: bool,
+    stop: Sequence[str] = (),
+    made: int = 0,
+    tag: int | None = None,
 ) -> Output:
     """The output of one choice: its words and why it ended. One word is one token. `made`: the
-    tokens of the answer the prompt already holds (see the module docstring)."""
+    tokens of the answer the prompt already holds; `tag`: the weights' tag, None without weights (see
+    the module docstring). Stop strings are matched against the tagged words."""
     rng = random.Random(key)
     if made:
         below = _NORMAL.cdf((math.log(made) - lengths.mu) / lengths.sigma)  # P(an answer ends within `made`)
@@ -102,6 +127,8 @@ def generate(  # noqa: PLR0917
         natural = max(1, round(rng.lognormvariate(lengths.mu, lengths.sigma)))
     length = cap if ignore_eos else min(natural, cap)
     words = tuple(rng.choices(WORDS, k=length))
+    if tag is not None:
+        words = tuple(with_tag(w, tag) for w in words)
     reason = "stop" if length < cap else "length"
     if stop:
         words, reason = _apply_stop(words, stop, reason)
