@@ -83,6 +83,7 @@ class Request:
     body: bytes
     keep_alive: bool
     _conn: _Connection = field(repr=False)
+    query: str = ""  # the URL's query string, undecoded ("" without one)
 
     async def stream(self, headers: Mapping[str, str]) -> Stream:
         """Send a 200 with `headers` and chunked transfer encoding; the handler then writes the body."""
@@ -296,14 +297,15 @@ class _Connection(asyncio.Protocol):
         if self._too_large:
             self._refuse(413, f"the request body is over {self._server.max_body} bytes")
             return
-        path = httptools.parse_url(self._url).path.decode("latin-1")
+        url = httptools.parse_url(self._url)
         request = Request(
             method=self._parser.get_method().decode("latin-1"),
-            path=path,
+            path=url.path.decode("latin-1"),
             headers=self._headers,
             body=b"".join(self._body),
             keep_alive=self._parser.should_keep_alive(),
             _conn=self,
+            query=(url.query or b"").decode("latin-1"),
         )
         self._queue.append(request)
         if self._task is None:

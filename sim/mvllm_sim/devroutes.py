@@ -130,11 +130,7 @@ async def _collective_rpc(control: Control, request: Request) -> Response:
 
 
 def query_params(request: Request) -> dict[str, list[str]]:
-    """The request's query parameters. mvllm.httpd's Request holds its path without the query, so it
-    is read from the URL its connection parsed last: this request's, as the clients of these routes
-    wait for each answer before they send the next request (a pipelined one could read the next's)."""
-    url = request._conn._url.decode("latin-1")
-    return parse_qs(url.partition("?")[2], keep_blank_values=True)
+    return parse_qs(request.query, keep_blank_values=True)
 
 
 def _last(query: dict[str, list[str]], name: str) -> str | None:
