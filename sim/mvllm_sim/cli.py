@@ -86,6 +86,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--startup-mode", default="health-503", choices=["health-503", "refuse"],
                    help="While starting: /health answers 503, or the port stays closed. [%(default)s]")  # fmt: skip
     f.add_argument("--fault-seed", type=int, default=0, help="Seed of the fault rates' random draws.")
+    f.add_argument("--fail-reloads", action="store_true", help="Every weights reload fails (500), as a loader's would.")
     return p
 
 
@@ -131,6 +132,7 @@ def config_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
             startup_delay_s=args.startup_delay,
             startup_mode=args.startup_mode,
             fault_seed=args.fault_seed,
+            fail_reloads=args.fail_reloads,
         ),
         api_key=args.api_key,
         dev_mode=int(dev_mode) != 0,

@@ -43,7 +43,7 @@ from typing import Literal, Protocol
 
 from mvllm_sim.engine import Engine
 from mvllm_sim.runner import Runner
-from mvllm_sim.weights import Weights, read_weights
+from mvllm_sim.weights import Weights, WeightsError, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,21 @@ class Control:
     """The controls of one engine, and what they leave: paused or not, tags asleep, weights, version."""
 
     def __init__(
-        self, engine: Engine, runner: Runner, clients: Clients, *, weights: Weights, reload_s: float, workers: int
+        self,
+        engine: Engine,
+        runner: Runner,
+        clients: Clients,
+        *,
+        weights: Weights,
+        reload_s: float,
+        workers: int,
+        fail_reloads: bool = False,
     ) -> None:
         self.engine, self.runner, self.clients = engine, runner, clients
         self.weights = weights
         self.weight_version = "default"  # vLLM's until a caller sets one
         self.reload_s = reload_s
+        self.fail_reloads = fail_reloads  # a fault: every reload fails
         self.workers = workers  # one result per tensor-parallel worker from collective_rpc
         self.sleeping: set[str] = set()
         self.sleep_state = (0, 0)  # vllm:engine_sleep_state: (asleep, level) as last recorded
@@ -148,6 +157,8 @@ class Control:
     async def reload(self, path: str | None) -> list[None]:
         """Reload the weights from `path`, or from where they last came from; raises WeightsError."""
         self.weights.source = path or self.weights.source
+        if self.fail_reloads:
+            raise WeightsError("injected fault: --fail-reloads")
         fingerprint = await asyncio.to_thread(read_weights, self.weights.source, self.weights.model)
         await self.runner.occupy(self.reload_s)
         self.weights.fingerprint, self.weights.discarded = fingerprint, False

@@ -6,7 +6,9 @@ From flags (the whole server) or, for targeted tests, from the `X-Mvllm-Fault` r
     drop                the connection is closed before the answer (after the first chunk when streaming)
     drop-after=K        streaming: close the connection after K chunks
     status=CODE         answer CODE (429, 500 or 503) in vLLM's error envelope
-and, for a fault at a moment of the caller's choosing, SIGUSR1: the engine stops stepping from then on
+--fail-reloads makes every weights reload (/collective_rpc reload_weights) fail as vLLM's does when
+its loader fails (500, and the weights stay as they were). And, for a fault at a moment of the
+caller's choosing, SIGUSR1: the engine stops stepping from then on
 (as vLLM whose worker stopped: /health and /metrics still answer, the latter with its running and
 waiting gauges frozen as they were; nothing is made again). --hang-after-requests hangs it the same way.
 """
@@ -35,6 +37,7 @@ class FaultConfig:
     startup_delay_s: float = 0.0  # not ready for this long after start
     startup_mode: str = "health-503"  # or "refuse": the port is not open until then
     fault_seed: int = 0
+    fail_reloads: bool = False  # every weights reload fails (the weights stay)
 
 
 @dataclass(frozen=True)

@@ -95,8 +95,9 @@ class SimServer:
         self.metrics = Metrics(config.served_model_name)
         weights = Weights(config.model, config.fingerprint)
         self.control = Control(
-            self.engine, self.runner, self, weights=weights, reload_s=config.reload_s, workers=config.step_model.tp
-        )
+            self.engine, self.runner, self, weights=weights, reload_s=config.reload_s, workers=config.step_model.tp,
+            fail_reloads=config.faults.fail_reloads,
+        )  # fmt: skip
         self.started = time.monotonic()
         self._pending: dict[int, _Pending] = {}
         self._requests = itertools.count()  # numbers unseeded requests: each draws its own output

@@ -84,14 +84,15 @@ def test_an_update_in_place_serves_the_new_weights_and_survives_a_restart(short_
     done = update(daemon, a, b, "--version", "v1")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["done"] and [i["step"] for i in result["instances"]] == ["UPDATE_STEP_DONE"] * 2
+    assert result["done"], result
+    assert [i["step"] for i in result["instances"]] == ["UPDATE_STEP_DONE"] * 2
     assert [(i["old_version"], i["version"]) for i in result["instances"]] == [("step-0", "v1")] * 2
     assert versions(daemon) == {"m-0": "v1", "m-1": "v1"}
     for url in urls:
         assert set(tags_of(greedy(url, a))) == {9}  # the new weights answer, under the same model name
         assert httpx.get(f"{url}/weight_info", timeout=10).json() == {"weight_version": "v1"}
     shown = daemon.ctl("status").stdout
-    assert "WEIGHTS" in shown and shown.count(" v1 ") == 2
+    assert "WEIGHTS" in shown and [line.split()[-1] for line in shown.splitlines()[1:]] == ["v1", "v1"]
 
     first = instance_status(daemon.ctl)[0]
     os.kill(first["pid"], signal.SIGKILL)
@@ -109,14 +110,15 @@ def test_mid_job_every_sample_once_and_every_token_under_the_version_recorded(
     a, b, c = checkpoints(short_tmp, 2, 7, 12)
     daemon = spawn(daemon_args(short_tmp))
     launch(daemon, a, 2, *SLOW)
-    prompts, k = 120, 4
+    prompts, k = 160, 4
     data = write_prompts(short_tmp / "in.parquet", prompts)
     out = short_tmp / "out.parquet"
     job_id = submit(daemon, data, out, "-k", str(k), "--max-tokens", "256", "--model", str(a))
-    wait_for(lambda: job(daemon, job_id)["samples_done"] >= prompts * k // 4, JOB_TIMEOUT_S)
+    wait_for(lambda: job(daemon, job_id)["samples_done"] >= prompts * k // 8, JOB_TIMEOUT_S)
     assert update(daemon, a, b, "--mode", mode).returncode == 0
-    wait_for(lambda: job(daemon, job_id)["samples_done"] >= prompts * k // 2, JOB_TIMEOUT_S)
+    wait_for(lambda: job(daemon, job_id)["samples_done"] >= prompts * k * 3 // 8, JOB_TIMEOUT_S)
     assert update(daemon, a, c, "--mode", mode, "--rolling").returncode == 0
+    assert job(daemon, job_id)["state"] == "JOB_STATE_RUNNING"  # else the test proves less than it says
     wait_for(lambda: job(daemon, job_id)["state"] != "JOB_STATE_RUNNING", JOB_TIMEOUT_S)
     assert job(daemon, job_id)["state"] == "JOB_STATE_SUCCEEDED"
 
@@ -162,7 +164,8 @@ def test_bad_input_changes_nothing(short_tmp: Path, spawn: Spawn) -> None:
     wait_for(lambda: is_paused(daemon, "slow-0") or first.poll() is not None, 20)
     second = update(daemon, a, b)
     assert second.returncode == 1 and "being updated" in second.stderr, second.stderr
-    assert first.wait(60) == 0, first.communicate()
+    _, error = first.communicate(timeout=60)
+    assert first.returncode == 0, error
     assert versions(daemon) == {"m-0": "step-1", "plain-0": "", "slow-0": "step-1"}
 
 
@@ -170,7 +173,7 @@ def test_an_update_that_fails_restarts_that_instance_on_the_new_path(short_tmp: 
     a, b = checkpoints(short_tmp, 4, 11)
     daemon = spawn(daemon_args(short_tmp))
     launch(daemon, a, 1, *SIM, name="good")
-    launch(daemon, a, 1, *SIM, "--fail-reload", name="bad")
+    launch(daemon, a, 1, *SIM, "--fail-reloads", name="bad")
     done = update(daemon, a, b, "--version", "v2")
     assert done.returncode == 1, done.stderr
     steps = {i["name"]: i for i in json.loads(done.stdout)["instances"]}

@@ -138,8 +138,9 @@ class WeightUpdates:
             changed.clear()
             if run.done():
                 run.result()  # mvllmd's own fault: raise it
-            yield report.snapshot()
-            if report.done:
+            snapshot = report.snapshot()  # done may be set while this one is sent: the next is the last
+            yield snapshot
+            if snapshot.done:
                 return
 
     async def _update_all(
