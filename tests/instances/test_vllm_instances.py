@@ -1,17 +1,16 @@
-"""The real vLLM CPU build with the tiny local model (installed by `make engine`), launched by mvllmd:
-under a real systemd user manager, and under the built-in process supervisor.
+"""The real vLLM CPU build with the tiny local model (installed by `make engine`), launched by mvllmd
+running under a real systemd user manager, as its units.
 
-Launch 2 instances, both READY and serving; kill -9 an engine's main process: detected, started again,
-READY again; (process supervisor) SIGSTOP an engine's worker: UNHEALTHY, then restarted; stop them all:
-units gone, processes gone, devices free. Slow (vLLM takes 35-60 s to start on this machine), so the
-engines start once per flow: the systemd flow is one test; the process supervisor's tests share one
-daemon and its two engines (`supervised`), in order, each waiting until both are READY before it starts.
-The systemd test comes first and leaves nothing running: two engines at a time are what fits here.
-The same two engines behind mvllmd's HTTP front door serve the official openai client and vLLM's own
-`vllm bench serve` (scripts/vllm_bench_serve.py), before the tests that kill them. They are launched
-with weight updates on: `mvllmctl weights update` loads the tiny model's second checkpoint (other random
-weights, `make engine` builds it) in place, alone and under a running job; the engine killed afterwards
-comes back on it."""
+One daemon and one pair of engines serve every test here, in order (vLLM takes 35-60 s to start on
+this machine, and two engines at a time are what fits): launched READY as systemd units, with weight
+updates on; serving completions, rollout jobs and moved samples; behind mvllmd's HTTP front door, the
+official openai client and vLLM's own `vllm bench serve` (scripts/vllm_bench_serve.py); the tiny
+model's second checkpoint (other random weights, `make engine` builds it) loaded in place by `mvllmctl
+weights update`, alone and under a running job; then the tests that kill: an engine killed (-9)
+comes back, on the new weights; a hung one (its worker SIGSTOPped) turns UNHEALTHY and comes back;
+`stop --all` ends every process and unit. Each test waits until both are READY before it starts.
+(The built-in process supervisor runs the same engines the same way: tests/instances/
+test_process_instances.py, on the simulator.)"""
 
 from __future__ import annotations
 
@@ -42,8 +41,10 @@ from mvllmd.transport import http
 from mvllmd.transport.requests import ends_whole, send
 from mvllmd.transport.streams import Stream
 
-from daemonkit import clean_environment, instance_status, start_daemon, wait_for
+from daemonkit import instance_status, wait_for
 from usermanager import UserManager, available, remove_stale_cgroups
+
+pytestmark = pytest.mark.systemd
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,11 +65,6 @@ def config_text(engine: Path, port_base: int, hang_timeout_s: float = 30.0) -> s
         f'[inventory]\ncpu_slots = 2\n[engine.vllm]\npython = "{engine}/venv/bin/python"\n'
         f"[instances]\nprobe_interval_s = 0.5\nport_base = {port_base}\nhang_timeout_s = {hang_timeout_s}\n"
     )
-
-
-def launch_and_serve(ctl: Callable[..., Any], model: str) -> list[dict[str, Any]]:
-    launch(ctl, model)
-    return serve(ctl, model)
 
 
 def launch(ctl: Callable[..., Any], model: str, *options: str) -> None:
@@ -99,68 +95,40 @@ def kill_and_recover(ctl: Callable[..., Any], kill: Callable[[int], None]) -> No
     assert again["restarts"] == first["restarts"] + 1 and again["pid"] != first["pid"]
 
 
-@pytest.mark.systemd
-def test_vllm_instances_as_systemd_units(tmp_path_factory: pytest.TempPathFactory) -> None:
-    engine = engine_dir()
-    reason = available()
-    if reason is not None:
-        pytest.fail(f"cannot start a systemd user manager here: {reason}")
-    remove_stale_cgroups()
-    tmp = tmp_path_factory.mktemp("vllm-systemd")
-    (tmp / "mvllmd.toml").write_text(config_text(engine, 18900))
-    with UserManager(tmp / "home") as um:
-        assert um.run([str(BIN / "mvllmd"), "install-units", "--user", "--runtime", "--config",
-                       str(tmp / "mvllmd.toml")]).returncode == 0  # fmt: skip
-        assert um.systemctl("start", "mvllmd").returncode == 0, um.log()
-
-        def ctl(*args: str) -> Any:
-            return um.run([str(BIN / "mvllmctl"), *args], timeout=READY_TIMEOUT_S + 60)
-
-        model = str(engine / "tiny-qwen2")
-        instances = launch_and_serve(ctl, model)
-        for inst in instances:
-            assert um.systemctl("is-active", inst["unit"]).stdout.strip() == "active"
-        kill_and_recover(ctl, lambda pid: um.run(["kill", "-9", str(pid)]))
-        assert ctl("stop", "--all").returncode == 0
-        for inst in instances:
-            assert um.systemctl("is-active", inst["unit"]).stdout.strip() == "inactive"
-        assert instance_status(ctl) == []
-        devices = json.loads(ctl("devices", "--json").stdout)["devices"]
-        assert [d["instance"] for d in devices] == ["", ""]
-
-
-# --- under the process supervisor: one daemon, two engines, a test per behaviour, in this order -------
+# --- one daemon under a systemd user manager, two engines, a test per behaviour, in this order -------
 
 
 @dataclass(frozen=True)
-class Supervised:
-    ctl: Callable[..., Any]  # mvllmctl against the daemon
+class Shared:
+    ctl: Callable[..., Any]  # mvllmctl against the daemon, run inside the user manager's namespace
+    um: UserManager
     tmp: Path
     model: str
     seen: dict[str, Any] = field(default_factory=dict)  # what a test saw that a later one checks
 
 
 @pytest.fixture(scope="module")
-def supervised() -> Iterator[Supervised]:
-    """mvllmd under the process supervisor with two real vLLM engines launched, for the tests below; the
-    daemon (and with it any engine left) is stopped after the last of them."""
+def shared() -> Iterator[Shared]:
+    """mvllmd as a systemd user service, two real vLLM engines launched as its units with weight updates
+    on; the manager (and with it the daemon and any unit left) is stopped after the last test."""
     engine = engine_dir()
-    tmp = Path(tempfile.mkdtemp(prefix="mv-", dir="/tmp"))  # short: a unix socket path must fit in 107 bytes
+    reason = available()
+    if reason is not None:
+        pytest.fail(f"cannot start a systemd user manager here: {reason}")
+    remove_stale_cgroups()
+    tmp = Path(tempfile.mkdtemp(prefix="mv-", dir="/tmp"))
     try:
         (tmp / "mvllmd.toml").write_text(config_text(engine, 19100, hang_timeout_s=5))
-        args = ["--listen", f"unix:{tmp}/m.sock", "--state-dir", str(tmp / "state"),
-                "--config", str(tmp / "mvllmd.toml"), "--unit-manager", "process"]  # fmt: skip
-        daemon = start_daemon(tmp, clean_environment(tmp), args)
-        try:
+        with UserManager(tmp / "home") as um:
+            assert um.run([str(BIN / "mvllmd"), "install-units", "--user", "--runtime", "--config",
+                           str(tmp / "mvllmd.toml")]).returncode == 0  # fmt: skip
+            assert um.systemctl("start", "mvllmd").returncode == 0, um.log()
 
             def ctl(*args: str) -> Any:
-                return daemon.ctl(*args, timeout=READY_TIMEOUT_S + 60)
+                return um.run([str(BIN / "mvllmctl"), *args], timeout=READY_TIMEOUT_S + 60)
 
             launch(ctl, str(engine / "tiny-qwen2"), "--weight-updates")
-            yield Supervised(ctl, tmp, str(engine / "tiny-qwen2"))
-        finally:
-            daemon.stop()
-            daemon.notify.close()
+            yield Shared(ctl, um, tmp, str(engine / "tiny-qwen2"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -177,50 +145,52 @@ def both_ready(ctl: Callable[..., Any]) -> list[dict[str, Any]]:
     return instance_status(ctl)
 
 
-def test_both_engines_serve(supervised: Supervised) -> None:
-    both_ready(supervised.ctl)
-    serve(supervised.ctl, supervised.model)
+def test_both_engines_serve_as_systemd_units(shared: Shared) -> None:
+    instances = both_ready(shared.ctl)
+    serve(shared.ctl, shared.model)
+    for inst in instances:
+        assert shared.um.systemctl("is-active", inst["unit"]).stdout.strip() == "active"
 
 
-def test_rollouts_on_both_engines(supervised: Supervised) -> None:
-    instances = both_ready(supervised.ctl)
-    rollouts_on_real_vllm(supervised.ctl, supervised.tmp, instances)
+def test_rollouts_on_both_engines(shared: Shared) -> None:
+    instances = both_ready(shared.ctl)
+    rollouts_on_real_vllm(shared.ctl, shared.tmp, instances)
 
 
-def test_a_sample_moves_between_the_engines(supervised: Supervised) -> None:
-    instances = both_ready(supervised.ctl)
-    asyncio.run(a_sample_moves_between_real_engines(supervised.model, instances))
+def test_a_sample_moves_between_the_engines(shared: Shared) -> None:
+    instances = both_ready(shared.ctl)
+    asyncio.run(a_sample_moves_between_real_engines(shared.model, instances))
 
 
-def test_the_openai_client_through_the_front_door(supervised: Supervised) -> None:
+def test_the_openai_client_through_the_front_door(shared: Shared) -> None:
     """The official openai client, sync and async, streamed and not, n > 1, completions and chat, through
     mvllmd's front door to the two real engines: each engine's own /metrics counts the requests it
     finished, and together they finished every choice asked for (a request of n choices is n in vLLM)."""
-    instances = both_ready(supervised.ctl)
-    url = front_door(supervised.ctl, supervised.model)
+    instances = both_ready(shared.ctl)
+    url = front_door(shared.ctl, shared.model)
     before = [openai_choices_finished(i["url"]) for i in instances]
-    asked = asyncio.run(openai_clients(url, supervised.model, instances[0]["url"]))
+    asked = asyncio.run(openai_clients(url, shared.model, instances[0]["url"]))
     after = [openai_choices_finished(i["url"]) for i in instances]
     served = [b - a for a, b in zip(before, after, strict=True)]
     assert sum(served) == asked and all(served), served  # every choice once, and both engines served some
 
 
-def test_vllm_bench_serve_through_the_front_door(supervised: Supervised) -> None:
+def test_vllm_bench_serve_through_the_front_door(shared: Shared) -> None:
     """vLLM's own `vllm bench serve` (scripts/vllm_bench_serve.py, run with the engine's python), random
     dataset, against the front door: every request completes, and reached an engine once."""
-    instances = both_ready(supervised.ctl)
-    url = front_door(supervised.ctl, supervised.model)
+    instances = both_ready(shared.ctl)
+    url = front_door(shared.ctl, shared.model)
     before = [openai_choices_finished(i["url"]) for i in instances]
     prompts = 20
     argv = [str(engine_dir() / "venv" / "bin" / "python"), str(ROOT / "scripts" / "vllm_bench_serve.py"),
-            "--base-url", url, "--model", supervised.model, "--tokenizer", supervised.model,
+            "--base-url", url, "--model", shared.model, "--tokenizer", shared.model,
             "--num-prompts", str(prompts), "--random-input-len", "64", "--random-output-len", str(OPENAI_MAX_TOKENS),
-            "--max-concurrency", "8", "--disable-tqdm", "--save-result", "--result-dir", str(supervised.tmp),
+            "--max-concurrency", "8", "--disable-tqdm", "--save-result", "--result-dir", str(shared.tmp),
             "--result-filename", "bench.json"]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Serving Benchmark Result" in done.stdout
-    result = json.loads((supervised.tmp / "bench.json").read_text())
+    result = json.loads((shared.tmp / "bench.json").read_text())
     assert (result["completed"], result["failed"]) == (prompts, 0)
     assert result["total_output_tokens"] == prompts * OPENAI_MAX_TOKENS  # the random dataset ignores EOS
     after = [openai_choices_finished(i["url"]) for i in instances]
@@ -253,10 +223,10 @@ def update_weights(ctl: Callable[..., Any], model: str, path: Path, *args: str) 
     return result
 
 
-def test_weights_updated_in_place(supervised: Supervised) -> None:
+def test_weights_updated_in_place(shared: Shared) -> None:
     """Greedy answers on checkpoint A; `weights update --path B`; then B's answers, the version in
     /weight_info and in `mvllmctl status`. (That they equal a fresh engine's on B: after the kill below.)"""
-    ctl, model = supervised.ctl, supervised.model
+    ctl, model = shared.ctl, shared.model
     instances = both_ready(ctl)
     assert [i["weight_version"] for i in instances] == ["tiny-qwen2"] * 2
     on_a = [greedy_tokens(i["url"], model) for i in instances]
@@ -268,14 +238,14 @@ def test_weights_updated_in_place(supervised: Supervised) -> None:
         assert inst["weight_version"] == "tiny-qwen2-b" and inst["weights_path"] == str(engine_dir() / "tiny-qwen2-b")
         assert httpx.get(f"{inst['url']}/weight_info", timeout=10).json() == {"weight_version": "tiny-qwen2-b"}
     assert ctl("status").stdout.count("tiny-qwen2-b") == 2
-    supervised.seen["on_b"] = on_b[0]
+    shared.seen["on_b"] = on_b[0]
 
 
-def test_weights_updated_under_a_running_job(supervised: Supervised) -> None:
+def test_weights_updated_under_a_running_job(shared: Shared) -> None:
     """A job runs while the weights go back to A with `keep`, then to B with `wait`: it succeeds, every
     sample once, each row labelled with the versions it was made under (A and B only, some of each
     after the first update)."""
-    ctl, model, tmp = supervised.ctl, supervised.model, supervised.tmp
+    ctl, model, tmp = shared.ctl, shared.model, shared.tmp
     both_ready(ctl)
     prompts = 60
     pq.write_table(pa.table({"prompt": [f"Question {i}: what comes next?" for i in range(prompts)]}),
@@ -307,10 +277,10 @@ def job_json(ctl: Callable[..., Any], job_id: str) -> dict[str, Any]:
     return found
 
 
-def test_a_killed_engine_is_started_again(supervised: Supervised) -> None:
+def test_a_killed_engine_is_started_again(shared: Shared) -> None:
     """Killed, it starts again on its spec: the weights of the last update (B), as a fresh engine on B
     makes them."""
-    ctl = supervised.ctl
+    ctl = shared.ctl
     instances = both_ready(ctl)
     groups = [_group(i["pid"]) for i in instances]
     assert all(len(g) >= 2 for g in groups)  # vLLM's API server plus its EngineCore, in one group
@@ -318,14 +288,14 @@ def test_a_killed_engine_is_started_again(supervised: Supervised) -> None:
     assert not _group(instances[0]["pid"])  # the killed engine's helpers went with it
     restarted = instance_status(ctl)[0]
     assert restarted["weight_version"] == "tiny-qwen2-b"
-    assert greedy_tokens(restarted["url"], supervised.model) == supervised.seen["on_b"]  # token for token
+    assert greedy_tokens(restarted["url"], shared.model) == shared.seen["on_b"]  # token for token
     assert httpx.get(f"{restarted['url']}/weight_info", timeout=10).json() == {"weight_version": "tiny-qwen2-b"}
 
 
-def test_a_hung_engine_is_unhealthy_then_started_again(supervised: Supervised) -> None:
+def test_a_hung_engine_is_unhealthy_then_started_again(shared: Shared) -> None:
     # A real hang: SIGSTOP the engine's worker. /health keeps answering 200; the monitor's probe request
     # goes unanswered, the instance turns UNHEALTHY, and is killed and started again.
-    ctl = supervised.ctl
+    ctl = shared.ctl
     hung = both_ready(ctl)[1]
     (worker,) = [pid for pid in _group(hung["pid"]) if Path(f"/proc/{pid}/comm").read_text().strip() == "VLLM::Worker"]
     os.kill(worker, signal.SIGSTOP)
@@ -337,12 +307,16 @@ def test_a_hung_engine_is_unhealthy_then_started_again(supervised: Supervised) -
     assert not _group(hung["pid"])  # the stopped worker was killed with its group
 
 
-def test_stop_all_ends_every_process(supervised: Supervised) -> None:  # last: it ends the engines
-    ctl = supervised.ctl
-    leaders = [i["pid"] for i in both_ready(ctl)]
+def test_stop_all_ends_every_process(shared: Shared) -> None:  # last: it ends the engines
+    ctl = shared.ctl
+    instances = both_ready(ctl)
     assert ctl("stop", "--all").returncode == 0
-    assert all(not _group(pid) for pid in leaders)  # every process of every group is gone
+    assert all(not _group(i["pid"]) for i in instances)  # every process of every group is gone
+    for inst in instances:
+        assert shared.um.systemctl("is-active", inst["unit"]).stdout.strip() == "inactive"
     assert instance_status(ctl) == []
+    devices = json.loads(ctl("devices", "--json").stdout)["devices"]
+    assert [d["instance"] for d in devices] == ["", ""]
 
 
 def rollouts_on_real_vllm(ctl: Callable[..., Any], tmp: Path, instances: list[dict[str, Any]]) -> None:
@@ -532,7 +506,8 @@ def assemble(parts: Iterable[tuple[int, str]]) -> dict[int, str]:
 
 
 def _group(pgid: int) -> set[int]:
-    """PIDs whose process group is `pgid` (a supervised engine is its group's leader)."""
+    """PIDs whose process group is `pgid` (an engine is its group's leader: systemd starts each unit's
+    main process in a session of its own, as the process supervisor does)."""
     members = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
