@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/run_all.py [--readme README.md] [--quick]     # `make bench`
 
-Runs balance.py, throughput.py, memory.py, scale.py, dp_vs_tp.py, the front door's benchmarks
+Runs balance.py, throughput.py, memory.py, scale.py, dp_vs_tp.py, weights.py, the front door's benchmarks
 (front_door*.py), hang.py and vllm_bench_serve.py one after another as subprocesses (their progress
 goes to stderr; what they print on stdout, their tables, is kept verbatim), draws bar charts of DP vs TP
 output tokens/s and of the throughput approaches as SVG files in docs/bench/, and prints the report in
@@ -52,6 +52,7 @@ BENCHES = (
     Bench("hang.py", "Hung servers found from their /metrics, for jobs and the front door", (), ("--engines", "sim")),
     Bench("vllm_bench_serve.py", "vllm bench serve through the front door (real vLLM CPU engines)", (),
           ("--prompts", "50")),
+    Bench("weights.py", "Weights updated in place against stop-and-launch", (), ("--engines", "sim")),
 )  # fmt: skip
 
 
