@@ -22,6 +22,7 @@ from mvllmd import errors
 from mvllmd.api.boundary import rpc
 from mvllmd.config import load_config
 from mvllmd.daemon import Daemon
+from mvllmd.dispatch.endpoints import Endpoints, Tuning
 from mvllmd.external.servers import ExternalServers
 from mvllmd.external.store import ExternalStore
 from mvllmd.fleet import Fleet
@@ -32,6 +33,7 @@ from mvllmd.inventory import Inventory, read_inventory
 from mvllmd.jobs.manager import JobManager
 from mvllmd.jobs.store import JobStore
 from mvllmd.server import SERVER_OPTIONS, _add_services
+from mvllmd.weights.updates import WeightUpdates
 
 
 @pytest.fixture
@@ -51,10 +53,11 @@ async def served(tmp_path: Path) -> AsyncIterator[str]:
     config.daemon.state_dir.mkdir(parents=True)
     external = ExternalServers(ExternalStore(config.daemon.state_dir), config.instances, 256)
     fleet = Fleet(instances, external)
-    jobs = JobManager(JobStore(config.daemon.state_dir / "jobs.sqlite3"), fleet, config.jobs)
+    endpoints = Endpoints(Tuning.of(config.jobs), weights_of=instances.weights_of)
+    jobs = JobManager(JobStore(config.daemon.state_dir / "jobs.sqlite3"), fleet, config.jobs, endpoints=endpoints)
     daemon = Daemon(
         config=config, unit_manager=BackendKind.PROCESS, under_systemd=False, instances=instances, jobs=jobs,
-        fleet=fleet,
+        fleet=fleet, endpoints=endpoints, weights=WeightUpdates(instances, endpoints),
     )  # fmt: skip
     daemon.listen_addresses = (f"unix:{tmp_path}/s",)
     server = grpc.aio.server(options=SERVER_OPTIONS)
