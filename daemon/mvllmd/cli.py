@@ -6,6 +6,7 @@ socket, a device source failed); 2 usage error or invalid configuration; 130 int
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import uvloop
 
 from mvllm import __version__
 from mvllmd import errors
@@ -111,7 +111,7 @@ def cli(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
     notifier = Notifier(os.environ, os.getpid())
     under_systemd = notifier.enabled or bool(os.environ.get("INVOCATION_ID"))
     try:
-        uvloop.run(serve(config, notifier, under_systemd, os.environ))
+        asyncio.run(serve(config, notifier, under_systemd, os.environ))
     except errors.MvllmError as exc:
         notifier.status(f"failed: {exc}")
         raise
