@@ -25,8 +25,9 @@ from mvllm.v1 import job_pb2, job_pb2_grpc, weights_pb2, weights_pb2_grpc
 
 def generate(jobs: job_pb2_grpc.JobServiceStub, model: str, prompts: Path, out: Path, version: str) -> None:
     """Submit a job whose work goes only to servers at `version`, and watch it to its end."""
+    sampling = job_pb2.SamplingParams(max_tokens=64)
     spec = job_pb2.JobSpec(input_path=str(prompts), output_path=str(out), model=model, num_samples=4,
-                           sampling=job_pb2.SamplingParams(max_tokens=64), overwrite=True, weight_version=version)  # fmt: skip
+                           sampling=sampling, overwrite=True, weight_version=version)  # fmt: skip
     job = jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=spec)).job
     for update in jobs.WatchJob(job_pb2.WatchJobRequest(id=job.id)):
         job = update.job
