@@ -224,6 +224,10 @@ class Daemon:
             model=model, count=count, tensor_parallel_size=tp, engine=instance_pb2.ENGINE_KIND_SIM,
             engine_args=list(engine_args), name_prefix=f"bench-tp{tp}",
         )  # fmt: skip
+        return self.start(request, timeout_s)
+
+    def start(self, request: instance_pb2.LaunchInstancesRequest, timeout_s: float) -> list[instance_pb2.Instance]:
+        """Launch what `request` asks for and wait until all of it is READY (RuntimeError if one fails)."""
         names = {i.name for i in self.instances.LaunchInstances(request).instances}
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

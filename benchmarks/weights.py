@@ -60,18 +60,7 @@ def launch(daemon: Daemon, model: str, engine: str, engine_args: Sequence[str]) 
         model=model, count=2, engine=kind, engine_args=list(engine_args), name_prefix="w", cpu=engine == "vllm",
         env={"VLLM_CPU_KVCACHE_SPACE": "1"} if engine == "vllm" else {}, weight_updates=True,
     )  # fmt: skip
-    names = {i.name for i in daemon.instances.LaunchInstances(request).instances}
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        listed = [i for i in daemon.instances.ListInstances(instance_pb2.ListInstancesRequest()).instances
-                  if i.name in names]  # fmt: skip
-        daemon.engine_pids.update(i.pid for i in listed if i.pid)
-        if any(i.state == instance_pb2.INSTANCE_STATE_FAILED for i in listed):
-            raise RuntimeError(f"an instance failed: {[i.message for i in listed]}")
-        if all(i.state == instance_pb2.INSTANCE_STATE_READY for i in listed):
-            return listed
-        time.sleep(0.1)
-    raise RuntimeError("instances not READY in time")
+    return daemon.start(request, READY_TIMEOUT_S)
 
 
 def stop_and_launch(daemon: Daemon, model: str, engine: str, engine_args: Sequence[str]) -> float:
@@ -117,8 +106,7 @@ def rolling_loss(tmp: Path) -> list[str]:
             model=str(a), count=4, engine=instance_pb2.ENGINE_KIND_SIM, engine_args=["--time-scale", "1"],
             weight_updates=True,
         )  # fmt: skip
-        daemon.instances.LaunchInstances(request)
-        wait_ready(daemon, 4)
+        daemon.start(request, READY_TIMEOUT_S)
         spec = job_pb2.JobSpec(input_path=str(prompts), output_path=str(tmp / "out.parquet"), num_samples=1,
                                model=str(a), sampling=job_pb2.SamplingParams(max_tokens=256))  # fmt: skip
         job = daemon.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=spec)).job
@@ -146,17 +134,6 @@ def rolling_loss(tmp: Path) -> list[str]:
     done = during[-1][1] - during[0][1]
     expected = rate * (during[-1][0] - during[0][0])
     return [f"{took:.1f}", f"{rate:,.0f}", f"{done:,}", f"{expected:,.0f}", f"{100 * (1 - done / expected):.0f}%"]
-
-
-def wait_ready(daemon: Daemon, count: int) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        listed = daemon.instances.ListInstances(instance_pb2.ListInstancesRequest()).instances
-        daemon.engine_pids.update(i.pid for i in listed if i.pid)
-        if len(listed) == count and all(i.state == instance_pb2.INSTANCE_STATE_READY for i in listed):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("instances not READY in time")
 
 
 def main() -> int:
