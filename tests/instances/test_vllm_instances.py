@@ -239,6 +239,8 @@ def test_weights_updated_in_place(shared: Shared) -> None:
         assert httpx.get(f"{inst['url']}/weight_info", timeout=10).json() == {"weight_version": "tiny-qwen2-b"}
     assert ctl("status").stdout.count("tiny-qwen2-b") == 2
     shared.seen["on_b"] = on_b[0]
+    asleep = ctl("sleep", model)  # vLLM's CPU worker ignores /sleep: mvllmd says so, and does nothing
+    assert asleep.returncode == 2 and "the vLLM CPU build, which cannot sleep" in asleep.stderr, asleep.stderr
 
 
 def test_weights_updated_under_a_running_job(shared: Shared) -> None:
