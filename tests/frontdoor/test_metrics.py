@@ -9,6 +9,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from test_daemon_front_door import front_door
 
+from mvllmd.metrics.prometheus import Metrics
+
 from daemonkit import Spawn
 from jobkit import FAST_SIM, daemon_args, launch
 
@@ -41,3 +43,24 @@ def test_metrics_follow_the_traffic(short_tmp: Path, spawn: Spawn) -> None:
     assert sorted(values("mvllm_server_inflight")) == [0.0, 0.0]  # two servers, nothing in flight now
     assert values("mvllm_server_breaker_open") == [0.0, 0.0]
     assert values("mvllm_frontdoor_requests_total", model="nope") == []  # refused at the door, never forwarded
+
+
+def test_the_front_doors_histograms_count_as_prometheus_does() -> None:
+    """A value on a bound counts in that bucket (le: less or equal); buckets are cumulative; the parser
+    of prometheus_client reads what is written."""
+    metrics = Metrics()
+    for first_byte, total in ((0.005, 0.02), (None, 700.0), (0.3, 0.3)):
+        metrics.door_request("m", "http://a", 200, first_byte, total)
+    metrics.door_request("m", "http://b", 503, None, 0.001)
+    families = text_string_to_metric_families(metrics.render().decode())
+    samples = {(s.name, s.labels.get("le", ""), s.labels.get("server", "")): s.value
+               for family in families for s in family.samples}  # fmt: skip
+    assert samples[("mvllm_frontdoor_first_byte_seconds_bucket", "0.005", "")] == 1
+    assert samples[("mvllm_frontdoor_first_byte_seconds_bucket", "0.25", "")] == 1
+    assert samples[("mvllm_frontdoor_first_byte_seconds_bucket", "0.5", "")] == 2
+    assert samples[("mvllm_frontdoor_first_byte_seconds_count", "", "")] == 2
+    assert samples[("mvllm_frontdoor_request_seconds_bucket", "600.0", "")] == 3  # 700 s is past the last bound
+    assert samples[("mvllm_frontdoor_request_seconds_bucket", "+Inf", "")] == 4
+    assert samples[("mvllm_frontdoor_request_seconds_sum", "", "")] == 700.0 + 0.02 + 0.3 + 0.001
+    assert samples[("mvllm_frontdoor_requests_total", "", "http://a")] == 3
+    assert metrics.door_totals().statuses == ((200, 3), (503, 1))
