@@ -246,3 +246,21 @@ def test_sleep_and_wake(short_tmp: Path, spawn: Spawn) -> None:
     wait_for(lambda: job(daemon, job_id)["state"] == "JOB_STATE_SUCCEEDED", JOB_TIMEOUT_S)
     table = pq.read_table(short_tmp / "out.parquet")
     assert all(set(tags_of(t)) == {3} for t in table.column("response").to_pylist())  # level 2: weights reloaded
+
+
+def test_an_instance_that_restarts_while_asleep_comes_back_awake(short_tmp: Path, spawn: Spawn) -> None:
+    (a,) = checkpoints(short_tmp, 4)
+    daemon = spawn(daemon_args(short_tmp))
+    launch(daemon, a, 2, *SIM)
+    assert daemon.ctl("sleep", str(a)).returncode == 0
+    first = instance_status(daemon.ctl)[0]
+    os.kill(first["pid"], signal.SIGKILL)
+    wait_for(lambda: instance_status(daemon.ctl)[0]["restarts"] == 1, 30)
+    wait_for(lambda: instance_status(daemon.ctl)[0]["state"] == "INSTANCE_STATE_READY", 30)
+    wait_for(lambda: instance_status(daemon.ctl)[0]["sleep_level"] == 0, 10)
+    assert instance_status(daemon.ctl)[1]["sleep_level"] == 1  # the other still sleeps
+    data = write_prompts(short_tmp / "in.parquet", 10)
+    job_id = submit(daemon, data, short_tmp / "out.parquet", "-k", "2", "--max-tokens", "8", "--model", str(a))
+    wait_for(lambda: job(daemon, job_id)["state"] == "JOB_STATE_SUCCEEDED", JOB_TIMEOUT_S)
+    served = set(pq.read_table(short_tmp / "out.parquet").column("endpoint").to_pylist())
+    assert served == {first["url"]}  # the restarted one took the work; the sleeping one none

@@ -278,13 +278,18 @@ class WeightUpdates:
                 event = await events.get()
                 if event.new is InstanceState.READY and event.old is not InstanceState.READY:
                     inst = self._instances.instance(event.name)
-                    if inst is not None and inst.spec.weight_updates and not inst.weights.held:
+                    if inst is None or not inst.spec.weight_updates:
+                        continue
+                    if event.old in (None, InstanceState.STARTING, InstanceState.RESTARTING):
+                        if inst.weights.held == ASLEEP:  # a (re)started engine is awake
+                            inst.weights.held = ""
+                        inst.weights.sleep_level = 0
+                    if not inst.weights.held:
                         self._spawn(self._settle(inst))
         finally:
             self._instances.unsubscribe(events)
 
     async def _settle(self, inst: Instance) -> None:
-        inst.weights.sleep_level = 0  # an engine (re)started is awake
         routes = self._routes(inst.spec.url)
         try:
             await routes.set_version(inst.spec.weight_version)
