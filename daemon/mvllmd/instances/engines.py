@@ -56,7 +56,6 @@ def instance_spec(
         hf_token_file=str(config.engine.hf_token_file or ""),
         launched_at=time.time(),
         weight_updates=bool(request.weight_updates),
-        weights_path=request.model if request.weight_updates else "",
         weight_version=first_version(request.model) if request.weight_updates else "",
     )
 

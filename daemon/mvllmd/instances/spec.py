@@ -52,10 +52,9 @@ class InstanceSpec:
     hf_token_file: str = ""  # the launcher reads it into HF_TOKEN; the token itself is never stored here
     launched_at: float = 0.0
     # Weight updates (weights/): the engine runs with vLLM's development routes on, bound to loopback.
-    # `weights_path` is what it loads at its next start (`--model` in argv), `weight_version` the
-    # version mvllmd gave those weights: both change with each update, so a restart brings them back.
+    # `weight_version` is the version mvllmd gave the weights it loads at its next start (`--model` in
+    # argv: `weights_path`); both change with each update, so a restart brings them back.
     weight_updates: bool = False
-    weights_path: str = ""
     weight_version: str = ""
 
     @property
@@ -63,13 +62,18 @@ class InstanceSpec:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def weights_path(self) -> str:
+        """What the engine loads when it starts: its `--model` (engines.engine_argv puts it before any
+        engine argument)."""
+        return self.argv[self.argv.index("--model") + 1]
+
     def with_weights(self, path: str, version: str) -> InstanceSpec:
         """The spec of this instance on other weights: its engine starts from `path` (its `--model`;
         the served model name stays), and they are `version`."""
         argv = list(self.argv)
-        at = argv.index("--model") + 1  # engines.engine_argv puts it before any engine argument
-        argv[at] = path
-        return replace(self, argv=tuple(argv), weights_path=path, weight_version=version)
+        argv[argv.index("--model") + 1] = path
+        return replace(self, argv=tuple(argv), weight_version=version)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

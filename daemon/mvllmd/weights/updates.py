@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 import re
@@ -49,7 +50,7 @@ VERSION_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII: it travels in
 T = TypeVar("T")
 
 
-class Step:
+class Step(enum.StrEnum):
     WAITING = "waiting"
     PAUSING = "pausing"
     RELOADING = "reloading"
@@ -62,14 +63,10 @@ class Step:
 class InstanceUpdate:
     name: str
     old_version: str
-    step: str = Step.WAITING
+    step: Step = Step.WAITING
     error: str = ""
     version: str = ""
     seconds: float = 0.0
-
-    @property
-    def ended(self) -> bool:
-        return self.step in (Step.DONE, Step.FAILED)
 
 
 @dataclass(frozen=True)
@@ -131,7 +128,7 @@ class WeightUpdates:
         targets = self._targets(request.model)
         report = UpdateReport(request.model, version, [InstanceUpdate(i.name, i.weights.version) for i in targets])
         changed = asyncio.Event()
-        self._claim(request.model, "updated")
+        self._claim(request.model)
         run = self._spawn(self._update_all(targets, report, path, request, changed))  # ends even if the client leaves
         while True:
             await changed.wait()
@@ -149,14 +146,14 @@ class WeightUpdates:
         version = report.version
         log.info("updating %d instances of %s to %s (%s%s)", len(targets), request.model, version, request.mode,
                  ", rolling" if request.rolling else "")  # fmt: skip
-        steps = [self._update_one(inst, entry, path, version, request.mode, changed)
-                 for inst, entry in zip(targets, report.instances, strict=True)]  # fmt: skip
+        pairs = list(zip(targets, report.instances, strict=True))
         try:
             if request.rolling:
-                for step in steps:
-                    await step
+                for inst, entry in pairs:
+                    await self._update_one(inst, entry, path, version, request.mode, changed)
             else:
-                await asyncio.gather(*steps)
+                await asyncio.gather(*(self._update_one(inst, entry, path, version, request.mode, changed)
+                                       for inst, entry in pairs))  # fmt: skip
         finally:
             report.done = True
             changed.set()
@@ -172,7 +169,7 @@ class WeightUpdates:
     async def _update_one(  # noqa: PLR0917  (the one instance's update: each argument is part of it)
         self, inst: Instance, entry: InstanceUpdate, path: str, version: str, mode: str, changed: asyncio.Event
     ) -> None:
-        def step(name: str) -> None:
+        def step(name: Step) -> None:
             entry.step = name
             changed.set()
 
@@ -205,9 +202,7 @@ class WeightUpdates:
             step(Step.FAILED)
         finally:
             inst.weights.held = ""
-            endpoint = self._endpoints.find(url)
-            if endpoint is not None:
-                endpoint.released()
+            self._released(url)
             await routes.close()
 
     # --- sleep and wake -------------------------------------------------------------------------
@@ -222,7 +217,7 @@ class WeightUpdates:
                 f"{', '.join(cpu)} run the vLLM CPU build, which cannot sleep (it ignores /sleep); "
                 "sleep frees GPU memory, so it needs instances on GPUs"
             )
-        return await self._all(model, "put to sleep", [self._sleep_one(inst, level) for inst in targets])
+        return await self._all(model, targets, lambda inst: self._sleep_one(inst, level))
 
     async def _sleep_one(self, inst: Instance, level: int) -> InstanceResult:
         if inst.weights.sleep_level:
@@ -244,7 +239,7 @@ class WeightUpdates:
 
     async def wake(self, model: str) -> list[InstanceResult]:
         targets = self._targets(model)
-        return await self._all(model, "woken", [self._wake_one(inst) for inst in targets])
+        return await self._all(model, targets, self._wake_one)
 
     async def _wake_one(self, inst: Instance) -> InstanceResult:
         level = inst.weights.sleep_level
@@ -261,9 +256,7 @@ class WeightUpdates:
         finally:
             await routes.close()
         inst.weights.sleep_level, inst.weights.held = 0, ""
-        endpoint = self._endpoints.find(inst.spec.url)
-        if endpoint is not None:
-            endpoint.released()
+        self._released(inst.spec.url)
         log.info("instance %s awake", inst.name)
         return InstanceResult(inst.name, True)
 
@@ -326,22 +319,21 @@ class WeightUpdates:
         views = self._instances.list_instances()
         return ", ".join(sorted({v.spec.served_model_name for v in views}))
 
-    def _claim(self, model: str, what: str) -> None:
+    def _claim(self, model: str) -> None:
         """One update, sleep or wake of a model at a time; the work releases it when it ends."""
         if model in self._busy:
             raise Conflict(f"{model} is being updated, put to sleep or woken already; try again once that ends")
         self._busy.add(model)
-        log.debug("%s is being %s", model, what)
 
     async def _all(
-        self, model: str, what: str, steps: list[Coroutine[Any, Any, InstanceResult]]
+        self, model: str, targets: list[Instance], step: Callable[[Instance], Coroutine[Any, Any, InstanceResult]]
     ) -> list[InstanceResult]:
-        """Run the steps together, to their end even if the client leaves."""
-        self._claim(model, what)
+        """`step` on every target together, to the end even if the client leaves."""
+        self._claim(model)
 
         async def run() -> list[InstanceResult]:
             try:
-                return list(await asyncio.gather(*steps))
+                return list(await asyncio.gather(*(step(inst) for inst in targets)))
             finally:
                 self._busy.discard(model)
 
@@ -357,6 +349,11 @@ class WeightUpdates:
         endpoint = self._endpoints.find(url)
         if endpoint is not None:
             self._endpoints.evacuate(endpoint)
+
+    def _released(self, url: str) -> None:
+        endpoint = self._endpoints.find(url)
+        if endpoint is not None:
+            endpoint.released()
 
 
 def _checked_path(text: str) -> str:
