@@ -10,14 +10,14 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from mvllm import __version__
-from mvllmd import errors
+from mvllmd import certs, errors
 from mvllmd.config import OPTIONS, load_config
 from mvllmd.instances.install import Scope, install_units, reload_manager, unit_dir
 from mvllmd.notify import Notifier
@@ -140,6 +140,117 @@ def install_units_command(scope: Scope, runtime: bool, config_file: Path | None,
         click.echo(f"note: run 'systemctl {user}daemon-reload'" + (f" ({problem})" if problem else ""), err=True)
     enable = "start" if runtime else "enable --now"
     click.echo(f"next: systemctl {user}{enable} mvllmd", err=True)
+
+
+CERTS_EPILOG = """\b
+Files (DIR is --dir, the current directory unless given):
+  DIR/ca.pem     the fleet CA's certificate: give it to every host (mvllmd --tls-client-ca)
+                 and every user (mvllmctl --tls-ca)
+  DIR/ca.key     the CA's key: it signs new hosts and users. It stays on the admin's machine:
+                 never copy it to a host
+  DIR/HOST.pem   a host's certificate and key: copy them to that host only (mvllmd --tls-cert,
+  DIR/HOST.key   --tls-key). A host serves with them and dials its peers with them
+  DIR/USER.pem   a user's certificate and key: give them to that user only (mvllmctl --tls-cert,
+  DIR/USER.key   --tls-key). A user's certificate can never act as a host
+
+\b
+Keys are EC P-256, written with mode 0600; certificates are valid from 5 minutes ago (clocks drift).
+Nothing is overwritten without --force. Names: 1 to 63 letters, digits, '.', '_', '-', not "ca".
+
+\b
+Exit status: 0 written, 1 could not write, 2 usage error (a bad name, no CA, the files exist).
+
+\b
+Examples:
+  mvllmd certs ca --dir ~/fleet
+  mvllmd certs host gpu-1 --address 10.0.0.2:7070 --address gpu-1.lan --dir ~/fleet
+  mvllmd certs user alice --dir ~/fleet
+"""
+
+F = TypeVar("F", bound=Callable[..., Any])
+DIRECTORY = click.Path(file_okay=False, path_type=Path)
+
+
+@cli.group("certs", epilog=CERTS_EPILOG)
+def certs_group() -> None:
+    """The fleet's certificates: one CA signs a certificate for each host and each user (mutual TLS).
+
+    Hosts talk gRPC to each other and to mvllmctl over mutual TLS. A daemon tells a peer from a user by
+    its certificate: a host's serves and dials (serverAuth + clientAuth, URI mvllm://host/NAME); a
+    user's only dials (clientAuth, URI mvllm://user/NAME).
+    """
+
+
+def _dir_option(help_text: str) -> Callable[[F], F]:
+    return click.option("--dir", "directory", type=DIRECTORY, default=".", show_default=True, help=help_text)
+
+
+def _days_option(default: int) -> Callable[[F], F]:
+    return click.option("--days", type=click.IntRange(min=1), default=default, show_default=True,
+                        help="Days the certificate is valid.")  # fmt: skip
+
+
+CA_DIR = click.option("--ca-dir", type=DIRECTORY, help="Where ca.pem and ca.key are. [--dir]")
+FORCE = click.option("--force", is_flag=True, help="Replace NAME.pem and NAME.key if they exist.")
+
+
+@certs_group.command("ca")
+@_dir_option("Where to write ca.pem and ca.key.")
+@click.option("--name", default=certs.FLEET_NAME, show_default=True,
+              help="The fleet's name: the CA's CN and O, and the O of every certificate it signs.")  # fmt: skip
+@_days_option(3650)
+@click.option("--force", is_flag=True, help="Replace ca.pem and ca.key (and so distrust all the old CA signed).")
+def certs_ca_command(directory: Path, name: str, days: int, force: bool) -> None:
+    """Make the fleet CA: DIR/ca.pem (for every host and user) and DIR/ca.key (keep it here)."""
+    _wrote(certs.make_ca(directory, name, days=days, force=force))
+    click.echo(f"next: mvllmd certs host NAME --address HOST:PORT --dir {directory}", err=True)
+
+
+@certs_group.command("host")
+@click.argument("name")
+@click.option("--address", "addresses", multiple=True, required=True, metavar="ADDR",
+              help="An address peers dial: the gRPC listener (10.0.0.2:7070, [fd00::2]:7070, gpu-1.lan:7070) "
+                   "or the HTTP front door's URL; the port is dropped. Repeat for each.")  # fmt: skip
+@_dir_option("Where to write NAME.pem and NAME.key.")
+@CA_DIR
+@_days_option(825)
+@FORCE
+def certs_host_command(
+    name: str, addresses: tuple[str, ...], *, directory: Path, ca_dir: Path | None, days: int, force: bool
+) -> None:
+    """Make host NAME's certificate (serves and dials): DIR/NAME.pem and DIR/NAME.key, for that host only."""
+    pair = certs.make_host(directory, name, list(addresses), days=days, force=force, ca_dir=ca_dir)
+    _wrote(pair)
+    ports = [port for a in addresses if "://" not in a for port in [certs.split_address(a)[1]] if port]
+    ca = (ca_dir or directory) / certs.CA_FILE
+    click.echo(
+        f"next: mvllmd --tls-cert {pair.cert} --tls-key {pair.key} --tls-client-ca {ca} "
+        f"--listen 0.0.0.0:{ports[0] if ports else 7070}\n"
+        f"      on {name}: copy {pair.cert.name}, {pair.key.name} and {ca.name} there; ca.key stays here",
+        err=True,
+    )
+
+
+@certs_group.command("user")
+@click.argument("name")
+@_dir_option("Where to write NAME.pem and NAME.key.")
+@CA_DIR
+@_days_option(825)
+@FORCE
+def certs_user_command(name: str, directory: Path, ca_dir: Path | None, days: int, force: bool) -> None:
+    """Make user NAME's certificate for mvllmctl (dials only): DIR/NAME.pem and DIR/NAME.key."""
+    pair = certs.make_user(directory, name, days=days, force=force, ca_dir=ca_dir)
+    _wrote(pair)
+    ca = (ca_dir or directory) / certs.CA_FILE
+    click.echo(
+        f"next: mvllmctl --tls-ca {ca} --tls-cert {pair.cert} --tls-key {pair.key} --address HOST:PORT info",
+        err=True,
+    )
+
+
+def _wrote(pair: certs.Pair) -> None:
+    for path in pair:
+        click.echo(f"wrote {certs.describe(path)}")
 
 
 def _setup_logging(level: str, journald: bool) -> None:
