@@ -20,6 +20,7 @@ from mvllmctl.daemon_commands import devices, info
 from mvllmctl.exit_codes import HELP as EXIT_HELP
 from mvllmctl.exit_codes import ExitStatus
 from mvllmctl.external_commands import attach, detach
+from mvllmctl.host_commands import hosts
 from mvllmctl.instance_commands import launch, logs, status, stop
 from mvllmctl.job_commands import cancel, job, jobs, submit, watch
 from mvllmctl.rollouts_command import generate_rollouts
@@ -58,8 +59,8 @@ def cli(
 ) -> None:
     """Control mvllmd: its devices, its engine instances (launch, status, stop, logs), servers it did not
     launch (attach, detach), rollout jobs (submit, jobs, job, watch, cancel; generate-rollouts for the
-    seed script's flags), and the instances' weights (weights update, sleep, wake); top shows them all,
-    live."""
+    seed script's flags), the instances' weights (weights update, sleep, wake), and the fleet of hosts
+    (hosts, hosts add, hosts remove); top shows them all, live."""
     client = Client(resolve_address(address, os.environ), timeout, resolve_tls(tls_ca, tls_cert, tls_key, os.environ))
     ctx.call_on_close(client.close)
     ctx.obj = Ctl(client=client)
@@ -75,7 +76,7 @@ def completion(shell: str) -> None:
 
 
 for command in (info, devices, top, launch, status, stop, logs, attach, detach, submit, jobs, job, watch, cancel,
-                generate_rollouts, weights, sleep, wake):  # fmt: skip
+                generate_rollouts, weights, sleep, wake, hosts):  # fmt: skip
     cli.add_command(command)
 
 

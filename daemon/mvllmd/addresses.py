@@ -154,7 +154,9 @@ def parse_http_address(text: str) -> HttpAddress:
 
 def check_http_policy(address: HttpAddress, insecure_http: bool, tls: TlsFiles | None, tokens: bool) -> None:
     """https:// needs the daemon's certificate; off loopback, the front door needs TLS and tokens, unless
-    --insecure-http: anyone who reaches it could otherwise use every server behind it."""
+    --insecure-http: anyone who reaches it could otherwise use every server behind it. A daemon of a fleet
+    (mutual TLS) may listen there without tokens: that listener serves only the per-instance routes,
+    whose tokens it gives its peers (`fleet_only`)."""
     if address.tls and tls is None:
         raise AddressError(f"{address}: https needs the daemon's --tls-cert and --tls-key")
     if address.tcp.is_loopback or insecure_http:
@@ -165,8 +167,14 @@ def check_http_policy(address: HttpAddress, insecure_http: bool, tls: TlsFiles |
             "prompts in the clear. Use https:// (with --tls-cert and --tls-key), listen on 127.0.0.1, or pass "
             "--insecure-http (insecure_http = true) if the network is trusted."
         )
-    if not tokens:
+    if not tokens and not (tls is not None and tls.mutual):
         raise AddressError(
             f"refusing to listen on {address} without tokens: anyone who reaches it could use every server behind "
             "it. Give --http-token-file (one token per line), or pass --insecure-http if the network is trusted."
         )
+
+
+def fleet_only(address: HttpAddress, insecure_http: bool, tokens: bool) -> bool:
+    """Whether a listener serves the fleet's per-instance routes alone: off loopback, https, without the front
+    door's tokens (allowed to a daemon with mutual TLS by check_http_policy), and not --insecure-http."""
+    return not (address.tcp.is_loopback or insecure_http or tokens)

@@ -93,6 +93,8 @@ Examples:
 @click.option(
     "--insecure-http/--no-insecure-http", default=None, help="Allow the front door off loopback without TLS/tokens."
 )
+@click.option("--fleet-name", metavar="NAME", help="This host's name in the fleet. [its certificate's]")
+@click.option("--fleet-host", multiple=True, metavar="NAME=HOST:PORT", help="A peer (mutual TLS); repeat.")
 @click.pass_context
 def cli(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
     """mvllmd: owns this host's GPUs and the vLLM servers on them, and runs rollout jobs across them.
@@ -105,6 +107,7 @@ def cli(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
     overrides = {option.name: flags[option.flag.lstrip("-").replace("-", "_")] for option in OPTIONS}
     overrides["daemon.listen"] = list(flags["listen"]) or None
     overrides["http.listen"] = list(flags["http_listen"]) or None
+    overrides["fleet.hosts"] = list(flags["fleet_host"]) or None
     config = load_config(config_file, overrides, os.environ, os.geteuid())
     _setup_logging(config.daemon.log_level, journald=bool(os.environ.get("JOURNAL_STREAM")))
     os.umask(0o077)  # state and sockets are private; listeners.py opens the socket to its group

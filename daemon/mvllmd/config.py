@@ -29,6 +29,7 @@ from mvllmd.addresses import (
     parse_http_address,
 )
 from mvllmd.errors import AddressError, ConfigError
+from mvllmd.hosts.membership import HostEntry, host_entry, parse_host
 from mvllmd.inventory import GpuSourceChoice
 from mvllmd.tls import TlsFiles, tls_files
 
@@ -99,6 +100,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("http", "session_idle_s", float, 600.0, "--http-session-idle", minimum=1, maximum=86400),
     Option("http", "sticky_factor", float, 2.0, "--http-sticky-factor", minimum=1, maximum=1000),
     Option("http", "reserve", float, 0.1, "--http-reserve", minimum=0, maximum=0.9),
+    Option("fleet", "name", str, "", "--fleet-name"),
+    Option("fleet", "hosts", list, [], "--fleet-host"),  # NAME=HOST:PORT; in the file, [[fleet.hosts]] tables
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -161,6 +164,12 @@ class HttpSettings:
     reserve: float = DEFAULTS["http.reserve"]  # of each server's capacity, left free by jobs for the front door
 
 
+@dataclass(frozen=True)
+class FleetSettings:
+    name: str = ""  # this host's name; empty: its certificate's, else the host name
+    hosts: tuple[HostEntry, ...] = ()  # the peers of the config file and flags
+
+
 def defaults(kind: type[S], section: str) -> S:
     """Settings of one section, every field at its default (OPTIONS)."""
     return _section(kind, section, DEFAULTS)
@@ -180,6 +189,7 @@ class Config:
     jobs: JobSettings = field(default_factory=lambda: defaults(JobSettings, "jobs"))
     config_file: Path | None = None
     http: HttpSettings = HttpSettings(())  # built by load_config; () here: no front door
+    fleet: FleetSettings = FleetSettings()
 
 
 def load_config(
@@ -239,8 +249,21 @@ def _check_file_values(doc: dict[str, Any], path: Path) -> dict[str, Any]:
             if key not in known:
                 raise ConfigError(f"{path}: unknown key {key!r} in [{section}]{_suggest(key, known)}")
             option = _BY_NAME[f"{section}.{key}"]
-            values[option.name] = _check_value(option, value, where=f"{path}: [{section}] {key}")
+            where = f"{path}: [{section}] {key}"
+            given = _host_tables(value, where) if option.name == "fleet.hosts" else value
+            values[option.name] = _check_value(option, given, where=where)
     return values
+
+
+def _host_tables(value: Any, where: str) -> list[str]:
+    """`[[fleet.hosts]]` tables (name, address) as the --fleet-host flag's NAME=HOST:PORT."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"{where}: expected [[fleet.hosts]] tables, each with a name and an address")
+    for table in value:
+        unknown = sorted(set(table) - {"name", "address"})
+        if unknown or "name" not in table or "address" not in table:
+            raise ConfigError(f"{where}: each [[fleet.hosts]] has a name and an address, and nothing else: {table}")
+    return [f"{host_entry(t['name'], t['address']).name}={t['address']}" for t in value]
 
 
 def _suggest(word: str, known: list[str]) -> str:
@@ -297,7 +320,21 @@ def _build(values: dict[str, Any], config_file: Path | None, environ: Mapping[st
     instances = _section(InstanceSettings, "instances", values)
     jobs = _section(JobSettings, "jobs", values)
     http = _http(values, tls)
-    return Config(daemon, inventory, engine, instances, jobs, config_file, http)
+    return Config(daemon, inventory, engine, instances, jobs, config_file, http, _fleet(values))
+
+
+def _fleet(values: dict[str, Any]) -> FleetSettings:
+    hosts = tuple(parse_host(text) for text in values["fleet.hosts"])
+    names = [h.name for h in hosts]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"[[fleet.hosts]]: host given twice: {', '.join(twice)}")
+    name = values["fleet.name"]
+    if name:
+        host_entry(name, "127.0.0.1:0")  # the name's rule
+    if name in names:
+        raise ConfigError(f"[[fleet.hosts]]: {name} is this host's own name ([fleet] name)")
+    return FleetSettings(name, hosts)
 
 
 def _http(values: dict[str, Any], tls: TlsFiles | None) -> HttpSettings:

@@ -7,6 +7,8 @@
     ├── InventoryError           a device source that was asked for fails   (exit 1 at start-up)
     ├── InvalidRequest           a request that can never succeed           → INVALID_ARGUMENT
     ├── NotFound                 a named thing does not exist               → NOT_FOUND
+    ├── Forbidden                the caller may not do this (a user's        → PERMISSION_DENIED
+    │                            certificate calling a daemons-only RPC)
     ├── Unreachable              a server the daemon was asked to reach     → UNAVAILABLE
     │                            does not answer (mvllmctl attach)
     ├── Conflict                 the thing exists, or is in the wrong state → FAILED_PRECONDITION
@@ -59,6 +61,10 @@ class InvalidRequest(MvllmError):
 
 class NotFound(MvllmError):
     """A named object does not exist."""
+
+
+class Forbidden(MvllmError):
+    """The caller may not do this, whatever it asks: a daemons-only RPC called without a host certificate."""
 
 
 class Unreachable(MvllmError):

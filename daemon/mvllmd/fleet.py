@@ -2,8 +2,10 @@
 
 Jobs (jobs/sources.py) and the HTTP front door (frontdoor/servers.py) learn their servers here, and only
 here: this host's READY instances (instances/manager.py) and the READY external servers attached by URL
-(external/servers.py); later, other hosts' instances. A server that is not READY (starting, UNHEALTHY,
-hung, restarting, gone) is not listed, so both leave it at once.
+(external/servers.py), and the READY instances of every reachable peer (hosts/), named HOST/NAME and
+reached through the peer's per-instance route with the token it gave this daemon. A server that is not
+READY (starting, UNHEALTHY, hung, restarting, gone, on a peer that is unreachable) is not listed, so both
+leave it at once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mvllmd.external.servers import ExternalServers
+from mvllmd.hosts.hosts import Hosts
 from mvllmd.instances.manager import InstanceManager
+from mvllmd.instances.spec import InstanceState
 from mvllmd.instances.state import LIVE
 
 
@@ -54,12 +58,14 @@ class Subscription:
 
 
 class Fleet:
-    def __init__(self, instances: InstanceManager, external: ExternalServers) -> None:
+    def __init__(self, instances: InstanceManager, external: ExternalServers, hosts: Hosts | None = None) -> None:
         self.instances = instances
         self.external = external
+        self.hosts = hosts
 
     def ready(self) -> list[Server]:
-        """Every READY server: the instances first, by name, then the external servers, by name."""
+        """Every READY server: the instances first, by name, then the external servers, by name, then the
+        peers' instances, by host and name."""
         local = [
             Server(v.spec.name, v.spec.url, v.spec.served_model_name, v.spec.max_num_seqs, key, v.spec.model)
             for v, key in self.instances.serving()
@@ -68,7 +74,7 @@ class Fleet:
             Server(v.spec.name, v.spec.url, v.spec.model, v.spec.max_num_seqs, key)
             for v, key in self.external.serving()
         ]
-        return local + external
+        return local + external + self._remote((InstanceState.READY,), keyed=True)
 
     def live(self) -> list[Server]:
         """Every server that is or may soon be READY, with no key: the instances in a live state (starting,
@@ -81,8 +87,34 @@ class Fleet:
         external = [
             Server(v.spec.name, v.spec.url, v.spec.model, v.spec.max_num_seqs) for v in self.external.list_servers()
         ]
-        return local + external
+        return local + external + self._remote(LIVE, keyed=False)
 
     def subscribe(self) -> Subscription:
         instances, external = self.instances.subscribe(), self.external.subscribe()
-        return Subscription([(instances, self.instances.unsubscribe), (external, self.external.unsubscribe)])
+        queues: list[tuple[asyncio.Queue[Any], Callable[[asyncio.Queue[Any]], None]]] = [
+            (instances, self.instances.unsubscribe),
+            (external, self.external.unsubscribe),
+        ]
+        if self.hosts is not None:
+            queues.append((self.hosts.subscribe(), self.hosts.unsubscribe))
+        return Subscription(queues)
+
+    def _remote(self, states: tuple[InstanceState, ...], keyed: bool) -> list[Server]:
+        """The peers' instances in these states, while their peer is reachable; with their route token
+        as the API key when `keyed`."""
+        if self.hosts is None:
+            return []
+        return [
+            Server(
+                f"{link.entry.name}/{i.name}",
+                link.route(i.name),
+                i.model,
+                i.max_num_seqs,
+                link.token if keyed else "",
+                i.weights_path,
+            )
+            for link in self.hosts.links()
+            if link.reachable
+            for i in link.instances
+            if i.state in states
+        ]

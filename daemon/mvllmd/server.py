@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +27,8 @@ from mvllm import __version__
 from mvllm.v1 import (
     daemon_pb2,
     daemon_pb2_grpc,
+    fleet_pb2,
+    fleet_pb2_grpc,
     instance_pb2,
     instance_pb2_grpc,
     job_pb2,
@@ -33,11 +36,14 @@ from mvllm.v1 import (
     weights_pb2,
     weights_pb2_grpc,
 )
-from mvllmd.addresses import HttpAddress, TcpAddress
+from mvllmd.addresses import HttpAddress, TcpAddress, fleet_only
 from mvllmd.api.daemon_service import DaemonServicer
+from mvllmd.api.fleet_service import FleetServicer
 from mvllmd.api.instance_service import InstanceServicer
 from mvllmd.api.job_service import JobServicer
+from mvllmd.api.peers import PeerClient, fleet_credentials
 from mvllmd.api.weight_service import WeightServicer
+from mvllmd.certs import identity
 from mvllmd.config import Config
 from mvllmd.daemon import Daemon
 from mvllmd.dispatch.endpoints import Endpoints, Tuning
@@ -46,7 +52,11 @@ from mvllmd.external.servers import ExternalServers
 from mvllmd.external.store import ExternalStore
 from mvllmd.fleet import Fleet
 from mvllmd.frontdoor.app import FrontDoor
+from mvllmd.frontdoor.instance_route import InstanceRoute
 from mvllmd.frontdoor.servers import Servers
+from mvllmd.hosts.hosts import Hosts, host_summary
+from mvllmd.hosts.link import Dial, Summary
+from mvllmd.hosts.membership import HostEntry, Membership
 from mvllmd.instances.backends.choice import BackendKind, pick_backend
 from mvllmd.instances.backends.process import ProcessBackend
 from mvllmd.instances.backends.protocol import UnitBackend
@@ -60,6 +70,7 @@ from mvllmd.locks import PidLock
 from mvllmd.metrics.prometheus import Metrics
 from mvllmd.notify import Notifier
 from mvllmd.overview import Overview
+from mvllmd.transport import http as http_client
 from mvllmd.weights.updates import WeightUpdates
 
 log = logging.getLogger(__name__)
@@ -69,10 +80,14 @@ SERVICES = (
     instance_pb2.DESCRIPTOR.services_by_name["InstanceService"].full_name,
     job_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     weights_pb2.DESCRIPTOR.services_by_name["WeightService"].full_name,
+    fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
 )
 SERVER_OPTIONS = (
     # gRPC turns SO_REUSEPORT on by default; with it, a second daemon could bind the same TCP port.
     ("grpc.so_reuseport", 0),
+    # Coordinators ping every 2 s to learn within seconds that a peer is gone (api/peers.py); accept that.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
 )
 
 
@@ -92,20 +107,26 @@ async def serve(config: Config, notifier: Notifier, under_systemd: bool, environ
             servers = Servers(endpoints, daemon.fleet, session_idle_s=http.session_idle_s,
                               sticky_factor=http.sticky_factor)  # fmt: skip
             _measure(metrics, daemon, endpoints)
-            front = FrontDoor(servers, http.tokens, metrics)
+            hosts = daemon.fleet.hosts
+            assert hosts is not None
+            route = InstanceRoute(daemon.instances.target, hosts.tokens, http_client.Client())
+            front = FrontDoor(servers, http.tokens, metrics, route=route)
             overview = Overview(daemon, endpoints, metrics)
             try:
-                daemon.http_urls = await _open_front_door(front, config)
+                daemon.http_urls = hosts.http_urls = await _open_front_door(front, config)
+                hosts.start()
                 health = _add_services(server, daemon, overview)
                 await server.start()
                 await _run_until_signalled(daemon, health, notifier)
                 notifier.stopping(f"stopping jobs (up to {config.jobs.stop_drain_s:g}s for requests in flight)")
                 await daemon.jobs.close()
+                daemon.instances.stop_watches()
                 await _drain(server, health, notifier, config.daemon.drain_timeout_s)
             finally:
                 overview.close()
                 await front.close()
                 await daemon.jobs.close()
+                await hosts.close()
                 await daemon.weights.close()
                 await daemon.fleet.external.close()
                 await daemon.instances.close()
@@ -134,8 +155,9 @@ async def _open_front_door(front: FrontDoor, config: Config) -> tuple[str, ...]:
     urls = []
     for address in config.http.listen:
         context = config.daemon.tls.http_context() if address.tls and config.daemon.tls else None
+        only = fleet_only(address, config.http.insecure_http, bool(config.http.tokens))
         try:
-            host, port = await front.listen(address.tcp.host, address.tcp.port, context)
+            host, port = await front.listen(address.tcp.host, address.tcp.port, context, fleet_only=only)
         except OSError as exc:
             raise AddressError(
                 f"cannot listen on {address} (the HTTP front door): {exc.strerror or exc}; pass --http-listen "
@@ -184,7 +206,11 @@ async def _start_up(
     await instances.start()
     external = _external_servers(config, instances)
     await external.start()
-    fleet = Fleet(instances, external)
+
+    async def own() -> Summary:
+        return host_summary(await fresh_inventory(), instances.holders(), len(instances.list_instances()))
+
+    fleet = Fleet(instances, external, _hosts(config, own))
     store = JobStore(config.daemon.state_dir / "jobs.sqlite3")
     jobs = JobManager(store, fleet, config.jobs, resume_wait_s=config.instances.start_timeout_s,
                       endpoints=endpoints, events=metrics)  # fmt: skip
@@ -192,6 +218,29 @@ async def _start_up(
     await jobs.start()
     return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd, instances=instances, jobs=jobs,
                   fleet=fleet, endpoints=endpoints, weights=weights)  # fmt: skip
+
+
+def _hosts(config: Config, own: Any) -> Hosts:
+    """The fleet of hosts: this daemon's name (--fleet-name, else its certificate's, else the host name),
+    its peers, and how it dials them (mutual TLS with its own certificate)."""
+    tls = config.daemon.tls
+    name = config.fleet.name
+    if not name and tls is not None:
+        mine = identity(tls.cert.read_bytes())
+        name = mine.name if mine is not None else ""
+    membership = Membership(name or socket.gethostname(), config.fleet.hosts, config.daemon.state_dir)
+    try:
+        credentials, refusal = fleet_credentials(tls), ""
+    except ConfigError as exc:
+        credentials, refusal = None, str(exc)
+    if tls is not None and tls.client_ca is not None:
+        http_client.trust(str(tls.client_ca))  # the peers' HTTP listeners
+
+    def dial(entry: HostEntry) -> PeerClient:
+        return PeerClient(entry, credentials)
+
+    peers: Dial = dial
+    return Hosts(membership, peers, own, refusal)
 
 
 def _external_servers(config: Config, instances: InstanceManager) -> ExternalServers:
@@ -224,6 +273,8 @@ def _add_services(server: Any, daemon: Daemon, overview: Overview | None = None)
     )
     job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(daemon.jobs), server)
     weights_pb2_grpc.add_WeightServiceServicer_to_server(WeightServicer(daemon.weights), server)
+    if daemon.fleet.hosts is not None:
+        fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(daemon.fleet.hosts), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -101,8 +101,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 class Server:
     def __init__(self, routes: Mapping[tuple[str, str], Handler], max_body: int = MAX_BODY,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:  # fmt: skip
+                 request_timeout_s: float = REQUEST_TIMEOUT_S,
+                 prefixes: Mapping[str, Handler] | None = None) -> None:  # fmt: skip
         self.routes = dict(routes)
+        self.prefixes = dict(prefixes or {})  # path prefix -> the handler of every method and path under it
         self.max_body = max_body
         self.request_timeout_s = request_timeout_s
         self._paths = {path for _, path in routes}
@@ -137,6 +139,8 @@ class Server:
 
     async def handle(self, request: Request) -> Response:
         handler = self.routes.get((request.method, request.path))
+        if handler is None:
+            handler = next((h for prefix, h in self.prefixes.items() if request.path.startswith(prefix)), None)
         if handler is None:
             status = 405 if request.path in self._paths else 404
             return json_response({"detail": HTTPStatus(status).phrase}, status)

@@ -27,6 +27,7 @@ STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.AddressError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Forbidden: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unreachable: grpc.StatusCode.UNAVAILABLE,  # mvllmctl tells it from an unreachable daemon
     errors.Conflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.AlreadyRunning: grpc.StatusCode.FAILED_PRECONDITION,

@@ -64,6 +64,13 @@ class InstanceServicer(instance_pb2_grpc.InstanceServiceServicer):  # type: igno
         return pb.DetachServerResponse(server=external_to_proto(await self._external.detach(request.name)))
 
     @rpc_stream
+    async def WatchInstances(
+        self, request: pb.WatchInstancesRequest, context: Any
+    ) -> AsyncIterator[pb.WatchInstancesResponse]:
+        async for views, changed in self._instances.watch():
+            yield pb.WatchInstancesResponse(instances=[instance_to_proto(v) for v in views], changed=changed)
+
+    @rpc_stream
     async def GetInstanceLogs(
         self, request: pb.GetInstanceLogsRequest, context: Any
     ) -> AsyncIterator[pb.GetInstanceLogsResponse]:

@@ -11,6 +11,11 @@ This layer only translates: HTTP in, a proxy.Call out; errors in vLLM's envelope
 
 A request with `X-Session-ID` (or the body's `user`) is sticky-least-loaded (servers.py).
 
+Under `/i/NAME/` are the per-instance routes by which the fleet's coordinators reach this host's
+instances (instance_route.py), with their own tokens. A listener off loopback without the front door's
+tokens (allowed only to a daemon with mutual TLS, the fleet's) serves those routes alone: its other
+routes answer 401.
+
 Every other path is 404: vLLM's development routes (`/collective_rpc`, `/pause`, `/sleep`,
 `/update_weights`, ...) are never forwarded. With tokens (`--http-token-file`), every route but
 /health wants `Authorization: Bearer TOKEN`, compared in constant time. Without tokens, a model whose
@@ -31,6 +36,7 @@ from ssl import SSLContext
 from typing import Any
 
 from mvllm import httpd
+from mvllmd.frontdoor.instance_route import PREFIX, InstanceRoute
 from mvllmd.frontdoor.proxy import VERSION_HEADER, Call, NoServer, Sink, forward
 from mvllmd.frontdoor.servers import Servers
 from mvllmd.metrics.prometheus import CONTENT_TYPE, Metrics
@@ -52,7 +58,8 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> h
 
 class FrontDoor:
     def __init__(self, servers: Servers, tokens: frozenset[str] = frozenset(), metrics: Metrics | None = None,
-                 request_timeout_s: float = httpd.REQUEST_TIMEOUT_S) -> None:  # fmt: skip
+                 request_timeout_s: float = httpd.REQUEST_TIMEOUT_S,
+                 route: InstanceRoute | None = None) -> None:  # fmt: skip
         self.servers = self._servers = servers
         self._tokens = tuple(t.encode() for t in tokens)
         self._client = http.Client()
@@ -70,10 +77,16 @@ class FrontDoor:
             ("GET", "/metrics"): self._metrics,
         }
         self._servers_http: list[httpd.Server] = []
+        self._prefixes = {PREFIX: route.handle} if route is not None else {}
 
-    async def listen(self, host: str, port: int, ssl: SSLContext | None = None) -> tuple[str, int]:
-        """Serve on one more address; return the host and port bound (port 0: the one picked)."""
-        server = httpd.Server(self._routes, max_body=MAX_BODY, request_timeout_s=self._request_timeout_s)
+    async def listen(
+        self, host: str, port: int, ssl: SSLContext | None = None, fleet_only: bool = False
+    ) -> tuple[str, int]:
+        """Serve on one more address (`fleet_only`: the per-instance routes alone); return the host and port
+        bound (port 0: the one picked)."""
+        routes = dict.fromkeys(self._routes, self._fleet_only) if fleet_only else self._routes
+        server = httpd.Server(routes, max_body=MAX_BODY, request_timeout_s=self._request_timeout_s,
+                              prefixes=self._prefixes)  # fmt: skip
         bound = await server.start(host, port, ssl=ssl)
         self._servers_http.append(server)
         return bound
@@ -84,6 +97,10 @@ class FrontDoor:
         self._client.close()
 
     # --- routes ------------------------------------------------------------------------------------
+
+    async def _fleet_only(self, request: httpd.Request) -> httpd.Response:
+        return error(401, "this listener serves only the fleet's per-instance routes (/i/NAME/...): start mvllmd "
+                          "with --http-token-file to serve clients here")  # fmt: skip
 
     async def _health(self, request: httpd.Request) -> httpd.Response:
         if self._servers.models():

@@ -43,6 +43,7 @@ class InstanceManager:
         self._instances: dict[str, Instance] = {}
         self._events = Events()
         self._lock = asyncio.Lock()  # launches and stops one at a time: placement sees a settled world
+        self._stopping = asyncio.Event()  # the daemon stops: watches end
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -103,6 +104,11 @@ class InstanceManager:
     def instance(self, name: str) -> Instance | None:
         return self._instances.get(name)
 
+    def target(self, name: str) -> tuple[str, str] | None:
+        """An instance's URL and API key, for the per-instance route (frontdoor/instance_route.py)."""
+        inst = self._instances.get(name)
+        return (inst.spec.url, inst.api_key) if inst is not None else None
+
     def weights_of(self, url: str) -> Weights | None:
         """The weights of the instance at `url` (shared: dispatch/endpoints.py holds them by reference)."""
         for inst in self._instances.values():
@@ -128,6 +134,31 @@ class InstanceManager:
 
     def unsubscribe(self, queue: asyncio.Queue[InstanceEvent]) -> None:
         self._events.unsubscribe(queue)
+
+    async def watch(self) -> AsyncIterator[tuple[list[InstanceView], list[str]]]:
+        """Every instance, at once and after each change, with the names of those that changed (changes
+        that come together are told together), until the daemon stops."""
+        queue = self.subscribe()
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            yield self.list_instances(), []
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait({get, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    return
+                changed = {get.result().name}
+                while not queue.empty():
+                    changed.add(queue.get_nowait().name)
+                yield self.list_instances(), sorted(changed)
+        finally:
+            stopping.cancel()
+            self.unsubscribe(queue)
+
+    def stop_watches(self) -> None:
+        """End every watch: the daemon is stopping (a watch would otherwise hold its drain to the end)."""
+        self._stopping.set()
 
     # --- launch ---------------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ and a fifth less per streamed answer of 20 chunks (466 us against 576 us; parsin
 - a pool of idle keep-alive connections per server (`Pool`); a connection that was idle may have been
   closed by the server meanwhile, so a request that fails on a reused connection before any byte of
   its answer came is sent once more on a new one (the server saw no complete request, or dropped it);
-- `https://` with the system's trust store; no proxies, no redirects, no cookies;
+- `https://` with the system's trust store, and the CAs given to `trust` (the fleet's: peers' HTTP
+  listeners); no proxies, no redirects, no cookies;
 - a request cancelled (a hedge lost, a deadline) closes its connection: its answer would still come;
 - a streamed answer (a 200 in chunked encoding, such as vLLM's server-sent events) goes, chunk by
   chunk as each chunk is whole, to the request's `on_data`, and its Response has an empty body; a
@@ -51,6 +52,22 @@ _PARSE_ERRORS = (
     ("Content-Length", "bad Content-Length"),
     ("hunk size", "bad chunk size"),
 )
+
+
+_TRUSTED: list[str] = []  # CA files trusted beside the system's roots
+
+
+def trust(cafile: str) -> None:
+    """Trust the CA certificates in `cafile` too, in every pool made after (the fleet CA: server.py)."""
+    ssl.create_default_context(cafile=cafile)  # fails here, not at a request, if it holds no certificate
+    _TRUSTED.append(cafile)
+
+
+def _tls_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    for cafile in _TRUSTED:
+        context.load_verify_locations(cafile=cafile)
+    return context
 
 
 class HttpError(Exception):
@@ -216,7 +233,7 @@ class Pool:
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.prefix = parts.path.rstrip("/")
-        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._ssl = _tls_context() if parts.scheme == "https" else None
         host_header = parts.netloc.rpartition("@")[2]  # never send userinfo
         self._host_line = f"Host: {host_header}\r\n".encode("latin-1")
         self._idle: list[_Connection] = []

@@ -155,6 +155,18 @@ class ListInstancesResponse(_message.Message):
     external_servers: _containers.RepeatedCompositeFieldContainer[ExternalServer]
     def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., external_servers: _Optional[_Iterable[_Union[ExternalServer, _Mapping]]] = ...) -> None: ...
 
+class WatchInstancesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchInstancesResponse(_message.Message):
+    __slots__ = ("instances", "changed")
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    changed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., changed: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class GetInstanceLogsRequest(_message.Message):
     __slots__ = ("name", "follow", "tail_lines")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -66,6 +66,11 @@ class InstanceServiceStub:
                 request_serializer=mvllm_dot_v1_dot_instance__pb2.DetachServerRequest.SerializeToString,
                 response_deserializer=mvllm_dot_v1_dot_instance__pb2.DetachServerResponse.FromString,
                 _registered_method=True)
+        self.WatchInstances = channel.unary_stream(
+                '/mvllm.v1.InstanceService/WatchInstances',
+                request_serializer=mvllm_dot_v1_dot_instance__pb2.WatchInstancesRequest.SerializeToString,
+                response_deserializer=mvllm_dot_v1_dot_instance__pb2.WatchInstancesResponse.FromString,
+                _registered_method=True)
 
 
 class InstanceServiceServicer:
@@ -118,6 +123,14 @@ class InstanceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchInstances(self, request, context):
+        """WatchInstances streams every instance of this host: the whole list at once, then again after each
+        change (of state, weights, anything shown), so that a coordinator or a tool need not poll.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InstanceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +163,11 @@ def add_InstanceServiceServicer_to_server(servicer, server):
                     servicer.DetachServer,
                     request_deserializer=mvllm_dot_v1_dot_instance__pb2.DetachServerRequest.FromString,
                     response_serializer=mvllm_dot_v1_dot_instance__pb2.DetachServerResponse.SerializeToString,
+            ),
+            'WatchInstances': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchInstances,
+                    request_deserializer=mvllm_dot_v1_dot_instance__pb2.WatchInstancesRequest.FromString,
+                    response_serializer=mvllm_dot_v1_dot_instance__pb2.WatchInstancesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +334,33 @@ class InstanceService:
             '/mvllm.v1.InstanceService/DetachServer',
             mvllm_dot_v1_dot_instance__pb2.DetachServerRequest.SerializeToString,
             mvllm_dot_v1_dot_instance__pb2.DetachServerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mvllm.v1.InstanceService/WatchInstances',
+            mvllm_dot_v1_dot_instance__pb2.WatchInstancesRequest.SerializeToString,
+            mvllm_dot_v1_dot_instance__pb2.WatchInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,

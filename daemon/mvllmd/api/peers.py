@@ -1,0 +1,116 @@
+"""The client side of the fleet: this daemon's gRPC calls to a peer daemon, over mutual TLS with its own
+host certificate (--tls-cert, --tls-key), trusting the fleet CA (--tls-client-ca) for the peer's. Like
+the servicers, it only translates: protos to the domain's types (hosts/link.py), gRPC errors to
+mvllmd's (errors.py).
+
+The channel sends keepalive pings every KEEPALIVE_S and gives the peer KEEPALIVE_TIMEOUT_S to answer: a
+peer whose network is cut is known lost within seconds, not at TCP's minutes. (Its server accepts
+such pings: server.py.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from mvllm import __version__
+from mvllm.v1 import daemon_pb2, daemon_pb2_grpc, fleet_pb2, fleet_pb2_grpc, instance_pb2, instance_pb2_grpc
+from mvllmd.api.instance_service import STATES
+from mvllmd.errors import ConfigError, Conflict, Forbidden, MvllmError, Unreachable
+from mvllmd.hosts.link import FLEET_PROTOCOL, Joined, RemoteInstance, Summary
+from mvllmd.hosts.membership import HostEntry
+from mvllmd.tls import TlsFiles
+
+CALL_TIMEOUT_S = 10.0
+KEEPALIVE_S = 2.0
+KEEPALIVE_TIMEOUT_S = 3.0
+CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
+    ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Reconnect soon after a peer comes back (gRPC's own backoff grows to two minutes).
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+)
+STATES_BY_PROTO = {v: k for k, v in STATES.items()}
+GPU_KINDS = (daemon_pb2.DEVICE_KIND_GPU, daemon_pb2.DEVICE_KIND_SIM_GPU)
+
+
+def fleet_credentials(tls: TlsFiles | None) -> Any:
+    """This daemon's client credentials toward its peers; ConfigError without a fleet certificate."""
+    if tls is None or tls.client_ca is None:
+        raise ConfigError(
+            "peers need this daemon's fleet certificate: start it with --tls-cert and --tls-key (mvllmd certs host "
+            "NAME) and --tls-client-ca (the fleet's ca.pem)"
+        )
+    try:
+        root, key, chain = tls.client_ca.read_bytes(), tls.key.read_bytes(), tls.cert.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
+
+
+class PeerClient:
+    """One channel to one peer (hosts/link.py's Peer)."""
+
+    def __init__(self, entry: HostEntry, credentials: Any) -> None:
+        self._entry = entry
+        self._channel = grpc.aio.secure_channel(entry.address, credentials, options=CHANNEL_OPTIONS)
+
+    async def join(self) -> Joined:
+        stub = fleet_pb2_grpc.FleetServiceStub(self._channel)
+        request = fleet_pb2.JoinFleetRequest(version=__version__, protocol=FLEET_PROTOCOL)
+        try:
+            r = await stub.JoinFleet(request, timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return Joined(r.name, r.version, r.protocol, tuple(r.http_urls), r.route_token)
+
+    async def watch(self) -> AsyncIterator[list[RemoteInstance]]:
+        stub = instance_pb2_grpc.InstanceServiceStub(self._channel)
+        try:
+            async for r in stub.WatchInstances(instance_pb2.WatchInstancesRequest()):
+                yield [remote_instance(i) for i in r.instances]
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+
+    async def summary(self) -> Summary:
+        daemon = daemon_pb2_grpc.DaemonServiceStub(self._channel)
+        instances = instance_pb2_grpc.InstanceServiceStub(self._channel)
+        try:
+            info = await daemon.GetDaemonInfo(daemon_pb2.GetDaemonInfoRequest(), timeout=CALL_TIMEOUT_S)
+            devices = await daemon.ListDevices(daemon_pb2.ListDevicesRequest(), timeout=CALL_TIMEOUT_S)
+            listed = await instances.ListInstances(instance_pb2.ListInstancesRequest(), timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        gpus = [d for d in devices.devices if d.kind in GPU_KINDS]
+        free = sum(1 for d in gpus if not d.instance)
+        return Summary(info.version, len(gpus), free, len(listed.instances))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _error(self, exc: grpc.aio.AioRpcError) -> MvllmError:
+        where = f"host {self._entry.name} at {self._entry.address}"
+        details = exc.details() or str(exc.code())
+        code = exc.code()
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            return Forbidden(f"{where} refused: {details}")
+        if code is grpc.StatusCode.FAILED_PRECONDITION:
+            return Conflict(f"{where}: {details}")
+        if any(word in details.lower() for word in ("ssl", "handshake", "certificate")):
+            return Unreachable(
+                f"{where}: the TLS handshake failed ({details}): both certificates must be signed by the fleet CA "
+                "(--tls-client-ca), be in date, and the peer's must name the address dialled"
+            )
+        return Unreachable(f"{where}: {details}")
+
+
+def remote_instance(i: instance_pb2.Instance) -> RemoteInstance:
+    state = STATES_BY_PROTO.get(i.state)
+    if state is None:
+        raise Unreachable(f"a peer sent instance {i.name} in an unknown state ({i.state})")
+    return RemoteInstance(i.name, state, i.model, i.weights_path, i.max_num_seqs)

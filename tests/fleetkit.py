@@ -1,0 +1,100 @@
+"""A fleet of real mvllmd daemons on emulated hosts (hostkit): one per host, each with simulated GPUs,
+its own state on its own file system, mutual TLS with certificates made by `mvllmd certs`.
+
+Each daemon listens on its host's address (gRPC with mutual TLS, and its HTTP listener with TLS: the
+per-instance routes), and also on a unix socket in the test's shared directory, by which the test
+drives it as a plain DaemonProcess (jobkit's helpers work unchanged). Host 1 is the coordinator.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemonkit import MVLLMCTL, MVLLMD, DaemonProcess, start_daemon
+from hostkit import Host, ip
+from jobkit import free_port_range
+
+GRPC_PORT = 7070
+HTTP_PORT = 7080
+
+
+def make_pki(folder: Path, hosts: Sequence[Host]) -> Path:
+    """The fleet CA, a certificate for each host (its name and address), and one for the test's user."""
+    folder.mkdir()
+
+    def certs(*args: str) -> None:
+        done = subprocess.run([MVLLMD, "certs", *args, "--dir", str(folder)], capture_output=True, text=True,
+                              check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    certs("ca")
+    for host in hosts:
+        certs("host", host.name, "--address", host.address)
+    certs("user", "tester")
+    return folder
+
+
+@dataclass
+class FleetDaemon:
+    host: Host
+    pki: Path
+    tmp: Path
+    extra: list[str] = field(default_factory=list)
+    daemon: DaemonProcess | None = None
+    env: dict[str, str] = field(default_factory=dict)  # made at the first start, kept for the next
+
+    @property
+    def address(self) -> str:
+        """Its gRPC address on the fleet's network."""
+        return f"{self.host.address}:{GRPC_PORT}"
+
+    @property
+    def http(self) -> str:
+        return f"https://{self.host.address}:{HTTP_PORT}"
+
+    def args(self) -> list[str]:
+        name, pki = self.host.name, self.pki
+        return ["--listen", f"unix:{self.tmp}/{name}.sock", "--listen", self.address,
+                "--tls-cert", f"{pki}/{name}.pem", "--tls-key", f"{pki}/{name}.key", "--tls-client-ca", f"{pki}/ca.pem",
+                "--http-listen", self.http, "--state-dir", f"{self.host.private}/state", "--sim-gpus", "2",
+                "--gpu-source", "none", "--unit-manager", "process", "--probe-interval", "0.2",
+                "--port-base", str(free_port_range()), *self.extra]  # fmt: skip
+
+    def start(self) -> DaemonProcess:
+        self.env = self.env or self.host.environment()
+        if self.daemon is not None:
+            self.daemon.notify.close()
+        self.daemon = start_daemon(self.tmp, self.env, self.args(), prefix=self.host.command([]))
+        return self.daemon
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """mvllmctl from the test's namespace, over the daemon's unix socket."""
+        assert self.daemon is not None
+        return self.daemon.ctl(*args, timeout=timeout)
+
+    def remote_ctl(self, *args: str, cert: str = "tester", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """mvllmctl over the fleet's network: TCP and mutual TLS, with the certificate `cert`."""
+        pki = self.pki
+        argv = [MVLLMCTL, "--address", self.address, "--tls-ca", f"{pki}/ca.pem", "--tls-cert", f"{pki}/{cert}.pem",
+                "--tls-key", f"{pki}/{cert}.key", *args]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MVLLM_")}
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            if self.daemon.proc.poll() is None:
+                self.daemon.stop()
+            self.daemon.notify.close()
+
+    def kill_host(self) -> None:
+        """kill -9 the daemon and every process on its host (its engines), as a host that dies would."""
+        assert self.daemon is not None
+        for pid in ip("netns", "pids", self.host.netns).split():
+            if int(pid) != self.host.holder_pid:
+                os.kill(int(pid), signal.SIGKILL)
+        self.daemon.proc.wait(30)
