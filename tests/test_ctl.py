@@ -39,7 +39,7 @@ def test_devices_table(daemon: DaemonProcess) -> None:
 def test_devices_json_prints_every_field(daemon: DaemonProcess) -> None:
     done = daemon.ctl("devices", "--kind", "gpu", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"devices": [], "gpu_source": "GPU_SOURCE_NONE"}  # [] not omitted
+    assert json.loads(done.stdout) == {"devices": [], "gpu_source": "GPU_SOURCE_NONE", "failures": []}  # [] not omitted
     sim = json.loads(daemon.ctl("devices", "--kind", "sim-gpu", "--json").stdout)["devices"][0]
     assert set(sim) == {
         "kind",
@@ -50,6 +50,7 @@ def test_devices_json_prints_every_field(daemon: DaemonProcess) -> None:
         "memory_free_bytes",
         "processes",
         "instance",
+        "fleet_host",
     }
     assert sim["processes"] == []
     assert sim["index"] == 0  # a default value, printed all the same

@@ -6,7 +6,8 @@ import click
 
 from mvllm.v1 import daemon_pb2 as pb
 from mvllm.v1 import daemon_pb2_grpc
-from mvllmctl.context import Ctl, json_option, pass_ctl
+from mvllmctl.context import Ctl, hosts_option, json_option, pass_ctl
+from mvllmctl.exit_codes import ExitStatus
 from mvllmctl.output import duration, gib, print_fields, print_json, print_table
 
 KINDS = {"gpu": pb.DEVICE_KIND_GPU, "cpu-slot": pb.DEVICE_KIND_CPU_SLOT, "sim-gpu": pb.DEVICE_KIND_SIM_GPU}
@@ -43,20 +44,31 @@ def info(ctl: Ctl, as_json: bool) -> None:
 
 @click.command()
 @click.option("--kind", type=click.Choice(sorted(KINDS)), help="Only devices of this kind.")
+@hosts_option("List the devices of these fleet hosts. [this host]")
 @json_option
 @pass_ctl
-def devices(ctl: Ctl, kind: str | None, as_json: bool) -> None:
+@click.pass_context
+def devices(ctx: click.Context, ctl: Ctl, kind: str | None, hosts: list[str], as_json: bool) -> None:
     """List the devices the daemon can assign: GPUs, CPU slots and simulated GPUs.
 
     GPUs are read through NVML (or nvidia-smi). CPU slots and simulated GPUs are declared in the
-    daemon's config ([inventory] cpu_slots, sim_gpus) and are never shown as GPUs.
+    daemon's config ([inventory] cpu_slots, sim_gpus) and are never shown as GPUs. With --hosts, each
+    device's host is shown first; exit 1 when a host named could not be asked.
     """
     stub = daemon_pb2_grpc.DaemonServiceStub(ctl.client.channel())
-    request = pb.ListDevicesRequest(kind=KINDS[kind] if kind else pb.DEVICE_KIND_UNSPECIFIED)
+    request = pb.ListDevicesRequest(kind=KINDS[kind] if kind else pb.DEVICE_KIND_UNSPECIFIED, hosts=hosts)
     response = ctl.client.call(stub.ListDevices, request)
+    for failure in response.failures:
+        click.echo(f"{failure.host}: {failure.message}", err=True)
     if as_json:
         print_json(response)
-        return
+    else:
+        _devices_table(response, kind, bool(hosts))
+    if response.failures:
+        ctx.exit(ExitStatus.FAILED)
+
+
+def _devices_table(response: pb.ListDevicesResponse, kind: str | None, with_host: bool) -> None:
     if not response.devices:
         source = pb.GpuSource.Name(response.gpu_source).removeprefix("GPU_SOURCE_").lower()
         click.echo(
@@ -65,8 +77,14 @@ def devices(ctl: Ctl, kind: str | None, as_json: bool) -> None:
             err=True,
         )
         return
+    headers = ["KIND", "INDEX", "UUID", "NAME", "MEM FREE/TOTAL GiB", "PROCESSES", "INSTANCE"]
     rows = [_device_row(d) for d in response.devices]
-    print_table(["KIND", "INDEX", "UUID", "NAME", "MEM FREE/TOTAL GiB", "PROCESSES", "INSTANCE"], rows)
+    if with_host:
+        headers, rows = (
+            ["HOST", *headers],
+            [[d.fleet_host, *row] for d, row in zip(response.devices, rows, strict=True)],
+        )
+    print_table(headers, rows)
 
 
 def _device_row(device: pb.Device) -> list[str]:

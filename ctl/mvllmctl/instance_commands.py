@@ -1,4 +1,5 @@
-"""`mvllmctl launch | status | stop | logs`: the engine servers of the daemon's host."""
+"""`mvllmctl launch | status | stop | logs`: the engine servers of the daemon's host, and with `--hosts` (or
+HOST/NAME) of the other hosts of its fleet."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import click
 from mvllm.v1 import instance_pb2 as pb
 from mvllm.v1 import instance_pb2_grpc
 from mvllmctl.client import CtlError
-from mvllmctl.context import Ctl, json_option, pass_ctl
+from mvllmctl.context import Ctl, hosts_option, json_option, pass_ctl, qualified
 from mvllmctl.exit_codes import ExitStatus
 from mvllmctl.output import print_json, print_table
 
 ENGINES = {"vllm": pb.ENGINE_KIND_VLLM, "sim": pb.ENGINE_KIND_SIM}
 DONE = (pb.INSTANCE_STATE_READY, pb.INSTANCE_STATE_FAILED, pb.INSTANCE_STATE_STOPPED)
 STOP_WAIT_S = 120.0
+LAUNCH_WAIT_S = 120.0  # a fleet launch asks every host first
 
 
 def _state(value: int) -> str:
@@ -63,6 +65,8 @@ def _env_pairs(values: Sequence[str]) -> dict[str, str]:
     help="vLLM's development routes on, for `mvllmctl weights update`, sleep and wake. They have no"
     " authentication: the engines must bind to loopback. [the daemon's [instances] weight_updates]",
 )
+@hosts_option("Place the instances on these fleet hosts (packed: fill each in turn). [this host]")
+@click.option("--spread", is_flag=True, help="With --hosts: one instance per host in turn.")
 @click.option("--no-wait", is_flag=True, help="Return once started; do not wait for READY.")
 @click.option("--wait-timeout", type=float, default=900, show_default=True, metavar="SECONDS")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
@@ -84,6 +88,8 @@ def launch(
     cpu: bool,
     force: bool,
     weight_updates: bool | None,
+    hosts: list[str],
+    spread: bool,
     no_wait: bool,
     wait_timeout: float,
     engine_args: tuple[str, ...],
@@ -94,7 +100,14 @@ def launch(
     Arguments after `--` go to the engine, e.g. `mvllmctl launch Qwen/Qwen2.5-7B-Instruct -n 4 --tp 2 --
     --max-model-len 8192`. Prints each URL, the comma-separated list, and the `mvllmctl submit` and
     `mvllmctl generate-rollouts` (the seed script's flags) command lines that use them.
+
+    With --hosts, the launch is checked on every host first (free devices, the model's files where MODEL
+    is an absolute path, the engine's interpreter) and nothing starts unless all of it fits (exit 4,
+    saying what each host has room for); a host that fails mid-launch leaves the others' instances
+    running, and is named (exit 1).
     """
+    if spread and not hosts:
+        raise click.UsageError("--spread places instances over --hosts; give --hosts too")
     request = pb.LaunchInstancesRequest(
         model=model,
         count=count,
@@ -111,35 +124,46 @@ def launch(
         cpu=cpu,
         max_num_seqs=max_num_seqs or 0,
         weight_updates=weight_updates,
+        hosts=hosts,
+        spread=spread,
     )
-    started = ctl.client.call(_stub(ctl).LaunchInstances, request)
-    names = [i.name for i in started.instances]
+    started = ctl.client.call(_stub(ctl).LaunchInstances, request, min_timeout_s=LAUNCH_WAIT_S if hosts else 0)
     for inst in started.instances:
-        click.echo(f"started {inst.name} on {', '.join(inst.devices)} at {inst.url}", err=True)
-    final = list(started.instances) if no_wait else _wait_ready(ctl, names, wait_timeout)
+        click.echo(f"started {_name(inst)} on {', '.join(inst.devices)} at {inst.url}", err=True)
+    for failure in started.failures:
+        click.echo(f"{failure.host}: launch failed: {failure.message}", err=True)
+    final = list(started.instances) if no_wait else _wait_ready(ctl, started.instances, hosts, wait_timeout)
     if as_json:
-        print_json(pb.ListInstancesResponse(instances=final))
+        print_json(pb.LaunchInstancesResponse(instances=final, failures=started.failures))
     else:
         _print_ready(final)
     failed = [i for i in final if i.state == pb.INSTANCE_STATE_FAILED]
-    if failed:
-        details = "; ".join(f"{i.name}: {i.message}" for i in failed)
-        raise CtlError(f"{len(failed)} of {len(final)} instances failed: {details}", ExitStatus.FAILED)
+    said = [f"{len(failed)} of {len(final)} instances failed: " + "; ".join(f"{_name(i)}: {i.message}" for i in failed)]
+    said = said if failed else []
+    if started.failures:
+        said.append(f"the launch failed on {', '.join(f.host for f in started.failures)} (above)")
+    if said:
+        raise CtlError("; ".join(said), ExitStatus.FAILED)
 
 
-def _wait_ready(ctl: Ctl, names: list[str], timeout: float) -> list[pb.Instance]:
+def _name(inst: pb.Instance) -> str:
+    return qualified(inst.name, inst.fleet_host)
+
+
+def _wait_ready(ctl: Ctl, launched: Sequence[pb.Instance], hosts: list[str], timeout: float) -> list[pb.Instance]:
     """Poll until every instance is READY or FAILED, showing each one's state on stderr."""
+    names = {_name(i) for i in launched}
     deadline = time.monotonic() + timeout
     shown: dict[str, str] = {}
     tty = sys.stderr.isatty()
     started = time.monotonic()
     while True:
-        listing = ctl.client.call(_stub(ctl).ListInstances, pb.ListInstancesRequest())
-        mine = [i for i in listing.instances if i.name in names]
-        lines = {i.name: f"{_state(i.state):<10} {i.message}".rstrip() for i in mine}
+        listing = ctl.client.call(_stub(ctl).ListInstances, pb.ListInstancesRequest(hosts=hosts))
+        mine = [i for i in listing.instances if _name(i) in names]
+        lines = {_name(i): f"{_state(i.state):<10} {i.message}".rstrip() for i in mine}
         elapsed = time.monotonic() - started
         if tty:
-            summary = "  ".join(f"{n} {_state(i.state)}" for n, i in ((i.name, i) for i in mine))
+            summary = "  ".join(f"{_name(i)} {_state(i.state)}" for i in mine)
             click.echo(f"\r{elapsed:5.0f}s  {summary}\x1b[K", err=True, nl=False)
         for name, line in lines.items():
             if not tty and shown.get(name) != line:
@@ -157,7 +181,7 @@ def _wait_ready(ctl: Ctl, names: list[str], timeout: float) -> list[pb.Instance]
 def _print_ready(instances: Sequence[pb.Instance]) -> None:
     ready = [i for i in instances if i.state == pb.INSTANCE_STATE_READY]
     for inst in instances:
-        click.echo(f"{inst.name}  {_state(inst.state)}  {inst.url}/v1")
+        click.echo(f"{_name(inst)}  {_state(inst.state)}  {inst.url}/v1")
     if ready:
         urls = ",".join(f"{i.url}/v1" for i in ready)
         click.echo(f"\nURLs: {urls}")
@@ -169,20 +193,31 @@ def _print_ready(instances: Sequence[pb.Instance]) -> None:
 
 
 @click.command()
+@hosts_option("List the instances of these fleet hosts. [this host]")
 @json_option
 @pass_ctl
-def status(ctl: Ctl, as_json: bool) -> None:
-    """List the instances and the external servers: state, URL, model, engine, devices, PID, and the
-    version of the weights they serve (instances launched with --weight-updates)."""
-    listing = ctl.client.call(_stub(ctl).ListInstances, pb.ListInstancesRequest())
+@click.pass_context
+def status(ctx: click.Context, ctl: Ctl, hosts: list[str], as_json: bool) -> None:
+    """List the instances (as HOST/NAME) and the external servers: state, URL, model, engine, devices,
+    PID, and the version of the weights they serve (instances launched with --weight-updates). A URL is
+    the engine's own, on its host's loopback. Exit 1 when a host named could not be asked."""
+    listing = ctl.client.call(_stub(ctl).ListInstances, pb.ListInstancesRequest(hosts=hosts))
+    for failure in listing.failures:
+        click.echo(f"{failure.host}: {failure.message}", err=True)
     if as_json:
         print_json(listing)
-        return
+    else:
+        _status_table(listing)
+    if listing.failures:
+        ctx.exit(ExitStatus.FAILED)
+
+
+def _status_table(listing: pb.ListInstancesResponse) -> None:
     if not listing.instances and not listing.external_servers:
         click.echo("no instances; start some with `mvllmctl launch MODEL` (or `mvllmctl attach URL`)", err=True)
         return
     rows = [
-        [i.name, _state(i.state), i.url, i.model, _engine(i.engine), ",".join(i.devices), str(i.pid or "-"),
+        [_name(i), _state(i.state), i.url, i.model, _engine(i.engine), ",".join(i.devices), str(i.pid or "-"),
          str(i.restarts), _weights(i), i.message[:60]]
         for i in listing.instances
     ] + [
@@ -204,22 +239,33 @@ def _weights(inst: pb.Instance) -> str:
 @click.argument("names", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Stop every instance.")
 @click.option("--force", is_flag=True, help="Kill at once, without letting the engine finish.")
+@hosts_option("With --all: stop every instance of these fleet hosts. [this host]")
 @json_option
 @pass_ctl
-def stop(ctl: Ctl, names: tuple[str, ...], all_: bool, force: bool, as_json: bool) -> None:
-    """Stop instances by NAME, or --all; their devices are freed."""
+@click.pass_context
+def stop(
+    ctx: click.Context, ctl: Ctl, names: tuple[str, ...], all_: bool, force: bool, hosts: list[str], as_json: bool
+) -> None:
+    """Stop instances by NAME (this host's) or HOST/NAME (another fleet host's), or --all; their devices
+    are freed."""
     if bool(names) == all_:
         raise click.UsageError("name the instances to stop, or give --all (not both)")
-    request = pb.StopInstancesRequest(names=names, all=all_, force=force)
+    if hosts and not all_:
+        raise click.UsageError("--hosts goes with --all; name another host's instances as HOST/NAME")
+    request = pb.StopInstancesRequest(names=names, all=all_, force=force, hosts=hosts)
     # Engines get 30 s to finish before they are killed: wait for that, whatever --timeout says.
     response = ctl.client.call(_stub(ctl).StopInstances, request, min_timeout_s=STOP_WAIT_S)
+    for failure in response.failures:
+        click.echo(f"{failure.host}: {failure.message}", err=True)
     if as_json:
         print_json(response)
-        return
-    for inst in response.instances:
-        click.echo(f"stopped {inst.name}")
-    if not response.instances:
-        click.echo("no instances to stop", err=True)
+    else:
+        for inst in response.instances:
+            click.echo(f"stopped {_name(inst)}")
+        if not response.instances:
+            click.echo("no instances to stop", err=True)
+    if response.failures:
+        ctx.exit(ExitStatus.FAILED)
 
 
 @click.command()
@@ -228,7 +274,8 @@ def stop(ctl: Ctl, names: tuple[str, ...], all_: bool, force: bool, as_json: boo
 @click.option("--tail", "tail", type=click.IntRange(1), default=200, show_default=True, help="Lines to start with.")
 @pass_ctl
 def logs(ctl: Ctl, name: str, follow: bool, tail: int) -> None:
-    """Print an instance's log (the engine's stdout and stderr)."""
+    """Print an instance's log (the engine's stdout and stderr): NAME on this host, HOST/NAME on another
+    fleet host."""
     request = pb.GetInstanceLogsRequest(name=name, follow=follow, tail_lines=tail)
     for chunk in ctl.client.stream(_stub(ctl).GetInstanceLogs, request):
         for line in chunk.lines:

@@ -42,6 +42,7 @@ from mvllmd.api.fleet_service import FleetServicer
 from mvllmd.api.instance_service import InstanceServicer
 from mvllmd.api.job_service import JobServicer
 from mvllmd.api.peers import PeerClient, fleet_credentials
+from mvllmd.api.relay import Relay
 from mvllmd.api.weight_service import WeightServicer
 from mvllmd.certs import identity
 from mvllmd.config import Config
@@ -267,14 +268,16 @@ async def _drain(server: Any, health: Any, notifier: Notifier, timeout_s: float)
 
 
 def _add_services(server: Any, daemon: Daemon, overview: Overview | None = None) -> Any:
-    daemon_pb2_grpc.add_DaemonServiceServicer_to_server(DaemonServicer(daemon, overview), server)
+    hosts = daemon.fleet.hosts
+    relay = Relay(hosts) if hosts is not None else None
+    daemon_pb2_grpc.add_DaemonServiceServicer_to_server(DaemonServicer(daemon, overview, relay), server)
     instance_pb2_grpc.add_InstanceServiceServicer_to_server(
-        InstanceServicer(daemon.instances, daemon.fleet.external), server
+        InstanceServicer(daemon.instances, daemon.fleet.external, relay), server
     )
     job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(daemon.jobs), server)
     weights_pb2_grpc.add_WeightServiceServicer_to_server(WeightServicer(daemon.weights), server)
-    if daemon.fleet.hosts is not None:
-        fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(daemon.fleet.hosts), server)
+    if hosts is not None:
+        fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(hosts), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -12,7 +12,9 @@ from mvllm.v1 import daemon_pb2 as pb
 from mvllm.v1 import daemon_pb2_grpc
 from mvllmd.api.boundary import rpc
 from mvllmd.api.instance_service import STATES as INSTANCE_STATES
+from mvllmd.api.relay import Relay
 from mvllmd.daemon import Daemon, DaemonInfo
+from mvllmd.errors import InvalidRequest
 from mvllmd.instances.backends.choice import BackendKind
 from mvllmd.inventory import Device, DeviceKind, GpuSource, Inventory
 from mvllmd.jobs.manager import JobView
@@ -34,6 +36,7 @@ GPU_SOURCES = {
     GpuSource.NONE: pb.GPU_SOURCE_NONE,
 }
 KINDS_BY_PROTO = {v: k for k, v in DEVICE_KINDS.items()}
+LIST_TIMEOUT_S = 10.0
 GAUGE_SOURCES = {
     GaugeSource.TABLE: pb.GAUGE_SOURCE_ENDPOINT_TABLE,
     GaugeSource.SCRAPED: pb.GAUGE_SOURCE_SCRAPED,
@@ -42,9 +45,10 @@ GAUGE_SOURCES = {
 
 
 class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):  # type: ignore[misc]  # untyped stub base
-    def __init__(self, daemon: Daemon, overview: Overview | None = None) -> None:
+    def __init__(self, daemon: Daemon, overview: Overview | None = None, relay: Relay | None = None) -> None:
         self._daemon = daemon
         self._overview = overview or Overview(daemon)
+        self._relay = relay
 
     @rpc
     async def GetDaemonInfo(self, request: pb.GetDaemonInfoRequest, context: Any) -> pb.GetDaemonInfoResponse:
@@ -53,7 +57,23 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):  # type: ignore[mis
     @rpc
     async def ListDevices(self, request: pb.ListDevicesRequest, context: Any) -> pb.ListDevicesResponse:
         kind = KINDS_BY_PROTO.get(request.kind)  # UNSPECIFIED (and unknown values) list everything
-        return inventory_to_proto(await self._daemon.devices(kind))
+        if not request.hosts:
+            return inventory_to_proto(await self._daemon.devices(kind), self._relay.name if self._relay else "")
+        if self._relay is None:
+            raise InvalidRequest("this daemon has no fleet of hosts")
+        mine, links = self._relay.chosen(request.hosts)
+        there = pb.ListDevicesRequest(kind=request.kind)
+        answers, failures = await self._relay.each(
+            links, lambda _, ch: daemon_pb2_grpc.DaemonServiceStub(ch).ListDevices(there, timeout=LIST_TIMEOUT_S)
+        )
+        response = pb.ListDevicesResponse(failures=failures)
+        if mine:
+            response.MergeFrom(inventory_to_proto(await self._daemon.devices(kind), self._relay.name))
+        for host, answer in answers:
+            for device in answer.devices:
+                device.fleet_host = host
+            response.devices.extend(answer.devices)
+        return response
 
     @rpc
     async def GetOverview(self, request: pb.GetOverviewRequest, context: Any) -> pb.GetOverviewResponse:
@@ -77,11 +97,14 @@ def info_to_proto(info: DaemonInfo) -> pb.GetDaemonInfoResponse:
     )
 
 
-def inventory_to_proto(inventory: Inventory) -> pb.ListDevicesResponse:
-    return pb.ListDevicesResponse(
+def inventory_to_proto(inventory: Inventory, host: str = "") -> pb.ListDevicesResponse:
+    response = pb.ListDevicesResponse(
         devices=[device_to_proto(d) for d in inventory.devices],
         gpu_source=GPU_SOURCES[inventory.gpu_source],
     )
+    for device in response.devices:
+        device.fleet_host = host
+    return response
 
 
 def device_to_proto(device: Device) -> pb.Device:

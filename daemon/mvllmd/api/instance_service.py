@@ -3,7 +3,8 @@ external servers between protos and the domain."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -11,6 +12,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from mvllm.v1 import instance_pb2 as pb
 from mvllm.v1 import instance_pb2_grpc
 from mvllmd.api.boundary import rpc, rpc_stream
+from mvllmd.api.relay import Relay, marked
+from mvllmd.api.relay import stub as relay_stub
 from mvllmd.errors import InvalidRequest
 from mvllmd.external.servers import AttachRequest, ExternalServers
 from mvllmd.external.state import ExternalView
@@ -30,29 +33,65 @@ STATES = {
 ENGINES = {EngineKind.VLLM: pb.ENGINE_KIND_VLLM, EngineKind.SIM: pb.ENGINE_KIND_SIM}
 ENGINES_BY_PROTO = {v: k for k, v in ENGINES.items()}
 DEFAULT_LOG_LINES = 200
+LIST_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 300.0  # a peer's engines get their grace to finish
 
 
 class InstanceServicer(instance_pb2_grpc.InstanceServiceServicer):  # type: ignore[misc]  # untyped stub base
-    def __init__(self, instances: InstanceManager, external: ExternalServers) -> None:
+    """This host's instances; those of other fleet hosts through `relay` (--hosts, HOST/NAME)."""
+
+    def __init__(self, instances: InstanceManager, external: ExternalServers, relay: Relay | None = None) -> None:
         self._instances = instances
         self._external = external
+        self._relay = relay
+        self._here = relay.name if relay is not None else ""
 
     @rpc
     async def LaunchInstances(self, request: pb.LaunchInstancesRequest, context: Any) -> pb.LaunchInstancesResponse:
+        if request.check_only:
+            return pb.LaunchInstancesResponse(room=await self._instances.room(launch_from_proto(request)))
+        if request.hosts:
+            return await self._fleet().launch(request, _Here(self, request))
         views = await self._instances.launch(launch_from_proto(request))
-        return pb.LaunchInstancesResponse(instances=[instance_to_proto(v) for v in views])
+        return pb.LaunchInstancesResponse(instances=self._protos(views))
 
     @rpc
     async def StopInstances(self, request: pb.StopInstancesRequest, context: Any) -> pb.StopInstancesResponse:
-        views = await self._instances.stop(list(request.names), request.all, request.force)
-        return pb.StopInstancesResponse(instances=[instance_to_proto(v) for v in views])
+        here, elsewhere = self._split(request.names)
+        every = request.all and bool(request.hosts)
+        mine, links = self._fleet().chosen(request.hosts) if every else (request.all or bool(here), [])
+        named = {link.entry.name for link in links}
+        links += [self._fleet().peer(host) for host in elsewhere if host not in named]
+
+        def stop_there(host: str, channel: Any) -> Any:
+            part = pb.StopInstancesRequest(names=elsewhere.get(host, []), all=request.all, force=request.force)
+            return relay_stub(channel).StopInstances(part, timeout=STOP_TIMEOUT_S)
+
+        response = pb.StopInstancesResponse()
+        if mine:
+            response.instances.extend(self._protos(await self._instances.stop(here, request.all, request.force)))
+        if links:
+            answers, failures = await self._fleet().each(links, stop_there, STOP_TIMEOUT_S)
+            response.failures.extend(failures)
+            for host, answer in answers:
+                response.instances.extend(marked(answer.instances, host))
+        return response
 
     @rpc
     async def ListInstances(self, request: pb.ListInstancesRequest, context: Any) -> pb.ListInstancesResponse:
-        return pb.ListInstancesResponse(
-            instances=[instance_to_proto(v) for v in self._instances.list_instances()],
-            external_servers=[external_to_proto(v) for v in self._external.list_servers()],
-        )
+        mine, links = self._fleet().chosen(request.hosts) if request.hosts else (True, [])
+        response = pb.ListInstancesResponse()
+        if mine:
+            response.instances.extend(self._protos(self._instances.list_instances()))
+            response.external_servers.extend(external_to_proto(v) for v in self._external.list_servers())
+        if links:
+            answers, failures = await self._fleet().each(
+                links, lambda _, ch: relay_stub(ch).ListInstances(pb.ListInstancesRequest(), timeout=LIST_TIMEOUT_S)
+            )
+            response.failures.extend(failures)
+            for host, answer in answers:
+                response.instances.extend(marked(answer.instances, host))
+        return response
 
     @rpc
     async def AttachServer(self, request: pb.AttachServerRequest, context: Any) -> pb.AttachServerResponse:
@@ -74,9 +113,54 @@ class InstanceServicer(instance_pb2_grpc.InstanceServiceServicer):  # type: igno
     async def GetInstanceLogs(
         self, request: pb.GetInstanceLogsRequest, context: Any
     ) -> AsyncIterator[pb.GetInstanceLogsResponse]:
+        host, _, name = request.name.rpartition("/")
+        if host and host != self._here:
+            there = pb.GetInstanceLogsRequest(name=name, follow=request.follow, tail_lines=request.tail_lines)
+            async for message in self._fleet().stream(
+                self._fleet().peer(host), lambda ch: relay_stub(ch).GetInstanceLogs(there)
+            ):
+                yield message
+            return
         tail = request.tail_lines or DEFAULT_LOG_LINES
-        async for lines in self._instances.logs(request.name, request.follow, tail):
+        async for lines in self._instances.logs(name, request.follow, tail):
             yield pb.GetInstanceLogsResponse(lines=lines)
+
+    def _fleet(self) -> Relay:
+        if self._relay is None:
+            raise InvalidRequest("this daemon has no fleet of hosts")
+        return self._relay
+
+    def _protos(self, views: list[InstanceView]) -> list[pb.Instance]:
+        protos = [instance_to_proto(v) for v in views]
+        for proto in protos:
+            proto.fleet_host = self._here
+        return protos
+
+    def _split(self, names: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+        """Names of this host's instances (NAME, or THIS_HOST/NAME), and those of other hosts, by host."""
+        here: list[str] = []
+        elsewhere: dict[str, list[str]] = {}
+        for full in names:
+            host, _, name = full.rpartition("/")
+            if host and host != self._here:
+                elsewhere.setdefault(host, []).append(name)
+            else:
+                here.append(name)
+        return here, elsewhere
+
+
+class _Here:
+    """This host's part of a fleet launch (api/relay.py)."""
+
+    def __init__(self, servicer: InstanceServicer, request: pb.LaunchInstancesRequest) -> None:
+        self._servicer, self._request = servicer, launch_from_proto(request)
+
+    async def room(self) -> int:
+        return await self._servicer._instances.room(self._request)
+
+    async def launch(self, count: int) -> list[pb.Instance]:
+        views = await self._servicer._instances.launch(replace(self._request, count=count))
+        return self._servicer._protos(views)
 
 
 def launch_from_proto(request: pb.LaunchInstancesRequest) -> LaunchRequest:

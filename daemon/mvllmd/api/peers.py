@@ -17,10 +17,11 @@ import grpc
 
 from mvllm import __version__
 from mvllm.v1 import daemon_pb2, daemon_pb2_grpc, fleet_pb2, fleet_pb2_grpc, instance_pb2, instance_pb2_grpc
-from mvllmd.api.instance_service import STATES
+from mvllmd.certs import split_address
 from mvllmd.errors import ConfigError, Conflict, Forbidden, MvllmError, Unreachable
 from mvllmd.hosts.link import FLEET_PROTOCOL, Joined, RemoteInstance, Summary
 from mvllmd.hosts.membership import HostEntry
+from mvllmd.instances.spec import InstanceState
 from mvllmd.tls import TlsFiles
 
 CALL_TIMEOUT_S = 10.0
@@ -35,7 +36,6 @@ CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 5000),
 )
-STATES_BY_PROTO = {v: k for k, v in STATES.items()}
 GPU_KINDS = (daemon_pb2.DEVICE_KIND_GPU, daemon_pb2.DEVICE_KIND_SIM_GPU)
 
 
@@ -60,13 +60,18 @@ class PeerClient:
         self._entry = entry
         self._channel = grpc.aio.secure_channel(entry.address, credentials, options=CHANNEL_OPTIONS)
 
+    @property
+    def channel(self) -> Any:
+        """The gRPC channel, for calls relayed as they came (api/relay.py)."""
+        return self._channel
+
     async def join(self) -> Joined:
         stub = fleet_pb2_grpc.FleetServiceStub(self._channel)
         request = fleet_pb2.JoinFleetRequest(version=__version__, protocol=FLEET_PROTOCOL)
         try:
             r = await stub.JoinFleet(request, timeout=CALL_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from None
+            raise self.error(exc) from None
         return Joined(r.name, r.version, r.protocol, tuple(r.http_urls), r.route_token)
 
     async def watch(self) -> AsyncIterator[list[RemoteInstance]]:
@@ -75,7 +80,7 @@ class PeerClient:
             async for r in stub.WatchInstances(instance_pb2.WatchInstancesRequest()):
                 yield [remote_instance(i) for i in r.instances]
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from None
+            raise self.error(exc) from None
 
     async def summary(self) -> Summary:
         daemon = daemon_pb2_grpc.DaemonServiceStub(self._channel)
@@ -85,7 +90,7 @@ class PeerClient:
             devices = await daemon.ListDevices(daemon_pb2.ListDevicesRequest(), timeout=CALL_TIMEOUT_S)
             listed = await instances.ListInstances(instance_pb2.ListInstancesRequest(), timeout=CALL_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from None
+            raise self.error(exc) from None
         gpus = [d for d in devices.devices if d.kind in GPU_KINDS]
         free = sum(1 for d in gpus if not d.instance)
         return Summary(info.version, len(gpus), free, len(listed.instances))
@@ -93,24 +98,49 @@ class PeerClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    def _error(self, exc: grpc.aio.AioRpcError) -> MvllmError:
+    def error(self, exc: Exception) -> MvllmError:
         where = f"host {self._entry.name} at {self._entry.address}"
+        if not isinstance(exc, grpc.aio.AioRpcError):
+            return Unreachable(f"{where}: {exc}")
         details = exc.details() or str(exc.code())
         code = exc.code()
         if code is grpc.StatusCode.PERMISSION_DENIED:
             return Forbidden(f"{where} refused: {details}")
         if code is grpc.StatusCode.FAILED_PRECONDITION:
             return Conflict(f"{where}: {details}")
-        if any(word in details.lower() for word in ("ssl", "handshake", "certificate")):
-            return Unreachable(
-                f"{where}: the TLS handshake failed ({details}): both certificates must be signed by the fleet CA "
-                "(--tls-client-ca), be in date, and the peer's must name the address dialled"
-            )
-        return Unreachable(f"{where}: {details}")
+        return Unreachable(f"{where}: {tls_refusal(details, self._entry) or details}")
+
+
+def tls_refusal(details: str, entry: HostEntry) -> str:
+    """What to check, when gRPC's `details` say that the TLS handshake with the peer failed; else ""."""
+    lower = details.lower()
+    if "hostname verification" in lower or "is not in peer certificate" in lower:
+        return (
+            f"its certificate does not name {split_address(entry.address)[0]}, the address dialled: make it with "
+            f"mvllmd certs host {entry.name} --address {entry.address} (or dial an address it names)"
+        )
+    if "failed to connect" in lower and ("socket closed" in lower or "connection reset" in lower):
+        # TLS 1.3: the peer checks this daemon's certificate after the handshake ends here, and hangs up.
+        return (
+            "it closed the connection at the TLS handshake, as a peer does with a certificate it does not accept: "
+            "this daemon's --tls-cert must be signed by the fleet CA (the peer's --tls-client-ca) and be in date"
+        )
+    if any(word in lower for word in ("ssl", "handshake", "certificate")):
+        return (
+            f"the TLS handshake failed ({_last_reason(details)}): its certificate must be signed by the fleet CA "
+            "(this daemon's --tls-client-ca), be in date, and name the address dialled"
+        )
+    return ""
+
+
+def _last_reason(details: str) -> str:
+    """The reason at the end of gRPC's "failed to connect to all addresses; last error: ...: REASON: OK"."""
+    return details.removesuffix(": OK").rsplit(": ", 1)[-1].strip() or details
 
 
 def remote_instance(i: instance_pb2.Instance) -> RemoteInstance:
-    state = STATES_BY_PROTO.get(i.state)
-    if state is None:
-        raise Unreachable(f"a peer sent instance {i.name} in an unknown state ({i.state})")
+    try:  # INSTANCE_STATE_READY -> InstanceState.READY
+        state = InstanceState(instance_pb2.InstanceState.Name(i.state).removeprefix("INSTANCE_STATE_").lower())
+    except ValueError:
+        raise Unreachable(f"a peer sent instance {i.name} in an unknown state ({i.state})") from None
     return RemoteInstance(i.name, state, i.model, i.weights_path, i.max_num_seqs)

@@ -52,7 +52,7 @@ class Hosts:
             raise ConfigError(refusal)
         self.tokens = RouteTokens()
         self.http_urls: tuple[str, ...] = ()  # this daemon's HTTP listener, once bound (server.py)
-        self._membership, self._dial, self._own = membership, dial, own
+        self._membership, self.dial, self._own = membership, dial, own
         self._links: dict[str, PeerLink] = {}
         self._subscribers: set[asyncio.Queue[None]] = set()
 
@@ -98,7 +98,7 @@ class Hosts:
         self._subscribers.discard(queue)
 
     def _link(self, entry: HostEntry) -> PeerLink:
-        link = self._links[entry.name] = PeerLink(entry, self._dial, self._notify)
+        link = self._links[entry.name] = PeerLink(entry, self.dial, self._notify)
         link.start()
         return link
 
@@ -113,7 +113,7 @@ class Hosts:
         entry = link.entry
         summary, message = None, link.message
         if link.reachable:
-            peer = self._dial(entry)
+            peer = self.dial(entry)
             try:
                 async with asyncio.timeout(ASK_TIMEOUT_S):
                     summary = await peer.summary()

@@ -16,7 +16,7 @@ import logging
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from mvllmd.addresses import TcpAddress, parse_address
 from mvllmd.errors import Conflict, MvllmError, Unreachable
@@ -63,6 +63,13 @@ class Summary:
 
 class Peer(Protocol):
     """A connection to one peer daemon (api/peers.py); its calls raise MvllmError."""
+
+    @property
+    def channel(self) -> Any:
+        """The connection itself, for calls relayed as they came (api/relay.py)."""
+
+    def error(self, exc: Exception) -> MvllmError:
+        """A failed relayed call as the error a user reads."""
 
     async def join(self) -> Joined: ...
 

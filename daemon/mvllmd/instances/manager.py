@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 from mvllmd.config import Config
-from mvllmd.errors import InvalidRequest, NotFound, UnitError
+from mvllmd.errors import InvalidRequest, NotFound, ResourceExhausted, UnitError
 from mvllmd.instances.backends.protocol import UnitBackend
 from mvllmd.instances.engines import api_key, engine_python, instance_spec
 from mvllmd.instances.logs import read_log
-from mvllmd.instances.placement import assign, instance_names, pick_ports, pool_for, slug
-from mvllmd.instances.request import LaunchRequest, validate
+from mvllmd.instances.placement import assign, instance_names, pick_ports, pool_for, room, slug
+from mvllmd.instances.request import LaunchRequest, check_model_path, validate
 from mvllmd.instances.spec import InstanceSpec, InstanceState, log_path, read_specs, spec_path, write_spec
 from mvllmd.instances.state import LIVE, Events, Instance, InstanceEvent, InstanceView
 from mvllmd.instances.supervision import Monitor
@@ -163,14 +163,31 @@ class InstanceManager:
     # --- launch ---------------------------------------------------------------------------------
 
     async def launch(self, request: LaunchRequest) -> list[InstanceView]:
-        if request.weight_updates is None:
-            request = replace(request, weight_updates=self._config.instances.weight_updates)
-        python = engine_python(self._config.engine, request.engine)
-        validate(request)
+        request, python = self._checked(request)
         async with self._lock:
             specs = await self._place(request, python)
             started = await self._start_all(request, specs)
         return [i.view() for i in started]
+
+    async def room(self, request: LaunchRequest) -> int:
+        """Check a launch as `launch` would, starting nothing; how many of its instances fit now (a fleet
+        launch asks every host this before it places them)."""
+        request, _ = self._checked(request)
+        inventory = await self._read_inventory()
+        try:
+            pool = pool_for(inventory, request.engine, request.cpu, self.holders())
+        except ResourceExhausted:  # no devices of the kind here: room for none
+            return 0
+        return room(pool, request.tensor_parallel_size, request.force)
+
+    def _checked(self, request: LaunchRequest) -> tuple[LaunchRequest, str]:
+        """The request with the config's defaults, checked; the engine's interpreter."""
+        if request.weight_updates is None:
+            request = replace(request, weight_updates=self._config.instances.weight_updates)
+        python = engine_python(self._config.engine, request.engine)
+        validate(request)
+        check_model_path(request.model)
+        return request, python
 
     async def _place(self, request: LaunchRequest, python: str) -> list[InstanceSpec]:
         """The specs of the request's instances: their names, devices and ports."""

@@ -86,6 +86,11 @@ def pool_for(inventory: Inventory, engine: EngineKind, cpu: bool, held: dict[str
     return Pool(kind, devices, held)
 
 
+def room(pool: Pool, tp: int, force: bool) -> int:
+    """How many instances of `tp` devices the pool's free devices hold (as `assign` would place them)."""
+    return sum(1 for d in pool.free() if force or not d.processes) // tp
+
+
 def assign(pool: Pool, count: int, tp: int, explicit: str, force: bool) -> list[tuple[Device, ...]]:
     """Devices for `count` instances of `tp` devices each."""
     word = KIND_WORDS[pool.kind]

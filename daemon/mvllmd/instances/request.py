@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -51,6 +52,12 @@ def validate(request: LaunchRequest) -> None:
             f"--weight-updates needs --host on loopback, not {request.host}: vLLM's weight-update routes "
             "(/pause, /collective_rpc, /sleep) answer anyone who reaches the port, without the API key"
         )
+
+
+def check_model_path(model: str) -> None:
+    """A model given as an absolute path must be there, on this host (a hub name is the engine's to fetch)."""
+    if os.path.isabs(model) and not os.path.exists(model):
+        raise InvalidRequest(f"the model path {model} does not exist on this host")
 
 
 def _validate_env(env: dict[str, str]) -> None:

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mvllmd.errors import storage_error
+
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
@@ -100,14 +102,17 @@ def log_path(state_dir: Path, name: str) -> Path:
 
 
 def write_spec(state_dir: Path, spec: InstanceSpec) -> Path:
-    """Write atomically, 0600: a reader never sees half a spec."""
+    """Write atomically, 0600: a reader never sees half a spec. StorageError (or OutOfSpace) if it cannot."""
     path = spec_path(state_dir, spec.name)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(spec.to_json())
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(spec.to_json())
+        tmp.replace(path)
+    except OSError as exc:
+        raise storage_error(exc, "writing the instance's spec", path) from None
     return path
 
 

@@ -23,51 +23,52 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from mvllm.v1 import fleet_pb2 as mvllm_dot_v1_dot_fleet__pb2
 from mvllm.v1 import instance_pb2 as mvllm_dot_v1_dot_instance__pb2
 from mvllm.v1 import job_pb2 as mvllm_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mvllm/v1/daemon.proto\x12\x08mvllm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17mvllm/v1/instance.proto\x1a\x12mvllm/v1/job.proto\"\x16\n\x14GetDaemonInfoRequest\"\x93\x02\n\x15GetDaemonInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12+\n\x0cunit_manager\x18\x05 \x01(\x0e\x32\x15.mvllm.v1.UnitManager\x12\x18\n\x10listen_addresses\x18\x06 \x03(\t\x12\x11\n\tstate_dir\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x15\n\runder_systemd\x18\t \x01(\x08\x12\x11\n\thttp_urls\x18\n \x03(\t\"E\n\rDeviceProcess\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x19\n\x11used_memory_bytes\x18\x03 \x01(\x04\"\xcc\x01\n\x06\x44\x65vice\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.mvllm.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\x06 \x01(\x04\x12*\n\tprocesses\x18\x07 \x03(\x0b\x32\x17.mvllm.v1.DeviceProcess\x12\x10\n\x08instance\x18\x08 \x01(\t\"8\n\x12ListDevicesRequest\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.mvllm.v1.DeviceKind\"a\n\x13ListDevicesResponse\x12!\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x10.mvllm.v1.Device\x12\'\n\ngpu_source\x18\x02 \x01(\x0e\x32\x13.mvllm.v1.GpuSource\"\x14\n\x12GetOverviewRequest\"\xcd\x02\n\x13GetOverviewResponse\x12,\n\x08taken_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12#\n\x04gpus\x18\x05 \x03(\x0b\x32\x15.mvllm.v1.OverviewGpu\x12\'\n\ngpu_source\x18\x06 \x01(\x0e\x32\x13.mvllm.v1.GpuSource\x12)\n\x07servers\x18\x07 \x03(\x0b\x32\x18.mvllm.v1.OverviewServer\x12#\n\x04jobs\x18\x08 \x03(\x0b\x32\x15.mvllm.v1.OverviewJob\x12/\n\nfront_door\x18\t \x01(\x0b\x32\x1b.mvllm.v1.OverviewFrontDoor\"\xbb\x01\n\x0bOverviewGpu\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.mvllm.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x13\n\x0butilization\x18\x05 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x07 \x01(\x04\x12\x11\n\tinstances\x18\x08 \x03(\t\"\xa6\x02\n\x0eOverviewServer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.mvllm.v1.InstanceState\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0f\n\x07waiting\x18\x07 \x01(\r\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12%\n\x06gauges\x18\t \x01(\x0e\x32\x15.mvllm.v1.GaugeSource\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\r\x12\x10\n\x08inflight\x18\x0b \x01(\r\x12\x15\n\rdoor_inflight\x18\x0c \x01(\r\x12\x0f\n\x07\x64\x65vices\x18\r \x03(\t\"\xa7\x02\n\x0bOverviewJob\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.mvllm.v1.JobState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rsamples_total\x18\x04 \x01(\x04\x12\x14\n\x0csamples_done\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x04\x12\x1a\n\x12samples_per_second\x18\x08 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\t \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\n \x01(\x01\x12\x10\n\x08inflight\x18\x0b \x01(\x04\x12\x13\n\x0boutput_path\x18\x0c \x01(\t\x12\x0f\n\x07message\x18\r \x01(\t\"/\n\x0bStatusCount\x12\x0e\n\x06status\x18\x01 \x01(\r\x12\x10\n\x08requests\x18\x02 \x01(\x04\"\xdf\x01\n\x11OverviewFrontDoor\x12\x0c\n\x04urls\x18\x01 \x03(\t\x12\x16\n\x0erequests_total\x18\x02 \x01(\x04\x12\x14\n\x0c\x65rrors_total\x18\x03 \x01(\x04\x12\'\n\x08statuses\x18\x04 \x03(\x0b\x32\x15.mvllm.v1.StatusCount\x12\x15\n\rretries_total\x18\x05 \x01(\x04\x12\x1f\n\x17\x63ontinued_streams_total\x18\x06 \x01(\x04\x12\x1b\n\x13stream_errors_total\x18\x07 \x01(\x04\x12\x10\n\x08inflight\x18\x08 \x01(\x04*\x85\x01\n\x0bUnitManager\x12\x1c\n\x18UNIT_MANAGER_UNSPECIFIED\x10\x00\x12\x1f\n\x1bUNIT_MANAGER_SYSTEMD_SYSTEM\x10\x01\x12\x1d\n\x19UNIT_MANAGER_SYSTEMD_USER\x10\x02\x12\x18\n\x14UNIT_MANAGER_PROCESS\x10\x03*q\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_KIND_GPU\x10\x01\x12\x18\n\x14\x44\x45VICE_KIND_CPU_SLOT\x10\x02\x12\x17\n\x13\x44\x45VICE_KIND_SIM_GPU\x10\x03*l\n\tGpuSource\x12\x1a\n\x16GPU_SOURCE_UNSPECIFIED\x10\x00\x12\x13\n\x0fGPU_SOURCE_NVML\x10\x01\x12\x19\n\x15GPU_SOURCE_NVIDIA_SMI\x10\x02\x12\x13\n\x0fGPU_SOURCE_NONE\x10\x03*}\n\x0bGaugeSource\x12\x1c\n\x18GAUGE_SOURCE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bGAUGE_SOURCE_ENDPOINT_TABLE\x10\x01\x12\x18\n\x14GAUGE_SOURCE_SCRAPED\x10\x02\x12\x15\n\x11GAUGE_SOURCE_NONE\x10\x03\x32\xf9\x01\n\rDaemonService\x12P\n\rGetDaemonInfo\x12\x1e.mvllm.v1.GetDaemonInfoRequest\x1a\x1f.mvllm.v1.GetDaemonInfoResponse\x12J\n\x0bListDevices\x12\x1c.mvllm.v1.ListDevicesRequest\x1a\x1d.mvllm.v1.ListDevicesResponse\x12J\n\x0bGetOverview\x12\x1c.mvllm.v1.GetOverviewRequest\x1a\x1d.mvllm.v1.GetOverviewResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mvllm/v1/daemon.proto\x12\x08mvllm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14mvllm/v1/fleet.proto\x1a\x17mvllm/v1/instance.proto\x1a\x12mvllm/v1/job.proto\"\x16\n\x14GetDaemonInfoRequest\"\x93\x02\n\x15GetDaemonInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12+\n\x0cunit_manager\x18\x05 \x01(\x0e\x32\x15.mvllm.v1.UnitManager\x12\x18\n\x10listen_addresses\x18\x06 \x03(\t\x12\x11\n\tstate_dir\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x15\n\runder_systemd\x18\t \x01(\x08\x12\x11\n\thttp_urls\x18\n \x03(\t\"E\n\rDeviceProcess\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x19\n\x11used_memory_bytes\x18\x03 \x01(\x04\"\xe0\x01\n\x06\x44\x65vice\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.mvllm.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\x06 \x01(\x04\x12*\n\tprocesses\x18\x07 \x03(\x0b\x32\x17.mvllm.v1.DeviceProcess\x12\x10\n\x08instance\x18\x08 \x01(\t\x12\x12\n\nfleet_host\x18\t \x01(\t\"G\n\x12ListDevicesRequest\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.mvllm.v1.DeviceKind\x12\r\n\x05hosts\x18\x02 \x03(\t\"\x8a\x01\n\x13ListDevicesResponse\x12!\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x10.mvllm.v1.Device\x12\'\n\ngpu_source\x18\x02 \x01(\x0e\x32\x13.mvllm.v1.GpuSource\x12\'\n\x08\x66\x61ilures\x18\x03 \x03(\x0b\x32\x15.mvllm.v1.HostFailure\"\x14\n\x12GetOverviewRequest\"\xcd\x02\n\x13GetOverviewResponse\x12,\n\x08taken_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12#\n\x04gpus\x18\x05 \x03(\x0b\x32\x15.mvllm.v1.OverviewGpu\x12\'\n\ngpu_source\x18\x06 \x01(\x0e\x32\x13.mvllm.v1.GpuSource\x12)\n\x07servers\x18\x07 \x03(\x0b\x32\x18.mvllm.v1.OverviewServer\x12#\n\x04jobs\x18\x08 \x03(\x0b\x32\x15.mvllm.v1.OverviewJob\x12/\n\nfront_door\x18\t \x01(\x0b\x32\x1b.mvllm.v1.OverviewFrontDoor\"\xbb\x01\n\x0bOverviewGpu\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.mvllm.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x13\n\x0butilization\x18\x05 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x07 \x01(\x04\x12\x11\n\tinstances\x18\x08 \x03(\t\"\xa6\x02\n\x0eOverviewServer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.mvllm.v1.InstanceState\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0f\n\x07waiting\x18\x07 \x01(\r\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12%\n\x06gauges\x18\t \x01(\x0e\x32\x15.mvllm.v1.GaugeSource\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\r\x12\x10\n\x08inflight\x18\x0b \x01(\r\x12\x15\n\rdoor_inflight\x18\x0c \x01(\r\x12\x0f\n\x07\x64\x65vices\x18\r \x03(\t\"\xa7\x02\n\x0bOverviewJob\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.mvllm.v1.JobState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rsamples_total\x18\x04 \x01(\x04\x12\x14\n\x0csamples_done\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x04\x12\x1a\n\x12samples_per_second\x18\x08 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\t \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\n \x01(\x01\x12\x10\n\x08inflight\x18\x0b \x01(\x04\x12\x13\n\x0boutput_path\x18\x0c \x01(\t\x12\x0f\n\x07message\x18\r \x01(\t\"/\n\x0bStatusCount\x12\x0e\n\x06status\x18\x01 \x01(\r\x12\x10\n\x08requests\x18\x02 \x01(\x04\"\xdf\x01\n\x11OverviewFrontDoor\x12\x0c\n\x04urls\x18\x01 \x03(\t\x12\x16\n\x0erequests_total\x18\x02 \x01(\x04\x12\x14\n\x0c\x65rrors_total\x18\x03 \x01(\x04\x12\'\n\x08statuses\x18\x04 \x03(\x0b\x32\x15.mvllm.v1.StatusCount\x12\x15\n\rretries_total\x18\x05 \x01(\x04\x12\x1f\n\x17\x63ontinued_streams_total\x18\x06 \x01(\x04\x12\x1b\n\x13stream_errors_total\x18\x07 \x01(\x04\x12\x10\n\x08inflight\x18\x08 \x01(\x04*\x85\x01\n\x0bUnitManager\x12\x1c\n\x18UNIT_MANAGER_UNSPECIFIED\x10\x00\x12\x1f\n\x1bUNIT_MANAGER_SYSTEMD_SYSTEM\x10\x01\x12\x1d\n\x19UNIT_MANAGER_SYSTEMD_USER\x10\x02\x12\x18\n\x14UNIT_MANAGER_PROCESS\x10\x03*q\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_KIND_GPU\x10\x01\x12\x18\n\x14\x44\x45VICE_KIND_CPU_SLOT\x10\x02\x12\x17\n\x13\x44\x45VICE_KIND_SIM_GPU\x10\x03*l\n\tGpuSource\x12\x1a\n\x16GPU_SOURCE_UNSPECIFIED\x10\x00\x12\x13\n\x0fGPU_SOURCE_NVML\x10\x01\x12\x19\n\x15GPU_SOURCE_NVIDIA_SMI\x10\x02\x12\x13\n\x0fGPU_SOURCE_NONE\x10\x03*}\n\x0bGaugeSource\x12\x1c\n\x18GAUGE_SOURCE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bGAUGE_SOURCE_ENDPOINT_TABLE\x10\x01\x12\x18\n\x14GAUGE_SOURCE_SCRAPED\x10\x02\x12\x15\n\x11GAUGE_SOURCE_NONE\x10\x03\x32\xf9\x01\n\rDaemonService\x12P\n\rGetDaemonInfo\x12\x1e.mvllm.v1.GetDaemonInfoRequest\x1a\x1f.mvllm.v1.GetDaemonInfoResponse\x12J\n\x0bListDevices\x12\x1c.mvllm.v1.ListDevicesRequest\x1a\x1d.mvllm.v1.ListDevicesResponse\x12J\n\x0bGetOverview\x12\x1c.mvllm.v1.GetOverviewRequest\x1a\x1d.mvllm.v1.GetOverviewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mvllm.v1.daemon_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UNITMANAGER']._serialized_start=2269
-  _globals['_UNITMANAGER']._serialized_end=2402
-  _globals['_DEVICEKIND']._serialized_start=2404
-  _globals['_DEVICEKIND']._serialized_end=2517
-  _globals['_GPUSOURCE']._serialized_start=2519
-  _globals['_GPUSOURCE']._serialized_end=2627
-  _globals['_GAUGESOURCE']._serialized_start=2629
-  _globals['_GAUGESOURCE']._serialized_end=2754
-  _globals['_GETDAEMONINFOREQUEST']._serialized_start=113
-  _globals['_GETDAEMONINFOREQUEST']._serialized_end=135
-  _globals['_GETDAEMONINFORESPONSE']._serialized_start=138
-  _globals['_GETDAEMONINFORESPONSE']._serialized_end=413
-  _globals['_DEVICEPROCESS']._serialized_start=415
-  _globals['_DEVICEPROCESS']._serialized_end=484
-  _globals['_DEVICE']._serialized_start=487
-  _globals['_DEVICE']._serialized_end=691
-  _globals['_LISTDEVICESREQUEST']._serialized_start=693
-  _globals['_LISTDEVICESREQUEST']._serialized_end=749
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=751
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=848
-  _globals['_GETOVERVIEWREQUEST']._serialized_start=850
-  _globals['_GETOVERVIEWREQUEST']._serialized_end=870
-  _globals['_GETOVERVIEWRESPONSE']._serialized_start=873
-  _globals['_GETOVERVIEWRESPONSE']._serialized_end=1206
-  _globals['_OVERVIEWGPU']._serialized_start=1209
-  _globals['_OVERVIEWGPU']._serialized_end=1396
-  _globals['_OVERVIEWSERVER']._serialized_start=1399
-  _globals['_OVERVIEWSERVER']._serialized_end=1693
-  _globals['_OVERVIEWJOB']._serialized_start=1696
-  _globals['_OVERVIEWJOB']._serialized_end=1991
-  _globals['_STATUSCOUNT']._serialized_start=1993
-  _globals['_STATUSCOUNT']._serialized_end=2040
-  _globals['_OVERVIEWFRONTDOOR']._serialized_start=2043
-  _globals['_OVERVIEWFRONTDOOR']._serialized_end=2266
-  _globals['_DAEMONSERVICE']._serialized_start=2757
-  _globals['_DAEMONSERVICE']._serialized_end=3006
+  _globals['_UNITMANAGER']._serialized_start=2368
+  _globals['_UNITMANAGER']._serialized_end=2501
+  _globals['_DEVICEKIND']._serialized_start=2503
+  _globals['_DEVICEKIND']._serialized_end=2616
+  _globals['_GPUSOURCE']._serialized_start=2618
+  _globals['_GPUSOURCE']._serialized_end=2726
+  _globals['_GAUGESOURCE']._serialized_start=2728
+  _globals['_GAUGESOURCE']._serialized_end=2853
+  _globals['_GETDAEMONINFOREQUEST']._serialized_start=135
+  _globals['_GETDAEMONINFOREQUEST']._serialized_end=157
+  _globals['_GETDAEMONINFORESPONSE']._serialized_start=160
+  _globals['_GETDAEMONINFORESPONSE']._serialized_end=435
+  _globals['_DEVICEPROCESS']._serialized_start=437
+  _globals['_DEVICEPROCESS']._serialized_end=506
+  _globals['_DEVICE']._serialized_start=509
+  _globals['_DEVICE']._serialized_end=733
+  _globals['_LISTDEVICESREQUEST']._serialized_start=735
+  _globals['_LISTDEVICESREQUEST']._serialized_end=806
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=809
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=947
+  _globals['_GETOVERVIEWREQUEST']._serialized_start=949
+  _globals['_GETOVERVIEWREQUEST']._serialized_end=969
+  _globals['_GETOVERVIEWRESPONSE']._serialized_start=972
+  _globals['_GETOVERVIEWRESPONSE']._serialized_end=1305
+  _globals['_OVERVIEWGPU']._serialized_start=1308
+  _globals['_OVERVIEWGPU']._serialized_end=1495
+  _globals['_OVERVIEWSERVER']._serialized_start=1498
+  _globals['_OVERVIEWSERVER']._serialized_end=1792
+  _globals['_OVERVIEWJOB']._serialized_start=1795
+  _globals['_OVERVIEWJOB']._serialized_end=2090
+  _globals['_STATUSCOUNT']._serialized_start=2092
+  _globals['_STATUSCOUNT']._serialized_end=2139
+  _globals['_OVERVIEWFRONTDOOR']._serialized_start=2142
+  _globals['_OVERVIEWFRONTDOOR']._serialized_end=2365
+  _globals['_DAEMONSERVICE']._serialized_start=2856
+  _globals['_DAEMONSERVICE']._serialized_end=3105
 # @@protoc_insertion_point(module_scope)

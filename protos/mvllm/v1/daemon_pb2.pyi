@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from mvllm.v1 import fleet_pb2 as _fleet_pb2
 from mvllm.v1 import instance_pb2 as _instance_pb2
 from mvllm.v1 import job_pb2 as _job_pb2
 from google.protobuf.internal import containers as _containers
@@ -95,7 +96,7 @@ class DeviceProcess(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., used_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("kind", "index", "uuid", "name", "memory_total_bytes", "memory_free_bytes", "processes", "instance")
+    __slots__ = ("kind", "index", "uuid", "name", "memory_total_bytes", "memory_free_bytes", "processes", "instance", "fleet_host")
     KIND_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +105,7 @@ class Device(_message.Message):
     MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    FLEET_HOST_FIELD_NUMBER: _ClassVar[int]
     kind: DeviceKind
     index: int
     uuid: str
@@ -112,21 +114,26 @@ class Device(_message.Message):
     memory_free_bytes: int
     processes: _containers.RepeatedCompositeFieldContainer[DeviceProcess]
     instance: str
-    def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., processes: _Optional[_Iterable[_Union[DeviceProcess, _Mapping]]] = ..., instance: _Optional[str] = ...) -> None: ...
+    fleet_host: str
+    def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., processes: _Optional[_Iterable[_Union[DeviceProcess, _Mapping]]] = ..., instance: _Optional[str] = ..., fleet_host: _Optional[str] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
-    __slots__ = ("kind",)
+    __slots__ = ("kind", "hosts")
     KIND_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
     kind: DeviceKind
-    def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ...) -> None: ...
+    hosts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., hosts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
-    __slots__ = ("devices", "gpu_source")
+    __slots__ = ("devices", "gpu_source", "failures")
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     GPU_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[Device]
     gpu_source: GpuSource
-    def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., gpu_source: _Optional[_Union[GpuSource, str]] = ...) -> None: ...
+    failures: _containers.RepeatedCompositeFieldContainer[_fleet_pb2.HostFailure]
+    def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., gpu_source: _Optional[_Union[GpuSource, str]] = ..., failures: _Optional[_Iterable[_Union[_fleet_pb2.HostFailure, _Mapping]]] = ...) -> None: ...
 
 class GetOverviewRequest(_message.Message):
     __slots__ = ()

@@ -24,31 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mvllm/v1/fleet.proto\x12\x08mvllm.v1\"\xb3\x01\n\x04Host\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05local\x18\x03 \x01(\x08\x12\x11\n\treachable\x18\x04 \x01(\x08\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\ngpus_total\x18\x06 \x01(\r\x12\x11\n\tgpus_free\x18\x07 \x01(\r\x12\x11\n\tinstances\x18\x08 \x01(\r\x12\x0f\n\x07message\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t\"\x12\n\x10ListHostsRequest\"2\n\x11ListHostsResponse\x12\x1d\n\x05hosts\x18\x01 \x03(\x0b\x32\x0e.mvllm.v1.Host\"/\n\x0e\x41\x64\x64HostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"/\n\x0f\x41\x64\x64HostResponse\x12\x1c\n\x04host\x18\x01 \x01(\x0b\x32\x0e.mvllm.v1.Host\"!\n\x11RemoveHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x12RemoveHostResponse\x12\x1c\n\x04host\x18\x01 \x01(\x0b\x32\x0e.mvllm.v1.Host\"5\n\x10JoinFleetRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\r\"l\n\x11JoinFleetResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\r\x12\x11\n\thttp_urls\x18\x04 \x03(\t\x12\x13\n\x0broute_token\x18\x05 \x01(\t2\xa3\x02\n\x0c\x46leetService\x12\x44\n\tListHosts\x12\x1a.mvllm.v1.ListHostsRequest\x1a\x1b.mvllm.v1.ListHostsResponse\x12>\n\x07\x41\x64\x64Host\x12\x18.mvllm.v1.AddHostRequest\x1a\x19.mvllm.v1.AddHostResponse\x12G\n\nRemoveHost\x12\x1b.mvllm.v1.RemoveHostRequest\x1a\x1c.mvllm.v1.RemoveHostResponse\x12\x44\n\tJoinFleet\x12\x1a.mvllm.v1.JoinFleetRequest\x1a\x1b.mvllm.v1.JoinFleetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mvllm/v1/fleet.proto\x12\x08mvllm.v1\",\n\x0bHostFailure\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb3\x01\n\x04Host\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05local\x18\x03 \x01(\x08\x12\x11\n\treachable\x18\x04 \x01(\x08\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\ngpus_total\x18\x06 \x01(\r\x12\x11\n\tgpus_free\x18\x07 \x01(\r\x12\x11\n\tinstances\x18\x08 \x01(\r\x12\x0f\n\x07message\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t\"\x12\n\x10ListHostsRequest\"2\n\x11ListHostsResponse\x12\x1d\n\x05hosts\x18\x01 \x03(\x0b\x32\x0e.mvllm.v1.Host\"/\n\x0e\x41\x64\x64HostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"/\n\x0f\x41\x64\x64HostResponse\x12\x1c\n\x04host\x18\x01 \x01(\x0b\x32\x0e.mvllm.v1.Host\"!\n\x11RemoveHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x12RemoveHostResponse\x12\x1c\n\x04host\x18\x01 \x01(\x0b\x32\x0e.mvllm.v1.Host\"5\n\x10JoinFleetRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\r\"l\n\x11JoinFleetResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\r\x12\x11\n\thttp_urls\x18\x04 \x03(\t\x12\x13\n\x0broute_token\x18\x05 \x01(\t2\xa3\x02\n\x0c\x46leetService\x12\x44\n\tListHosts\x12\x1a.mvllm.v1.ListHostsRequest\x1a\x1b.mvllm.v1.ListHostsResponse\x12>\n\x07\x41\x64\x64Host\x12\x18.mvllm.v1.AddHostRequest\x1a\x19.mvllm.v1.AddHostResponse\x12G\n\nRemoveHost\x12\x1b.mvllm.v1.RemoveHostRequest\x1a\x1c.mvllm.v1.RemoveHostResponse\x12\x44\n\tJoinFleet\x12\x1a.mvllm.v1.JoinFleetRequest\x1a\x1b.mvllm.v1.JoinFleetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mvllm.v1.fleet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HOST']._serialized_start=35
-  _globals['_HOST']._serialized_end=214
-  _globals['_LISTHOSTSREQUEST']._serialized_start=216
-  _globals['_LISTHOSTSREQUEST']._serialized_end=234
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=236
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=286
-  _globals['_ADDHOSTREQUEST']._serialized_start=288
-  _globals['_ADDHOSTREQUEST']._serialized_end=335
-  _globals['_ADDHOSTRESPONSE']._serialized_start=337
-  _globals['_ADDHOSTRESPONSE']._serialized_end=384
-  _globals['_REMOVEHOSTREQUEST']._serialized_start=386
-  _globals['_REMOVEHOSTREQUEST']._serialized_end=419
-  _globals['_REMOVEHOSTRESPONSE']._serialized_start=421
-  _globals['_REMOVEHOSTRESPONSE']._serialized_end=471
-  _globals['_JOINFLEETREQUEST']._serialized_start=473
-  _globals['_JOINFLEETREQUEST']._serialized_end=526
-  _globals['_JOINFLEETRESPONSE']._serialized_start=528
-  _globals['_JOINFLEETRESPONSE']._serialized_end=636
-  _globals['_FLEETSERVICE']._serialized_start=639
-  _globals['_FLEETSERVICE']._serialized_end=930
+  _globals['_HOSTFAILURE']._serialized_start=34
+  _globals['_HOSTFAILURE']._serialized_end=78
+  _globals['_HOST']._serialized_start=81
+  _globals['_HOST']._serialized_end=260
+  _globals['_LISTHOSTSREQUEST']._serialized_start=262
+  _globals['_LISTHOSTSREQUEST']._serialized_end=280
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=282
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=332
+  _globals['_ADDHOSTREQUEST']._serialized_start=334
+  _globals['_ADDHOSTREQUEST']._serialized_end=381
+  _globals['_ADDHOSTRESPONSE']._serialized_start=383
+  _globals['_ADDHOSTRESPONSE']._serialized_end=430
+  _globals['_REMOVEHOSTREQUEST']._serialized_start=432
+  _globals['_REMOVEHOSTREQUEST']._serialized_end=465
+  _globals['_REMOVEHOSTRESPONSE']._serialized_start=467
+  _globals['_REMOVEHOSTRESPONSE']._serialized_end=517
+  _globals['_JOINFLEETREQUEST']._serialized_start=519
+  _globals['_JOINFLEETREQUEST']._serialized_end=572
+  _globals['_JOINFLEETRESPONSE']._serialized_start=574
+  _globals['_JOINFLEETRESPONSE']._serialized_end=682
+  _globals['_FLEETSERVICE']._serialized_start=685
+  _globals['_FLEETSERVICE']._serialized_end=976
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class HostFailure(_message.Message):
+    __slots__ = ("host", "message")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    message: str
+    def __init__(self, host: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
 class Host(_message.Message):
     __slots__ = ("name", "address", "local", "reachable", "version", "gpus_total", "gpus_free", "instances", "message", "source")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from mvllm.v1 import fleet_pb2 as mvllm_dot_v1_dot_fleet__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mvllm/v1/instance.proto\x12\x08mvllm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x03\n\x08Instance\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.mvllm.v1.InstanceState\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12$\n\x06\x65ngine\x18\x05 \x01(\x0e\x32\x14.mvllm.v1.EngineKind\x12\x0f\n\x07\x64\x65vices\x18\x06 \x03(\t\x12\x0c\n\x04port\x18\x07 \x01(\r\x12\x0c\n\x04host\x18\x08 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\t \x01(\r\x12\x0b\n\x03pid\x18\n \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\r\x12\x10\n\x08restarts\x18\x0c \x01(\r\x12\x0f\n\x07message\x18\r \x01(\t\x12\x0c\n\x04unit\x18\x0e \x01(\t\x12/\n\x0bstate_since\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13ready_after_seconds\x18\x10 \x01(\x01\x12\x16\n\x0eweight_updates\x18\x11 \x01(\x08\x12\x16\n\x0eweight_version\x18\x12 \x01(\t\x12\x14\n\x0cweights_path\x18\x13 \x01(\t\x12\x13\n\x0bsleep_level\x18\x14 \x01(\r\"\xad\x03\n\x16LaunchInstancesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x03 \x01(\r\x12$\n\x06\x65ngine\x18\x04 \x01(\x0e\x32\x14.mvllm.v1.EngineKind\x12\x0f\n\x07\x64\x65vices\x18\x05 \x01(\t\x12\x11\n\tport_base\x18\x06 \x01(\r\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x36\n\x03\x65nv\x18\x08 \x03(\x0b\x32).mvllm.v1.LaunchInstancesRequest.EnvEntry\x12\x13\n\x0b\x65ngine_args\x18\t \x03(\t\x12\x13\n\x0bname_prefix\x18\n \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x0b \x01(\t\x12\r\n\x05\x66orce\x18\x0c \x01(\x08\x12\x0b\n\x03\x63pu\x18\r \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x0e \x01(\r\x12\x1b\n\x0eweight_updates\x18\x0f \x01(\x08H\x00\x88\x01\x01\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_weight_updates\"@\n\x17LaunchInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\"A\n\x14StopInstancesRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\">\n\x15StopInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\"\x16\n\x14ListInstancesRequest\"r\n\x15ListInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\x12\x32\n\x10\x65xternal_servers\x18\x02 \x03(\x0b\x32\x18.mvllm.v1.ExternalServer\"\x17\n\x15WatchInstancesRequest\"P\n\x16WatchInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t\"J\n\x16GetInstanceLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x12\n\ntail_lines\x18\x03 \x01(\r\"(\n\x17GetInstanceLogsResponse\x12\r\n\x05lines\x18\x01 \x03(\t\"\x80\x02\n\x0e\x45xternalServer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.mvllm.v1.InstanceState\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x13\n\x0bhas_api_key\x18\x05 \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\r\x12\x0f\n\x07message\x18\x07 \x01(\t\x12/\n\x0bstate_since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x61ttached_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"f\n\x13\x41ttachServerRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x04 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\"@\n\x14\x41ttachServerResponse\x12(\n\x06server\x18\x01 \x01(\x0b\x32\x18.mvllm.v1.ExternalServer\"#\n\x13\x44\x65tachServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x14\x44\x65tachServerResponse\x12(\n\x06server\x18\x01 \x01(\x0b\x32\x18.mvllm.v1.ExternalServer*\xda\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INSTANCE_STATE_STARTING\x10\x01\x12\x18\n\x14INSTANCE_STATE_READY\x10\x02\x12\x1c\n\x18INSTANCE_STATE_UNHEALTHY\x10\x03\x12\x1d\n\x19INSTANCE_STATE_RESTARTING\x10\x04\x12\x19\n\x15INSTANCE_STATE_FAILED\x10\x05\x12\x1a\n\x16INSTANCE_STATE_STOPPED\x10\x06*T\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NGINE_KIND_VLLM\x10\x01\x12\x13\n\x0f\x45NGINE_KIND_SIM\x10\x02\x32\xdc\x04\n\x0fInstanceService\x12V\n\x0fLaunchInstances\x12 .mvllm.v1.LaunchInstancesRequest\x1a!.mvllm.v1.LaunchInstancesResponse\x12P\n\rStopInstances\x12\x1e.mvllm.v1.StopInstancesRequest\x1a\x1f.mvllm.v1.StopInstancesResponse\x12P\n\rListInstances\x12\x1e.mvllm.v1.ListInstancesRequest\x1a\x1f.mvllm.v1.ListInstancesResponse\x12X\n\x0fGetInstanceLogs\x12 .mvllm.v1.GetInstanceLogsRequest\x1a!.mvllm.v1.GetInstanceLogsResponse0\x01\x12M\n\x0c\x41ttachServer\x12\x1d.mvllm.v1.AttachServerRequest\x1a\x1e.mvllm.v1.AttachServerResponse\x12M\n\x0c\x44\x65tachServer\x12\x1d.mvllm.v1.DetachServerRequest\x1a\x1e.mvllm.v1.DetachServerResponse\x12U\n\x0eWatchInstances\x12\x1f.mvllm.v1.WatchInstancesRequest\x1a .mvllm.v1.WatchInstancesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mvllm/v1/instance.proto\x12\x08mvllm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14mvllm/v1/fleet.proto\"\xde\x03\n\x08Instance\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.mvllm.v1.InstanceState\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12$\n\x06\x65ngine\x18\x05 \x01(\x0e\x32\x14.mvllm.v1.EngineKind\x12\x0f\n\x07\x64\x65vices\x18\x06 \x03(\t\x12\x0c\n\x04port\x18\x07 \x01(\r\x12\x0c\n\x04host\x18\x08 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\t \x01(\r\x12\x0b\n\x03pid\x18\n \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\r\x12\x10\n\x08restarts\x18\x0c \x01(\r\x12\x0f\n\x07message\x18\r \x01(\t\x12\x0c\n\x04unit\x18\x0e \x01(\t\x12/\n\x0bstate_since\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13ready_after_seconds\x18\x10 \x01(\x01\x12\x16\n\x0eweight_updates\x18\x11 \x01(\x08\x12\x16\n\x0eweight_version\x18\x12 \x01(\t\x12\x14\n\x0cweights_path\x18\x13 \x01(\t\x12\x13\n\x0bsleep_level\x18\x14 \x01(\r\x12\x12\n\nfleet_host\x18\x15 \x01(\t\"\xe0\x03\n\x16LaunchInstancesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x03 \x01(\r\x12$\n\x06\x65ngine\x18\x04 \x01(\x0e\x32\x14.mvllm.v1.EngineKind\x12\x0f\n\x07\x64\x65vices\x18\x05 \x01(\t\x12\x11\n\tport_base\x18\x06 \x01(\r\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x36\n\x03\x65nv\x18\x08 \x03(\x0b\x32).mvllm.v1.LaunchInstancesRequest.EnvEntry\x12\x13\n\x0b\x65ngine_args\x18\t \x03(\t\x12\x13\n\x0bname_prefix\x18\n \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x0b \x01(\t\x12\r\n\x05\x66orce\x18\x0c \x01(\x08\x12\x0b\n\x03\x63pu\x18\r \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x0e \x01(\r\x12\x1b\n\x0eweight_updates\x18\x0f \x01(\x08H\x00\x88\x01\x01\x12\r\n\x05hosts\x18\x10 \x03(\t\x12\x0e\n\x06spread\x18\x11 \x01(\x08\x12\x12\n\ncheck_only\x18\x12 \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_weight_updates\"w\n\x17LaunchInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\x12\x0c\n\x04room\x18\x02 \x01(\r\x12\'\n\x08\x66\x61ilures\x18\x03 \x03(\x0b\x32\x15.mvllm.v1.HostFailure\"P\n\x14StopInstancesRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\r\n\x05hosts\x18\x04 \x03(\t\"g\n\x15StopInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\x12\'\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x15.mvllm.v1.HostFailure\"%\n\x14ListInstancesRequest\x12\r\n\x05hosts\x18\x01 \x03(\t\"\x9b\x01\n\x15ListInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\x12\x32\n\x10\x65xternal_servers\x18\x02 \x03(\x0b\x32\x18.mvllm.v1.ExternalServer\x12\'\n\x08\x66\x61ilures\x18\x03 \x03(\x0b\x32\x15.mvllm.v1.HostFailure\"\x17\n\x15WatchInstancesRequest\"P\n\x16WatchInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.mvllm.v1.Instance\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t\"J\n\x16GetInstanceLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x12\n\ntail_lines\x18\x03 \x01(\r\"(\n\x17GetInstanceLogsResponse\x12\r\n\x05lines\x18\x01 \x03(\t\"\x80\x02\n\x0e\x45xternalServer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.mvllm.v1.InstanceState\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x13\n\x0bhas_api_key\x18\x05 \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\r\x12\x0f\n\x07message\x18\x07 \x01(\t\x12/\n\x0bstate_since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x61ttached_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"f\n\x13\x41ttachServerRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x04 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\"@\n\x14\x41ttachServerResponse\x12(\n\x06server\x18\x01 \x01(\x0b\x32\x18.mvllm.v1.ExternalServer\"#\n\x13\x44\x65tachServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x14\x44\x65tachServerResponse\x12(\n\x06server\x18\x01 \x01(\x0b\x32\x18.mvllm.v1.ExternalServer*\xda\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INSTANCE_STATE_STARTING\x10\x01\x12\x18\n\x14INSTANCE_STATE_READY\x10\x02\x12\x1c\n\x18INSTANCE_STATE_UNHEALTHY\x10\x03\x12\x1d\n\x19INSTANCE_STATE_RESTARTING\x10\x04\x12\x19\n\x15INSTANCE_STATE_FAILED\x10\x05\x12\x1a\n\x16INSTANCE_STATE_STOPPED\x10\x06*T\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NGINE_KIND_VLLM\x10\x01\x12\x13\n\x0f\x45NGINE_KIND_SIM\x10\x02\x32\xdc\x04\n\x0fInstanceService\x12V\n\x0fLaunchInstances\x12 .mvllm.v1.LaunchInstancesRequest\x1a!.mvllm.v1.LaunchInstancesResponse\x12P\n\rStopInstances\x12\x1e.mvllm.v1.StopInstancesRequest\x1a\x1f.mvllm.v1.StopInstancesResponse\x12P\n\rListInstances\x12\x1e.mvllm.v1.ListInstancesRequest\x1a\x1f.mvllm.v1.ListInstancesResponse\x12X\n\x0fGetInstanceLogs\x12 .mvllm.v1.GetInstanceLogsRequest\x1a!.mvllm.v1.GetInstanceLogsResponse0\x01\x12M\n\x0c\x41ttachServer\x12\x1d.mvllm.v1.AttachServerRequest\x1a\x1e.mvllm.v1.AttachServerResponse\x12M\n\x0c\x44\x65tachServer\x12\x1d.mvllm.v1.DetachServerRequest\x1a\x1e.mvllm.v1.DetachServerResponse\x12U\n\x0eWatchInstances\x12\x1f.mvllm.v1.WatchInstancesRequest\x1a .mvllm.v1.WatchInstancesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,44 +35,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LAUNCHINSTANCESREQUEST_ENVENTRY']._loaded_options = None
   _globals['_LAUNCHINSTANCESREQUEST_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_INSTANCESTATE']._serialized_start=2058
-  _globals['_INSTANCESTATE']._serialized_end=2276
-  _globals['_ENGINEKIND']._serialized_start=2278
-  _globals['_ENGINEKIND']._serialized_end=2362
-  _globals['_INSTANCE']._serialized_start=71
-  _globals['_INSTANCE']._serialized_end=529
-  _globals['_LAUNCHINSTANCESREQUEST']._serialized_start=532
-  _globals['_LAUNCHINSTANCESREQUEST']._serialized_end=961
-  _globals['_LAUNCHINSTANCESREQUEST_ENVENTRY']._serialized_start=900
-  _globals['_LAUNCHINSTANCESREQUEST_ENVENTRY']._serialized_end=942
-  _globals['_LAUNCHINSTANCESRESPONSE']._serialized_start=963
-  _globals['_LAUNCHINSTANCESRESPONSE']._serialized_end=1027
-  _globals['_STOPINSTANCESREQUEST']._serialized_start=1029
-  _globals['_STOPINSTANCESREQUEST']._serialized_end=1094
-  _globals['_STOPINSTANCESRESPONSE']._serialized_start=1096
-  _globals['_STOPINSTANCESRESPONSE']._serialized_end=1158
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=1160
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=1182
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1184
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1298
-  _globals['_WATCHINSTANCESREQUEST']._serialized_start=1300
-  _globals['_WATCHINSTANCESREQUEST']._serialized_end=1323
-  _globals['_WATCHINSTANCESRESPONSE']._serialized_start=1325
-  _globals['_WATCHINSTANCESRESPONSE']._serialized_end=1405
-  _globals['_GETINSTANCELOGSREQUEST']._serialized_start=1407
-  _globals['_GETINSTANCELOGSREQUEST']._serialized_end=1481
-  _globals['_GETINSTANCELOGSRESPONSE']._serialized_start=1483
-  _globals['_GETINSTANCELOGSRESPONSE']._serialized_end=1523
-  _globals['_EXTERNALSERVER']._serialized_start=1526
-  _globals['_EXTERNALSERVER']._serialized_end=1782
-  _globals['_ATTACHSERVERREQUEST']._serialized_start=1784
-  _globals['_ATTACHSERVERREQUEST']._serialized_end=1886
-  _globals['_ATTACHSERVERRESPONSE']._serialized_start=1888
-  _globals['_ATTACHSERVERRESPONSE']._serialized_end=1952
-  _globals['_DETACHSERVERREQUEST']._serialized_start=1954
-  _globals['_DETACHSERVERREQUEST']._serialized_end=1989
-  _globals['_DETACHSERVERRESPONSE']._serialized_start=1991
-  _globals['_DETACHSERVERRESPONSE']._serialized_end=2055
-  _globals['_INSTANCESERVICE']._serialized_start=2365
-  _globals['_INSTANCESERVICE']._serialized_end=2969
+  _globals['_INSTANCESTATE']._serialized_start=2319
+  _globals['_INSTANCESTATE']._serialized_end=2537
+  _globals['_ENGINEKIND']._serialized_start=2539
+  _globals['_ENGINEKIND']._serialized_end=2623
+  _globals['_INSTANCE']._serialized_start=93
+  _globals['_INSTANCE']._serialized_end=571
+  _globals['_LAUNCHINSTANCESREQUEST']._serialized_start=574
+  _globals['_LAUNCHINSTANCESREQUEST']._serialized_end=1054
+  _globals['_LAUNCHINSTANCESREQUEST_ENVENTRY']._serialized_start=993
+  _globals['_LAUNCHINSTANCESREQUEST_ENVENTRY']._serialized_end=1035
+  _globals['_LAUNCHINSTANCESRESPONSE']._serialized_start=1056
+  _globals['_LAUNCHINSTANCESRESPONSE']._serialized_end=1175
+  _globals['_STOPINSTANCESREQUEST']._serialized_start=1177
+  _globals['_STOPINSTANCESREQUEST']._serialized_end=1257
+  _globals['_STOPINSTANCESRESPONSE']._serialized_start=1259
+  _globals['_STOPINSTANCESRESPONSE']._serialized_end=1362
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=1364
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=1401
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1404
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1559
+  _globals['_WATCHINSTANCESREQUEST']._serialized_start=1561
+  _globals['_WATCHINSTANCESREQUEST']._serialized_end=1584
+  _globals['_WATCHINSTANCESRESPONSE']._serialized_start=1586
+  _globals['_WATCHINSTANCESRESPONSE']._serialized_end=1666
+  _globals['_GETINSTANCELOGSREQUEST']._serialized_start=1668
+  _globals['_GETINSTANCELOGSREQUEST']._serialized_end=1742
+  _globals['_GETINSTANCELOGSRESPONSE']._serialized_start=1744
+  _globals['_GETINSTANCELOGSRESPONSE']._serialized_end=1784
+  _globals['_EXTERNALSERVER']._serialized_start=1787
+  _globals['_EXTERNALSERVER']._serialized_end=2043
+  _globals['_ATTACHSERVERREQUEST']._serialized_start=2045
+  _globals['_ATTACHSERVERREQUEST']._serialized_end=2147
+  _globals['_ATTACHSERVERRESPONSE']._serialized_start=2149
+  _globals['_ATTACHSERVERRESPONSE']._serialized_end=2213
+  _globals['_DETACHSERVERREQUEST']._serialized_start=2215
+  _globals['_DETACHSERVERREQUEST']._serialized_end=2250
+  _globals['_DETACHSERVERRESPONSE']._serialized_start=2252
+  _globals['_DETACHSERVERRESPONSE']._serialized_end=2316
+  _globals['_INSTANCESERVICE']._serialized_start=2626
+  _globals['_INSTANCESERVICE']._serialized_end=3230
 # @@protoc_insertion_point(module_scope)

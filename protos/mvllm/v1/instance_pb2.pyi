@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from mvllm.v1 import fleet_pb2 as _fleet_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -37,7 +38,7 @@ ENGINE_KIND_VLLM: EngineKind
 ENGINE_KIND_SIM: EngineKind
 
 class Instance(_message.Message):
-    __slots__ = ("name", "state", "url", "model", "engine", "devices", "port", "host", "tensor_parallel_size", "pid", "max_num_seqs", "restarts", "message", "unit", "state_since", "ready_after_seconds", "weight_updates", "weight_version", "weights_path", "sleep_level")
+    __slots__ = ("name", "state", "url", "model", "engine", "devices", "port", "host", "tensor_parallel_size", "pid", "max_num_seqs", "restarts", "message", "unit", "state_since", "ready_after_seconds", "weight_updates", "weight_version", "weights_path", "sleep_level", "fleet_host")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +59,7 @@ class Instance(_message.Message):
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_PATH_FIELD_NUMBER: _ClassVar[int]
     SLEEP_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    FLEET_HOST_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: InstanceState
     url: str
@@ -78,10 +80,11 @@ class Instance(_message.Message):
     weight_version: str
     weights_path: str
     sleep_level: int
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., url: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., devices: _Optional[_Iterable[str]] = ..., port: _Optional[int] = ..., host: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pid: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ..., unit: _Optional[str] = ..., state_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_after_seconds: _Optional[float] = ..., weight_updates: _Optional[bool] = ..., weight_version: _Optional[str] = ..., weights_path: _Optional[str] = ..., sleep_level: _Optional[int] = ...) -> None: ...
+    fleet_host: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., url: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., devices: _Optional[_Iterable[str]] = ..., port: _Optional[int] = ..., host: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pid: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ..., unit: _Optional[str] = ..., state_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_after_seconds: _Optional[float] = ..., weight_updates: _Optional[bool] = ..., weight_version: _Optional[str] = ..., weights_path: _Optional[str] = ..., sleep_level: _Optional[int] = ..., fleet_host: _Optional[str] = ...) -> None: ...
 
 class LaunchInstancesRequest(_message.Message):
-    __slots__ = ("model", "count", "tensor_parallel_size", "engine", "devices", "port_base", "host", "env", "engine_args", "name_prefix", "api_key", "force", "cpu", "max_num_seqs", "weight_updates")
+    __slots__ = ("model", "count", "tensor_parallel_size", "engine", "devices", "port_base", "host", "env", "engine_args", "name_prefix", "api_key", "force", "cpu", "max_num_seqs", "weight_updates", "hosts", "spread", "check_only")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +107,9 @@ class LaunchInstancesRequest(_message.Message):
     CPU_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ONLY_FIELD_NUMBER: _ClassVar[int]
     model: str
     count: int
     tensor_parallel_size: int
@@ -119,41 +125,56 @@ class LaunchInstancesRequest(_message.Message):
     cpu: bool
     max_num_seqs: int
     weight_updates: bool
-    def __init__(self, model: _Optional[str] = ..., count: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., devices: _Optional[str] = ..., port_base: _Optional[int] = ..., host: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., engine_args: _Optional[_Iterable[str]] = ..., name_prefix: _Optional[str] = ..., api_key: _Optional[str] = ..., force: _Optional[bool] = ..., cpu: _Optional[bool] = ..., max_num_seqs: _Optional[int] = ..., weight_updates: _Optional[bool] = ...) -> None: ...
+    hosts: _containers.RepeatedScalarFieldContainer[str]
+    spread: bool
+    check_only: bool
+    def __init__(self, model: _Optional[str] = ..., count: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., devices: _Optional[str] = ..., port_base: _Optional[int] = ..., host: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., engine_args: _Optional[_Iterable[str]] = ..., name_prefix: _Optional[str] = ..., api_key: _Optional[str] = ..., force: _Optional[bool] = ..., cpu: _Optional[bool] = ..., max_num_seqs: _Optional[int] = ..., weight_updates: _Optional[bool] = ..., hosts: _Optional[_Iterable[str]] = ..., spread: _Optional[bool] = ..., check_only: _Optional[bool] = ...) -> None: ...
 
 class LaunchInstancesResponse(_message.Message):
-    __slots__ = ("instances",)
+    __slots__ = ("instances", "room", "failures")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
-    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+    room: int
+    failures: _containers.RepeatedCompositeFieldContainer[_fleet_pb2.HostFailure]
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., room: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[_fleet_pb2.HostFailure, _Mapping]]] = ...) -> None: ...
 
 class StopInstancesRequest(_message.Message):
-    __slots__ = ("names", "all", "force")
+    __slots__ = ("names", "all", "force", "hosts")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     ALL_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     all: bool
     force: bool
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., all: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
+    hosts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., all: _Optional[bool] = ..., force: _Optional[bool] = ..., hosts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StopInstancesResponse(_message.Message):
-    __slots__ = ("instances",)
+    __slots__ = ("instances", "failures")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
-    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+    failures: _containers.RepeatedCompositeFieldContainer[_fleet_pb2.HostFailure]
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[_fleet_pb2.HostFailure, _Mapping]]] = ...) -> None: ...
 
 class ListInstancesRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("hosts",)
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    hosts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hosts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListInstancesResponse(_message.Message):
-    __slots__ = ("instances", "external_servers")
+    __slots__ = ("instances", "external_servers", "failures")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     EXTERNAL_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
     external_servers: _containers.RepeatedCompositeFieldContainer[ExternalServer]
-    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., external_servers: _Optional[_Iterable[_Union[ExternalServer, _Mapping]]] = ...) -> None: ...
+    failures: _containers.RepeatedCompositeFieldContainer[_fleet_pb2.HostFailure]
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., external_servers: _Optional[_Iterable[_Union[ExternalServer, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[_fleet_pb2.HostFailure, _Mapping]]] = ...) -> None: ...
 
 class WatchInstancesRequest(_message.Message):
     __slots__ = ()

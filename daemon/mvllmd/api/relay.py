@@ -1,0 +1,181 @@
+"""The calls that name other fleet hosts (`--hosts`, HOST/NAME), relayed to those hosts' daemons over
+mutual TLS (api/peers.py), as they came; their answers merged, each instance and device marked with
+its host (`fleet_host`). A host that cannot do its part is reported (HostFailure), not fatal to the
+others' answers. Each daemon does its own part; the relay only routes, and for a fleet launch asks
+every host first and places the instances (hosts/placement.py) before anything starts.
+
+Choosing hosts: no hosts means this one; ["all"] means this one and every peer; otherwise the names
+given (this host's own name among them, if wanted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from mvllm.v1 import fleet_pb2, instance_pb2_grpc
+from mvllm.v1 import instance_pb2 as pb
+from mvllmd.errors import InvalidRequest, MvllmError
+from mvllmd.hosts.hosts import Hosts
+from mvllmd.hosts.link import PeerLink
+from mvllmd.hosts.placement import place
+
+T = TypeVar("T")
+Call = Callable[[str, Any], Awaitable[T]]  # given a peer's name and channel
+RELAY_TIMEOUT_S = 30.0
+# Codes by which a peer's daemon answered, in words of its own (the rest are about reaching it).
+ANSWERED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+                      grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      grpc.StatusCode.PERMISSION_DENIED})  # fmt: skip
+LAUNCH_TIMEOUT_S = 3600.0  # a peer's launch waits for nothing but its engines' start
+
+
+class Relay:
+    def __init__(self, hosts: Hosts) -> None:
+        self.hosts = hosts
+
+    @property
+    def name(self) -> str:
+        return self.hosts.name
+
+    def chosen(self, names: Sequence[str]) -> tuple[bool, list[PeerLink]]:
+        """Whether `names` choose this host, and which peers (module docstring)."""
+        if not names:
+            return True, []
+        links = {link.entry.name: link for link in self.hosts.links()}
+        if list(names) == ["all"]:
+            return True, list(links.values())
+        unknown = [n for n in names if n != self.name and n not in links]
+        if unknown:
+            fleet = ", ".join([self.name, *links])
+            raise InvalidRequest(f"no host named {', '.join(unknown)} in the fleet ({fleet}); see mvllmctl hosts")
+        return self.name in names, [links[n] for n in dict.fromkeys(names) if n in links]
+
+    def peer(self, name: str) -> PeerLink:
+        _, links = self.chosen([name])
+        if not links:
+            raise InvalidRequest(f"{name} is this host: name its instances without a host")
+        return links[0]
+
+    async def each(
+        self, links: Sequence[PeerLink], call: Call[T], timeout_s: float = RELAY_TIMEOUT_S
+    ) -> tuple[list[tuple[str, T]], list[fleet_pb2.HostFailure]]:
+        """`call` on every peer at once: the answers by host, in order, and the hosts that failed."""
+        outcomes = await asyncio.gather(*(self._one(link, call, timeout_s) for link in links))
+        answers = [(link.entry.name, out) for link, out in zip(links, outcomes, strict=True)
+                   if not isinstance(out, fleet_pb2.HostFailure)]  # fmt: skip
+        return answers, [out for out in outcomes if isinstance(out, fleet_pb2.HostFailure)]
+
+    async def stream(self, link: PeerLink, call: Callable[[Any], AsyncIterator[T]]) -> AsyncIterator[T]:
+        """A server-streamed call on one peer, its messages as they come."""
+        peer = self.hosts.dial(link.entry)
+        try:
+            async for message in call(peer.channel):
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise peer.error(exc) from None
+        finally:
+            await peer.close()
+
+    async def _one(self, link: PeerLink, call: Call[T], timeout_s: float) -> T | fleet_pb2.HostFailure:
+        peer = self.hosts.dial(link.entry)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await call(link.entry.name, peer.channel)
+        except grpc.aio.AioRpcError as exc:
+            said = exc.details() if exc.code() in ANSWERED else str(peer.error(exc))
+            return fleet_pb2.HostFailure(host=link.entry.name, message=said or str(exc.code()))
+        except TimeoutError:
+            return fleet_pb2.HostFailure(host=link.entry.name, message=f"no answer within {timeout_s:g} s")
+        finally:
+            await peer.close()
+
+    # --- a fleet launch -------------------------------------------------------------------------------
+
+    async def launch(self, request: pb.LaunchInstancesRequest, here: Here) -> pb.LaunchInstancesResponse:
+        """Check the launch on every chosen host, place it, start each host's part; nothing starts unless
+        every check passed and the whole fits. `here` does this host's part."""
+        if request.devices:
+            raise InvalidRequest("--devices names one host's devices: give it without --hosts")
+        mine, links = self.chosen(request.hosts)
+        rooms = await self._rooms(request, here if mine else None, links)
+        counts = place(rooms, request.count or 1, request.tensor_parallel_size or 1, request.spread)
+        parts = {host: _part(request, count=n) for host, n in counts.items()}
+        chosen = [link for link in links if link.entry.name in parts]
+
+        async def launch_here() -> tuple[list[pb.Instance], list[fleet_pb2.HostFailure]]:
+            if self.name not in counts:
+                return [], []
+            try:
+                return marked(await here.launch(counts[self.name]), self.name), []
+            except MvllmError as exc:
+                return [], [fleet_pb2.HostFailure(host=self.name, message=str(exc))]
+
+        async def launch_there(host: str, channel: Any) -> pb.LaunchInstancesResponse:
+            launched: pb.LaunchInstancesResponse = await stub(channel).LaunchInstances(
+                parts[host], timeout=LAUNCH_TIMEOUT_S
+            )
+            return launched
+
+        (own, own_failures), (answers, failures) = await asyncio.gather(
+            launch_here(), self.each(chosen, launch_there, LAUNCH_TIMEOUT_S)
+        )
+        response = pb.LaunchInstancesResponse(instances=own, failures=[*own_failures, *failures])
+        for host, answer in answers:
+            response.instances.extend(marked(answer.instances, host))
+        return response
+
+    async def _rooms(
+        self, request: pb.LaunchInstancesRequest, here: Here | None, links: list[PeerLink]
+    ) -> dict[str, int]:
+        check = _part(request, count=request.count or 1, check_only=True)
+        answers, failures = await self.each(links, lambda _, ch: stub(ch).LaunchInstances(check))
+        rooms: dict[str, int] = {}
+        if here is not None:
+            try:
+                rooms[self.name] = await here.room()
+            except MvllmError as exc:
+                failures.insert(0, fleet_pb2.HostFailure(host=self.name, message=str(exc)))
+        if failures:
+            said = "; ".join(f"{f.host}: {f.message}" for f in failures)
+            raise InvalidRequest(f"the launch was checked on every host first, and nothing was started: {said}")
+        rooms.update((host, answer.room) for host, answer in answers)
+        order = ([self.name] if here is not None else []) + [link.entry.name for link in links]
+        return {host: rooms[host] for host in order}
+
+
+class Here(Protocol):
+    """This host's part of a fleet launch (the servicer's, over its InstanceManager)."""
+
+    async def room(self) -> int: ...
+
+    async def launch(self, count: int) -> list[pb.Instance]: ...
+
+
+def _part(request: pb.LaunchInstancesRequest, *, count: int, check_only: bool = False) -> pb.LaunchInstancesRequest:
+    """One host's part of a fleet launch: the request, for that host alone."""
+    part = pb.LaunchInstancesRequest()
+    part.CopyFrom(request)
+    del part.hosts[:]
+    part.spread = False
+    part.count = count
+    part.check_only = check_only
+    return part
+
+
+def stub(channel: Any) -> instance_pb2_grpc.InstanceServiceStub:
+    return instance_pb2_grpc.InstanceServiceStub(channel)
+
+
+def marked(instances: Sequence[pb.Instance], host: str) -> list[pb.Instance]:
+    """Instances as a fleet listing shows them: with their host."""
+    out = []
+    for instance in instances:
+        copy = pb.Instance()
+        copy.CopyFrom(instance)
+        copy.fleet_host = host
+        out.append(copy)
+    return out
