@@ -11,7 +11,7 @@ import click
 from mvllm.v1 import weights_pb2 as pb
 from mvllm.v1 import weights_pb2_grpc
 from mvllmctl.client import CtlError
-from mvllmctl.context import Ctl, json_option, pass_ctl
+from mvllmctl.context import Ctl, hosts_option, json_option, pass_ctl, qualified
 from mvllmctl.exit_codes import ExitStatus
 from mvllmctl.output import print_json, print_table
 
@@ -45,14 +45,18 @@ def weights() -> None:
     " wait: they finish first; abort: they end, and mvllmd sends them again.",
 )
 @click.option("--rolling", is_flag=True, help="One instance at a time, so that the others keep serving.")
+@hosts_option("Update the model's instances on these fleet hosts (the path must be there on each). [this host]")
 @json_option
 @pass_ctl
-def update(ctl: Ctl, model: str, path: Path, version: str | None, mode: str, rolling: bool, as_json: bool) -> int:
+def update(
+    ctl: Ctl, model: str, path: Path, version: str | None, mode: str, rolling: bool, hosts: list[str], as_json: bool
+) -> int:
     """Load the checkpoint at PATH into every instance of MODEL without restarting them: pause each, reload,
     set the version, reset the prefix cache, resume. Their specs keep the new path and version, so a
     restart brings the new weights back. An instance whose update fails is restarted on the new path;
     the command then exits 1. Job rows carry the version that made each token (weight_version,
-    weight_versions); the front door's answers say it in X-Mvllm-Weight-Version.
+    weight_versions); the front door's answers say it in X-Mvllm-Weight-Version. With --hosts, PATH is
+    checked on every host before anything changes; the hosts update at once (--rolling: one after another).
 
     \b
     Examples:
@@ -60,7 +64,7 @@ def update(ctl: Ctl, model: str, path: Path, version: str | None, mode: str, rol
       mvllmctl weights update my-policy -p /ckpt/step_300 --version 300 --rolling --mode wait
     """
     request = pb.UpdateWeightsRequest(
-        model=model, path=str(path.absolute()), version=version or "", mode=MODES[mode], rolling=rolling
+        model=model, path=str(path.absolute()), version=version or "", mode=MODES[mode], rolling=rolling, hosts=hosts
     )
     last = None
     shown: dict[str, str] = {}
@@ -74,29 +78,35 @@ def update(ctl: Ctl, model: str, path: Path, version: str | None, mode: str, rol
         print_json(last)
     else:
         _summary(last)
+    for failure in last.failures:
+        click.echo(f"{failure.host}: {failure.message}", err=True)
     failed = [i for i in last.instances if i.step == pb.UPDATE_STEP_FAILED]
-    return ExitStatus.FAILED if failed else ExitStatus.SUCCESS
+    return ExitStatus.FAILED if failed or last.failures else ExitStatus.SUCCESS
+
+
+def _name(inst: pb.InstanceUpdate) -> str:
+    return qualified(inst.name, inst.fleet_host)
 
 
 def _progress(response: pb.UpdateWeightsResponse, shown: dict[str, str]) -> None:
     """Each instance's step on stderr: redrawn in place on a terminal, a line per change elsewhere."""
     done = sum(1 for i in response.instances if i.step in (pb.UPDATE_STEP_DONE, pb.UPDATE_STEP_FAILED))
     if sys.stderr.isatty():
-        steps = "  ".join(f"{i.name} {_step(i.step)}" for i in response.instances)
+        steps = "  ".join(f"{_name(i)} {_step(i.step)}" for i in response.instances)
         click.echo(f"\r{response.elapsed_seconds:5.1f}s  {done}/{len(response.instances)}  {steps}\x1b[K", err=True,
                    nl=False)  # fmt: skip
         if response.done:
             click.echo("", err=True)
         return
     for inst in response.instances:
-        if shown.get(inst.name) != _step(inst.step):
-            shown[inst.name] = _step(inst.step)
-            click.echo(f"{response.elapsed_seconds:5.1f}s  {inst.name}  {_step(inst.step)}", err=True)
+        if shown.get(_name(inst)) != _step(inst.step):
+            shown[_name(inst)] = _step(inst.step)
+            click.echo(f"{response.elapsed_seconds:5.1f}s  {_name(inst)}  {_step(inst.step)}", err=True)
 
 
 def _summary(response: pb.UpdateWeightsResponse) -> None:
     rows = [
-        [i.name, _step(i.step), i.old_version, i.version, f"{i.seconds:.2f}" if i.seconds else "-", i.error]
+        [_name(i), _step(i.step), i.old_version, i.version, f"{i.seconds:.2f}" if i.seconds else "-", i.error]
         for i in response.instances
     ]
     print_table(["NAME", "RESULT", "FROM", "TO", "SECONDS", "ERROR"], rows)

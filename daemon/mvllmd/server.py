@@ -275,7 +275,7 @@ def _add_services(server: Any, daemon: Daemon, overview: Overview | None = None)
         InstanceServicer(daemon.instances, daemon.fleet.external, relay), server
     )
     job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(daemon.jobs), server)
-    weights_pb2_grpc.add_WeightServiceServicer_to_server(WeightServicer(daemon.weights), server)
+    weights_pb2_grpc.add_WeightServiceServicer_to_server(WeightServicer(daemon.weights, relay), server)
     if hosts is not None:
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(hosts), server)
     health = health_aio.HealthServicer()

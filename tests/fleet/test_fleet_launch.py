@@ -1,6 +1,6 @@
 """Launching, listing and stopping across the fleet from one daemon (host 1): placement packed and
 spread over two peers, checked whole before anything starts, per-host failures named; `status`,
-`devices`, `logs` and `stop` with --hosts and HOST/NAME."""
+`devices`, `logs` and `stop` with --hosts and HOST/NAME; weights updated across two peers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from mvllm_sim.weights import make_checkpoint
 
 import hostkit
 from daemonkit import wait_for
@@ -126,3 +128,34 @@ def test_a_host_that_fails_mid_launch_is_named(fleet: list[FleetDaemon], coordin
     assert "host-3: launch failed:" in done.stderr
     assert "read-only file system" in done.stderr
     assert placed(coordinator) == ["host-2/m-0"]  # the other host's instance runs
+
+
+def test_weights_updated_across_hosts(fleet: list[FleetDaemon], coordinator: FleetDaemon) -> None:
+    second, third = fleet[1], fleet[2]
+    base = second.host.private / "ckpt"  # the same paths on both peers, each on its own file system
+    for peer in (second, third):
+        for name, tag in (("a", 4), ("b", 11)):
+            make_checkpoint(peer.host.inside(base / name), tag)
+    make_checkpoint(second.host.inside(base / "c"), 13)  # on host 2 only
+    a = str(base / "a")
+    for peer, faults in ((second, ()), (third, ("--fail-reloads",))):
+        done = peer.ctl("launch", a, "--engine", "sim", "--name", "w", "--weight-updates", "--", "--time-scale",
+                        "0.01", *faults)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    def versions() -> dict[str, str]:
+        return {f"{i['fleet_host']}/{i['name']}": i["weight_version"] for i in listed(coordinator, "status",
+                                                                                       "--hosts", PEERS)}  # fmt: skip
+
+    missing = coordinator.ctl("weights", "update", a, "--path", str(base / "c"), "--hosts", PEERS)
+    assert missing.returncode == 2, missing.stderr
+    assert "checked on every host first, and nothing was changed: host-3: --path" in missing.stderr
+    assert versions() == {"host-2/w-0": "a", "host-3/w-0": "a"}
+
+    done = coordinator.ctl("weights", "update", a, "--path", str(base / "b"), "--hosts", PEERS, "--json")
+    assert done.returncode == 1, done.stderr
+    steps = {f"{i['fleet_host']}/{i['name']}": i for i in json.loads(done.stdout)["instances"]}
+    assert steps["host-2/w-0"]["step"] == "UPDATE_STEP_DONE"
+    assert steps["host-3/w-0"]["step"] == "UPDATE_STEP_FAILED"
+    assert "restarted on the new weights" in steps["host-3/w-0"]["error"]
+    wait_for(lambda: versions() == {"host-2/w-0": "b", "host-3/w-0": "b"}, timeout=30)

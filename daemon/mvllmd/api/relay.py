@@ -16,8 +16,9 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from mvllm.v1 import fleet_pb2, instance_pb2_grpc
+from mvllm.v1 import fleet_pb2, instance_pb2_grpc, weights_pb2_grpc
 from mvllm.v1 import instance_pb2 as pb
+from mvllm.v1 import weights_pb2 as wpb
 from mvllmd.errors import InvalidRequest, MvllmError
 from mvllmd.hosts.hosts import Hosts
 from mvllmd.hosts.link import PeerLink
@@ -145,6 +146,117 @@ class Relay:
         rooms.update((host, answer.room) for host, answer in answers)
         order = ([self.name] if here is not None else []) + [link.entry.name for link in links]
         return {host: rooms[host] for host in order}
+
+    # --- weights across the fleet -----------------------------------------------------------------------
+
+    async def update_weights(
+        self, request: wpb.UpdateWeightsRequest, here: WeightsHere
+    ) -> AsyncIterator[wpb.UpdateWeightsResponse]:
+        """Check the update on every chosen host (nothing changes unless every check passes: the path
+        there, instances of the model with weight updates, none busy), then update every host's instances
+        at once, or one host after another with `rolling`; yield the merged report at each step."""
+        mine, links = self.chosen(request.hosts)
+        check, part = _weights_part(request, check_only=True), _weights_part(request)
+        answers, failures = await self.each(links, lambda _, ch: _first(wstub(ch).UpdateWeights(check)))
+        reports: dict[str, wpb.UpdateWeightsResponse] = dict(answers)
+        if mine:
+            try:
+                reports = {self.name: here.check(), **reports}
+            except MvllmError as exc:
+                failures.insert(0, fleet_pb2.HostFailure(host=self.name, message=str(exc)))
+        if failures:
+            said = "; ".join(f"{f.host}: {f.message}" for f in failures)
+            raise InvalidRequest(f"the update was checked on every host first, and nothing was changed: {said}")
+        def there(link: PeerLink) -> Callable[[], AsyncIterator[wpb.UpdateWeightsResponse]]:
+            return lambda: self.stream(link, lambda ch: wstub(ch).UpdateWeights(part))
+
+        streams: dict[str, Callable[[], AsyncIterator[wpb.UpdateWeightsResponse]]] = {}
+        if mine:
+            streams[self.name] = here.run
+        streams.update((link.entry.name, there(link)) for link in links)
+        async for merged in _merged(reports, streams, request.rolling):
+            yield merged
+
+
+class WeightsHere(Protocol):
+    """This host's part of a fleet weight update (the servicer's, over WeightUpdates)."""
+
+    def check(self) -> wpb.UpdateWeightsResponse: ...
+
+    def run(self) -> AsyncIterator[wpb.UpdateWeightsResponse]: ...
+
+
+async def _merged(
+    reports: dict[str, wpb.UpdateWeightsResponse],
+    streams: dict[str, Callable[[], AsyncIterator[wpb.UpdateWeightsResponse]]],
+    rolling: bool,
+) -> AsyncIterator[wpb.UpdateWeightsResponse]:
+    """Every host's latest report as one, after each message of any host; a host whose stream breaks
+    is a failure, and ends."""
+    news: asyncio.Queue[tuple[str, wpb.UpdateWeightsResponse | fleet_pb2.HostFailure]] = asyncio.Queue()
+    ended: set[str] = set()
+
+    async def follow(host: str) -> None:
+        try:
+            async for report in streams[host]():
+                news.put_nowait((host, report))
+        except MvllmError as exc:
+            news.put_nowait((host, fleet_pb2.HostFailure(host=host, message=str(exc))))
+        finally:
+            ended.add(host)
+            news.put_nowait((host, fleet_pb2.HostFailure()))  # a mark: this host's stream is over
+
+    async def one_after_another() -> None:
+        for host in streams:
+            await follow(host)
+
+    runs = [asyncio.create_task(one_after_another())] if rolling else [asyncio.create_task(follow(h)) for h in streams]
+    failures: list[fleet_pb2.HostFailure] = []
+    try:
+        while len(ended) < len(streams) or not news.empty():
+            host, news_item = await news.get()
+            if isinstance(news_item, fleet_pb2.HostFailure):
+                if news_item.host:
+                    failures.append(news_item)
+                continue
+            reports[host] = news_item
+            yield _merge(reports, failures, done=False)
+        yield _merge(reports, failures, done=True)
+    finally:
+        for run in runs:
+            run.cancel()
+
+
+def _merge(
+    reports: dict[str, wpb.UpdateWeightsResponse], failures: list[fleet_pb2.HostFailure], done: bool
+) -> wpb.UpdateWeightsResponse:
+    first = next(iter(reports.values()))
+    merged = wpb.UpdateWeightsResponse(model=first.model, version=first.version, done=done, failures=failures,
+                                       elapsed_seconds=max(r.elapsed_seconds for r in reports.values()))  # fmt: skip
+    for host, report in reports.items():
+        for instance in report.instances:
+            entry = merged.instances.add()
+            entry.CopyFrom(instance)
+            entry.fleet_host = host
+    return merged
+
+
+async def _first(stream: AsyncIterator[T]) -> T:
+    async for message in stream:
+        return message
+    raise InvalidRequest("a host ended the call without an answer")
+
+
+def _weights_part(request: wpb.UpdateWeightsRequest, check_only: bool = False) -> wpb.UpdateWeightsRequest:
+    part = wpb.UpdateWeightsRequest()
+    part.CopyFrom(request)
+    del part.hosts[:]
+    part.check_only = check_only
+    return part
+
+
+def wstub(channel: Any) -> weights_pb2_grpc.WeightServiceStub:
+    return weights_pb2_grpc.WeightServiceStub(channel)
 
 
 class Here(Protocol):

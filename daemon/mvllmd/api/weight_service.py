@@ -8,6 +8,8 @@ from typing import Any
 from mvllm.v1 import weights_pb2 as pb
 from mvllm.v1 import weights_pb2_grpc
 from mvllmd.api.boundary import rpc, rpc_stream
+from mvllmd.api.relay import Relay
+from mvllmd.errors import InvalidRequest
 from mvllmd.weights.updates import InstanceResult, Step, UpdateReport, UpdateRequest, WeightUpdates
 
 MODES = {pb.UPDATE_MODE_UNSPECIFIED: "keep", pb.UPDATE_MODE_KEEP: "keep", pb.UPDATE_MODE_WAIT: "wait",
@@ -23,8 +25,11 @@ STEPS = {
 
 
 class WeightServicer(weights_pb2_grpc.WeightServiceServicer):  # type: ignore[misc]  # untyped stub base
-    def __init__(self, weights: WeightUpdates) -> None:
+    """This host's instances' weights; with hosts, those of other fleet hosts too, through `relay`."""
+
+    def __init__(self, weights: WeightUpdates, relay: Relay | None = None) -> None:
         self._weights = weights
+        self._relay = relay
 
     @rpc_stream
     async def UpdateWeights(
@@ -32,8 +37,16 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):  # type: ignore[mi
     ) -> AsyncIterator[pb.UpdateWeightsResponse]:
         mode = MODES.get(request.mode, str(request.mode))  # an unknown number: the domain refuses it
         update = UpdateRequest(request.model, request.path, request.version, mode, request.rolling)
-        async for report in self._weights.update(update):
-            yield report_to_proto(report)
+        if request.check_only:
+            yield report_to_proto(self._weights.check(update))
+        elif request.hosts:
+            if self._relay is None:
+                raise InvalidRequest("this daemon has no fleet of hosts")
+            async for merged in self._relay.update_weights(request, _Here(self._weights, update)):
+                yield merged
+        else:
+            async for report in self._weights.update(update):
+                yield report_to_proto(report)
 
     @rpc
     async def SleepInstances(self, request: pb.SleepInstancesRequest, context: Any) -> pb.SleepInstancesResponse:
@@ -44,6 +57,20 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):  # type: ignore[mi
     async def WakeInstances(self, request: pb.WakeInstancesRequest, context: Any) -> pb.WakeInstancesResponse:
         results = await self._weights.wake(request.model)
         return pb.WakeInstancesResponse(instances=[result_to_proto(r) for r in results])
+
+
+class _Here:
+    """This host's part of a fleet update (api/relay.py)."""
+
+    def __init__(self, weights: WeightUpdates, update: UpdateRequest) -> None:
+        self._weights, self._update = weights, update
+
+    def check(self) -> pb.UpdateWeightsResponse:
+        return report_to_proto(self._weights.check(self._update))
+
+    async def run(self) -> AsyncIterator[pb.UpdateWeightsResponse]:
+        async for report in self._weights.update(self._update):
+            yield report_to_proto(report)
 
 
 def report_to_proto(report: UpdateReport) -> pb.UpdateWeightsResponse:

@@ -117,8 +117,14 @@ class WeightUpdates:
 
     # --- update ---------------------------------------------------------------------------------
 
-    async def update(self, request: UpdateRequest) -> AsyncIterator[UpdateReport]:
-        """Check, then update; yields the report at each step of each instance, the last one `done`."""
+    def check(self, request: UpdateRequest) -> UpdateReport:
+        """Check the update as `update` would, changing nothing: the report it would begin with (a fleet
+        update checks every host first)."""
+        _, report, _ = self._prepared(request)
+        self._free(request.model)
+        return report
+
+    def _prepared(self, request: UpdateRequest) -> tuple[str, UpdateReport, list[Instance]]:
         path = _checked_path(request.path)
         if request.mode not in MODES:
             raise InvalidRequest(f"--mode must be one of {', '.join(MODES)}, got {request.mode!r}")
@@ -127,6 +133,11 @@ class WeightUpdates:
             raise InvalidRequest(f"--version {version!r}: 1 to 128 printable ASCII characters, no spaces")
         targets = self._targets(request.model)
         report = UpdateReport(request.model, version, [InstanceUpdate(i.name, i.weights.version) for i in targets])
+        return path, report, targets
+
+    async def update(self, request: UpdateRequest) -> AsyncIterator[UpdateReport]:
+        """Check, then update; yields the report at each step of each instance, the last one `done`."""
+        path, report, targets = self._prepared(request)
         changed = asyncio.Event()
         self._claim(request.model)
         run = self._spawn(self._update_all(targets, report, path, request, changed))  # ends even if the client leaves
@@ -321,9 +332,12 @@ class WeightUpdates:
 
     def _claim(self, model: str) -> None:
         """One update, sleep or wake of a model at a time; the work releases it when it ends."""
+        self._free(model)
+        self._busy.add(model)
+
+    def _free(self, model: str) -> None:
         if model in self._busy:
             raise Conflict(f"{model} is being updated, put to sleep or woken already; try again once that ends")
-        self._busy.add(model)
 
     async def _all(
         self, model: str, targets: list[Instance], step: Callable[[Instance], Coroutine[Any, Any, InstanceResult]]

@@ -22,35 +22,36 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from mvllm.v1 import fleet_pb2 as mvllm_dot_v1_dot_fleet__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mvllm/v1/weights.proto\x12\x08mvllm.v1\"y\n\x14UpdateWeightsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\"\n\x04mode\x18\x04 \x01(\x0e\x32\x14.mvllm.v1.UpdateMode\x12\x0f\n\x07rolling\x18\x05 \x01(\x08\"\x88\x01\n\x0eInstanceUpdate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04step\x18\x02 \x01(\x0e\x32\x14.mvllm.v1.UpdateStep\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x13\n\x0bold_version\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x8b\x01\n\x15UpdateWeightsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12+\n\tinstances\x18\x03 \x03(\x0b\x32\x18.mvllm.v1.InstanceUpdate\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x17\n\x0f\x65lapsed_seconds\x18\x05 \x01(\x01\"5\n\x15SleepInstancesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\r\"9\n\x0eInstanceResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"E\n\x16SleepInstancesResponse\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.mvllm.v1.InstanceResult\"%\n\x14WakeInstancesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"D\n\x15WakeInstancesResponse\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.mvllm.v1.InstanceResult*l\n\nUpdateMode\x12\x1b\n\x17UPDATE_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10UPDATE_MODE_KEEP\x10\x01\x12\x14\n\x10UPDATE_MODE_WAIT\x10\x02\x12\x15\n\x11UPDATE_MODE_ABORT\x10\x03*\xbe\x01\n\nUpdateStep\x12\x1b\n\x17UPDATE_STEP_UNSPECIFIED\x10\x00\x12\x17\n\x13UPDATE_STEP_WAITING\x10\x01\x12\x17\n\x13UPDATE_STEP_PAUSING\x10\x02\x12\x19\n\x15UPDATE_STEP_RELOADING\x10\x03\x12\x18\n\x14UPDATE_STEP_RESUMING\x10\x04\x12\x14\n\x10UPDATE_STEP_DONE\x10\x05\x12\x16\n\x12UPDATE_STEP_FAILED\x10\x06\x32\x8a\x02\n\rWeightService\x12R\n\rUpdateWeights\x12\x1e.mvllm.v1.UpdateWeightsRequest\x1a\x1f.mvllm.v1.UpdateWeightsResponse0\x01\x12S\n\x0eSleepInstances\x12\x1f.mvllm.v1.SleepInstancesRequest\x1a .mvllm.v1.SleepInstancesResponse\x12P\n\rWakeInstances\x12\x1e.mvllm.v1.WakeInstancesRequest\x1a\x1f.mvllm.v1.WakeInstancesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mvllm/v1/weights.proto\x12\x08mvllm.v1\x1a\x14mvllm/v1/fleet.proto\"\x9c\x01\n\x14UpdateWeightsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\"\n\x04mode\x18\x04 \x01(\x0e\x32\x14.mvllm.v1.UpdateMode\x12\x0f\n\x07rolling\x18\x05 \x01(\x08\x12\r\n\x05hosts\x18\x06 \x03(\t\x12\x12\n\ncheck_only\x18\x07 \x01(\x08\"\x9c\x01\n\x0eInstanceUpdate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04step\x18\x02 \x01(\x0e\x32\x14.mvllm.v1.UpdateStep\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x13\n\x0bold_version\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\x12\n\nfleet_host\x18\x07 \x01(\t\"\xb4\x01\n\x15UpdateWeightsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12+\n\tinstances\x18\x03 \x03(\x0b\x32\x18.mvllm.v1.InstanceUpdate\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x17\n\x0f\x65lapsed_seconds\x18\x05 \x01(\x01\x12\'\n\x08\x66\x61ilures\x18\x06 \x03(\x0b\x32\x15.mvllm.v1.HostFailure\"5\n\x15SleepInstancesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\r\"9\n\x0eInstanceResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"E\n\x16SleepInstancesResponse\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.mvllm.v1.InstanceResult\"%\n\x14WakeInstancesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"D\n\x15WakeInstancesResponse\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.mvllm.v1.InstanceResult*l\n\nUpdateMode\x12\x1b\n\x17UPDATE_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10UPDATE_MODE_KEEP\x10\x01\x12\x14\n\x10UPDATE_MODE_WAIT\x10\x02\x12\x15\n\x11UPDATE_MODE_ABORT\x10\x03*\xbe\x01\n\nUpdateStep\x12\x1b\n\x17UPDATE_STEP_UNSPECIFIED\x10\x00\x12\x17\n\x13UPDATE_STEP_WAITING\x10\x01\x12\x17\n\x13UPDATE_STEP_PAUSING\x10\x02\x12\x19\n\x15UPDATE_STEP_RELOADING\x10\x03\x12\x18\n\x14UPDATE_STEP_RESUMING\x10\x04\x12\x14\n\x10UPDATE_STEP_DONE\x10\x05\x12\x16\n\x12UPDATE_STEP_FAILED\x10\x06\x32\x8a\x02\n\rWeightService\x12R\n\rUpdateWeights\x12\x1e.mvllm.v1.UpdateWeightsRequest\x1a\x1f.mvllm.v1.UpdateWeightsResponse0\x01\x12S\n\x0eSleepInstances\x12\x1f.mvllm.v1.SleepInstancesRequest\x1a .mvllm.v1.SleepInstancesResponse\x12P\n\rWakeInstances\x12\x1e.mvllm.v1.WakeInstancesRequest\x1a\x1f.mvllm.v1.WakeInstancesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mvllm.v1.weights_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UPDATEMODE']._serialized_start=734
-  _globals['_UPDATEMODE']._serialized_end=842
-  _globals['_UPDATESTEP']._serialized_start=845
-  _globals['_UPDATESTEP']._serialized_end=1035
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=36
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=157
-  _globals['_INSTANCEUPDATE']._serialized_start=160
-  _globals['_INSTANCEUPDATE']._serialized_end=296
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=299
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=438
-  _globals['_SLEEPINSTANCESREQUEST']._serialized_start=440
-  _globals['_SLEEPINSTANCESREQUEST']._serialized_end=493
-  _globals['_INSTANCERESULT']._serialized_start=495
-  _globals['_INSTANCERESULT']._serialized_end=552
-  _globals['_SLEEPINSTANCESRESPONSE']._serialized_start=554
-  _globals['_SLEEPINSTANCESRESPONSE']._serialized_end=623
-  _globals['_WAKEINSTANCESREQUEST']._serialized_start=625
-  _globals['_WAKEINSTANCESREQUEST']._serialized_end=662
-  _globals['_WAKEINSTANCESRESPONSE']._serialized_start=664
-  _globals['_WAKEINSTANCESRESPONSE']._serialized_end=732
-  _globals['_WEIGHTSERVICE']._serialized_start=1038
-  _globals['_WEIGHTSERVICE']._serialized_end=1304
+  _globals['_UPDATEMODE']._serialized_start=853
+  _globals['_UPDATEMODE']._serialized_end=961
+  _globals['_UPDATESTEP']._serialized_start=964
+  _globals['_UPDATESTEP']._serialized_end=1154
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=59
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=215
+  _globals['_INSTANCEUPDATE']._serialized_start=218
+  _globals['_INSTANCEUPDATE']._serialized_end=374
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=377
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=557
+  _globals['_SLEEPINSTANCESREQUEST']._serialized_start=559
+  _globals['_SLEEPINSTANCESREQUEST']._serialized_end=612
+  _globals['_INSTANCERESULT']._serialized_start=614
+  _globals['_INSTANCERESULT']._serialized_end=671
+  _globals['_SLEEPINSTANCESRESPONSE']._serialized_start=673
+  _globals['_SLEEPINSTANCESRESPONSE']._serialized_end=742
+  _globals['_WAKEINSTANCESREQUEST']._serialized_start=744
+  _globals['_WAKEINSTANCESREQUEST']._serialized_end=781
+  _globals['_WAKEINSTANCESRESPONSE']._serialized_start=783
+  _globals['_WAKEINSTANCESRESPONSE']._serialized_end=851
+  _globals['_WEIGHTSERVICE']._serialized_start=1157
+  _globals['_WEIGHTSERVICE']._serialized_end=1423
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from mvllm.v1 import fleet_pb2 as _fleet_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -36,48 +37,56 @@ UPDATE_STEP_DONE: UpdateStep
 UPDATE_STEP_FAILED: UpdateStep
 
 class UpdateWeightsRequest(_message.Message):
-    __slots__ = ("model", "path", "version", "mode", "rolling")
+    __slots__ = ("model", "path", "version", "mode", "rolling", "hosts", "check_only")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     ROLLING_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ONLY_FIELD_NUMBER: _ClassVar[int]
     model: str
     path: str
     version: str
     mode: UpdateMode
     rolling: bool
-    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., rolling: _Optional[bool] = ...) -> None: ...
+    hosts: _containers.RepeatedScalarFieldContainer[str]
+    check_only: bool
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., rolling: _Optional[bool] = ..., hosts: _Optional[_Iterable[str]] = ..., check_only: _Optional[bool] = ...) -> None: ...
 
 class InstanceUpdate(_message.Message):
-    __slots__ = ("name", "step", "error", "old_version", "version", "seconds")
+    __slots__ = ("name", "step", "error", "old_version", "version", "seconds", "fleet_host")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     OLD_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FLEET_HOST_FIELD_NUMBER: _ClassVar[int]
     name: str
     step: UpdateStep
     error: str
     old_version: str
     version: str
     seconds: float
-    def __init__(self, name: _Optional[str] = ..., step: _Optional[_Union[UpdateStep, str]] = ..., error: _Optional[str] = ..., old_version: _Optional[str] = ..., version: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+    fleet_host: str
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[_Union[UpdateStep, str]] = ..., error: _Optional[str] = ..., old_version: _Optional[str] = ..., version: _Optional[str] = ..., seconds: _Optional[float] = ..., fleet_host: _Optional[str] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
-    __slots__ = ("model", "version", "instances", "done", "elapsed_seconds")
+    __slots__ = ("model", "version", "instances", "done", "elapsed_seconds", "failures")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     instances: _containers.RepeatedCompositeFieldContainer[InstanceUpdate]
     done: bool
     elapsed_seconds: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceUpdate, _Mapping]]] = ..., done: _Optional[bool] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+    failures: _containers.RepeatedCompositeFieldContainer[_fleet_pb2.HostFailure]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceUpdate, _Mapping]]] = ..., done: _Optional[bool] = ..., elapsed_seconds: _Optional[float] = ..., failures: _Optional[_Iterable[_Union[_fleet_pb2.HostFailure, _Mapping]]] = ...) -> None: ...
 
 class SleepInstancesRequest(_message.Message):
     __slots__ = ("model", "level")
