@@ -47,6 +47,7 @@ class FleetDaemon:
     extra: list[str] = field(default_factory=list)
     daemon: DaemonProcess | None = None
     env: dict[str, str] = field(default_factory=dict)  # made at the first start, kept for the next
+    cert: str = ""  # its certificate and key, pki/CERT.pem and .key, when not the host's own (e.g. "rogue/host-3")
 
     @property
     def address(self) -> str:
@@ -59,8 +60,9 @@ class FleetDaemon:
 
     def args(self) -> list[str]:
         name, pki = self.host.name, self.pki
+        cert = self.cert or name
         return ["--listen", f"unix:{self.tmp}/{name}.sock", "--listen", self.address,
-                "--tls-cert", f"{pki}/{name}.pem", "--tls-key", f"{pki}/{name}.key", "--tls-client-ca", f"{pki}/ca.pem",
+                "--tls-cert", f"{pki}/{cert}.pem", "--tls-key", f"{pki}/{cert}.key", "--tls-client-ca", f"{pki}/ca.pem",
                 "--http-listen", self.http, "--state-dir", f"{self.host.private}/state", "--sim-gpus", "2",
                 "--gpu-source", "none", "--unit-manager", "process", "--probe-interval", "0.2",
                 "--port-base", str(free_port_range()), *self.extra]  # fmt: skip

@@ -120,16 +120,17 @@ class Client:
                 ExitStatus.UNREACHABLE,
             )
         reason = _last_error(details)
-        if any(w in details.lower() for w in ("ssl", "handshake", "tls")):
+        if any(w in details.lower() for w in ("ssl", "handshake", "tls", "verification")):
             return CtlError(
                 f"the TLS handshake with mvllmd at {self.address} failed ({reason}): --tls-ca must hold the CA "
-                "of the daemon's certificate, and its names must include the host dialled",
+                "of the daemon's certificate, which must be in date, and its names must include the host dialled",
                 ExitStatus.UNREACHABLE,
             )
         if self.secure:
             return CtlError(
                 f"cannot reach mvllmd at {self.address} ({reason}); is it running, with TLS, and did the CA of "
-                "its --tls-client-ca sign --tls-cert? (it closes the connection of a client it does not accept)",
+                "its --tls-client-ca sign --tls-cert? is --tls-cert in date? (it closes the connection of a client "
+                "it does not accept)",
                 ExitStatus.UNREACHABLE,
             )
         if not self.address.startswith("unix:"):

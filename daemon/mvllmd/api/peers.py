@@ -127,8 +127,8 @@ def tls_refusal(details: str, entry: HostEntry) -> str:
         )
     if any(word in lower for word in ("ssl", "handshake", "certificate")):
         return (
-            f"the TLS handshake failed ({_last_reason(details)}): its certificate must be signed by the fleet CA "
-            "(this daemon's --tls-client-ca), be in date, and name the address dialled"
+            f"the TLS handshake failed ({_last_reason(details)}): its certificate must be a host certificate "
+            "(mvllmd certs host) of the fleet CA (this daemon's --tls-client-ca), in date, naming the address dialled"
         )
     return ""
 
