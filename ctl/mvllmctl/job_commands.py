@@ -92,6 +92,13 @@ def sampling_options(f: Any) -> Any:
     help="Only servers at this version of the weights (after `mvllmctl weights update`) take the job's work;"
     " the others wait, or join once updated. [any]",
 )
+@click.option(
+    "--shard",
+    metavar="K/N",
+    callback=lambda ctx, param, value: _shard(value),
+    help="Only every N-th prompt from the K-th (0-based), for N jobs (on N coordinators) that split one input;"
+    " rows keep their prompt_index in the whole input. [all]",
+)
 @click.option("--resume", is_flag=True, help="Finish an existing output or its parts (same arguments).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output and its parts.")
 @sampling_options
@@ -151,8 +158,19 @@ def job_spec(options: dict[str, Any]) -> JobSpec:
                 endpoint_api_key=options["api_key"] or "",
                 hedge=not options["no_hedge"],
                 weight_version=options["weight_version"] or "",
+                shard_index=options["shard"][0],
+                shard_count=options["shard"][1],
             )
         )
+
+
+def _shard(value: str | None) -> tuple[int, int]:
+    if value is None:
+        return 0, 1
+    index, sep, count = value.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit():
+        raise click.BadParameter(f"{value!r}: expected K/N, e.g. 0/4 (the first of four shards)", param_hint="--shard")
+    return int(index), int(count)
 
 
 def follow(ctl: Ctl, job_id: str, as_json: bool) -> int:

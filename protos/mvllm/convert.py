@@ -50,6 +50,8 @@ def spec_from_proto(spec: pb.JobSpec) -> JobSpec:
         endpoint_api_key=spec.endpoint_api_key,
         hedge=not spec.no_hedge,
         weight_version=spec.weight_version,
+        shard_index=spec.shard_index,
+        shard_count=spec.shard_count or 1,
     )
 
 
@@ -83,6 +85,8 @@ def spec_to_proto(spec: JobSpec, *, with_api_key: bool = False) -> pb.JobSpec:
         endpoint_api_key=spec.endpoint_api_key if with_api_key else "",
         no_hedge=not spec.hedge,
         weight_version=spec.weight_version,
+        shard_index=spec.shard_index,
+        shard_count=spec.shard_count,
     )
 
 

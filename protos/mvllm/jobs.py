@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 MAX_SAMPLES = 1 << 16  # samples per prompt are below this: the output's sort key keeps 16 bits for them
+MAX_SHARDS = 1_000_000
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_TEMPERATURE = 100.0
 SEED_LIMIT = 2**63  # seeds are from 0 to SEED_LIMIT - 1 (the API's int64)
@@ -94,6 +95,15 @@ class JobSpec:
     endpoint_api_key: str = field(default="", repr=False)  # for the endpoints; never shown, never logged
     hedge: bool = True  # least-loaded: move or copy slow work in the tail
     weight_version: str = ""  # only servers at this version of the weights (weights/); empty: any
+    shard_index: int = 0  # the job takes every shard_count-th prompt from the shard_index-th (0-based)
+    shard_count: int = 1
+
+    def in_shard(self, prompt_index: int) -> bool:
+        return prompt_index % self.shard_count == self.shard_index
+
+    def shard_rows(self, num_rows: int) -> int:
+        """How many of an input's `num_rows` prompts are this job's."""
+        return len(range(self.shard_index, num_rows, self.shard_count))
 
     def to_json(self) -> str:
         """The stored form (it holds the endpoints' API key: the store is the daemon user's alone)."""
@@ -197,6 +207,10 @@ def validate(spec: JobSpec) -> JobSpec:
         raise InvalidSpec("--api-key is for --endpoints servers; mvllmd's instances use their own keys")
     if spec.weight_version and spec.endpoints:
         raise InvalidSpec("--weight-version is for mvllmd's instances: it knows no version of --endpoints servers")
+    if not 1 <= spec.shard_count <= MAX_SHARDS or not 0 <= spec.shard_index < spec.shard_count:
+        raise InvalidSpec(
+            f"--shard K/N: N from 1 to {MAX_SHARDS} and K from 0 to N-1, got {spec.shard_index}/{spec.shard_count}"
+        )
     return replace(
         spec,
         policy=_member(Policy, spec.policy, "--policy"),

@@ -167,6 +167,7 @@ class Relay:
         if failures:
             said = "; ".join(f"{f.host}: {f.message}" for f in failures)
             raise InvalidRequest(f"the update was checked on every host first, and nothing was changed: {said}")
+
         def there(link: PeerLink) -> Callable[[], AsyncIterator[wpb.UpdateWeightsResponse]]:
             return lambda: self.stream(link, lambda ch: wstub(ch).UpdateWeights(part))
 

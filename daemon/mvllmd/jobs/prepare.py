@@ -38,7 +38,7 @@ def fingerprint(spec: JobSpec, source: InputInfo | None = None) -> dict[str, obj
     read = source.identity if source is not None else FileIdentity.of(spec.input_path)
     identity = [read.size, read.mtime_ns] if read is not None else None
     sampling = spec.sampling
-    return {
+    found: dict[str, object] = {
         "input": str(spec.input_path),
         "input_size_mtime": identity,
         "prompt_column": spec.prompt_column,
@@ -56,6 +56,9 @@ def fingerprint(spec: JobSpec, source: InputInfo | None = None) -> dict[str, obj
         },
         "policy": str(spec.policy),
     }
+    if spec.shard_count > 1:  # only then: the fingerprint of a whole-input job is what it always was
+        found["shard"] = [spec.shard_index, spec.shard_count]
+    return found
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class Prepared:
 
     @property
     def samples_total(self) -> int:
-        return self.source.num_rows * self.spec.num_samples
+        return self.spec.shard_rows(self.source.num_rows) * self.spec.num_samples
 
 
 def prepare(spec: JobSpec) -> Prepared:
@@ -91,7 +94,7 @@ def prepare(spec: JobSpec) -> Prepared:
     done = DoneMap(source.num_rows, spec.num_samples)
     shutil.rmtree(removing_dir(out), ignore_errors=True)  # the parts of an OUT complete already
     if spec.resume and out.exists() and not parts.exists():
-        _check_finished(out, spec, source.num_rows * spec.num_samples)
+        _check_finished(out, spec, spec.shard_rows(source.num_rows) * spec.num_samples)
         return Prepared(spec, source, done, complete=True)
     if spec.overwrite:
         shutil.rmtree(parts, ignore_errors=True)

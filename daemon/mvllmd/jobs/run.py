@@ -193,6 +193,8 @@ class Run:
                 return
             for offset, prompt in enumerate(batch.prompts):
                 index = batch.start + offset
+                if not spec.in_shard(index):
+                    continue
                 todo = [s for s in range(spec.num_samples) if not done.is_done(index, s)]
                 if not todo:
                     continue

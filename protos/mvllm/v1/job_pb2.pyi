@@ -64,7 +64,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., return_token_ids: _Optional[bool] = ..., extra_body_json: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("input_path", "output_path", "prompt_column", "num_samples", "model", "sampling", "policy", "max_concurrent", "endpoints", "wait_for_instances_seconds", "on_error", "resume", "overwrite", "endpoint_api_key", "no_hedge", "weight_version")
+    __slots__ = ("input_path", "output_path", "prompt_column", "num_samples", "model", "sampling", "policy", "max_concurrent", "endpoints", "wait_for_instances_seconds", "on_error", "resume", "overwrite", "endpoint_api_key", "no_hedge", "weight_version", "shard_index", "shard_count")
     INPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     PROMPT_COLUMN_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,8 @@ class JobSpec(_message.Message):
     ENDPOINT_API_KEY_FIELD_NUMBER: _ClassVar[int]
     NO_HEDGE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     input_path: str
     output_path: str
     prompt_column: str
@@ -97,7 +99,9 @@ class JobSpec(_message.Message):
     endpoint_api_key: str
     no_hedge: bool
     weight_version: str
-    def __init__(self, input_path: _Optional[str] = ..., output_path: _Optional[str] = ..., prompt_column: _Optional[str] = ..., num_samples: _Optional[int] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, str]] = ..., max_concurrent: _Optional[int] = ..., endpoints: _Optional[_Iterable[str]] = ..., wait_for_instances_seconds: _Optional[float] = ..., on_error: _Optional[_Union[OnError, str]] = ..., resume: _Optional[bool] = ..., overwrite: _Optional[bool] = ..., endpoint_api_key: _Optional[str] = ..., no_hedge: _Optional[bool] = ..., weight_version: _Optional[str] = ...) -> None: ...
+    shard_index: int
+    shard_count: int
+    def __init__(self, input_path: _Optional[str] = ..., output_path: _Optional[str] = ..., prompt_column: _Optional[str] = ..., num_samples: _Optional[int] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, str]] = ..., max_concurrent: _Optional[int] = ..., endpoints: _Optional[_Iterable[str]] = ..., wait_for_instances_seconds: _Optional[float] = ..., on_error: _Optional[_Union[OnError, str]] = ..., resume: _Optional[bool] = ..., overwrite: _Optional[bool] = ..., endpoint_api_key: _Optional[str] = ..., no_hedge: _Optional[bool] = ..., weight_version: _Optional[str] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
 
 class EndpointProgress(_message.Message):
     __slots__ = ("url", "instance", "inflight", "completed", "completion_tokens", "out")
