@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/run_all.py [--readme README.md] [--quick]     # `make bench`
 
 Runs balance.py, throughput.py, memory.py, scale.py, dp_vs_tp.py, weights.py, the front door's benchmarks
-(front_door*.py), hang.py and vllm_bench_serve.py one after another as subprocesses (their progress
+(front_door*.py), hang.py, vllm_bench_serve.py and fleet.py one after another as subprocesses (their progress
 goes to stderr; what they print on stdout, their tables, is kept verbatim), draws bar charts of DP vs TP
 output tokens/s and of the throughput approaches as SVG files in docs/bench/, and prints the report in
 markdown. With --readme FILE, the report replaces what lies between the lines
@@ -53,6 +53,8 @@ BENCHES = (
     Bench("vllm_bench_serve.py", "vllm bench serve through the front door (real vLLM CPU engines)", (),
           ("--prompts", "50")),
     Bench("weights.py", "Weights updated in place against stop-and-launch", (), ("--engines", "sim")),
+    Bench("fleet.py", "Jobs through a peer's per-instance route, and launch to READY on two peers", (),
+          ("--prompts", "5000", "--runs", "1", "--launch-rounds", "1")),
 )  # fmt: skip
 
 
