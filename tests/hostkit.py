@@ -80,8 +80,14 @@ BRIDGE_PREFIX = "mvb"
 SUBNETS = range(200, 255)  # 10.R.0.0/24
 LOCK_PATH = Path("/tmp/mvllm-hostkit.lock")
 TOOLS = ("ip", "nsenter", "unshare", "setpriv", "mount", "hostname", "sh", "sleep")
-# Run by the holder, inside its namespaces: $1 the private path, $2 the hostname, $3 the tmpfs's options.
-_HOLDER_SCRIPT = 'mount -t tmpfs -o "$3" tmpfs "$1" && hostname "$2" && echo ready && exec sleep infinity'
+# Run by the holder, inside its namespaces: $1 the private path, $2 the hostname, $3 the tmpfs's options,
+# $4 the host's address. Its own /etc/hosts names it: a program that resolves its host name (torch's
+# distributed set-up, in vLLM) would otherwise ask a DNS server no emulated host can reach, and wait.
+_HOLDER_SCRIPT = (
+    'mount -t tmpfs -o "$3" tmpfs "$1" && hostname "$2" && '
+    'printf "127.0.0.1 localhost\\n::1 localhost\\n%s %s\\n" "$4" "$2" > "$1/.etc-hosts" && '
+    'mount --bind "$1/.etc-hosts" /etc/hosts && echo ready && exec sleep infinity'
+)
 OWNER_LOCK = "owner.lock"  # in a Fleet's directory, locked (flock) as long as the Fleet's process lives
 _TAGGED_NETNS = re.compile(rf"^{PREFIX}-(\d+[a-z])-\d+$")
 _TAGGED_LINK = re.compile(rf"^(?:{PREFIX}(\d+[a-z])-\d+|{BRIDGE_PREFIX}(\d+[a-z]))$")
@@ -222,7 +228,8 @@ class Fleet:
         holder = subprocess.Popen(
             ["setpriv", "--pdeathsig", "KILL", "--", "ip", "netns", "exec", host.netns,
              "unshare", "--mount", "--uts", "--propagation", "private", "--",
-             "sh", "-c", _HOLDER_SCRIPT, "sh", str(host.private), host.name, f"mode=0755,size={private_size}"],
+             "sh", "-c", _HOLDER_SCRIPT, "sh", str(host.private), host.name, f"mode=0755,size={private_size}",
+             host.address],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", start_new_session=True,
         )  # fmt: skip
         self._holders.append(holder)

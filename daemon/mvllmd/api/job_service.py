@@ -66,6 +66,7 @@ def job_to_proto(view: JobView) -> pb.Job:
         started_at=_timestamp(record.started_at) if record.started_at else None,
         finished_at=_timestamp(record.finished_at) if record.finished_at else None,
         model=spec.model,
+        moved_requests=view.moves,
     )
 
 

@@ -144,9 +144,11 @@ class InstanceManager:
             yield self.list_instances(), []
             while True:
                 get = asyncio.ensure_future(queue.get())
-                await asyncio.wait({get, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not get.done():
-                    get.cancel()
+                try:
+                    await asyncio.wait({get, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    get.cancel()  # the daemon stops, or the watcher left: no get is left pending
+                if get.cancelled():
                     return
                 changed = {get.result().name}
                 while not queue.empty():

@@ -56,6 +56,7 @@ class JobView:
     inflight: int = 0
     endpoints: tuple[LaneView, ...] = ()
     samples_per_s: float = 0.0  # since this run began (a resumed job's earlier samples not counted)
+    moves: int = 0  # requests moved in the tail, since this run began
 
 
 @dataclass(eq=False)
@@ -67,6 +68,7 @@ class _Job:
     run: Run | None = None
     progress: Progress | None = None
     final_endpoints: tuple[LaneView, ...] = ()  # the per-server counts when it last ran
+    final_moves: int = 0
     cancelled: bool = False
     saved_at: float = 0.0
     unsaved: bool = False  # its last record could not be saved (logged once)
@@ -242,6 +244,7 @@ class JobManager:
         finally:
             source.close()
             job.final_endpoints = self._endpoint_views(job)
+            job.final_moves = job.run.moves if job.run is not None else job.final_moves
             job.task, job.run = None, None
             self._schedule()
 
@@ -338,13 +341,14 @@ class JobManager:
     def _view(self, job: _Job) -> JobView:
         progress, run = job.progress, job.run
         if progress is None:
-            return JobView(job.record, endpoints=job.final_endpoints)
+            return JobView(job.record, endpoints=job.final_endpoints, moves=job.final_moves)
         running = run is not None and not job.record.state.ended
         rate = (progress.samples_done - job.done_at_start) / progress.elapsed_s
         left = progress.samples_total - progress.samples_done
         eta = left / rate if rate > 0 and running else 0.0
         inflight = run.inflight if run is not None else 0
-        return JobView(job.record, progress.tokens_per_s, eta, inflight, self._endpoint_views(job), rate)
+        moves = run.moves if run is not None else job.final_moves
+        return JobView(job.record, progress.tokens_per_s, eta, inflight, self._endpoint_views(job), rate, moves)
 
     def _endpoint_views(self, job: _Job) -> tuple[LaneView, ...]:
         return tuple(job.run.views()) if job.run is not None else job.final_endpoints

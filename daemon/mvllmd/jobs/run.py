@@ -97,6 +97,10 @@ class Run:
     def inflight(self) -> int:
         return self._dispatcher.inflight
 
+    @property
+    def moves(self) -> int:
+        return self._dispatcher.moves
+
     def _remaining(self) -> int:
         return self.progress.samples_total - self.progress.samples_done
 

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mvllm/v1/job.proto\x12\x08mvllm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x18\n\x10return_token_ids\x18\x07 \x01(\x08\x12\x17\n\x0f\x65xtra_body_json\x18\x08 \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xc0\x03\n\x07JobSpec\x12\x12\n\ninput_path\x18\x01 \x01(\t\x12\x13\n\x0boutput_path\x18\x02 \x01(\t\x12\x15\n\rprompt_column\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\r\x12\r\n\x05model\x18\x05 \x01(\t\x12*\n\x08sampling\x18\x06 \x01(\x0b\x32\x18.mvllm.v1.SamplingParams\x12 \n\x06policy\x18\x07 \x01(\x0e\x32\x10.mvllm.v1.Policy\x12\x16\n\x0emax_concurrent\x18\x08 \x01(\r\x12\x11\n\tendpoints\x18\t \x03(\t\x12\"\n\x1await_for_instances_seconds\x18\n \x01(\x01\x12#\n\x08on_error\x18\x0b \x01(\x0e\x32\x11.mvllm.v1.OnError\x12\x0e\n\x06resume\x18\x0c \x01(\x08\x12\x11\n\toverwrite\x18\r \x01(\x08\x12\x18\n\x10\x65ndpoint_api_key\x18\x0e \x01(\t\x12\x10\n\x08no_hedge\x18\x0f \x01(\x08\x12\x16\n\x0eweight_version\x18\x10 \x01(\t\x12\x13\n\x0bshard_index\x18\x11 \x01(\r\x12\x13\n\x0bshard_count\x18\x12 \x01(\r\"~\n\x10\x45ndpointProgress\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x10\n\x08inflight\x18\x03 \x01(\x04\x12\x11\n\tcompleted\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x04\x12\x0b\n\x03out\x18\x06 \x01(\x08\"\xe4\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.mvllm.v1.JobState\x12\x1f\n\x04spec\x18\x03 \x01(\x0b\x32\x11.mvllm.v1.JobSpec\x12\x15\n\rsamples_total\x18\x04 \x01(\x04\x12\x14\n\x0csamples_done\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x13\n\x0boutput_path\x18\x07 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\t \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\n \x01(\x01\x12\x10\n\x08inflight\x18\x0b \x01(\x04\x12-\n\tendpoints\x18\x0c \x03(\x0b\x32\x1a.mvllm.v1.EndpointProgress\x12\x0f\n\x07message\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x11 \x01(\t\"3\n\x10SubmitJobRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mvllm.v1.JobSpec\"/\n\x11SubmitJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.mvllm.v1.Job\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\",\n\x0eGetJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.mvllm.v1.Job\"\x11\n\x0fListJobsRequest\"/\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.mvllm.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"/\n\x11\x43\x61ncelJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.mvllm.v1.Job\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\".\n\x10WatchJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.mvllm.v1.Job\"\x12\n\x10PruneJobsRequest\"?\n\x11PruneJobsResponse\x12\x13\n\x0bremoved_ids\x18\x01 \x03(\t\x12\x15\n\rremoved_parts\x18\x02 \x03(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*Q\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13POLICY_LEAST_LOADED\x10\x01\x12\x16\n\x12POLICY_ROUND_ROBIN\x10\x02*K\n\x07OnError\x12\x18\n\x14ON_ERROR_UNSPECIFIED\x10\x00\x12\x13\n\x0fON_ERROR_RECORD\x10\x01\x12\x11\n\rON_ERROR_FAIL\x10\x02\x32\xa3\x03\n\nJobService\x12\x44\n\tSubmitJob\x12\x1a.mvllm.v1.SubmitJobRequest\x1a\x1b.mvllm.v1.SubmitJobResponse\x12;\n\x06GetJob\x12\x17.mvllm.v1.GetJobRequest\x1a\x18.mvllm.v1.GetJobResponse\x12\x41\n\x08ListJobs\x12\x19.mvllm.v1.ListJobsRequest\x1a\x1a.mvllm.v1.ListJobsResponse\x12\x44\n\tCancelJob\x12\x1a.mvllm.v1.CancelJobRequest\x1a\x1b.mvllm.v1.CancelJobResponse\x12\x43\n\x08WatchJob\x12\x19.mvllm.v1.WatchJobRequest\x1a\x1a.mvllm.v1.WatchJobResponse0\x01\x12\x44\n\tPruneJobs\x12\x1a.mvllm.v1.PruneJobsRequest\x1a\x1b.mvllm.v1.PruneJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mvllm/v1/job.proto\x12\x08mvllm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x18\n\x10return_token_ids\x18\x07 \x01(\x08\x12\x17\n\x0f\x65xtra_body_json\x18\x08 \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xc0\x03\n\x07JobSpec\x12\x12\n\ninput_path\x18\x01 \x01(\t\x12\x13\n\x0boutput_path\x18\x02 \x01(\t\x12\x15\n\rprompt_column\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\r\x12\r\n\x05model\x18\x05 \x01(\t\x12*\n\x08sampling\x18\x06 \x01(\x0b\x32\x18.mvllm.v1.SamplingParams\x12 \n\x06policy\x18\x07 \x01(\x0e\x32\x10.mvllm.v1.Policy\x12\x16\n\x0emax_concurrent\x18\x08 \x01(\r\x12\x11\n\tendpoints\x18\t \x03(\t\x12\"\n\x1await_for_instances_seconds\x18\n \x01(\x01\x12#\n\x08on_error\x18\x0b \x01(\x0e\x32\x11.mvllm.v1.OnError\x12\x0e\n\x06resume\x18\x0c \x01(\x08\x12\x11\n\toverwrite\x18\r \x01(\x08\x12\x18\n\x10\x65ndpoint_api_key\x18\x0e \x01(\t\x12\x10\n\x08no_hedge\x18\x0f \x01(\x08\x12\x16\n\x0eweight_version\x18\x10 \x01(\t\x12\x13\n\x0bshard_index\x18\x11 \x01(\r\x12\x13\n\x0bshard_count\x18\x12 \x01(\r\"~\n\x10\x45ndpointProgress\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x10\n\x08inflight\x18\x03 \x01(\x04\x12\x11\n\tcompleted\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x04\x12\x0b\n\x03out\x18\x06 \x01(\x08\"\xfc\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.mvllm.v1.JobState\x12\x1f\n\x04spec\x18\x03 \x01(\x0b\x32\x11.mvllm.v1.JobSpec\x12\x15\n\rsamples_total\x18\x04 \x01(\x04\x12\x14\n\x0csamples_done\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x13\n\x0boutput_path\x18\x07 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\t \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\n \x01(\x01\x12\x10\n\x08inflight\x18\x0b \x01(\x04\x12-\n\tendpoints\x18\x0c \x03(\x0b\x32\x1a.mvllm.v1.EndpointProgress\x12\x0f\n\x07message\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x11 \x01(\t\x12\x16\n\x0emoved_requests\x18\x12 \x01(\x04\"3\n\x10SubmitJobRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mvllm.v1.JobSpec\"/\n\x11SubmitJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.mvllm.v1.Job\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\",\n\x0eGetJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.mvllm.v1.Job\"\x11\n\x0fListJobsRequest\"/\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.mvllm.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"/\n\x11\x43\x61ncelJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.mvllm.v1.Job\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\".\n\x10WatchJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.mvllm.v1.Job\"\x12\n\x10PruneJobsRequest\"?\n\x11PruneJobsResponse\x12\x13\n\x0bremoved_ids\x18\x01 \x03(\t\x12\x15\n\rremoved_parts\x18\x02 \x03(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*Q\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13POLICY_LEAST_LOADED\x10\x01\x12\x16\n\x12POLICY_ROUND_ROBIN\x10\x02*K\n\x07OnError\x12\x18\n\x14ON_ERROR_UNSPECIFIED\x10\x00\x12\x13\n\x0fON_ERROR_RECORD\x10\x01\x12\x11\n\rON_ERROR_FAIL\x10\x02\x32\xa3\x03\n\nJobService\x12\x44\n\tSubmitJob\x12\x1a.mvllm.v1.SubmitJobRequest\x1a\x1b.mvllm.v1.SubmitJobResponse\x12;\n\x06GetJob\x12\x17.mvllm.v1.GetJobRequest\x1a\x18.mvllm.v1.GetJobResponse\x12\x41\n\x08ListJobs\x12\x19.mvllm.v1.ListJobsRequest\x1a\x1a.mvllm.v1.ListJobsResponse\x12\x44\n\tCancelJob\x12\x1a.mvllm.v1.CancelJobRequest\x1a\x1b.mvllm.v1.CancelJobResponse\x12\x43\n\x08WatchJob\x12\x19.mvllm.v1.WatchJobRequest\x1a\x1a.mvllm.v1.WatchJobResponse0\x01\x12\x44\n\tPruneJobs\x12\x1a.mvllm.v1.PruneJobsRequest\x1a\x1b.mvllm.v1.PruneJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mvllm.v1.job_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1882
-  _globals['_JOBSTATE']._serialized_end=2036
-  _globals['_POLICY']._serialized_start=2038
-  _globals['_POLICY']._serialized_end=2119
-  _globals['_ONERROR']._serialized_start=2121
-  _globals['_ONERROR']._serialized_end=2196
+  _globals['_JOBSTATE']._serialized_start=1906
+  _globals['_JOBSTATE']._serialized_end=2060
+  _globals['_POLICY']._serialized_start=2062
+  _globals['_POLICY']._serialized_end=2143
+  _globals['_ONERROR']._serialized_start=2145
+  _globals['_ONERROR']._serialized_end=2220
   _globals['_SAMPLINGPARAMS']._serialized_start=66
   _globals['_SAMPLINGPARAMS']._serialized_end=323
   _globals['_JOBSPEC']._serialized_start=326
@@ -45,31 +45,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDPOINTPROGRESS']._serialized_start=776
   _globals['_ENDPOINTPROGRESS']._serialized_end=902
   _globals['_JOB']._serialized_start=905
-  _globals['_JOB']._serialized_end=1389
-  _globals['_SUBMITJOBREQUEST']._serialized_start=1391
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1442
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=1444
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=1491
-  _globals['_GETJOBREQUEST']._serialized_start=1493
-  _globals['_GETJOBREQUEST']._serialized_end=1520
-  _globals['_GETJOBRESPONSE']._serialized_start=1522
-  _globals['_GETJOBRESPONSE']._serialized_end=1566
-  _globals['_LISTJOBSREQUEST']._serialized_start=1568
-  _globals['_LISTJOBSREQUEST']._serialized_end=1585
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1587
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1634
-  _globals['_CANCELJOBREQUEST']._serialized_start=1636
-  _globals['_CANCELJOBREQUEST']._serialized_end=1666
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1668
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1715
-  _globals['_WATCHJOBREQUEST']._serialized_start=1717
-  _globals['_WATCHJOBREQUEST']._serialized_end=1746
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1748
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1794
-  _globals['_PRUNEJOBSREQUEST']._serialized_start=1796
-  _globals['_PRUNEJOBSREQUEST']._serialized_end=1814
-  _globals['_PRUNEJOBSRESPONSE']._serialized_start=1816
-  _globals['_PRUNEJOBSRESPONSE']._serialized_end=1879
-  _globals['_JOBSERVICE']._serialized_start=2199
-  _globals['_JOBSERVICE']._serialized_end=2618
+  _globals['_JOB']._serialized_end=1413
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1415
+  _globals['_SUBMITJOBREQUEST']._serialized_end=1466
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=1468
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=1515
+  _globals['_GETJOBREQUEST']._serialized_start=1517
+  _globals['_GETJOBREQUEST']._serialized_end=1544
+  _globals['_GETJOBRESPONSE']._serialized_start=1546
+  _globals['_GETJOBRESPONSE']._serialized_end=1590
+  _globals['_LISTJOBSREQUEST']._serialized_start=1592
+  _globals['_LISTJOBSREQUEST']._serialized_end=1609
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1611
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1658
+  _globals['_CANCELJOBREQUEST']._serialized_start=1660
+  _globals['_CANCELJOBREQUEST']._serialized_end=1690
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1692
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1739
+  _globals['_WATCHJOBREQUEST']._serialized_start=1741
+  _globals['_WATCHJOBREQUEST']._serialized_end=1770
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1772
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1818
+  _globals['_PRUNEJOBSREQUEST']._serialized_start=1820
+  _globals['_PRUNEJOBSREQUEST']._serialized_end=1838
+  _globals['_PRUNEJOBSRESPONSE']._serialized_start=1840
+  _globals['_PRUNEJOBSRESPONSE']._serialized_end=1903
+  _globals['_JOBSERVICE']._serialized_start=2223
+  _globals['_JOBSERVICE']._serialized_end=2642
 # @@protoc_insertion_point(module_scope)

@@ -120,7 +120,7 @@ class EndpointProgress(_message.Message):
     def __init__(self, url: _Optional[str] = ..., instance: _Optional[str] = ..., inflight: _Optional[int] = ..., completed: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., out: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "state", "spec", "samples_total", "samples_done", "errors", "output_path", "completion_tokens", "tokens_per_second", "eta_seconds", "inflight", "endpoints", "message", "created_at", "started_at", "finished_at", "model")
+    __slots__ = ("id", "state", "spec", "samples_total", "samples_done", "errors", "output_path", "completion_tokens", "tokens_per_second", "eta_seconds", "inflight", "endpoints", "message", "created_at", "started_at", "finished_at", "model", "moved_requests")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class Job(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    MOVED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobState
     spec: JobSpec
@@ -155,7 +156,8 @@ class Job(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
     model: str
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., samples_total: _Optional[int] = ..., samples_done: _Optional[int] = ..., errors: _Optional[int] = ..., output_path: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., inflight: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointProgress, _Mapping]]] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+    moved_requests: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., samples_total: _Optional[int] = ..., samples_done: _Optional[int] = ..., errors: _Optional[int] = ..., output_path: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., inflight: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointProgress, _Mapping]]] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[str] = ..., moved_requests: _Optional[int] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)
