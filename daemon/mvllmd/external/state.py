@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from mvllmd.broadcast import Broadcast
 from mvllmd.external.spec import ExternalSpec
 from mvllmd.instances.spec import InstanceState
 
@@ -46,19 +47,8 @@ class ExternalServer:
         return ExternalView(self.spec, self.state, self.since, self.message, bool(self.api_key))
 
 
-class Changes:
+class Changes(Broadcast[str]):
     """State changes: each logged, and published (the server's name) to every subscriber's queue."""
-
-    def __init__(self) -> None:
-        self._subscribers: set[asyncio.Queue[str]] = set()
-
-    def subscribe(self) -> asyncio.Queue[str]:
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        self._subscribers.add(queue)
-        return queue
-
-    def unsubscribe(self, queue: asyncio.Queue[str]) -> None:
-        self._subscribers.discard(queue)
 
     def set_state(self, server: ExternalServer, state: InstanceState, message: str) -> None:
         """Note the message; on a change of state, log it and publish it."""
@@ -72,5 +62,4 @@ class Changes:
         self.publish(server)
 
     def publish(self, server: ExternalServer) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(server.name)
+        self.send(server.name)

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from mvllm import __version__
+from mvllmd.broadcast import Broadcast
 from mvllmd.certs import identity
 from mvllmd.errors import ConfigError, Conflict, Forbidden, InvalidRequest, MvllmError
 from mvllmd.hosts.link import FLEET_PROTOCOL, Dial, Joined, PeerLink, Summary
@@ -54,7 +55,7 @@ class Hosts:
         self.http_urls: tuple[str, ...] = ()  # this daemon's HTTP listener, once bound (server.py)
         self._membership, self.dial, self._own = membership, dial, own
         self._links: dict[str, PeerLink] = {}
-        self._subscribers: set[asyncio.Queue[None]] = set()
+        self._changes: Broadcast[None] = Broadcast()
 
     def start(self) -> None:
         for entry in self._membership.entries():
@@ -90,12 +91,10 @@ class Hosts:
         return view
 
     def subscribe(self) -> asyncio.Queue[None]:
-        queue: asyncio.Queue[None] = asyncio.Queue()
-        self._subscribers.add(queue)
-        return queue
+        return self._changes.subscribe()
 
     def unsubscribe(self, queue: asyncio.Queue[None]) -> None:
-        self._subscribers.discard(queue)
+        self._changes.unsubscribe(queue)
 
     def _link(self, entry: HostEntry) -> PeerLink:
         link = self._links[entry.name] = PeerLink(entry, self.dial, self._notify)
@@ -103,8 +102,7 @@ class Hosts:
         return link
 
     def _notify(self) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(None)
+        self._changes.send(None)
 
     async def _view_self(self) -> HostView:
         return HostView(self.name, "", local=True, reachable=True, summary=await self._own())

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from mvllmd.broadcast import Broadcast
 from mvllmd.instances.spec import InstanceSpec, InstanceState
 from mvllmd.weights.state import Weights
 
@@ -85,19 +86,8 @@ class Instance:
         )
 
 
-class Events:
+class Events(Broadcast[InstanceEvent]):
     """State changes: each logged, and published to every subscriber's queue."""
-
-    def __init__(self) -> None:
-        self._subscribers: set[asyncio.Queue[InstanceEvent]] = set()
-
-    def subscribe(self) -> asyncio.Queue[InstanceEvent]:
-        queue: asyncio.Queue[InstanceEvent] = asyncio.Queue()
-        self._subscribers.add(queue)
-        return queue
-
-    def unsubscribe(self, queue: asyncio.Queue[InstanceEvent]) -> None:
-        self._subscribers.discard(queue)
 
     def set_state(self, inst: Instance, state: InstanceState, message: str) -> None:
         """Note the message; on a change of state, log it and publish it."""
@@ -112,6 +102,4 @@ class Events:
         self.publish(inst, old)
 
     def publish(self, inst: Instance, old: InstanceState | None) -> None:
-        event = InstanceEvent(inst.name, old, inst.state, inst.view())
-        for queue in self._subscribers:
-            queue.put_nowait(event)
+        self.send(InstanceEvent(inst.name, old, inst.state, inst.view()))
