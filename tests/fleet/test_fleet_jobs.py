@@ -41,6 +41,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[FleetDaemon
                 launch(daemon)
             added = first.ctl("hosts", "add", third.host.name, third.address)
             assert added.returncode == 0, added.stderr
+            assert added.stdout.strip() == f"added host-3 at {third.address}: reachable"
             wait_for(lambda: len(ready_remote(first)) == 4, timeout=30)
             yield daemons
         finally:
@@ -92,6 +93,29 @@ def test_hosts_lists_the_fleet(fleet: list[FleetDaemon]) -> None:
     over_tls = first.remote_ctl("hosts")  # a user's certificate may list them
     assert over_tls.returncode == 0, over_tls.stderr
     assert "host-3" in over_tls.stdout
+
+
+def test_hosts_removed_and_added_again(fleet: list[FleetDaemon]) -> None:
+    first, third = fleet[0], fleet[2]
+    configured = first.ctl("hosts", "remove", "host-2")
+    assert configured.returncode == 1, configured.stderr
+    assert "comes from the config file ([[fleet.hosts]]): remove it there" in configured.stderr
+    removed = first.ctl("hosts", "remove", "host-3")
+    assert removed.returncode == 0, removed.stderr
+    assert [h["name"] for h in hosts(first)] == ["host-1", "host-2"]
+    wait_for(lambda: len(ready_remote(first)) == 2, timeout=30)
+    for args, code, says in (
+        (("host-9", "nowhere"), 2, "must be its gRPC address HOST:PORT"),
+        (("host-1", third.address), 2, "this host's own name"),
+        (("host-2", third.address), 1, "already a peer"),
+        (("bad name!", third.address), 2, "expected [A-Za-z0-9]"),
+    ):
+        refused = first.ctl("hosts", "add", *args)
+        assert refused.returncode == code and says in refused.stderr, (args, refused.stderr)
+        assert "Traceback" not in refused.stderr
+    again = first.ctl("hosts", "add", "host-3", third.address)
+    assert again.returncode == 0, again.stderr
+    wait_for(lambda: len(ready_remote(first)) == 4, timeout=30)
 
 
 def test_a_job_runs_on_every_host(fleet: list[FleetDaemon], tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from daemonkit import wait_for
 from fleetkit import FleetDaemon, make_pki
 from jobkit import assert_each_pair_once, job, submit, wait_ended, write_prompts
 
-pytestmark = pytest.mark.skipif(hostkit.available() is not None, reason=str(hostkit.available()))
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(hostkit.available() is not None, reason=str(hostkit.available()))]
 
 READY_TIMEOUT_S = 420.0
 PROMPTS, K = 24, 2

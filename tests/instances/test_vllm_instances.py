@@ -44,7 +44,7 @@ from mvllmd.transport.streams import Stream
 from daemonkit import instance_status, wait_for
 from usermanager import UserManager, available, remove_stale_cgroups
 
-pytestmark = pytest.mark.systemd
+pytestmark = [pytest.mark.systemd, pytest.mark.vllm]
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +64,7 @@ def config_text(engine: Path, port_base: int, hang_timeout_s: float = 30.0) -> s
     return (
         f'[inventory]\ncpu_slots = 2\n[engine.vllm]\npython = "{engine}/venv/bin/python"\n'
         f"[instances]\nprobe_interval_s = 0.5\nport_base = {port_base}\nhang_timeout_s = {hang_timeout_s}\n"
+        '[http]\nlisten = ["http://127.0.0.1:0"]\n'  # not the default 7080: another test's daemon may have it
     )
 
 

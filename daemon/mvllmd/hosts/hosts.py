@@ -80,6 +80,7 @@ class Hosts:
         if self._refusal:
             raise InvalidRequest(self._refusal)
         link = self._link(self._membership.add(name, address))
+        await link.settled(ASK_TIMEOUT_S)  # so that the answer says whether it was reached
         return await self._view(link)
 
     async def remove(self, name: str) -> HostView:

@@ -94,6 +94,7 @@ class PeerLink:
         self.token = ""  # for its per-instance routes
         self.instances: tuple[RemoteInstance, ...] = ()
         self._task: asyncio.Task[None] | None = None
+        self._first = asyncio.Event()  # its first dial ended, one way or the other
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"peer {self.entry.name}")
@@ -103,6 +104,12 @@ class PeerLink:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    async def settled(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) until the first dial has ended, reached or not."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._first.wait()
 
     def route(self, instance: str) -> str:
         """The base URL of one of the peer's instances, through its per-instance route."""
@@ -136,6 +143,7 @@ class PeerLink:
         if not self.reachable:
             log.info("peer %s at %s: reachable (mvllm %s)", self.entry.name, self.entry.address, self.version)
         self.reachable, self.message, self.instances = True, "", instances
+        self._first.set()
         self._changed()
 
     def _lost(self, why: str) -> None:
@@ -143,6 +151,7 @@ class PeerLink:
             log.warning("peer %s at %s: unreachable: %s", self.entry.name, self.entry.address, why)
         was = self.reachable or bool(self.instances)
         self.reachable, self.message, self.instances = False, why, ()
+        self._first.set()
         if was:
             self._changed()
 

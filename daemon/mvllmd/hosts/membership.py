@@ -16,7 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from mvllmd.addresses import TcpAddress, parse_address
-from mvllmd.errors import ConfigError, Conflict, InvalidRequest, NotFound, storage_error
+from mvllmd.errors import AddressError, ConfigError, Conflict, InvalidRequest, NotFound, storage_error
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 FILE = "hosts.json"
@@ -38,8 +38,12 @@ def host_entry(name: object, address: object, source: Source = Source.CONFIG) ->
     """A checked entry; raise ConfigError naming what is wrong."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ConfigError(f"host name {name!r}: expected [A-Za-z0-9][A-Za-z0-9._-]{{0,62}} (its certificate's name)")
-    if not isinstance(address, str) or not isinstance(parse_address(address), TcpAddress):
-        raise ConfigError(f"host {name}: address {address!r} must be its gRPC address HOST:PORT")
+    try:
+        tcp = isinstance(address, str) and isinstance(parse_address(address), TcpAddress)
+    except AddressError:
+        tcp = False
+    if not tcp or not isinstance(address, str):
+        raise ConfigError(f"host {name}: address {address!r} must be its gRPC address HOST:PORT, e.g. 10.0.0.2:7070")
     return HostEntry(name, address, source)
 
 
