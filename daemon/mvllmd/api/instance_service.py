@@ -107,7 +107,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServiceServicer):  # type: igno
         self, request: pb.WatchInstancesRequest, context: Any
     ) -> AsyncIterator[pb.WatchInstancesResponse]:
         async for views, changed in self._instances.watch():
-            yield pb.WatchInstancesResponse(instances=[instance_to_proto(v) for v in views], changed=changed)
+            yield pb.WatchInstancesResponse(instances=self._protos(views), changed=changed)
 
     @rpc_stream
     async def GetInstanceLogs(
