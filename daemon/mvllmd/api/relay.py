@@ -133,19 +133,32 @@ class Relay:
         self, request: pb.LaunchInstancesRequest, here: Here | None, links: list[PeerLink]
     ) -> dict[str, int]:
         check = _part(request, count=request.count or 1, check_only=True)
-        answers, failures = await self.each(links, lambda _, ch: stub(ch).LaunchInstances(check))
-        rooms: dict[str, int] = {}
+
+        async def room(channel: Any) -> int:
+            answer: pb.LaunchInstancesResponse = await stub(channel).LaunchInstances(check)
+            return answer.room
+
+        rooms: dict[str, int] = await self.checked(
+            links, lambda _, ch: room(ch), here.room if here else None,
+            "the launch was checked on every host first, and nothing was started",
+        )  # fmt: skip
+        return rooms
+
+    async def checked(
+        self, links: Sequence[PeerLink], call: Call[T], here: Callable[[], Awaitable[Any]] | None, refused: str
+    ) -> dict[str, Any]:
+        """Ask this host (`here`, first) and every peer (`call`) whether it can do its part; their answers by
+        host, in order; InvalidRequest (`refused`, then what each failing host said) if any cannot."""
+        answers, failures = await self.each(links, call)
+        mine: dict[str, Any] = {}
         if here is not None:
             try:
-                rooms[self.name] = await here.room()
+                mine[self.name] = await here()
             except MvllmError as exc:
                 failures.insert(0, fleet_pb2.HostFailure(host=self.name, message=str(exc)))
         if failures:
-            said = "; ".join(f"{f.host}: {f.message}" for f in failures)
-            raise InvalidRequest(f"the launch was checked on every host first, and nothing was started: {said}")
-        rooms.update((host, answer.room) for host, answer in answers)
-        order = ([self.name] if here is not None else []) + [link.entry.name for link in links]
-        return {host: rooms[host] for host in order}
+            raise InvalidRequest(f"{refused}: " + "; ".join(f"{f.host}: {f.message}" for f in failures))
+        return {**mine, **dict(answers)}
 
     # --- weights across the fleet -----------------------------------------------------------------------
 
@@ -157,16 +170,10 @@ class Relay:
         at once, or one host after another with `rolling`; yield the merged report at each step."""
         mine, links = self.chosen(request.hosts)
         check, part = _weights_part(request, check_only=True), _weights_part(request)
-        answers, failures = await self.each(links, lambda _, ch: _first(wstub(ch).UpdateWeights(check)))
-        reports: dict[str, wpb.UpdateWeightsResponse] = dict(answers)
-        if mine:
-            try:
-                reports = {self.name: here.check(), **reports}
-            except MvllmError as exc:
-                failures.insert(0, fleet_pb2.HostFailure(host=self.name, message=str(exc)))
-        if failures:
-            said = "; ".join(f"{f.host}: {f.message}" for f in failures)
-            raise InvalidRequest(f"the update was checked on every host first, and nothing was changed: {said}")
+        reports: dict[str, wpb.UpdateWeightsResponse] = await self.checked(
+            links, lambda _, ch: _first(wstub(ch).UpdateWeights(check)), here.check if mine else None,
+            "the update was checked on every host first, and nothing was changed",
+        )  # fmt: skip
 
         def there(link: PeerLink) -> Callable[[], AsyncIterator[wpb.UpdateWeightsResponse]]:
             return lambda: self.stream(link, lambda ch: wstub(ch).UpdateWeights(part))
@@ -182,7 +189,7 @@ class Relay:
 class WeightsHere(Protocol):
     """This host's part of a fleet weight update (the servicer's, over WeightUpdates)."""
 
-    def check(self) -> wpb.UpdateWeightsResponse: ...
+    async def check(self) -> wpb.UpdateWeightsResponse: ...
 
     def run(self) -> AsyncIterator[wpb.UpdateWeightsResponse]: ...
 

@@ -65,7 +65,7 @@ class _Here:
     def __init__(self, weights: WeightUpdates, update: UpdateRequest) -> None:
         self._weights, self._update = weights, update
 
-    def check(self) -> pb.UpdateWeightsResponse:
+    async def check(self) -> pb.UpdateWeightsResponse:
         return report_to_proto(self._weights.check(self._update))
 
     async def run(self) -> AsyncIterator[pb.UpdateWeightsResponse]:
