@@ -193,11 +193,13 @@ async def test_seeded_copies_ask_for_the_same_samples(start_sim: StartSim) -> No
 
 async def test_the_tail_moves_samples_to_fast_endpoints_as_the_same_samples(start_sim: StartSim) -> None:
     """Unseeded, with no stop strings and max_tokens 400, requests stream and the tail moves running
-    samples from the slow endpoint (a token takes 100 times longer) to the fast one, each continued
-    from the tokens it made: every sample once, each one whole (its text, its token ids and its count
-    agree: the simulator's words are one token each), and none copied."""
+    samples from the slow endpoint to the fast one, each continued from the tokens it made: every
+    sample once, each one whole (its text, its token ids and its count agree: the simulator's words are
+    one token each), and none copied. A step takes the slow one 1000 times longer: the fast one's rate is
+    bound by its CPU (about 3 times the slow one's at a step 100 times longer, too close to MOVE_GAIN
+    on a loaded machine), the slow one's by its simulated clock (about 40 times fewer tokens a second)."""
     fast = (await start_sim("--time-scale", "0.001"))[0]
-    slow = (await start_sim("--time-scale", "0.001", "--speed", "0.01"))[0]
+    slow = (await start_sim("--time-scale", "0.001", "--speed", "0.001"))[0]
     samples, dispatcher = await run_job([fast, slow], max_tokens=400, return_token_ids=True, metrics_interval_s=0.02)
     assert dispatcher.moves > 0 and dispatcher.hedges == 0
     for s in samples:
