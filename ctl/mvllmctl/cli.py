@@ -25,6 +25,7 @@ from mvllmctl.instance_commands import launch, logs, status, stop
 from mvllmctl.job_commands import cancel, job, jobs, submit, watch
 from mvllmctl.rollouts_command import generate_rollouts
 from mvllmctl.top import top
+from mvllmctl.tune_command import tune
 from mvllmctl.weight_commands import sleep, wake, weights
 
 EPILOG = f"""\b
@@ -59,8 +60,8 @@ def cli(
 ) -> None:
     """Control mvllmd: its devices, its engine instances (launch, status, stop, logs), servers it did not
     launch (attach, detach), rollout jobs (submit, jobs, job, watch, cancel; generate-rollouts for the
-    seed script's flags), the instances' weights (weights update, sleep, wake), and the fleet of hosts
-    (hosts, hosts add, hosts remove); top shows them all, live."""
+    seed script's flags), the instances' weights (weights update, sleep, wake), the fleet of hosts
+    (hosts, hosts add, hosts remove), and the best way to split the GPUs (tune); top shows them all, live."""
     client = Client(resolve_address(address, os.environ), timeout, resolve_tls(tls_ca, tls_cert, tls_key, os.environ))
     ctx.call_on_close(client.close)
     ctx.obj = Ctl(client=client)
@@ -76,7 +77,7 @@ def completion(shell: str) -> None:
 
 
 for command in (info, devices, top, launch, status, stop, logs, attach, detach, submit, jobs, job, watch, cancel,
-                generate_rollouts, weights, sleep, wake, hosts):  # fmt: skip
+                generate_rollouts, weights, sleep, wake, hosts, tune):  # fmt: skip
     cli.add_command(command)
 
 

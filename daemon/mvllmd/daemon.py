@@ -19,6 +19,7 @@ from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.placement import device_ref
 from mvllmd.inventory import DeviceKind, Inventory, read_inventory
 from mvllmd.jobs.manager import JobManager
+from mvllmd.tune.sweep import Tuner
 from mvllmd.weights.updates import WeightUpdates
 
 
@@ -46,6 +47,7 @@ class Daemon:
     fleet: Fleet  # every server work may go to: the instances, and the external servers (fleet.external)
     endpoints: Endpoints  # one Endpoint per server in use, shared by the jobs and the front door
     weights: WeightUpdates  # updates, sleep and wake of the instances with weight updates on
+    tuner: Tuner  # `mvllmctl tune`: sweeps of the ways to split this host's devices
     listen_addresses: tuple[str, ...] = ()
     http_urls: tuple[str, ...] = ()  # the HTTP front door's, with the ports picked for port 0
     start_time: datetime = field(default_factory=lambda: datetime.now(UTC))

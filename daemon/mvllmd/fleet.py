@@ -5,7 +5,7 @@ here: this host's READY instances (instances/manager.py) and the READY external 
 (external/servers.py), and the READY instances of every reachable peer (hosts/), named HOST/NAME and
 reached through the peer's per-instance route with the token it gave this daemon. A server that is not
 READY (starting, UNHEALTHY, hung, restarting, gone, on a peer that is unreachable) is not listed, so both
-leave it at once.
+leave it at once. Nor is a tune trial's instance (tune/): only its trial sends it work.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class Fleet:
         local = [
             Server(v.spec.name, v.spec.url, v.spec.served_model_name, v.spec.max_num_seqs, key, v.spec.model)
             for v, key in self.instances.serving()
+            if not v.spec.trial
         ]
         external = [
             Server(v.spec.name, v.spec.url, v.spec.model, v.spec.max_num_seqs, key)
@@ -82,7 +83,7 @@ class Fleet:
         local = [
             Server(v.spec.name, v.spec.url, v.spec.served_model_name, v.spec.max_num_seqs, "", v.spec.model)
             for v in self.instances.list_instances()
-            if v.state in LIVE
+            if v.state in LIVE and not v.spec.trial
         ]
         external = [
             Server(v.spec.name, v.spec.url, v.spec.model, v.spec.max_num_seqs) for v in self.external.list_servers()
@@ -116,5 +117,5 @@ class Fleet:
             for link in self.hosts.links()
             if link.reachable
             for i in link.instances
-            if i.state in states
+            if i.state in states and not i.trial
         ]

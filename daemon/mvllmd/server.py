@@ -33,6 +33,8 @@ from mvllm.v1 import (
     instance_pb2_grpc,
     job_pb2,
     job_pb2_grpc,
+    tune_pb2,
+    tune_pb2_grpc,
     weights_pb2,
     weights_pb2_grpc,
 )
@@ -43,6 +45,7 @@ from mvllmd.api.instance_service import InstanceServicer
 from mvllmd.api.job_service import JobServicer
 from mvllmd.api.peers import PeerClient, fleet_credentials
 from mvllmd.api.relay import Relay
+from mvllmd.api.tune_service import TuneServicer
 from mvllmd.api.weight_service import WeightServicer
 from mvllmd.certs import identity
 from mvllmd.config import Config
@@ -72,6 +75,7 @@ from mvllmd.metrics.prometheus import Metrics
 from mvllmd.notify import Notifier
 from mvllmd.overview import Overview
 from mvllmd.transport import http as http_client
+from mvllmd.tune.sweep import Tuner
 from mvllmd.weights.updates import WeightUpdates
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,7 @@ SERVICES = (
     job_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     weights_pb2.DESCRIPTOR.services_by_name["WeightService"].full_name,
     fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
+    tune_pb2.DESCRIPTOR.services_by_name["TuneService"].full_name,
 )
 SERVER_OPTIONS = (
     # gRPC turns SO_REUSEPORT on by default; with it, a second daemon could bind the same TCP port.
@@ -217,8 +222,9 @@ async def _start_up(
                       endpoints=endpoints, events=metrics)  # fmt: skip
     notifier.status("resuming jobs")
     await jobs.start()
+    tuner = Tuner(instances, fresh_inventory, config.jobs, config.daemon.state_dir, config.instances.start_timeout_s)
     return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd, instances=instances, jobs=jobs,
-                  fleet=fleet, endpoints=endpoints, weights=weights)  # fmt: skip
+                  fleet=fleet, endpoints=endpoints, weights=weights, tuner=tuner)  # fmt: skip
 
 
 def _hosts(config: Config, own: Any) -> Hosts:
@@ -276,6 +282,7 @@ def _add_services(server: Any, daemon: Daemon, overview: Overview | None = None)
     )
     job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(daemon.jobs), server)
     weights_pb2_grpc.add_WeightServiceServicer_to_server(WeightServicer(daemon.weights, relay), server)
+    tune_pb2_grpc.add_TuneServiceServicer_to_server(TuneServicer(daemon.tuner), server)
     if hosts is not None:
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(hosts), server)
     health = health_aio.HealthServicer()

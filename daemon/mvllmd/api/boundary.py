@@ -85,10 +85,15 @@ def rpc_stream(method: StreamMethod[Servicer, Request, Response]) -> StreamMetho
     @functools.wraps(method)
     async def wrapper(self: Servicer, request: Request, context: Any) -> AsyncIterator[Response]:
         await context.send_initial_metadata(((VERSION_METADATA_KEY, __version__),))
+        items = method(self, request, context)
         try:
-            async for item in method(self, request, context):
+            async for item in items:
                 yield item
         except Exception as exc:
             await context.abort(*_translate(exc, method.__qualname__))
+        finally:
+            close = getattr(items, "aclose", None)  # the method's generator: its cleanup runs now, not when collected
+            if close is not None:
+                await close()
 
     return wrapper

@@ -210,6 +210,7 @@ def instance_to_proto(view: InstanceView) -> pb.Instance:
         weight_version=spec.weight_version,
         weights_path=spec.weights_path,
         sleep_level=view.sleep_level,
+        trial=spec.trial,
     )
 
 

@@ -143,4 +143,4 @@ def remote_instance(i: instance_pb2.Instance) -> RemoteInstance:
         state = InstanceState(instance_pb2.InstanceState.Name(i.state).removeprefix("INSTANCE_STATE_").lower())
     except ValueError:
         raise Unreachable(f"a peer sent instance {i.name} in an unknown state ({i.state})") from None
-    return RemoteInstance(i.name, state, i.model, i.weights_path, i.max_num_seqs)
+    return RemoteInstance(i.name, state, i.model, i.weights_path, i.max_num_seqs, i.trial)

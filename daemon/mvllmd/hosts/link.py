@@ -38,6 +38,7 @@ class RemoteInstance:
     model: str  # the served model name
     weights_path: str  # what it was launched with, or last updated to (a job may name the model so)
     max_num_seqs: int
+    trial: bool = False  # a tune trial's: it takes no work from coordinators
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ def instance_spec(
         launched_at=time.time(),
         weight_updates=bool(request.weight_updates),
         weight_version=first_version(request.model) if request.weight_updates else "",
+        trial=request.trial,
     )
 
 

@@ -48,11 +48,15 @@ class InstanceManager:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Install what the backend needs; re-adopt running instances, restart the others."""
+        """Install what the backend needs; re-adopt running instances, restart the others, remove those of
+        a tune trial (their sweep ended with the daemon that ran it)."""
         await self._backend.prepare()
         running = await self._backend.running()
         for spec in read_specs(self._state_dir):
             inst = self._track(spec, api_key(spec))
+            if spec.trial:  # its sweep ended with the daemon that ran it
+                await self._remove_trial(inst)
+                continue
             if spec.name in running:
                 log.info("re-adopted instance %s (%s)", spec.name, spec.url)
                 inst.message = "re-adopted after a daemon restart"
@@ -69,6 +73,13 @@ class InstanceManager:
             self._events.set_state(inst, InstanceState.FAILED, str(exc))
             return False
         return True
+
+    async def _remove_trial(self, inst: Instance) -> None:
+        log.info("removing instance %s, left by a tune trial that mvllmd's restart ended", inst.name)
+        try:
+            await self._forget(inst, force=True)
+        except UnitError as exc:
+            self._events.set_state(inst, InstanceState.FAILED, f"a tune trial's, and it could not be stopped: {exc}")
 
     async def close(self) -> None:
         monitors = [i.monitor for i in self._instances.values() if i.monitor is not None]

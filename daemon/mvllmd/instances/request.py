@@ -31,6 +31,7 @@ class LaunchRequest:
     cpu: bool = False
     max_num_seqs: int = 0
     weight_updates: bool | None = None  # vLLM's development routes on (weights/), loopback only; None: config's
+    trial: bool = False  # for a tune trial (tune/): the trial's alone, removed when mvllmd starts again
 
 
 def validate(request: LaunchRequest) -> None:

@@ -58,6 +58,9 @@ class InstanceSpec:
     # argv: `weights_path`); both change with each update, so a restart brings them back.
     weight_updates: bool = False
     weight_version: str = ""
+    # Launched by a tune sweep for one trial (tune/): only the trial sends it work, and a restarted
+    # mvllmd removes it instead of re-adopting it.
+    trial: bool = False
 
     @property
     def url(self) -> str:

@@ -72,13 +72,14 @@ def _value(rest: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-async def scrape(client: http.Client, url: str, api_key: str = "", timeout_s: float = 2.0) -> dict[str, float]:
-    """One endpoint's wanted gauges; raises http.HttpError, OSError, TimeoutError or ValueError."""
+async def scrape(client: http.Client, url: str, api_key: str = "", timeout_s: float = 2.0,
+                 names: tuple[str, ...] = WANTED) -> dict[str, float]:  # fmt: skip
+    """One endpoint's gauges in `names`; raises http.HttpError, OSError, TimeoutError or ValueError."""
     async with asyncio.timeout(timeout_s):
         response = await client.pool(url).get("/metrics", bearer(api_key) or {})
     if response.status != 200:
         raise ValueError(f"/metrics answered HTTP {response.status}")
-    values = parse(response.body.decode())  # (a UnicodeDecodeError is a ValueError)
+    values = parse(response.body.decode(), names)  # (a UnicodeDecodeError is a ValueError)
     if RUNNING not in values or WAITING not in values:
         raise ValueError("/metrics has no vLLM request gauges")
     return values

@@ -38,7 +38,7 @@ ENGINE_KIND_VLLM: EngineKind
 ENGINE_KIND_SIM: EngineKind
 
 class Instance(_message.Message):
-    __slots__ = ("name", "state", "url", "model", "engine", "devices", "port", "host", "tensor_parallel_size", "pid", "max_num_seqs", "restarts", "message", "unit", "state_since", "ready_after_seconds", "weight_updates", "weight_version", "weights_path", "sleep_level", "fleet_host")
+    __slots__ = ("name", "state", "url", "model", "engine", "devices", "port", "host", "tensor_parallel_size", "pid", "max_num_seqs", "restarts", "message", "unit", "state_since", "ready_after_seconds", "weight_updates", "weight_version", "weights_path", "sleep_level", "fleet_host", "trial")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class Instance(_message.Message):
     WEIGHTS_PATH_FIELD_NUMBER: _ClassVar[int]
     SLEEP_LEVEL_FIELD_NUMBER: _ClassVar[int]
     FLEET_HOST_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: InstanceState
     url: str
@@ -81,7 +82,8 @@ class Instance(_message.Message):
     weights_path: str
     sleep_level: int
     fleet_host: str
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., url: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., devices: _Optional[_Iterable[str]] = ..., port: _Optional[int] = ..., host: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pid: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ..., unit: _Optional[str] = ..., state_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_after_seconds: _Optional[float] = ..., weight_updates: _Optional[bool] = ..., weight_version: _Optional[str] = ..., weights_path: _Optional[str] = ..., sleep_level: _Optional[int] = ..., fleet_host: _Optional[str] = ...) -> None: ...
+    trial: bool
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., url: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., devices: _Optional[_Iterable[str]] = ..., port: _Optional[int] = ..., host: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pid: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ..., unit: _Optional[str] = ..., state_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_after_seconds: _Optional[float] = ..., weight_updates: _Optional[bool] = ..., weight_version: _Optional[str] = ..., weights_path: _Optional[str] = ..., sleep_level: _Optional[int] = ..., fleet_host: _Optional[str] = ..., trial: _Optional[bool] = ...) -> None: ...
 
 class LaunchInstancesRequest(_message.Message):
     __slots__ = ("model", "count", "tensor_parallel_size", "engine", "devices", "port_base", "host", "env", "engine_args", "name_prefix", "api_key", "force", "cpu", "max_num_seqs", "weight_updates", "hosts", "spread", "check_only")
