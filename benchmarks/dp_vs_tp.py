@@ -1,6 +1,6 @@
 """Data parallel or tensor parallel on one 8-GPU host: the seed's table, redone on the simulator.
 
-    .venv/bin/python benchmarks/dp_vs_tp.py [--prompts 1000] [--samples 10] [--time-scale 1]
+    .venv/bin/python benchmarks/dp_vs_tp.py [--prompts 1000] [--samples 10] [--time-scale 1] [--json FILE]
 
 One mvllmd with 8 simulated GPUs runs, in turn, 8 x TP1, 4 x TP2, 2 x TP4 and 1 x TP8 instances of
 mvllm-sim's h100-8b profile (Llama-3.1-8B on H100 SXM, with its TP variants), all at one --time-scale.
@@ -8,12 +8,17 @@ For each, one job of PROMPTS prompts x SAMPLES samples (max_tokens --max-tokens,
 long-tailed output lengths) is submitted through the daemon and waited for, with every sample allowed
 in flight (each server fills its own batch). Makespan is wall time divided by the time scale, in
 simulated seconds; samples/s and output tokens/s are per simulated second. Prints a table, relative to
-1 x TP8.
+1 x TP8. With --json FILE, FILE also gets the run's settings and rows, for run_all.py to draw:
+
+    {"profile": "h100-8b", "prompts": 1000, "samples": 10, "max_tokens": 1024, "time_scale": 1.0,
+     "policy": "least-loaded", "rows": [{"instances": 8, "tp": 1, "makespan_s": 23.6, "samples": 10000,
+     "completion_tokens": 2675000, "samples_per_s": 424.6, "output_tokens_per_s": 113359.0}, ...]}
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -35,6 +40,7 @@ def main() -> None:
     p.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per simulated second [1]")
     p.add_argument("--policy", choices=["least-loaded", "round-robin"], default="least-loaded")
     p.add_argument("--layouts", default="8x1,4x2,2x4,1x8", help="INSTANCESxTP, comma-separated [8x1,4x2,2x4,1x8]")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the settings and rows to FILE as JSON")
     args = p.parse_args()
     exit_on_sigterm()
     header = (f"DP vs TP on 8 simulated H100s, mvllm-sim profile {PROFILE}, {args.prompts:,} prompts x "
@@ -71,6 +77,19 @@ def main() -> None:
                      f"{tokens / makespan / (base[4] / base[2]):.2f}x"])  # fmt: skip
     print_table(["instances", "TP", "makespan (simulated s)", "samples/s", "output tokens/s",
                  f"vs {base[0]} x TP{base[1]}"], rows)  # fmt: skip
+    if args.json:
+        write_json(args, results)
+
+
+def write_json(args: argparse.Namespace, results: list[tuple[int, int, float, int, int]]) -> None:
+    rows = [{"instances": count, "tp": tp, "makespan_s": round(makespan, 3), "samples": samples,
+             "completion_tokens": tokens, "samples_per_s": round(samples / makespan, 3),
+             "output_tokens_per_s": round(tokens / makespan, 3)}
+            for count, tp, makespan, samples, tokens in results]  # fmt: skip
+    doc = {"profile": PROFILE, "prompts": args.prompts, "samples": args.samples, "max_tokens": args.max_tokens,
+           "time_scale": args.time_scale, "policy": args.policy, "rows": rows}  # fmt: skip
+    args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"dp_vs_tp: wrote the rows to {args.json}", file=sys.stderr)
 
 
 if __name__ == "__main__":

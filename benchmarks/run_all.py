@@ -4,23 +4,36 @@
 
 Runs balance.py, throughput.py, memory.py, scale.py, dp_vs_tp.py, weights.py, the front door's benchmarks
 (front_door*.py), hang.py, vllm_bench_serve.py and fleet.py one after another as subprocesses (their progress
-goes to stderr; what they print on stdout, their tables, is kept verbatim), draws bar charts of DP vs TP
-output tokens/s and of the throughput approaches as SVG files in docs/bench/, and prints the report in
-markdown. With --readme FILE, the report replaces what lies between the lines
-`<!-- bench:start -->` and `<!-- bench:end -->` of FILE. --quick runs smaller sizes (a few minutes).
-A benchmark that fails is reported as failed; the others still run; the exit status is then 1.
+goes to stderr; what they print on stdout, their tables, is kept verbatim), draws charts as PNG files in
+docs/bench/ with matplotlib (mvllmctl.plots; the `bench` extra, which `make bench` installs), and prints the
+report in markdown, each chart after its benchmark's table:
+
+    balance_heterogeneous.png, balance_homogeneous.png   sequences running on each server over time, one
+                                                         panel per policy (balance.py --timeline)
+    dp_vs_tp.png      output tokens/s per layout and its speedup over 1 x TP8 (dp_vs_tp.py --json)
+    throughput.png    samples/s of each approach (throughput.py's table)
+
+With --readme FILE, the report replaces what lies between the lines `<!-- bench:start -->` and
+`<!-- bench:end -->` of FILE. --quick runs smaller sizes (a few minutes). A benchmark that fails is
+reported as failed; the others still run; the exit status is then 1. Without matplotlib the benchmarks
+run and the report has no charts.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
+import json
 import os
+import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from mvllmctl.plots import LayoutBar, PlotUnavailable, draw_bars, draw_dp_vs_tp, draw_timelines
 
 from benchkit import load_average, machine
 
@@ -35,16 +48,18 @@ class Bench:
     title: str
     full: tuple[str, ...]
     quick: tuple[str, ...]
+    data_flag: str = ""  # the script's flag to write what its charts are drawn from, as JSON
 
 
 BENCHES = (
     Bench("balance.py", "Balance over heterogeneous servers", (),
-          ("--prompts", "500", "--samples", "4", "--homogeneous-runs", "1")),
+          ("--prompts", "500", "--samples", "4", "--homogeneous-runs", "1"), "--timeline"),
     Bench("throughput.py", "Throughput against instant servers", (),
           ("--prompts", "10000", "--seed-prompts", "2000")),
     Bench("memory.py", "Memory of mvllmd for a large job", (), ("--sizes", "10000,100000")),
     Bench("scale.py", "mvllmd's CPU per sample as the servers grow", (), ("--prompts", "5000", "--runs", "1")),
-    Bench("dp_vs_tp.py", "DP vs TP on 8 simulated GPUs", (), ("--prompts", "300", "--time-scale", "0.5")),
+    Bench("dp_vs_tp.py", "DP vs TP on 8 simulated GPUs", (), ("--prompts", "300", "--time-scale", "0.5"),
+          "--json"),
     Bench("front_door.py", "The front door against straight requests and sglang-router", (), ("--duration", "3")),
     Bench("front_door_balance.py", "Balance through the front door", (), ("--sessions", "500")),
     Bench("front_door_sessions.py", "Sessions through the front door: prefix hits and makespan", (),
@@ -65,15 +80,20 @@ class Result:
     status: int
     seconds: float
     stdout: str
+    data: Path | None  # what its data flag wrote, if it has one
 
 
-def run_bench(bench: Bench, quick: bool) -> Result:
+def run_bench(bench: Bench, quick: bool, data_dir: Path) -> Result:
+    """One benchmark as a subprocess. Its data flag, if any, points into DATA_DIR; the command shown in
+    the report leaves it out (it only feeds the charts)."""
     args = bench.quick if quick else bench.full
     command = " ".join([".venv/bin/python", f"benchmarks/{bench.script}", *args])
-    print(f"== {command}", file=sys.stderr, flush=True)
+    data = data_dir / f"{Path(bench.script).stem}.json" if bench.data_flag else None
+    extra = [bench.data_flag, str(data)] if data else []
+    print(f"== {command} {' '.join(extra)}".rstrip(), file=sys.stderr, flush=True)
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(HERE / bench.script), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(HERE / bench.script), *args, *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         stdout, _ = proc.communicate()
     except BaseException:
@@ -82,7 +102,7 @@ def run_bench(bench: Bench, quick: bool) -> Result:
         raise
     seconds = time.monotonic() - started
     print(stdout, file=sys.stderr, flush=True)
-    return Result(bench, command, proc.returncode, seconds, stdout.strip())
+    return Result(bench, command, proc.returncode, seconds, stdout.strip(), data if data and data.exists() else None)
 
 
 # --- tables and plots ----------------------------------------------------------------------------
@@ -102,54 +122,76 @@ def number(cell: str) -> float:
     return float(cell.replace(",", "").rstrip("x"))
 
 
-def bar_chart(title: str, unit: str, bars: list[tuple[str, float]]) -> str:
-    """A horizontal bar chart as a standalone SVG document."""
-    label_w, bar_w, row_h, top = 200, 400, 34, 48
-    width, height = label_w + bar_w + 110, top + row_h * len(bars) + 36
-    peak = max((v for _, v in bars), default=1.0) or 1.0
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="13">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2}" y="24" text-anchor="middle" font-size="15" font-weight="bold">'
-        f"{html.escape(title)}</text>",
-    ]
-    for i, (label, value) in enumerate(bars):
-        y = top + i * row_h
-        w = max(1.0, bar_w * value / peak)
-        parts += [
-            f'<text x="{label_w - 8}" y="{y + 18}" text-anchor="end">{html.escape(label)}</text>',
-            f'<rect x="{label_w}" y="{y + 4}" width="{w:.1f}" height="{row_h - 10}" fill="#4878a8"/>',
-            f'<text x="{label_w + w + 6:.1f}" y="{y + 18}">{value:,.0f}</text>',
-        ]
-    axis_y = top + row_h * len(bars) + 4
-    parts += [
-        f'<line x1="{label_w}" y1="{top}" x2="{label_w}" y2="{axis_y}" stroke="black"/>',
-        f'<text x="{label_w + bar_w / 2}" y="{axis_y + 22}" text-anchor="middle">{html.escape(unit)}</text>',
-        "</svg>",
-    ]
-    return "\n".join(parts) + "\n"
+Charts = dict[str, list[tuple[str, Path]]]
+"""The charts of each benchmark script: (caption, path)."""
 
 
-def plots(results: list[Result], folder: Path) -> list[tuple[str, Path]]:
-    """The charts that the results allow: (caption, path)."""
-    made = []
+def plots(results: list[Result], folder: Path) -> Charts:
+    """The charts that the results allow. A chart that cannot be drawn is left out with a word on stderr
+    (an hour of benchmarks still reaches the README); without matplotlib, all of them."""
     by_script = {r.bench.script: r for r in results if r.status == 0}
     folder.mkdir(parents=True, exist_ok=True)
-    if "dp_vs_tp.py" in by_script:
-        rows = parse_table(by_script["dp_vs_tp.py"].stdout)
-        bars = [(f"{r['instances']} x TP{r['TP']}", number(r["output tokens/s"])) for r in rows]
-        path = folder / "dp_vs_tp.svg"
-        path.write_text(bar_chart("DP vs TP, 8 simulated H100s, Llama-3.1-8B profile",
-                                  "output tokens/s (simulated clock)", bars))  # fmt: skip
-        made.append(("DP vs TP: output tokens/s", path))
-    if "throughput.py" in by_script:
-        rows = parse_table(by_script["throughput.py"].stdout)
-        bars = [(r["approach"].split(" (")[0].split(":")[0], number(r["samples/s"])) for r in rows]
-        path = folder / "throughput.svg"
-        path.write_text(bar_chart("Job throughput against instant simulated servers", "samples/s", bars))
-        made.append(("Throughput: samples/s", path))
+    drawers = {"balance.py": balance_charts, "dp_vs_tp.py": dp_vs_tp_chart, "throughput.py": throughput_chart}
+    made: Charts = {}
+    for script, draw in drawers.items():
+        if script not in by_script:
+            continue
+        try:
+            made[script] = draw(by_script[script], folder)
+        except PlotUnavailable:
+            print("run_all: no charts: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+            break
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            print(f"run_all: no chart for {script}: {e!r}", file=sys.stderr)
     return made
+
+
+def balance_charts(result: Result, folder: Path) -> list[tuple[str, Path]]:
+    """Per case, one panel per policy (its first run): sequences running on each server over time."""
+    if result.data is None:
+        return []
+    doc: dict[str, Any] = json.loads(result.data.read_text())
+    made = []
+    for case in dict.fromkeys(run["case"] for run in doc["runs"]):
+        runs = [run for run in doc["runs"] if run["case"] == case and run["run"] == 1]
+        panels = {f"{run['policy']}: makespan {run['makespan_s']:.1f} s": {
+                      server: [(t, n) for t, n in points] for server, points in run["servers"].items()}
+                  for run in runs}  # fmt: skip
+        speeds = ", ".join(f"{s:g}" for s in runs[0]["speeds"])
+        title = (f"Balance, {case} servers (speeds {speeds}): sequences running on each server\n"
+                 f"{doc['prompts']:,} prompts x {doc['samples']} samples, --time-scale {doc['time_scale']:g}, "
+                 f"/metrics read every {doc['interval_s']:g} s")  # fmt: skip
+        path = folder / f"balance_{case}.png"
+        draw_timelines(panels, path, title, "time (simulated s)")
+        made.append((f"Balance, {case} servers: sequences running on each server over time", path))
+    return made
+
+
+def dp_vs_tp_chart(result: Result, folder: Path) -> list[tuple[str, Path]]:
+    if result.data is None:
+        return []
+    doc: dict[str, Any] = json.loads(result.data.read_text())
+    layouts = [LayoutBar(row["instances"], row["tp"], row["output_tokens_per_s"]) for row in doc["rows"]]
+    title = (f"DP vs TP on 8 simulated H100s (mvllm-sim profile {doc['profile']}), {doc['policy']}\n"
+             f"{doc['prompts']:,} prompts x {doc['samples']} samples, max_tokens {doc['max_tokens']}")  # fmt: skip
+    path = folder / "dp_vs_tp.png"
+    draw_dp_vs_tp(layouts, path, title, "output tokens/s (simulated clock)")
+    return [("DP vs TP: output tokens/s per layout", path)]
+
+
+def approach_label(approach: str) -> str:
+    """A throughput row's approach, short: "seed: AsyncOpenAI + ..." -> "seed", "mvllmd (gRPC ...)" -> "mvllmd",
+    "for comparison: bare aiohttp loop, no job logic" -> "bare aiohttp loop"."""
+    head, _, tail = approach.partition(" (")[0].partition(":")
+    return tail.partition(",")[0].strip() if head == "for comparison" and tail else head
+
+
+def throughput_chart(result: Result, folder: Path) -> list[tuple[str, Path]]:
+    rows = parse_table(result.stdout)
+    bars = [(approach_label(r["approach"]), number(r["samples/s"])) for r in rows]
+    path = folder / "throughput.png"
+    draw_bars(bars, path, "Job throughput against instant simulated servers", "samples/s")
+    return [("Throughput: samples/s", path)]
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -161,14 +203,14 @@ class Run:
 
     started: str
     took_s: float
-    quick: bool
+    arguments: str  # run_all.py's own, as given
     load_before: str
 
 
-def report(results: list[Result], charts: list[tuple[str, Path]], readme_dir: Path, run: Run) -> str:
+def report(results: list[Result], charts: Charts, readme_dir: Path, run: Run) -> str:
     lines = [
-        f"Run on {run.started} by `.venv/bin/python benchmarks/run_all.py --readme README.md"
-        f"{' --quick' if run.quick else ''}` (`make bench`), in {run.took_s / 60:.0f} min.",
+        f"Run on {run.started} by `.venv/bin/python benchmarks/run_all.py {run.arguments}`"
+        f"{' (`make bench`)' if run.arguments == '--readme README.md' else ''}, in {run.took_s / 60:.0f} min.",
         "",
         f"- Machine: {machine()}.",
         f"- Load: {run.load_before} before, {load_average()} after (other work may share the machine).",
@@ -181,8 +223,8 @@ def report(results: list[Result], charts: list[tuple[str, Path]], readme_dir: Pa
         if result.status != 0:
             lines += [f"**Failed** (exit status {result.status}) after {result.seconds:.0f} s.", ""]
         lines += [result.stdout, "", f"({result.seconds:.0f} s)", ""]
-    for caption, path in charts:
-        lines += [f"![{caption}]({os.path.relpath(path, readme_dir)})", ""]
+        for caption, path in charts.get(result.bench.script, []):
+            lines += [f"![{caption}]({os.path.relpath(path, readme_dir)})", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -199,15 +241,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--readme", type=Path, help="rewrite this file's bench section")
     p.add_argument("--quick", action="store_true", help="smaller sizes: a few minutes")
-    p.add_argument("--plots", type=Path, default=ROOT / "docs" / "bench", help="where the SVG charts go [docs/bench]")
+    p.add_argument("--plots", type=Path, default=ROOT / "docs" / "bench", help="where the PNG charts go [docs/bench]")
     p.add_argument("--only", help="run only these scripts, comma-separated (e.g. throughput.py)")
     args = p.parse_args()
     benches = [b for b in BENCHES if not args.only or b.script in args.only.split(",")]
     started, load_before, t0 = time.strftime("%Y-%m-%d %H:%M %Z"), load_average(), time.monotonic()
-    results = [run_bench(bench, args.quick) for bench in benches]
-    charts = plots(results, args.plots)
+    with tempfile.TemporaryDirectory(prefix="mv-bench-data-") as data_dir:
+        results = [run_bench(bench, args.quick, Path(data_dir)) for bench in benches]
+        charts = plots(results, args.plots)
     readme_dir = (args.readme or ROOT / "README.md").resolve().parent
-    section = report(results, charts, readme_dir, Run(started, time.monotonic() - t0, args.quick, load_before))
+    run = Run(started, time.monotonic() - t0, shlex.join(sys.argv[1:]), load_before)
+    section = report(results, charts, readme_dir, run)
     print(section)
     if args.readme:
         rewrite_readme(args.readme, section)

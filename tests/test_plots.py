@@ -109,6 +109,29 @@ def test_an_svg_path_gets_an_svg(tmp_path: Path, name: str) -> None:
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
 
 
+WORDS = {
+    "sweep": ["8 x TP1", "4 x TP2", "1 x TP8", "does not fit", "114,000", "best", "not measured", "output tokens/s"],
+    "timelines": ["round-robin: 269 s", "least-loaded: 96 s", "s0 (speed 1)", "s3 (speed 0.25)", "sequences running",
+                  "time (simulated s)", "balance"],
+    "dp_vs_tp": ["8 x TP1", "1 x TP8", "113,978", "1.81x", "1.00x", "speedup over 1 x TP8"],
+    "bars": ["mvllmd", "in-process", "2,313", "samples/s", "throughput"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", DRAWINGS)
+def test_the_drawings_say_what_they_show(tmp_path: Path, name: str) -> None:
+    """Labels, values and notes are in the picture (an SVG that keeps its text as text)."""
+    import matplotlib
+
+    path = tmp_path / f"{name}.svg"
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        DRAWINGS[name](path)
+    texts = ["".join(t.itertext()) for t in ET.parse(path).getroot().iter("{http://www.w3.org/2000/svg}text")]
+    joined = "\n".join(texts)
+    for word in WORDS[name]:
+        assert word in joined, (word, texts)
+
+
 def test_svg_is_the_same_file_for_the_same_drawing(tmp_path: Path) -> None:
     """No date in it: a redrawn chart does not change in git when its numbers do not."""
     DRAWINGS["sweep"](tmp_path / "a.svg")
