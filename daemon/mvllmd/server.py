@@ -222,7 +222,7 @@ async def _start_up(
                       endpoints=endpoints, events=metrics)  # fmt: skip
     notifier.status("resuming jobs")
     await jobs.start()
-    tuner = Tuner(instances, fresh_inventory, config.jobs, config.daemon.state_dir, config.instances.start_timeout_s)
+    tuner = Tuner(instances, fresh_inventory, config)
     return Daemon(config=config, unit_manager=manager, under_systemd=under_systemd, instances=instances, jobs=jobs,
                   fleet=fleet, endpoints=endpoints, weights=weights, tuner=tuner)  # fmt: skip
 

@@ -54,8 +54,21 @@ def test_the_size_comes_from_the_checkpoint_first(tmp_path: Path) -> None:
     assert model_size(str(tmp_path), ("--dtype", "float32")).weights_bytes == 16_000_000_000  # type: ignore[union-attr]
 
 
+def test_a_hub_model_is_sized_from_the_engines_cache(tmp_path: Path) -> None:
+    """HF_HOME's layout: hub/models--ORG--NAME/snapshots/REV, refs/main naming the revision."""
+    repo = tmp_path / "hub" / "models--meta-llama--Llama-3.1-70B-Instruct"
+    for rev in ("old", "abc123"):
+        (repo / "snapshots" / rev).mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text((MODELS / "llama-3.1-70b" / "config.json").read_text())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123\n")
+    found = model_size("meta-llama/Llama-3.1-70B-Instruct", hf_home=tmp_path)
+    assert found is not None and round(found.weights_bytes / 1e9, 1) == 141.1
+    assert model_size("meta-llama/Llama-3.1-8B-Instruct", hf_home=tmp_path) is None  # not in the cache
+
+
 def test_a_model_that_cannot_be_sized_is_unknown_and_tried(tmp_path: Path) -> None:
-    assert model_size("meta-llama/Llama-3.1-8B-Instruct") is None  # a hub name
+    assert model_size("meta-llama/Llama-3.1-8B-Instruct") is None  # a hub name, no cache given
     assert model_size(str(tmp_path)) is None  # no config.json
     quantized = {**json.loads((MODELS / "llama-3.1-8b" / "config.json").read_text()), "quantization_config": {}}
     (tmp_path / "config.json").write_text(json.dumps(quantized))

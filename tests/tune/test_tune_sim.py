@@ -68,6 +68,11 @@ def test_8b_on_8_h100s_recommends_8_x_tp1(spawn: Spawn, short_tmp: Path) -> None
     assert shown.returncode == 0, shown.stderr
     assert "8 x TP1 *" in shown.stdout and "Recommendation: 8 x TP1" in shown.stdout
     assert "TOKENS/simulated s (SPREAD)" in shown.stdout
+    drawn = daemon.ctl("tune", "--show", "--plot", str(short_tmp / "sweep.png"))
+    assert drawn.returncode == 0, drawn.stderr
+    assert (short_tmp / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    unwritable = daemon.ctl("tune", "--show", "--plot", str(short_tmp / "no" / "such" / "dir" / "sweep.png"))
+    assert_short_error(unwritable, 2, "--plot", "cannot write it")
 
 
 def test_70b_skips_tp1_tries_the_tight_tp2_and_recommends_what_fits(spawn: Spawn, short_tmp: Path) -> None:

@@ -1,10 +1,11 @@
 """Whether a split's devices can hold the model, estimated before anything starts.
 
-The model's size comes from its local files (a model given as a path): the safetensors index's
+The model's size comes from its local files (a model given as a path, or a hub name whose snapshot is
+in the engines' HF_HOME cache, [engine] hf_home): the safetensors index's
 `total_size`, else the safetensors files' sizes, else the parameters counted from config.json (a
 decoder-only transformer: attention, a gated MLP or its experts, embeddings). The bytes are those vLLM
 serves: an fp32 checkpoint runs as bf16 (vLLM's `--dtype auto`) unless `--dtype` says otherwise. A
-hub name, or a model without these files, has no size here: every split is then tried.
+model without these files here has no size: every split is then tried.
 
 Each device may use its memory times vLLM's `--gpu-memory-utilization` (0.9 unless the engine
 arguments say). A split whose TP puts more weights on a device than that does not fit, and is not
@@ -51,10 +52,11 @@ class Estimate:
     note: str = ""
 
 
-def model_size(model: str, engine_args: tuple[str, ...] = ()) -> ModelSize | None:
-    """The size of a model given as a local path; None for a hub name or a folder without its files."""
-    folder = Path(model)
-    if not folder.is_absolute() or not (folder / "config.json").is_file():
+def model_size(model: str, engine_args: tuple[str, ...] = (), hf_home: Path | None = None) -> ModelSize | None:
+    """The size of a model given as a local path, or as a hub name found in the engines' HF_HOME cache;
+    None for a model without its config there."""
+    folder = Path(model) if Path(model).is_absolute() else _cached(model, hf_home)
+    if folder is None or not (folder / "config.json").is_file():
         return None
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -75,6 +77,22 @@ def model_size(model: str, engine_args: tuple[str, ...] = ()) -> ModelSize | Non
     if params is None or "quantization_config" in config:
         return None
     return ModelSize(params * served, kv_bytes, kv_heads, "config.json")
+
+
+def _cached(name: str, hf_home: Path | None) -> Path | None:
+    """A hub model's snapshot in the HF_HOME cache (hub/models--ORG--NAME/snapshots/REV): the one
+    refs/main names, else the newest."""
+    if hf_home is None or name.count("/") != 1:
+        return None
+    repo = hf_home / "hub" / f"models--{name.replace('/', '--')}"
+    try:
+        main = repo / "snapshots" / (repo / "refs" / "main").read_text().strip()
+        if main.is_dir():
+            return main
+    except OSError:
+        pass
+    snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime) if repo.is_dir() else []
+    return snapshots[-1] if snapshots else None
 
 
 def utilization(engine_args: tuple[str, ...]) -> float:

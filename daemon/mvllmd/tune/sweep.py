@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mvllm.jobs import Sampling
-from mvllmd.config import JobSettings
+from mvllmd.config import Config
 from mvllmd.dispatch.endpoints import Tuning
 from mvllmd.errors import Conflict, InvalidRequest, ResourceExhausted
 from mvllmd.instances.manager import InstanceManager
@@ -79,12 +79,13 @@ class Tuner:
     """Runs one sweep at a time on this host's instances, and keeps the last report."""
 
     def __init__(self, instances: InstanceManager, read_inventory: Callable[[], Awaitable[Inventory]],
-                 settings: JobSettings, state_dir: Path, start_timeout_s: float) -> None:  # fmt: skip
+                 config: Config) -> None:  # fmt: skip
         self._instances = instances
         self._read_inventory = read_inventory
-        self._tuning = Tuning.of(settings)
-        self._start_timeout_s = start_timeout_s  # an applied split's launch waits this long for READY
-        self._folder = state_dir / "tune"
+        self._tuning = Tuning.of(config.jobs)
+        self._start_timeout_s = config.instances.start_timeout_s  # an applied split waits this long for READY
+        self._hf_home = config.engine.hf_home  # where a hub model's config may be found
+        self._folder = config.daemon.state_dir / "tune"
         self._busy = False
 
     def last(self) -> Report | None:
@@ -111,7 +112,7 @@ class Tuner:
         most_tp = 1 if pool.kind is DeviceKind.CPU_SLOT else len(chosen)
         most_tp = min(most_tp, SIM_MOST_TP) if request.engine is EngineKind.SIM else most_tp
         splits = checked(request.configs, len(chosen), most_tp, word)
-        size = model_size(request.model, request.engine_args)
+        size = model_size(request.model, request.engine_args, self._hf_home)
         memory, share = min(_memory(d) for d in chosen), utilization(request.engine_args)
         trials = [TrialState(s, estimate(size, s.tp, memory, share)) for s in splits]
         if size is not None and not any(t.tried for t in trials):
