@@ -17,16 +17,24 @@ from collections.abc import Mapping, Sequence
 import uvloop
 
 from mvllm_sim.faults import ERROR_STATUSES, FaultConfig
+from mvllm_sim.kvcheck import AUTO, KvCacheError, checked_max_model_len
 from mvllm_sim.profiles import ProfileError, load_profiles, reload_seconds, step_model
 from mvllm_sim.server import SimConfig, SimServer
 from mvllm_sim.text import LengthModel
 from mvllm_sim.weights import fingerprint, is_model_checkpoint
 
 log = logging.getLogger("mvllm_sim")
+ENGINE_FAILED = ("RuntimeError: Engine core initialization failed. See root cause above. "
+                 "Failed core proc(s): {'EngineCore_DP0': 1}")  # fmt: skip
 
 EPILOG = """\
 Timing: each engine step advances a simulated clock by the profile's step time; the server waits
 simulated time x --time-scale in wall time (0: no waiting at all). /metrics reports simulated seconds.
+
+KV cache: the profile's capacity at the TP size (h100-70b derives it from the GPUs' memory, as vLLM
+does). As vLLM, the server refuses to start (status 1, vLLM's message) when there is no room for a KV
+cache at that TP size, or when one request of --max-model-len would not fit; --max-model-len auto
+takes the longest that fits.
 
 Faults, per request, with the header X-Mvllm-Fault: crash | hang | drop | drop-after=K | status=CODE.
 
@@ -57,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="Selects the profile's TP variant.")
     v.add_argument("--max-num-seqs", type=int, help="Sequences per batch. [the profile's]")
     v.add_argument("--max-num-batched-tokens", type=int, help="Tokens per step (chunked prefill). [the profile's]")
-    v.add_argument("--max-model-len", type=int, help="Context length. [the profile's]")
+    v.add_argument("--max-model-len", type=model_len, metavar="TOKENS",
+                   help="Context length; auto or -1: the longest the KV cache holds. [the profile's]")  # fmt: skip
     v.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"),
                    help="Require 'Authorization: Bearer KEY' on /v1/*. [$VLLM_API_KEY, as vLLM]")  # fmt: skip
     s = p.add_argument_group("simulator")
@@ -90,13 +99,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_len(value: str) -> int:
+    """vLLM's --max-model-len: tokens, or -1 / auto (AUTO)."""
+    return AUTO if value.strip().lower() in ("-1", "auto") else int(value)
+
+
 def config_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> SimConfig:
     """The server's configuration from its flags and `env` (VLLM_SERVER_DEV_MODE, read as vLLM reads it:
-    an integer, true unless 0). Fingerprints --model when it is a checkpoint. Raises ValueError."""
+    an integer, true unless 0). Fingerprints --model when it is a checkpoint. Raises ValueError, or its
+    KvCacheError when the engine could not start (kvcheck)."""
     model = step_model(args.profile, args.tensor_parallel_size, args.speed)
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_tokens"):
         value = getattr(args, name)
-        if value is not None and value < 1:
+        if value is not None and value < 1 and not (name == "max_model_len" and value == AUTO):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("drop_rate", "error_rate"):
         if not 0 <= getattr(args, name) <= 1:
@@ -108,10 +123,9 @@ def config_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
     dev_mode = env.get("VLLM_SERVER_DEV_MODE", "0")
     if not dev_mode.strip().lstrip("+-").isdigit():
         raise ValueError(f"VLLM_SERVER_DEV_MODE must be an integer (0: off), not {dev_mode!r}")
-    max_model_len = args.max_model_len or model.max_model_len
     kv_tokens = args.kv_tokens or model.kv_tokens
-    if max_model_len > kv_tokens:  # vLLM refuses to start in this case too
-        raise ValueError(f"--max-model-len {max_model_len} does not fit in the KV cache ({kv_tokens} tokens)")
+    max_model_len = checked_max_model_len(args.max_model_len or model.max_model_len, kv_tokens,
+                                          model.kv_bytes_per_token, model.tp, model.max_model_len)  # fmt: skip
     return SimConfig(
         model=args.model,
         served_model_name=(args.served_model_name or [args.model])[0],
@@ -167,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.warning("ignoring vLLM options the simulator does not model: %s", " ".join(unknown))
     try:
         config = config_from(args)
+    except KvCacheError as exc:  # as vLLM's engine core fails, before anything listens
+        print(f"ValueError: {exc}", file=sys.stderr)
+        print(ENGINE_FAILED, file=sys.stderr)
+        sys.exit(1)
     except (ProfileError, ValueError) as exc:
         print(f"mvllm-sim: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,8 @@
-"""Timing profiles: data in profiles.toml, resolved for a tensor-parallel size into a StepModel."""
+"""Timing profiles: data in profiles.toml, resolved for a tensor-parallel size into a StepModel.
+
+A profile gives its KV cache's capacity either as `kv_tokens` at TP1 plus `gpu_kv_tokens` for each
+further GPU, or as the memory vLLM sizes it from (see `kv_capacity` and profiles.toml's header).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SUPPORTED_TP = (1, 2, 4, 8)
+BLOCK_TOKENS = 16  # vLLM's KV block: the cache holds whole blocks
 
 
 class ProfileError(ValueError):
@@ -25,7 +30,8 @@ class StepModel:
     per_token_s: float
     per_ctx_token_s: float
     per_seq_s: float
-    kv_tokens: int
+    kv_tokens: int  # 0: no room for a KV cache at this TP size (the engine cannot start)
+    kv_bytes_per_token: int  # every layer's K and V of one token, over the whole TP group
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
@@ -77,7 +83,8 @@ def step_model(name: str, tp: int = 1, speed: float = 1.0) -> StepModel:
         per_token_s=p["per_token_s"] / tp,
         per_ctx_token_s=p["per_ctx_token_s"] / tp,
         per_seq_s=p["per_seq_s"],
-        kv_tokens=p["kv_tokens"] + (tp - 1) * p["gpu_kv_tokens"],
+        kv_tokens=kv_capacity(p, tp),
+        kv_bytes_per_token=p["kv_bytes_per_token"],
         max_num_seqs=p["max_num_seqs"],
         max_num_batched_tokens=p["max_num_batched_tokens"],
         max_model_len=p["max_model_len"],
@@ -85,3 +92,14 @@ def step_model(name: str, tp: int = 1, speed: float = 1.0) -> StepModel:
         allreduce_per_token_s=per_token,
         speed=speed,
     )
+
+
+def kv_capacity(p: dict[str, Any], tp: int) -> int:
+    """The KV cache's tokens at `tp` GPUs: the profile's own figures, or what its memory leaves once
+    each GPU holds its share of the weights and its activations (0 when nothing is left)."""
+    if "gpu_memory_bytes" not in p:
+        return int(p["kv_tokens"] + (tp - 1) * p["gpu_kv_tokens"])
+    usable = p["gpu_memory_bytes"] * p["gpu_memory_utilization"]
+    free = usable - p["weights_bytes"] / tp - p["activation_bytes"][str(tp)]
+    tokens = int(max(0.0, free) * tp / p["kv_bytes_per_token"])
+    return tokens - tokens % BLOCK_TOKENS
