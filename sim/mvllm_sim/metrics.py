@@ -14,6 +14,9 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 
 SLEEP_STATE_HELP = ("Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; "
                     "weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.")  # fmt: skip
+CLOCK_HELP = ("The simulator's simulated clock: simulated seconds since it started. While the engine steps it "
+              "advances by each step's time, with the step's tokens; while idle, by wall seconds / --time-scale "
+              "(with --time-scale 0 it is the sum of the step times).")  # fmt: skip
 
 
 @dataclass
@@ -51,10 +54,17 @@ class Metrics:
     queue_time: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
 
-    def render(self, engine: Engine, frozen: tuple[int, int] | None = None, sleep: tuple[int, int] = (0, 0)) -> str:
-        """The exposition text. The running and waiting gauges of an engine that steps no more (hung,
-        or paused) stay `frozen` as they were when it stopped, as vLLM's do (they are published at
-        each step). `sleep`: (asleep, level) as the last /sleep or /wake_up left them."""
+    def render(
+        self,
+        engine: Engine,
+        clock: float,
+        frozen: tuple[int, int] | None = None,
+        sleep: tuple[int, int] = (0, 0),
+    ) -> str:
+        """The exposition text. `clock` is the simulated clock (Runner.now_sim). The running and waiting
+        gauges of an engine that steps no more (hung, or paused) stay `frozen` as they were when it
+        stopped, as vLLM's do (they are published at each step). `sleep`: (asleep, level) as the last
+        /sleep or /wake_up left them."""
         labels = f'engine="0",model_name="{_escape(self.model_name)}"'
         c = engine.counters
         lines: list[str] = []
@@ -105,12 +115,7 @@ class Metrics:
         states = {"awake": 1 - asleep, "weights_offloaded": int(asleep and level == 1),
                   "discard_all": int(asleep and level == 2)}  # fmt: skip
         lines += [f'vllm:engine_sleep_state{{{labels},sleep_state="{s}"}} {float(v)}' for s, v in states.items()]
-        metric(
-            "mvllm_sim:simulated_seconds",
-            "gauge",
-            "Simulated seconds elapsed on the engine's clock.",
-            engine.now,
-        )
+        metric("mvllm_sim:clock_seconds", "gauge", CLOCK_HELP, clock)
         metric("mvllm_sim:engine_steps_total", "counter", "Engine steps run.", c.steps)
         return "\n".join(lines) + "\n"
 

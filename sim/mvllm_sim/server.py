@@ -194,7 +194,8 @@ class SimServer:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         frozen = self._frozen or self.control.gauges
-        return text_response(self.metrics.render(self.engine, frozen, self.control.sleep_state))
+        clock = self.runner.now_sim()
+        return text_response(self.metrics.render(self.engine, clock, frozen, self.control.sleep_state))
 
     # --- generation -----------------------------------------------------------------------------
 

@@ -236,7 +236,7 @@ async def test_metrics_follow_what_was_served(start_sim: StartSim, http: aiohttp
     assert await metric(http, base, "vllm:num_requests_running") == 0
     assert await metric(http, base, "vllm:num_requests_waiting") == 0
     assert await metric(http, base, "vllm:e2e_request_latency_seconds_count") == 3
-    assert await metric(http, base, "mvllm_sim:simulated_seconds") == server.engine.now
+    assert await metric(http, base, "mvllm_sim:clock_seconds") == server.engine.now
 
 
 async def test_the_queue_time_is_what_a_request_waited_for_the_batch(
