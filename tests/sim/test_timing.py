@@ -73,6 +73,33 @@ def test_data_parallel_beats_tensor_parallel_for_batch_throughput() -> None:
     assert eight_tp1 < one_tp8
 
 
+def test_kv_capacity_per_tp_size() -> None:
+    # h100-8b: 460,000 tokens at TP1 and 520,000 more per further GPU (as given).
+    assert [step_model("h100-8b", tp).kv_tokens for tp in (1, 2, 4, 8)] == [460_000, 980_000, 2_020_000, 4_100_000]
+    # h100-70b, from memory: (80 GB * 0.9 - 141.1 GB / TP - activations) * TP / 320 KiB, in 16-token blocks.
+    # TP1 has no room at all; TP2 (1.0 GB of activations) 0.45 GB a GPU: 2,736 tokens.
+    assert [step_model("h100-70b", tp).kv_tokens for tp in (1, 2, 4, 8)] == [0, 2_736, 440_976, 1_317_440]
+    assert step_model("h100-70b", 2).kv_tokens == int((72e9 - 141.1e9 / 2 - 1.0e9) * 2 / 327_680) // 16 * 16
+
+
+def test_anchor_70b_at_tp4_batch_1_about_17_ms_per_output_token() -> None:
+    engine = engine_for(step_model("h100-70b", 4))
+    req = engine.add(SimRequest(prompt_ids=distinct_prompt(0, 100), targets=[500]))
+    run(engine)
+    assert req.first_token_at is not None and req.finished_at is not None
+    per_token = (req.finished_at - req.first_token_at) / (500 - 1)
+    assert per_token == pytest.approx(17e-3, rel=0.15)
+
+
+def test_70b_tensor_parallel_variants() -> None:
+    tp2, tp4, tp8 = (step_model("h100-70b", tp) for tp in (2, 4, 8))
+    single = [m.step_time(1, 1000, 1) for m in (tp2, tp4, tp8)]
+    assert single == sorted(single, reverse=True)
+    assert single[0] == pytest.approx(29e-3, rel=0.05) and single[2] == pytest.approx(10.3e-3, rel=0.05)
+    # A 70B step costs about 2.4 times an 8B one at TP1, as vLLM's own benchmark finds 2.5 (profiles.toml).
+    assert single[1] / step_model("h100-8b").step_time(1, 1000, 1) == pytest.approx(2.5, rel=0.1)
+
+
 def test_unknown_profile_and_tp() -> None:
     with pytest.raises(ProfileError, match="unknown profile"):
         step_model("a100-70b")
