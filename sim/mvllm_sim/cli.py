@@ -29,7 +29,10 @@ ENGINE_FAILED = ("RuntimeError: Engine core initialization failed. See root caus
 
 EPILOG = """\
 Timing: each engine step advances a simulated clock by the profile's step time; the server waits
-simulated time x --time-scale in wall time (0: no waiting at all). /metrics reports simulated seconds.
+simulated time x --time-scale in wall time (0: no waiting at all). While idle the clock follows wall
+time / --time-scale (with 0 it stands still: it is the summed step times). /metrics shows it as
+mvllm_sim:clock_seconds: the change of vllm:generation_tokens_total over its change between two scrapes
+is tokens per simulated second at any time scale. Latencies on /metrics are in simulated seconds.
 
 KV cache: the profile's capacity at the TP size (h100-70b derives it from the GPUs' memory, as vLLM
 does). As vLLM, the server refuses to start (status 1, vLLM's message) when there is no room for a KV
@@ -47,6 +50,7 @@ With VLLM_SERVER_DEV_MODE=1, as vLLM, the development routes are served (without
 /collective_rpc (reload_weights), /update_weight_version, /weight_info, /reset_prefix_cache.
 
 Example: mvllm-sim --model meta-llama/Llama-3.1-8B-Instruct --port 8001 --tensor-parallel-size 2 --time-scale 0.1
+         mvllm-sim --profile h100-70b -tp 2 --max-model-len auto    # 70B on two H100s: 2,736 tokens of KV
 """
 
 
@@ -77,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--output-len-mu", type=float, default=5.3, help="Log-normal output length: log median. [5.3]")
     s.add_argument("--output-len-sigma", type=float, default=0.8, help="Log-normal output length: spread. [0.8]")
     s.add_argument("--reload-s", type=float, metavar="SECONDS",
-                   help="Simulated time a weights reload takes. [the profile's: 3.2 for h100-8b]")  # fmt: skip
+                   help=f"Simulated time a weights reload takes. [the profile's: {_reload_defaults()}]")  # fmt: skip
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     f = p.add_argument_group("faults")
     f.add_argument("--crash-after-requests", type=int, metavar="K", help="Exit (status 70) when request K+1 arrives.")
@@ -97,6 +101,10 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--fault-seed", type=int, default=0, help="Seed of the fault rates' random draws.")
     f.add_argument("--fail-reloads", action="store_true", help="Every weights reload fails (500), as a loader's would.")
     return p
+
+
+def _reload_defaults() -> str:
+    return ", ".join(f"{p['reload_s']} s for {name}" for name, p in load_profiles().items())
 
 
 def model_len(value: str) -> int:
