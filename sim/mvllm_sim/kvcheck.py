@@ -7,8 +7,9 @@ vLLM states memory per GPU (per worker): each GPU of a TP group holds 1/TP of ev
 
 from __future__ import annotations
 
+from mvllm_sim.profiles import BLOCK_TOKENS
+
 AUTO = -1  # vLLM's --max-model-len -1 or auto
-BLOCK_TOKENS = 16
 GIB = 1 << 30
 DOCS = "See https://docs.vllm.ai/en/latest/configuration/conserving_memory/ for more details."
 
