@@ -114,6 +114,9 @@ def _why(report: Report, best: TrialState) -> str:
     tight = [t for t in report.trials if t.estimate.fit is Fit.TIGHT and t.figure is not None]
     if tight and best not in tight:
         words.append(f"; {', '.join(str(t.split) for t in tight)} holds it with little room for the KV cache")
+    failed = [str(t.split) for t in report.trials if t.phase is Phase.FAILED]
+    if failed:
+        words.append(f"; {', '.join(failed)} did not serve (see the note)")
     return "".join(words) + "."
 
 
