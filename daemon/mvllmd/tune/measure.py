@@ -26,6 +26,7 @@ FINISHED = "vllm:request_success_total"
 NAMES = (gauges.RUNNING, gauges.WAITING, gauges.GENERATED, FINISHED, CLOCK)
 MIN_INTERVALS = 8
 SURE = 0.02  # the standard error of the mean, over the mean, under which the figure is sure enough
+READ_TIMEOUT_S = 5.0  # a server busy with a full batch may be slow to answer /metrics
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Interval:
 
 async def read(client: http.Client, url: str, api_key: str, now: float) -> Reading:
     """One instance's counters; raises as gauges.scrape does."""
-    values = await gauges.scrape(client, url, api_key, names=NAMES)
+    values = await gauges.scrape(client, url, api_key, READ_TIMEOUT_S, NAMES)
     return Reading(values.get(gauges.GENERATED, 0.0), values.get(FINISHED, 0.0), values[gauges.RUNNING],
                    values.get(CLOCK), now)  # fmt: skip
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from mvllm.jobs import Sampling
 from mvllmd.config import Config
 from mvllmd.dispatch.endpoints import Tuning
-from mvllmd.errors import Conflict, InvalidRequest, ResourceExhausted
+from mvllmd.errors import Conflict, InvalidRequest, MvllmError, ResourceExhausted
 from mvllmd.instances.manager import InstanceManager
 from mvllmd.instances.placement import KIND_WORDS, Pool, device_ref, parse_devices, pool_for
 from mvllmd.instances.request import LaunchRequest
@@ -249,7 +249,13 @@ class Sweep:
             notify()
 
         job = TrialJob(self._served_model(), self._workload, self._sampling, self._request.num_samples, self._tuning)
-        outcome = await measure(self._servers(), job, window, progress)
+        try:
+            outcome = await measure(self._servers(), job, window, progress)
+        except MvllmError as exc:  # this split could not be measured (TrialFailed): the next one may be
+            await self._stop_trial()
+            trial.phase, trial.message = Phase.FAILED, str(exc)
+            notify()
+            return
         trial.figure, trial.measured_s = outcome.figure, outcome.measured_s
         if trial.figure is not None:
             self._clocks.append(outcome.simulated)
@@ -270,7 +276,12 @@ class Sweep:
         trial.phase, trial.progress = Phase.LAUNCHING, 0.0
         notify()
         started = time.monotonic()
-        views = await self._instances.launch(self._request.launch(trial.split, self._devices, trial=True))
+        try:
+            views = await self._instances.launch(self._request.launch(trial.split, self._devices, trial=True))
+        except MvllmError as exc:  # the devices taken meanwhile, a unit manager that refused: this split only
+            trial.phase, trial.message = Phase.FAILED, f"not launched: {exc}"
+            notify()
+            return False
         self._launched = trial.instances = [v.spec.name for v in views]
 
         def progress(fraction: float) -> None:

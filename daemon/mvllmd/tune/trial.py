@@ -19,14 +19,20 @@ from mvllm.jobs import JobSpec, Policy, Sample, Sampling
 from mvllmd.dispatch.endpoints import Endpoints, Tuning
 from mvllmd.dispatch.flights import Work
 from mvllmd.dispatch.loop import Dispatcher
+from mvllmd.errors import MvllmError
 from mvllmd.transport import http
-from mvllmd.tune.measure import Figure, Interval, Meter, figure, read_all, sure
+from mvllmd.tune.measure import Figure, Interval, Meter, Reading, figure, read_all, sure
 from mvllmd.tune.workload import Workload
 
 INTERVALS = 20  # a window holds about this many intervals
 SHORTEST_INTERVAL_S, LONGEST_INTERVAL_S = 0.25, 5.0
 WARMUP_SHARE = 1 / 3  # of the window: the ramp ends by then whatever the counts say
 FEED_AHEAD = 2  # prompts waiting to be sent, per sample the job may have in flight
+MOST_MISSED = 5  # readings in a row that may fail (a server too busy to answer /metrics in time)
+
+
+class TrialFailed(MvllmError):
+    """The trial could not be measured; the sweep goes on to the next split."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class _Watch:
         self.client = http.Client()
         self._targets = [(s.url, s.api_key) for s in servers]
         self._dispatcher, self._feeding, self._running = dispatcher, feeding, running
+        self._missed = 0  # readings in a row that failed
 
     async def run(self, window_s: float, progress: Progress) -> Outcome:
         interval_s = min(LONGEST_INTERVAL_S, max(SHORTEST_INTERVAL_S, window_s / INTERVALS))
@@ -114,13 +121,13 @@ class _Watch:
         started = time.monotonic()
         batch = 0.0  # the most sequences seen running at once
         warm = False
-        meter.add(await read_all(self.client, self._targets, time.monotonic()))
         while time.monotonic() < started + window_s:
             await _sleep_unless_ended(interval_s, self._running)
             outcome.ran_out = self._ran_out()
             if outcome.ran_out:
                 break
-            interval = meter.add(await read_all(self.client, self._targets, time.monotonic()))
+            readings = await self._read()
+            interval = meter.add(readings) if readings is not None else None
             if interval is None:
                 continue
             batch = max(batch, interval.running)
@@ -137,6 +144,21 @@ class _Watch:
         outcome.figure = figure(outcome.steady)
         outcome.simulated = meter.simulated
         return outcome
+
+    async def _read(self) -> list[Reading] | None:
+        """Every instance's counters; None when one does not answer this time (the next interval then spans
+        two), and TrialFailed after MOST_MISSED in a row."""
+        try:
+            readings = await read_all(self.client, self._targets, time.monotonic())
+        except (http.HttpError, OSError, TimeoutError, ValueError) as exc:
+            self._missed += 1
+            if self._missed >= MOST_MISSED:
+                cause = str(exc) or type(exc).__name__
+                missed = f"the instances' /metrics did not answer {self._missed} times in a row ({cause})"
+                raise TrialFailed(missed) from None
+            return None
+        self._missed = 0
+        return readings
 
     def _ran_out(self) -> bool:
         """The dispatcher finished every prompt, or the last ones are all sent: the tail, not measured."""
