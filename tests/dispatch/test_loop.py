@@ -209,6 +209,32 @@ async def test_the_tail_moves_samples_to_fast_endpoints_as_the_same_samples(star
     assert sum(s.completion_tokens == 400 for s in samples) == sum(s.finish_reason == "length" for s in samples)
 
 
+async def test_a_dispatcher_cancelled_as_it_wakes_ends_without_its_requests(start_sim: StartSim) -> None:
+    """Stopping (drop_backlog wakes the loop) and cancelled at once, as a trial of `mvllmctl tune` stops:
+    the run ends cancelled, its requests cancelled, nothing delivered. (On Python 3.11, asyncio.wait_for
+    swallowed a cancel that met the wake, and the loop ran on until its requests finished.)"""
+    slow = (await start_sim("--time-scale", "1"))[0]  # a token each few ms of simulated = wall time
+    delivered: list[Sample] = []
+
+    async def deliver(samples: list[Sample]) -> None:
+        delivered.extend(samples)
+
+    endpoints = Endpoints(tuning())
+    dispatcher = Dispatcher(job(100_000, max_concurrent=64), endpoints, deliver, lambda p, s: False)
+    dispatcher.join(slow, capacity=64)
+    for p in range(8):
+        dispatcher.add(Work(p, f"prompt number {p}", [0]))
+    running = asyncio.create_task(dispatcher.run())
+    while dispatcher.inflight < 8:
+        await asyncio.sleep(0.01)
+    dispatcher.drop_backlog()
+    running.cancel()
+    ended, _ = await asyncio.wait({running}, timeout=60)  # a bound for a broken build, not a timing
+    assert running in ended and running.cancelled()
+    assert dispatcher.inflight == 0 and not delivered
+    await endpoints.close()
+
+
 async def test_no_hedge_copies_nothing(start_sim: StartSim) -> None:
     fast = (await start_sim("--time-scale", "0.001"))[0]
     slow = (await start_sim("--time-scale", "0.001", "--speed", "0.002"))[0]

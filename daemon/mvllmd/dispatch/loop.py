@@ -173,8 +173,9 @@ class Dispatcher:
                 await self._deliver_moved()
                 self._wake.clear()
                 self._fill()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._until_due())
+                with contextlib.suppress(TimeoutError):  # (asyncio.timeout: 3.11's wait_for can swallow a cancel)
+                    async with asyncio.timeout(self._until_due()):
+                        await self._wake.wait()
         finally:
             self._backlog.close(drop=False)
             self._endpoints.unlisten(self._listener)

@@ -243,6 +243,8 @@ class Sweep:
         window = max(MIN_WINDOW_S, min(share_s - trial.launch_s, deadline - time.monotonic()) - STOP_S)
         trial.phase, trial.progress = Phase.WARMING_UP, 0.0
         notify()
+        log.info("tune: %s READY in %.1f s; measuring for up to %.0f s", trial.split, trial.launch_s, window)
+        measuring = time.monotonic()
 
         def progress(warming: bool, fraction: float) -> None:
             trial.phase, trial.progress = (Phase.WARMING_UP if warming else Phase.MEASURING), fraction
@@ -262,7 +264,11 @@ class Sweep:
             self.report.simulated = all(self._clocks)
         trial.phase, trial.progress = Phase.STOPPING, 0.0
         notify()
+        stopping = time.monotonic()
         await self._stop_trial()
+        log.info("tune: %s measured for %.1f s (%s), stopped in %.1f s", trial.split, time.monotonic() - measuring,
+                 f"{outcome.figure.tokens_per_s:,.0f} tokens/s" if outcome.figure else "no figure",
+                 time.monotonic() - stopping)  # fmt: skip
         if trial.figure is None:
             trial.phase = Phase.FAILED
             trial.message = "no steady interval was measured: the prompts ran out, or the window was too short"
