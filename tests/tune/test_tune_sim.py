@@ -133,14 +133,14 @@ def _one_line(done: subprocess.CompletedProcess[str], code: int, *fragments: str
 
 
 def test_ctrl_c_mid_trial_leaves_nothing(spawn: Spawn, short_tmp: Path) -> None:
-    """SIGINT while a trial measures: mvllmctl cancels the sweep, waits until the daemon has removed the
+    """SIGINT while a trial runs its job: mvllmctl cancels the sweep, waits until the daemon has removed the
     trial's instances, and exits 130; no instance, spec or engine process is left."""
     daemon = start(spawn, short_tmp)
     data = short_tmp / "prompts.parquet"
     pq.write_table(pa.table({"prompt": [f"question {i}" for i in range(5000)]}), data)
     sweep = (*SWEEP, "--configs", "1x8", "--data", str(data), "--budget", "300", *sim("h100-8b"))
     with _tune_in_background(daemon, SMALL, *sweep) as tune:
-        pids = _wait_measuring(daemon, tune)
+        pids = _wait_running(daemon, tune)
         tune.send_signal(signal.SIGINT)
         said = tune.communicate(timeout=60)[1]
     assert tune.returncode == 130, said
@@ -157,7 +157,7 @@ def test_a_restarted_mvllmd_removes_a_trials_instances(spawn: Spawn, short_tmp: 
     instead of re-adopting them."""
     daemon = start(spawn, short_tmp)
     with _tune_in_background(daemon, SMALL, *SWEEP, "--configs", "1x8", "--budget", "300", *sim("h100-8b")) as tune:
-        pids = _wait_measuring(daemon, tune)
+        pids = _wait_running(daemon, tune)
         daemon.proc.kill()
         daemon.proc.wait(30)
         said = tune.communicate(timeout=60)[1]
@@ -174,12 +174,12 @@ def _tune_in_background(daemon: DaemonProcess, *args: str) -> subprocess.Popen[s
     return subprocess.Popen(argv, env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_measuring(daemon: DaemonProcess, tune: subprocess.Popen[str]) -> list[int]:
-    """Wait for the first trial to measure (mvllmctl says so on stderr, a line per phase); its engines' PIDs."""
+def _wait_running(daemon: DaemonProcess, tune: subprocess.Popen[str]) -> list[int]:
+    """Wait for the first trial's job to run (mvllmctl says so on stderr, a line per phase); its engines' PIDs."""
     assert tune.stderr is not None
     deadline = time.monotonic() + 120
     for line in tune.stderr:
-        if "measuring" in line:
+        if "warming up" in line:
             break
         assert time.monotonic() < deadline and tune.poll() is None, line
     instances = instance_status(daemon.ctl)
