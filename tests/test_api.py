@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from mvllm import __version__
 from mvllm.jobs import InvalidSpec
 from mvllm.v1 import daemon_pb2 as pb
-from mvllm.v1 import daemon_pb2_grpc
+from mvllm.v1 import daemon_pb2_grpc, instance_pb2, tune_pb2, tune_pb2_grpc
 from mvllmd import errors
 from mvllmd.api.boundary import rpc
 from mvllmd.config import load_config
@@ -33,6 +33,7 @@ from mvllmd.inventory import Inventory, read_inventory
 from mvllmd.jobs.manager import JobManager
 from mvllmd.jobs.store import JobStore
 from mvllmd.server import SERVER_OPTIONS, _add_services
+from mvllmd.tune.sweep import Tuner
 from mvllmd.weights.updates import WeightUpdates
 
 
@@ -58,6 +59,7 @@ async def served(tmp_path: Path) -> AsyncIterator[str]:
     daemon = Daemon(
         config=config, unit_manager=BackendKind.PROCESS, under_systemd=False, instances=instances, jobs=jobs,
         fleet=fleet, endpoints=endpoints, weights=WeightUpdates(instances, endpoints),
+        tuner=Tuner(instances, inventory, config),
     )  # fmt: skip
     daemon.listen_addresses = (f"unix:{tmp_path}/s",)
     server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -190,3 +192,18 @@ def test_every_domain_error_has_a_status() -> None:
         if cls is not errors.MvllmError:
             assert cls in STATUS_BY_ERROR, f"{cls.__name__} has no gRPC status"
     assert status_for(errors.MvllmError("x")) is grpc.StatusCode.UNKNOWN
+
+
+async def test_tune_before_any_sweep_and_with_bad_input(served: str) -> None:
+    """No report before a sweep has ended; a sweep that cannot be planned is refused before anything starts."""
+    async with grpc.aio.insecure_channel(served) as channel:
+        stub = tune_pb2_grpc.TuneServiceStub(channel)
+        last = await stub.GetLastTune(tune_pb2.GetLastTuneRequest())
+        assert not last.report.trials and last.report.best == 0
+        bad = tune_pb2.TuneRequest(model="sim", engine=instance_pb2.ENGINE_KIND_SIM,
+                                   configs=[tune_pb2.Split(instances=3, tensor_parallel_size=1)])  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.Tune(bad):
+                pass
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "3 x TP1 takes 3 sim-gpus; a split uses all 2 chosen" in (refused.value.details() or "")
