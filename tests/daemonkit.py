@@ -168,3 +168,17 @@ def engine_dir() -> Path:
     if not (path / "venv" / "bin" / "python").exists() or not all(m.exists() for m in models):
         pytest.fail(f"the vLLM CPU build is not installed in {path}; run `make engine` (make test does)")
     return path
+
+
+def process_group(pgid: int) -> set[int]:
+    """The live PIDs whose process group is `pgid` (an engine is its group's leader: systemd starts each
+    unit's main process in a session of its own, as the process supervisor does)."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.add(int(stat.parent.name))
+    return members

@@ -42,7 +42,7 @@ from mvllmd.transport import http
 from mvllmd.transport.requests import ends_whole, send
 from mvllmd.transport.streams import Stream
 
-from daemonkit import engine_dir, instance_status, wait_for
+from daemonkit import engine_dir, instance_status, process_group, wait_for
 from usermanager import UserManager, available, remove_stale_cgroups
 
 pytestmark = [pytest.mark.systemd, pytest.mark.vllm]
@@ -271,7 +271,7 @@ def test_a_killed_engine_and_a_hung_one_are_started_again(shared: Shared) -> Non
     unanswered, and is killed with its group and started again."""
     ctl = shared.ctl
     killed, hung = instances = both_ready(ctl)
-    groups = [_group(i["pid"]) for i in instances]
+    groups = [process_group(i["pid"]) for i in instances]
     assert all(len(g) >= 2 for g in groups)  # vLLM's API server plus its EngineCore, in one group
     (worker,) = [pid for pid in groups[1] if Path(f"/proc/{pid}/comm").read_text().strip() == "VLLM::Worker"]
     os.kill(worker, signal.SIGSTOP)
@@ -288,7 +288,7 @@ def test_a_killed_engine_and_a_hung_one_are_started_again(shared: Shared) -> Non
     again = both_ready(ctl)
     for before, after in zip(instances, again, strict=True):
         assert after["restarts"] == before["restarts"] + 1 and after["pid"] != before["pid"]
-        assert not _group(before["pid"])  # the killed engine's helpers went with it; the stopped worker too
+        assert not process_group(before["pid"])  # the killed engine's helpers went with it; the stopped worker too
     assert again[0]["weight_version"] == "tiny-qwen2-b"
     assert greedy_tokens(again[0]["url"], shared.model) == shared.seen["on_b"]  # token for token
     assert httpx.get(f"{again[0]['url']}/weight_info", timeout=10).json() == {"weight_version": "tiny-qwen2-b"}
@@ -298,7 +298,7 @@ def test_stop_all_ends_every_process(shared: Shared) -> None:  # last: it ends t
     ctl = shared.ctl
     instances = both_ready(ctl)
     assert ctl("stop", "--all").returncode == 0
-    assert all(not _group(i["pid"]) for i in instances)  # every process of every group is gone
+    assert all(not process_group(i["pid"]) for i in instances)  # every process of every group is gone
     for inst in instances:
         assert shared.um.systemctl("is-active", inst["unit"]).stdout.strip() == "inactive"
     assert instance_status(ctl) == []
@@ -490,17 +490,3 @@ def assemble(parts: Iterable[tuple[int, str]]) -> dict[int, str]:
     for index, text in parts:
         texts[index] = texts.get(index, "") + text
     return texts
-
-
-def _group(pgid: int) -> set[int]:
-    """PIDs whose process group is `pgid` (an engine is its group's leader: systemd starts each unit's
-    main process in a session of its own, as the process supervisor does)."""
-    members = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.add(int(stat.parent.name))
-    return members

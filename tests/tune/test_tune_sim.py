@@ -103,6 +103,23 @@ def test_70b_skips_tp1_tries_the_tight_tp2_and_recommends_what_fits(spawn: Spawn
     assert instance_status(daemon.ctl) == []
 
 
+def test_apply_leaves_the_best_split_running(spawn: Spawn, short_tmp: Path) -> None:
+    """--apply: once the sweep ends, the recommended split is launched for good (named after the model, not
+    a trial's), and serves jobs."""
+    daemon = start(spawn, short_tmp)
+    sweep = ("--devices", "0-1", "--budget", "20", "--apply", "--json", *sim("h100-8b"))
+    done = daemon.ctl("tune", SMALL, *SWEEP, *sweep, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)["report"]
+    assert splits(report) == ["2x1", "1x2"] and report["best"] == 0
+    assert report["applied_instances"] == ["llama-3-1-8b-0", "llama-3-1-8b-1"]
+    instances = instance_status(daemon.ctl)
+    assert [(i["name"], i["state"], i["trial"], i["devices"]) for i in instances] == [
+        ("llama-3-1-8b-0", "INSTANCE_STATE_READY", False, ["sim-gpu:0"]),
+        ("llama-3-1-8b-1", "INSTANCE_STATE_READY", False, ["sim-gpu:1"]),
+    ]
+
+
 def test_bad_input_is_one_line_and_launches_nothing(spawn: Spawn, short_tmp: Path) -> None:
     daemon = start(spawn, short_tmp)
     garbage = short_tmp / "garbage.parquet"
