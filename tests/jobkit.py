@@ -133,10 +133,11 @@ def jobs(daemon: DaemonProcess) -> list[dict[str, Any]]:
 
 
 def progress(daemon: DaemonProcess, job_id: str) -> job_pb2.Job:
-    """The job as GetJob returns it, without starting a process: cheap enough to poll at 10 Hz."""
+    """The job as GetJob returns it, without starting a process: cheap enough to poll at 10 Hz. (30 s: this
+    machine stalls for seconds at a time while a vLLM engine runs.)"""
     with grpc.insecure_channel(daemon.address) as channel:
         stub = job_pb2_grpc.JobServiceStub(channel)
-        found: job_pb2.Job = stub.GetJob(job_pb2.GetJobRequest(id=job_id), timeout=10).job
+        found: job_pb2.Job = stub.GetJob(job_pb2.GetJobRequest(id=job_id), timeout=30).job
     return found
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from mvllm.jobs import JobSpec, Policy, Sample, Sampling
 from mvllm_sim.text import token_ids
+from mvllmd.dispatch import tail
 from mvllmd.dispatch.endpoints import Endpoints, Tuning
 from mvllmd.dispatch.flights import Lane, Work
 from mvllmd.dispatch.loop import Dispatcher
@@ -22,6 +23,7 @@ from mvllmd.jobs.output import DoneMap
 from simkit import SimProcess, StartSim
 
 PROMPTS, SAMPLES = 120, 4
+CHECK_DELAY_S = 1.5  # longer than the slow server's chunks (64 tokens a choice) take
 
 
 def job(max_tokens: int, seed: int | None = None, return_token_ids: bool = False, **kw: Any) -> JobSpec:
@@ -207,6 +209,30 @@ async def test_the_tail_moves_samples_to_fast_endpoints_as_the_same_samples(star
         assert s.completion_tokens == len(s.response.split()) == len(s.token_ids or []) <= 400
         assert s.token_ids == token_ids(s.response)
     assert sum(s.completion_tokens == 400 for s in samples) == sum(s.finish_reason == "length" for s in samples)
+
+
+async def test_samples_that_go_on_during_the_check_move_from_what_was_checked(
+    start_sim: StartSim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast server's /detokenize answers late (a loaded machine, a host far away), so the slow
+    server's streams go on during each check: a moved sample goes on from the tokens it had made when
+    checked, those made during the check are made again, and each sample is whole. (When a check had to
+    find the stream unchanged, nothing moved here: a fleet test on a loaded machine saw the same.)"""
+    real = tail.ends_whole
+
+    async def late(*args: Any, **kwargs: Any) -> bool:
+        answer = await real(*args, **kwargs)
+        await asyncio.sleep(CHECK_DELAY_S)  # the slow server streams its next chunks meanwhile
+        return answer
+
+    monkeypatch.setattr(tail, "ends_whole", late)
+    fast = (await start_sim("--time-scale", "0.001"))[0]
+    slow = (await start_sim("--time-scale", "0.001", "--speed", "0.001"))[0]
+    samples, dispatcher = await run_job([fast, slow], max_tokens=400, return_token_ids=True, metrics_interval_s=0.02)
+    assert dispatcher.moves > 0
+    for s in samples:
+        assert s.error is None and s.completion_tokens == len(s.response.split()) == len(s.token_ids or []) <= 400
+        assert s.token_ids == token_ids(s.response)
 
 
 async def test_a_dispatcher_cancelled_as_it_wakes_ends_without_its_requests(start_sim: StartSim) -> None:

@@ -54,8 +54,14 @@ def test_two_readings_give_the_generation_rate_and_the_decode_step() -> None:
     assert not gauges.ok and gauges.waiting_polls == 0 and gauges.failed_since == 102.0
     gauges.fail(now=103.0)
     assert gauges.failed_since == 102.0  # since the first failure
-    gauges.update({RUNNING: 1.0, WAITING: 0.0, GENERATED: 3000.0}, now=104.0)
+    gauges.update({RUNNING: 1.0, WAITING: 0.0, GENERATED: 4500.0}, now=104.0)
     assert gauges.ok and gauges.failed_since == 0
+    assert gauges.tokens_per_s == pytest.approx(500.0)  # over the gap, since the last reading that worked
+    gauges.fail(now=105.0)
+    gauges.update({RUNNING: 1.0, WAITING: 0.0, GENERATED: 20.0}, now=106.0)  # restarted: its counters anew
+    assert gauges.tokens_per_s == pytest.approx(500.0)  # no rate from a counter that went back
+    gauges.update({RUNNING: 1.0, WAITING: 0.0, GENERATED: 120.0}, now=107.0)
+    assert gauges.tokens_per_s == pytest.approx(100.0)
 
 
 def test_still_since_is_the_reading_that_first_showed_the_counters_as_they_are() -> None:

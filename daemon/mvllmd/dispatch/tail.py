@@ -11,8 +11,9 @@ to spread across servers (the loop does that), and every TAIL_EVERY_S the tail l
   most 1/MOVE_GAIN of the time (`_token_s`), the slowest servers' first, each one's oldest requests
   first, each to the server with room where its tokens would be quickest; once the target says they
   end with a whole character (`_check_and_move`): the request is cancelled, its finished choices
-  kept, and each unfinished one continues on the faster server from the tokens it made, as the same
-  sample (streams.py).
+  kept, and each unfinished one continues on the faster server from the tokens it had made when
+  checked, as the same sample (streams.py). Tokens a sample made during the check are made again (a
+  check that had to see the stream unchanged was beaten by every chunk on a loaded machine).
 - Copies (a hedge), for other jobs: requests are copied from where they go slowly onto servers where
   they will go at least twice as fast: by the servers' decode step (seconds per token of a running
   sequence, from the gauges, grown in proportion to the batch the copies add) when every server has
@@ -38,7 +39,7 @@ from mvllmd.dispatch.flights import Flight, Flights, Lane, Work
 from mvllmd.dispatch.policies.least_loaded import LeastLoaded
 from mvllmd.transport import http, streams
 from mvllmd.transport.requests import ends_whole
-from mvllmd.transport.streams import Stream
+from mvllmd.transport.streams import Prefix, Stream
 
 HEDGE_BUDGET = 0.02  # unseeded: at most this share of a job's samples is asked for again by copies
 MOVE_GAIN = 1.3  # a sample moves where a token takes at most 1/MOVE_GAIN of the time (balance_model.py)
@@ -200,17 +201,21 @@ class Tail:
 
     def _check_and_move(self, flight: Flight, target: Lane, left: int) -> None:
         """Ask the target's /detokenize whether each unfinished sample of `flight` ends with a whole
-        character (requests.ends_whole), and move the flight if so and nothing changed meanwhile; if
-        not, it waits for its next chunk."""
+        character (requests.ends_whole), and move the flight if so, each sample from what it had made
+        when checked; if not, it waits for its next chunk."""
         assert flight.stream is not None
         stream, made = flight.stream, _made(flight.stream)
+        # What each unfinished sample has made now: if the check says it ends whole, the sample goes on
+        # from here, even where the stream went further during the check (the tokens it made meanwhile
+        # are dropped and made again there: unseeded, the continuation is a draw from the same point).
+        checked = {i: self._prefix(flight, i) for i in stream.unfinished()}
+        tails = [prefix.token_ids if prefix else () for prefix in checked.values()]
         flight.checking = True
         target.reserved += left
         endpoint = target.endpoint
 
         async def check() -> None:
             try:
-                tails = [c.token_ids for c in stream.choices if c.finish_reason is None]
                 checks = [ends_whole(self._http, endpoint.url, self._spec.model, t, endpoint.api_key)
                           for t in tails]  # fmt: skip
                 whole = all(await asyncio.gather(*checks))
@@ -221,19 +226,25 @@ class Tail:
                 flight.checking = False
                 target.reserved -= left
                 self._hooks.wake()
-            unchanged = flight in self._flights and _made(stream) == made
             if not whole:
                 flight.split_at = made
-            elif unchanged and not self._hooks.stopping() and target.available(time.monotonic()):
-                self._move_flight(flight, target)
+            elif flight in self._flights and not self._hooks.stopping() and target.available(time.monotonic()):
+                self._move_flight(flight, target, checked)
 
         task = asyncio.create_task(check())
         self._checks.add(task)
         task.add_done_callback(self._checks.discard)
 
-    def _move_flight(self, flight: Flight, target: Lane) -> None:
+    def _prefix(self, flight: Flight, i: int) -> Prefix | None:
+        """What sample `i` of a streamed flight has made so far, after what it was sent with."""
+        assert flight.stream is not None
+        work = flight.work
+        started = work.prefix.started if work.prefix else flight.started
+        return flight.stream.prefix(i, started, work.prefix) or work.prefix
+
+    def _move_flight(self, flight: Flight, target: Lane, checked: dict[int, Prefix | None]) -> None:
         """Cancel a streamed request (vLLM aborts it); keep its finished choices, and continue each
-        unfinished one on `target` from what it made."""
+        unfinished one on `target` from what it had made when checked."""
         stream, work = flight.stream, flight.work
         assert stream is not None
         flight.moved = True
@@ -241,13 +252,11 @@ class Tail:
         if flight.task is not None:
             flight.task.cancel()
         self._hooks.land(flight)
-        started = work.prefix.started if work.prefix else flight.started
         unfinished = stream.unfinished()
         for i, sample_index in enumerate(work.samples):
             if i in unfinished:
-                prefix = stream.prefix(i, started, work.prefix) or work.prefix
-                self._hooks.launch(Work(work.prompt_index, work.prompt, [sample_index], work.attempts, prefix=prefix),
-                                   target, None)  # fmt: skip
+                rest = Work(work.prompt_index, work.prompt, [sample_index], work.attempts, prefix=checked[i])
+                self._hooks.launch(rest, target, None)
                 continue
             latency = time.monotonic() - flight.started
             done = stream.sample(i, flight.endpoint.url, self._sampling, work.prompt_index, sample_index, latency)

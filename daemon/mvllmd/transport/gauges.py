@@ -110,7 +110,7 @@ class Gauges:
         if not self.ok or tokens != self._tokens:
             self.still_since = now
         self._tokens, self.failed_since = tokens, 0.0
-        if self.ok and generated >= self._generated >= 0 and now > self.at:
+        if generated >= self._generated >= 0 and now > self.at:  # since the last reading that worked
             self.tokens_per_s = (generated - self._generated) / (now - self.at)
             smooth = self.smooth_tokens_per_s
             self.smooth_tokens_per_s = (
@@ -125,6 +125,8 @@ class Gauges:
         self.waiting_polls = self.waiting_polls + 1 if self.waiting > 0 else 0
 
     def fail(self, now: float) -> None:
+        """A reading failed. The last counter is kept: the next reading's rate spans the gap, so that a
+        machine whose readings often time out (a loaded one) still measures its servers' rates."""
         if self.ok:
             self.failed_since = now
-        self.ok, self.step_s, self.waiting_polls, self._generated = False, 0.0, 0, -1.0
+        self.ok, self.step_s, self.waiting_polls = False, 0.0, 0
