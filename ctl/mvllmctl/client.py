@@ -25,6 +25,10 @@ class CtlError(Exception):
         self.status = status
 
 
+class StreamCut(CtlError):
+    """A stream that had begun and lost its connection: mvllmd stopped or was killed mid-stream."""
+
+
 def resolve_address(explicit: str | None, environ: Mapping[str, str]) -> str:
     """--address, else $MVLLM_ADDRESS, else the first default socket that exists (else the first)."""
     given = explicit or environ.get("MVLLM_ADDRESS", "")
@@ -102,10 +106,18 @@ class Client:
         return response
 
     def stream(self, method: Any, request: Any) -> Iterator[Any]:
-        """A server stream, without a deadline (it may follow a log for hours)."""
+        """A server stream, without a deadline (it may follow a log for hours). A connection lost after the
+        first response raises StreamCut: the daemon went away mid-stream, it was reached."""
+        began = False
         try:
-            yield from method(request)
+            for response in method(request):
+                began = True
+                yield response
         except grpc.RpcError as exc:
+            if began and exc.code() is grpc.StatusCode.UNAVAILABLE:
+                reason = _last_error(exc.details() or "")
+                message = f"mvllmd at {self.address} went away mid-stream ({reason})"
+                raise StreamCut(message, ExitStatus.UNREACHABLE) from None
             raise self._explain(exc) from None
 
     def close(self) -> None:

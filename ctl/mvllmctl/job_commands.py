@@ -14,7 +14,7 @@ from mvllm.convert import spec_from_proto, spec_to_proto, state_from_proto
 from mvllm.jobs import InvalidSpec, JobSpec, OnError, Policy, Sampling, extra_body_from_json, validate
 from mvllm.v1 import job_pb2 as pb
 from mvllm.v1 import job_pb2_grpc
-from mvllmctl.client import CtlError
+from mvllmctl.client import CtlError, StreamCut
 from mvllmctl.context import Ctl, json_option, pass_ctl
 from mvllmctl.exit_codes import ExitStatus
 from mvllmctl.output import duration, print_fields, print_json, print_table
@@ -188,6 +188,8 @@ def follow(ctl: Ctl, job_id: str, as_json: bool) -> int:
             err=True,
         )
         return ExitStatus.INTERRUPTED
+    except StreamCut:
+        pass  # mvllmd stopped or was killed after the watch began: either way the job resumes when it starts
     if last is None or not _ended(last):
         raise CtlError(
             f"mvllmd stopped before job {job_id} ended; it resumes when mvllmd starts again "

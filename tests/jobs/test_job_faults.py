@@ -129,15 +129,31 @@ def test_an_instance_answering_500s(short_tmp: Path, spawn: Spawn) -> None:
 # --- the daemon ----------------------------------------------------------------------------------
 
 
+def watch(daemon: DaemonProcess, job_id: str) -> subprocess.Popen[str]:
+    watcher = subprocess.Popen([MVLLMCTL, "--address", daemon.address, "watch", job_id],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env)  # fmt: skip
+    assert watcher.stderr is not None
+    assert f"job {job_id} " in watcher.stderr.readline()  # it follows the job (a line per state change)
+    return watcher
+
+
+def assert_watch_says_it_resumes(watcher: subprocess.Popen[str], job_id: str) -> None:
+    _, watched = watcher.communicate(timeout=60)
+    assert watcher.returncode == 1, watched
+    assert f"mvllmd stopped before job {job_id} ended; it resumes when mvllmd starts again" in watched
+
+
 @pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
 def test_mvllmd_killed_mid_job_resumes_it_by_itself(short_tmp: Path, spawn: Spawn, streamed: bool) -> None:
     daemon = job_daemon(spawn, short_tmp)
     launch(daemon, 2, *SLOW_SIM, *(STREAMED if streamed else ()))
     job_id, out = start_job(daemon, short_tmp, streamed)
+    watcher = watch(daemon, job_id)
     wait_samples(daemon, job_id, FAULT_AT)
     reported = progress(daemon, job_id).samples_done
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
+    assert_watch_says_it_resumes(watcher, job_id)  # the connection was lost mid-stream: not "unreachable"
     assert not out.exists()
     # Every sample it had reported done survived the kill (in parts or the journal): none is asked again.
     assert load_done(parts_dir(out), DoneMap(SLOW_PROMPTS, K)) >= reported >= FAULT_AT
@@ -154,16 +170,11 @@ def test_mvllmd_stopped_mid_job_resumes_it_on_the_next_start(short_tmp: Path, sp
     daemon = job_daemon(spawn, short_tmp)
     launch(daemon, 2, *SLOW_SIM)
     job_id, out = start_job(daemon, short_tmp)
-    watcher = subprocess.Popen([MVLLMCTL, "--address", daemon.address, "watch", job_id],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env)  # fmt: skip
-    assert watcher.stderr is not None
-    assert f"job {job_id} " in watcher.stderr.readline()  # it follows the job (a line per state change)
+    watcher = watch(daemon, job_id)
     wait_samples(daemon, job_id, FAULT_AT)
     before = progress(daemon, job_id)
     assert daemon.stop() == 0  # SIGTERM: requests in flight finish, the parts are kept
-    _, watched = watcher.communicate(timeout=60)
-    assert watcher.returncode == 1, watched
-    assert f"mvllmd stopped before job {job_id} ended; it resumes when mvllmd starts again" in watched
+    assert_watch_says_it_resumes(watcher, job_id)
     assert not out.exists()
     # What was in flight at the stop was let finish and written: no request was cut off.
     assert load_done(parts_dir(out), DoneMap(SLOW_PROMPTS, K)) >= before.samples_done + before.inflight
