@@ -8,9 +8,12 @@ the busy-GPU step (skipped without it). From the repository root:
 Steps:
 1. nvidia-smi's own table (header and units, parsed here, apart from mvllmd's parser) against the
    inventory read through NVML and through nvidia-smi: index, UUID, name, total and free memory.
-2. A child process takes --hold-gib GiB on GPU 0. Both readings must list it (PID, memory), free memory
-   must drop by about as much, and placement must refuse that GPU unless forced.
-3. The child ends; the GPU must read free again.
+2. The utilisation readings (`read_gpu_usage`, what /metrics and `mvllmctl top` show) against nvidia-smi's
+   utilization.gpu and memory.used.
+3. A child process takes --hold-gib GiB on GPU 0 and keeps it computing. Both readings must list it (PID,
+   memory), free memory must drop by about as much, placement must refuse that GPU unless forced, and the
+   utilisation readings must show it busy, as nvidia-smi does.
+4. The child ends; the GPU must read free and idle again.
 
 It prints a table of checks and exits 0 when all pass, 1 when one fails.
 """
@@ -31,17 +34,33 @@ from typing import Any
 
 from mvllmd.errors import ResourceExhausted
 from mvllmd.instances.placement import Pool, assign
-from mvllmd.inventory import MIB, Device, DeviceKind, Inventory, inventory_as_dict, read_inventory
+from mvllmd.inventory import (
+    MIB,
+    Device,
+    DeviceKind,
+    GpuUsage,
+    Inventory,
+    inventory_as_dict,
+    read_gpu_usage,
+    read_inventory,
+)
 
 GIB = 1024 * MIB
 FREE_SLACK = 256 * MIB  # free memory moves between two readings; the driver's own use is small
+UTIL_SLACK = 0.2  # NVML's utilisation is a share of its last sample period; two readings are apart in time
+BUSY = 0.5  # a GPU that multiplies matrices back to back reads near 1; below this it is not seen busy
 HOLDER = """
 import sys, time, torch
 x = torch.empty(int(sys.argv[1]) * 1024**3, dtype=torch.uint8, device="cuda:0")
 x.fill_(1)
+a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda:0")
 torch.cuda.synchronize()
 print("ready", flush=True)
-time.sleep(600)
+end = time.monotonic() + 600
+while time.monotonic() < end:  # busy: matrix products back to back, about 1.5 ms each on an H100-class GPU
+    for _ in range(20):
+        b = a @ a
+    torch.cuda.synchronize()
 """
 
 
@@ -63,6 +82,10 @@ def smi_csv(query: str) -> list[dict[str, str]]:
 
 def smi_table() -> list[dict[str, str]]:
     return smi_csv("--query-gpu=index,uuid,name,memory.total,memory.used,memory.free,driver_version")
+
+
+def smi_usage() -> list[dict[str, str]]:
+    return smi_csv("--query-gpu=index,uuid,name,utilization.gpu,memory.used,memory.total")
 
 
 def smi_apps() -> list[dict[str, str]]:
@@ -105,6 +128,47 @@ def compare(table: list[dict[str, str]], inventory: Inventory, label: str) -> li
     return checks
 
 
+def percent(text: str) -> float:
+    return int(text.removesuffix(" %")) / 100
+
+
+def usage_checks(table: list[dict[str, str]], usage: tuple[GpuUsage, ...], label: str) -> list[Check]:
+    """read_gpu_usage against nvidia-smi's utilization.gpu and memory.used, read just before."""
+    checks = [Check(f"{label}: GPU count", len(usage) == len(table), f"{len(usage)} read, nvidia-smi {len(table)}")]
+    for row, gpu in zip(table, usage, strict=False):
+        want = (int(row["index"]), row["uuid"], row["name"])
+        got = (gpu.index, gpu.uuid, gpu.name)
+        checks.append(Check(f"{label}: GPU {gpu.index} index/uuid/name", got == want, f"{got} vs {want}"))
+        smi_util = percent(row["utilization.gpu"])
+        checks.append(
+            Check(
+                f"{label}: GPU {gpu.index} utilisation",
+                0 <= gpu.utilization <= 1 and abs(gpu.utilization - smi_util) <= UTIL_SLACK,
+                f"{gpu.utilization:.0%} vs {row['utilization.gpu']}",
+            )
+        )
+        used_diff = abs(gpu.memory_used_bytes - mib(row["memory.used"]))
+        total_diff = abs(gpu.memory_total_bytes - mib(row["memory.total"]))
+        checks.append(
+            Check(
+                f"{label}: GPU {gpu.index} memory used/total",
+                used_diff < FREE_SLACK and total_diff < MIB,
+                f"{gpu.memory_used_bytes / MIB:.0f}/{gpu.memory_total_bytes / MIB:.0f} MiB vs "
+                f"{row['memory.used']}/{row['memory.total']}",
+            )
+        )
+    return checks
+
+
+def busy_usage_checks(usage: tuple[GpuUsage, ...], hold: int, idle_used: int) -> list[Check]:
+    gpu0 = usage[0]
+    rise = gpu0.memory_used_bytes - idle_used
+    return [
+        Check("usage while computing: GPU 0 busy", gpu0.utilization >= BUSY, f"{gpu0.utilization:.0%}"),
+        Check("usage while computing: memory used rose", rise >= hold, f"by {rise / MIB:.0f} MiB"),
+    ]
+
+
 def holder_checks(inventory: Inventory, label: str, pid: int, hold: int, idle_free: int) -> list[Check]:
     gpu0 = inventory.of_kind(DeviceKind.GPU)[0]
     pids = {p.pid: p for p in gpu0.processes}
@@ -144,6 +208,17 @@ def free_again(inventory: Inventory, idle_free: int) -> list[Check]:
     ]
 
 
+def idle_again() -> tuple[GpuUsage, ...]:
+    """GPU 0's usage once its utilisation has fallen back (NVML averages over its last sample period)."""
+    usage = read_gpu_usage()
+    for _ in range(20):
+        if usage[0].utilization < BUSY:
+            break
+        time.sleep(0.5)
+        usage = read_gpu_usage()
+    return usage
+
+
 def start_holder(gib: int) -> subprocess.Popen[str]:
     child = subprocess.Popen([sys.executable, "-c", HOLDER, str(gib)], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
@@ -152,6 +227,43 @@ def start_holder(gib: int) -> subprocess.Popen[str]:
         child.kill()
         raise SystemExit(f"the GPU memory holder did not start (it said {line!r}, exit {child.wait()})")
     return child
+
+
+def busy_step(hold: int, idle_free: int, idle_used: int, report: dict[str, Any]) -> list[Check]:
+    """A child holds `hold` bytes of GPU 0 and computes; the readings must see it, and see it go."""
+    checks: list[Check] = []
+    holder = start_holder(hold // GIB)
+    try:
+        report["holder_pid"] = holder.pid
+        report["busy_nvidia_smi_apps"] = smi_apps()
+        for source in ("nvml", "nvidia-smi"):
+            busy, _ = timed_read(source)
+            report[f"busy_{source}"] = inventory_as_dict(busy)
+            checks += holder_checks(busy, source, holder.pid, hold, idle_free)
+        checks += placement_checks(read_inventory("nvml"))
+        time.sleep(1.5)  # NVML's utilisation covers its last sample period (up to a second)
+        report["busy_usage_nvidia_smi"] = smi_usage()
+        busy_usage = read_gpu_usage()
+        report["busy_usage"] = [u.__dict__ for u in busy_usage]
+        checks += usage_checks(report["busy_usage_nvidia_smi"], busy_usage, "usage while computing")
+        checks += busy_usage_checks(busy_usage, hold, idle_used)
+    finally:
+        holder.kill()
+        holder.wait()
+    after = read_inventory("nvml")
+    for _ in range(20):  # the driver takes a moment to let go of a killed process's memory
+        if not after.of_kind(DeviceKind.GPU)[0].processes:
+            break
+        time.sleep(0.5)
+        after = read_inventory("nvml")
+    report["after_nvml"] = inventory_as_dict(after)
+    checks += free_again(after, idle_free)
+    after_usage = idle_again()
+    report["after_usage"] = [u.__dict__ for u in after_usage]
+    checks.append(
+        Check("after the holder: GPU 0 idle", after_usage[0].utilization < BUSY, f"{after_usage[0].utilization:.0%}")
+    )
+    return checks
 
 
 def main() -> int:
@@ -174,31 +286,16 @@ def main() -> int:
     table = report["nvidia_smi"]
     for source in ("nvml", "nvidia-smi"):
         checks += compare(table, idle[source], source)
+    report["usage_nvidia_smi"] = smi_usage()
+    idle_usage = read_gpu_usage()
+    report["usage_idle"] = [u.__dict__ for u in idle_usage]
+    checks += usage_checks(report["usage_nvidia_smi"], idle_usage, "usage")
 
     if importlib.util.find_spec("torch") is None:  # only the busy-GPU step needs it
         checks.append(Check("busy-GPU step", True, "skipped: no PyTorch here"))
     else:
         idle_free = idle["nvml"].of_kind(DeviceKind.GPU)[0].memory_free_bytes
-        holder = start_holder(args.hold_gib)
-        try:
-            report["holder_pid"] = holder.pid
-            report["busy_nvidia_smi_apps"] = smi_apps()
-            for source in ("nvml", "nvidia-smi"):
-                busy, _ = timed_read(source)
-                report[f"busy_{source}"] = inventory_as_dict(busy)
-                checks += holder_checks(busy, source, holder.pid, args.hold_gib * GIB, idle_free)
-            checks += placement_checks(read_inventory("nvml"))
-        finally:
-            holder.kill()
-            holder.wait()
-        after = read_inventory("nvml")
-        for _ in range(20):  # the driver takes a moment to let go of a killed process's memory
-            if not after.of_kind(DeviceKind.GPU)[0].processes:
-                break
-            time.sleep(0.5)
-            after = read_inventory("nvml")
-        report["after_nvml"] = inventory_as_dict(after)
-        checks += free_again(after, idle_free)
+        checks += busy_step(args.hold_gib * GIB, idle_free, idle_usage[0].memory_used_bytes, report)
 
     width = max(len(c.name) for c in checks)
     for c in checks:

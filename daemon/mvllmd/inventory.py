@@ -196,9 +196,12 @@ def sim_gpu_usage(count: int, loads: Iterable[SimLoad]) -> tuple[GpuUsage, ...]:
 
 def _nvml_usage(nvml: Any, index: int) -> GpuUsage:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
-    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
     rates = nvml.nvmlDeviceGetUtilizationRates(handle)
     uuid, name = _text(nvml.nvmlDeviceGetUUID(handle)), _text(nvml.nvmlDeviceGetName(handle))
+    try:  # used as nvidia-smi shows it: v1 counts the driver's reserve as used (615 MiB on an idle H200)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+    except nvml.NVMLError:  # a driver without the v2 reading
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
     return GpuUsage(index, uuid, name, int(rates.gpu) / 100, int(memory.used), int(memory.total))
 
 
