@@ -82,7 +82,9 @@ class DaemonProcess:
 def clean_environment(tmp: Path) -> dict[str, str]:
     """An environment that points every default at `tmp`, never at $HOME or /run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "MVLLM_", "NOTIFY_", "WATCHDOG_"))}
-    for name in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "INVOCATION_ID", "JOURNAL_STREAM"):
+    # COLUMNS and LINES: pytest -n sets 80 x 24 in its workers, and a program in a tmux pane would draw for
+    # that, not for the pane's size.
+    for name in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "INVOCATION_ID", "JOURNAL_STREAM", "COLUMNS", "LINES"):
         env.pop(name, None)
     runtime = tmp / "run"
     runtime.mkdir(mode=0o700)
@@ -90,11 +92,28 @@ def clean_environment(tmp: Path) -> dict[str, str]:
     return env
 
 
+def free_port_range(width: int = 20) -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        base: int = s.getsockname()[1]
+    return base if base + width < 65535 else 20000
+
+
 def any_http_port(args: Sequence[str]) -> list[str]:
     """`args`, with the front door on a port of its own (the default, 7080, is one per machine: two test
     daemons at once would collide there), unless they say where it listens."""
-    given = any(a == "--http-listen" or a.startswith("--http-listen=") for a in args)
-    return list(args) if given else [*args, "--http-listen", "http://127.0.0.1:0"]
+    return list(args) if _given(args, "--http-listen") else [*args, "--http-listen", "http://127.0.0.1:0"]
+
+
+def own_ports(args: Sequence[str]) -> list[str]:
+    """any_http_port, and the instances' ports from a base of their own unless `args` give one (the
+    default, 8000, would be raced for by two tests at once: pytest -n runs two)."""
+    more = [] if _given(args, "--port-base") or _given(args, "--config") else ["--port-base", str(free_port_range())]
+    return any_http_port([*args, *more])
+
+
+def _given(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(f"{flag}=") for a in args)
 
 
 def run_mvllmd(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -118,7 +137,7 @@ def start_daemon(
     notify = NotifyListener(tmp / f"notify-{len(list(tmp.glob('notify-*')))}")
     run_env = dict(env, NOTIFY_SOCKET=str(notify.path))
     stderr_path = tmp / f"mvllmd-{notify.path.name}.log"
-    argv = [MVLLMD, *any_http_port(args)]
+    argv = [MVLLMD, *own_ports(args)]
     launch = [*prefix, *argv]
     if watchdog_usec is not None:
         # WATCHDOG_PID must name the daemon itself, known only once it runs: a shell exports its own

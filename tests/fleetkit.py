@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemonkit import MVLLMCTL, MVLLMD, DaemonProcess, start_daemon
+from daemonkit import MVLLMCTL, MVLLMD, DaemonProcess, free_port_range, start_daemon
 from hostkit import Host, ip
-from jobkit import free_port_range
 
 GRPC_PORT = 7070
 HTTP_PORT = 7080

@@ -8,7 +8,6 @@ starts real mvllm-sim processes that the jobs send their requests to. Jobs are r
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 
 from mvllm.v1 import job_pb2, job_pb2_grpc
 
-from daemonkit import MVLLMCTL, DaemonProcess, Spawn, instance_status
+from daemonkit import MVLLMCTL, DaemonProcess, Spawn, free_port_range, instance_status
 
 ENDED = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
 FAST_SIM = ("--time-scale", "0.001")  # answers at once, or nearly
@@ -30,13 +29,6 @@ FAST_SIM = ("--time-scale", "0.001")  # answers at once, or nearly
 SLOW_SIM = ("--time-scale", "1", "--max-num-seqs", "16")
 SLOW_PROMPTS = 400
 JOB_TIMEOUT_S = 90.0
-
-
-def free_port_range(width: int = 20) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        base: int = s.getsockname()[1]
-    return base if base + width < 65535 else 20000
 
 
 def daemon_args(tmp: Path, *extra: str, name: str = "j") -> list[str]:

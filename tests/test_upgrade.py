@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from daemonkit import Spawn, instance_status, wait_for
-from jobkit import assert_each_pair_once, free_port_range, wait_ended
+from daemonkit import Spawn, free_port_range, instance_status, wait_for
+from jobkit import assert_each_pair_once, wait_ended
 
 FIXTURE = Path(__file__).parent / "fixtures" / "state-f7675d0"
 OLD_ROOT = "/tmp/fx"

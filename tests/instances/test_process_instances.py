@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,16 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from daemonkit import MVLLMCTL, DaemonProcess, Spawn, instance_status, wait_for
+from daemonkit import MVLLMCTL, DaemonProcess, Spawn, free_port_range, instance_status, wait_for
 
 SIM_ARGS = ("--", "--time-scale", "0")  # engine arguments: answer at once
-
-
-def free_port_range(width: int = 20) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        base: int = s.getsockname()[1]
-    return base if base + width < 65535 else 20000
 
 
 @pytest.fixture
