@@ -18,7 +18,7 @@ import uvloop
 
 from mvllm_sim.faults import ERROR_STATUSES, FaultConfig
 from mvllm_sim.kvcheck import AUTO, KvCacheError, checked_max_model_len
-from mvllm_sim.profiles import ProfileError, load_profiles, reload_seconds, step_model
+from mvllm_sim.profiles import ProfileError, load_profiles, memory_modelled, reload_seconds, step_model
 from mvllm_sim.server import SimConfig, SimServer
 from mvllm_sim.text import LengthModel
 from mvllm_sim.weights import fingerprint, is_model_checkpoint
@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000, help="Port to bind. [%(default)s]")
     v.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="Selects the profile's TP variant.")
     v.add_argument("--max-num-seqs", type=int, help="Sequences per batch. [the profile's]")
+    v.add_argument("--gpu-memory-utilization", type=float, metavar="SHARE",
+                   help="Share of each GPU's memory the engine takes, where the profile models memory (its KV "
+                        "cache is what is left after the weights). [the profile's, vLLM's 0.9]")  # fmt: skip
     v.add_argument("--max-num-batched-tokens", type=int, help="Tokens per step (chunked prefill). [the profile's]")
     v.add_argument("--max-model-len", type=model_len, metavar="TOKENS",
                    help="Context length; auto or -1: the longest the KV cache holds. [the profile's]")  # fmt: skip
@@ -116,7 +119,10 @@ def config_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
     """The server's configuration from its flags and `env` (VLLM_SERVER_DEV_MODE, read as vLLM reads it:
     an integer, true unless 0). Fingerprints --model when it is a checkpoint. Raises ValueError, or its
     KvCacheError when the engine could not start (kvcheck)."""
-    model = step_model(args.profile, args.tensor_parallel_size, args.speed)
+    share = args.gpu_memory_utilization
+    if share is not None and not 0 < share <= 1:
+        raise ValueError("--gpu-memory-utilization must be more than 0 and at most 1")
+    model = step_model(args.profile, args.tensor_parallel_size, args.speed, share)
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1 and not (name == "max_model_len" and value == AUTO):
@@ -188,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         log.warning("ignoring vLLM options the simulator does not model: %s", " ".join(unknown))
     try:
+        if args.gpu_memory_utilization is not None and not memory_modelled(args.profile):
+            log.warning("--gpu-memory-utilization changes nothing with profile %s: it states its KV cache in "
+                        "tokens (--kv-tokens sets it)", args.profile)  # fmt: skip
         config = config_from(args)
     except KvCacheError as exc:  # as vLLM's engine core fails, before anything listens
         print(f"ValueError: {exc}", file=sys.stderr)

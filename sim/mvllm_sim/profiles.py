@@ -65,7 +65,9 @@ def reload_seconds(name: str) -> float:
     return float(_profile(name)["reload_s"])
 
 
-def step_model(name: str, tp: int = 1, speed: float = 1.0) -> StepModel:
+def step_model(name: str, tp: int = 1, speed: float = 1.0, gpu_memory_utilization: float | None = None) -> StepModel:
+    """The profile's timing at `tp`; `gpu_memory_utilization` (vLLM's flag) in place of the profile's own
+    share, where the profile models its memory (memory_modelled)."""
     p = _profile(name)
     if tp not in SUPPORTED_TP:
         raise ProfileError(f"--tensor-parallel-size {tp} is not modelled; use one of {SUPPORTED_TP}")
@@ -83,7 +85,7 @@ def step_model(name: str, tp: int = 1, speed: float = 1.0) -> StepModel:
         per_token_s=p["per_token_s"] / tp,
         per_ctx_token_s=p["per_ctx_token_s"] / tp,
         per_seq_s=p["per_seq_s"],
-        kv_tokens=kv_capacity(p, tp),
+        kv_tokens=kv_capacity(p, tp, gpu_memory_utilization),
         kv_bytes_per_token=p["kv_bytes_per_token"],
         max_num_seqs=p["max_num_seqs"],
         max_num_batched_tokens=p["max_num_batched_tokens"],
@@ -94,12 +96,18 @@ def step_model(name: str, tp: int = 1, speed: float = 1.0) -> StepModel:
     )
 
 
-def kv_capacity(p: dict[str, Any], tp: int) -> int:
+def memory_modelled(name: str) -> bool:
+    """Whether the profile works its KV cache out from its GPUs' memory (else it states it in tokens)."""
+    return "gpu_memory_bytes" in _profile(name)
+
+
+def kv_capacity(p: dict[str, Any], tp: int, utilization: float | None = None) -> int:
     """The KV cache's tokens at `tp` GPUs: the profile's own figures, or what its memory leaves once
-    each GPU holds its share of the weights and its activations (0 when nothing is left)."""
+    each GPU holds its share of the weights and its activations (0 when nothing is left), with the
+    share of memory the engine may take (`utilization`, else the profile's: vLLM's default)."""
     if "gpu_memory_bytes" not in p:
         return int(p["kv_tokens"] + (tp - 1) * p["gpu_kv_tokens"])
-    usable = p["gpu_memory_bytes"] * p["gpu_memory_utilization"]
+    usable = p["gpu_memory_bytes"] * (p["gpu_memory_utilization"] if utilization is None else utilization)
     free = usable - p["weights_bytes"] / tp - p["activation_bytes"][str(tp)]
     tokens = int(max(0.0, free) * tp / p["kv_bytes_per_token"])
     return tokens - tokens % BLOCK_TOKENS

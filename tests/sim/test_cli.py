@@ -36,6 +36,8 @@ def test_vllm_arguments_set_the_engine() -> None:
         (["--time-scale", "-1"], "--time-scale must be >= 0"),
         (["--max-model-len", "0"], "--max-model-len must be at least 1"),
         (["--max-model-len", "long"], "argument --max-model-len: invalid model_len value: 'long'"),
+        (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization must be more than 0 and at most 1"),
+        (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization must be more than 0 and at most 1"),
     ],
 )
 def test_refusals(args: list[str], message: str) -> None:
@@ -69,6 +71,10 @@ ENGINE_FAILED = ("RuntimeError: Engine core initialization failed. See root caus
             "ValueError: Cannot auto-fit max_model_len: not enough GPU memory available to serve even a single token.",
         ),
         (["--kv-tokens", "1000", "--max-model-len", "1001"], "max seq len (1001), (0.12 GiB KV cache is needed"),
+        (  # 0.88 of 80 GB is 70.4 GB a GPU: less than the weights' 70.55 GB and the 1 GB of activations
+            ["--profile", "h100-70b", "-tp", "2", "--gpu-memory-utilization", "0.88"],
+            "ValueError: No available memory for the cache blocks.",
+        ),
     ],
 )
 def test_what_does_not_fit_refuses_to_start_as_vllm_does(args: list[str], message: str) -> None:
@@ -89,10 +95,23 @@ def test_max_model_len_auto_takes_the_longest_that_fits() -> None:
     assert config("--kv-tokens", "1000", "--max-model-len", "auto").max_model_len == 992  # whole 16-token blocks
 
 
+def test_gpu_memory_utilization_sizes_the_kv_cache_where_the_profile_models_memory() -> None:
+    """vLLM's flag: the engine's share of each GPU; the KV cache is what the weights and activations leave.
+    h100-70b at TP2 (70.55 GB of weights and 1 GB of activations a GPU): 0.9, vLLM's default, leaves
+    0.45 GB a GPU, 2,746 tokens of 327,680 B over the two, 2,736 in whole 16-token blocks; 0.95 leaves
+    4.45 GB a GPU, 27,160 tokens, 27,152 in whole blocks."""
+    tight = config("--profile", "h100-70b", "-tp", "2", "--max-model-len", "auto")
+    roomier = config("--profile", "h100-70b", "-tp", "2", "--max-model-len", "auto", "--gpu-memory-utilization", "0.95")
+    assert (tight.kv_tokens, roomier.kv_tokens) == (2_736, 27_152)
+    assert roomier.max_model_len == 27_152
+    same = config("--profile", "h100-70b", "-tp", "2", "--max-model-len", "auto", "--gpu-memory-utilization", "0.9")
+    assert same.kv_tokens == tight.kv_tokens
+
+
 def test_unmodelled_vllm_options_are_accepted_with_a_warning(sim_process: Callable[..., SimProcess]) -> None:
-    sim = sim_process("--gpu-memory-utilization", "0.9", "--dtype", "bfloat16")
+    sim = sim_process("--enforce-eager", "--dtype", "bfloat16", "--gpu-memory-utilization", "0.8")
     sim.wait_listening()
     sim.stop()
-    assert "ignoring vLLM options the simulator does not model: --gpu-memory-utilization 0.9 --dtype bfloat16" in (
-        sim.stderr_text
-    )
+    assert "ignoring vLLM options the simulator does not model: --enforce-eager --dtype bfloat16" in sim.stderr_text
+    # h100-8b (the default) states its KV cache in tokens: the flag is taken, and said to change nothing.
+    assert "--gpu-memory-utilization changes nothing with profile h100-8b" in sim.stderr_text
