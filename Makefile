@@ -49,11 +49,11 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Two tests at a time (most wait on processes and sockets), each module on one worker (its shared
-# fixtures); then those with real engines or a systemd user manager, alone (an engine takes both cores).
-# --durations: the slowest, since CI has 20 minutes.
+# fixtures); then those with real vLLM engines, alone (an engine takes both cores). --durations: the
+# slowest, since CI has 20 minutes.
 pytest: $(STAMP) engine
-	$(BIN)/pytest -n 2 --dist loadfile -m "not vllm and not systemd" --durations=20
-	$(BIN)/pytest -m "vllm or systemd" --durations=10
+	$(BIN)/pytest -n 2 --dist loadfile -m "not vllm" --durations=20
+	$(BIN)/pytest -m vllm --durations=10
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
