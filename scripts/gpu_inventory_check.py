@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,13 +103,20 @@ def timed_read(source: str) -> tuple[Inventory, float]:
     return inventory, time.perf_counter() - start
 
 
-def compare(table: list[dict[str, str]], inventory: Inventory, label: str) -> list[Check]:
-    gpus = inventory.of_kind(DeviceKind.GPU)
+def identity_checks(table: list[dict[str, str]], gpus: Sequence[Device | GpuUsage], label: str) -> list[Check]:
+    """As many GPUs as nvidia-smi lists, each with its index, UUID and name."""
     checks = [Check(f"{label}: GPU count", len(gpus) == len(table), f"{len(gpus)} read, nvidia-smi {len(table)}")]
     for row, gpu in zip(table, gpus, strict=False):
         want = (int(row["index"]), row["uuid"], row["name"])
         got = (gpu.index, gpu.uuid, gpu.name)
         checks.append(Check(f"{label}: GPU {gpu.index} index/uuid/name", got == want, f"{got} vs {want}"))
+    return checks
+
+
+def compare(table: list[dict[str, str]], inventory: Inventory, label: str) -> list[Check]:
+    gpus = inventory.of_kind(DeviceKind.GPU)
+    checks = identity_checks(table, gpus, label)
+    for row, gpu in zip(table, gpus, strict=False):
         total_diff = abs(gpu.memory_total_bytes - mib(row["memory.total"]))
         checks.append(
             Check(
@@ -134,11 +142,8 @@ def percent(text: str) -> float:
 
 def usage_checks(table: list[dict[str, str]], usage: tuple[GpuUsage, ...], label: str) -> list[Check]:
     """read_gpu_usage against nvidia-smi's utilization.gpu and memory.used, read just before."""
-    checks = [Check(f"{label}: GPU count", len(usage) == len(table), f"{len(usage)} read, nvidia-smi {len(table)}")]
+    checks = identity_checks(table, usage, label)
     for row, gpu in zip(table, usage, strict=False):
-        want = (int(row["index"]), row["uuid"], row["name"])
-        got = (gpu.index, gpu.uuid, gpu.name)
-        checks.append(Check(f"{label}: GPU {gpu.index} index/uuid/name", got == want, f"{got} vs {want}"))
         smi_util = percent(row["utilization.gpu"])
         checks.append(
             Check(

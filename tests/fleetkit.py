@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemonkit import MVLLMCTL, MVLLMD, DaemonProcess, free_port_range, start_daemon
+from daemonkit import MVLLMCTL, MVLLMD, DaemonProcess, start_daemon
 from hostkit import Host, ip
 
 GRPC_PORT = 7070
@@ -64,7 +64,7 @@ class FleetDaemon:
                 "--tls-cert", f"{pki}/{cert}.pem", "--tls-key", f"{pki}/{cert}.key", "--tls-client-ca", f"{pki}/ca.pem",
                 "--http-listen", self.http, "--state-dir", f"{self.host.private}/state", "--sim-gpus", "2",
                 "--gpu-source", "none", "--unit-manager", "process", "--probe-interval", "0.2",
-                "--port-base", str(free_port_range()), *self.extra]  # fmt: skip
+                *self.extra]  # fmt: skip
 
     def start(self) -> DaemonProcess:
         self.env = self.env or self.host.environment()

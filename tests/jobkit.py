@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from mvllm.v1 import job_pb2, job_pb2_grpc
 
-from daemonkit import MVLLMCTL, DaemonProcess, Spawn, free_port_range, instance_status
+from daemonkit import MVLLMCTL, DaemonProcess, Spawn, instance_status
 
 ENDED = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
 FAST_SIM = ("--time-scale", "0.001")  # answers at once, or nearly
@@ -34,7 +34,7 @@ JOB_TIMEOUT_S = 90.0
 def daemon_args(tmp: Path, *extra: str, name: str = "j") -> list[str]:
     """mvllmd with the process supervisor and 4 simulated GPUs, on a socket and state dir under `tmp`."""
     return ["--listen", f"unix:{tmp}/{name}.sock", "--state-dir", str(tmp / f"{name}-state"), "--sim-gpus", "4",
-            "--unit-manager", "process", "--probe-interval", "0.2", "--port-base", str(free_port_range()),
+            "--unit-manager", "process", "--probe-interval", "0.2",
             "--vllm-python", str(tmp / "no-such-venv" / "bin" / "python"), *extra]  # fmt: skip
 
 

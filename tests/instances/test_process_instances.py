@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from daemonkit import MVLLMCTL, DaemonProcess, Spawn, free_port_range, instance_status, wait_for
+from daemonkit import MVLLMCTL, DaemonProcess, Spawn, instance_status, wait_for
 
 SIM_ARGS = ("--", "--time-scale", "0")  # engine arguments: answer at once
 
@@ -21,7 +21,7 @@ SIM_ARGS = ("--", "--time-scale", "0")  # engine arguments: answer at once
 @pytest.fixture
 def sup(short_tmp: Path, spawn: Spawn) -> DaemonProcess:
     args = ["--listen", f"unix:{short_tmp}/m.sock", "--state-dir", str(short_tmp / "state"), "--sim-gpus", "4",
-            "--unit-manager", "process", "--probe-interval", "0.2", "--port-base", str(free_port_range()),
+            "--unit-manager", "process", "--probe-interval", "0.2",
             "--vllm-python", str(short_tmp / "no-such-venv" / "bin" / "python")]  # fmt: skip
     return spawn(args)
 
@@ -160,8 +160,7 @@ def test_logs(sup: DaemonProcess) -> None:
 
 def test_a_hung_engine_is_unhealthy_then_restarted(short_tmp: Path, spawn: Spawn) -> None:
     args = ["--listen", f"unix:{short_tmp}/h.sock", "--state-dir", str(short_tmp / "hstate"), "--sim-gpus", "1",
-            "--unit-manager", "process", "--probe-interval", "0.2", "--hang-timeout", "1",
-            "--port-base", str(free_port_range())]  # fmt: skip
+            "--unit-manager", "process", "--probe-interval", "0.2", "--hang-timeout", "1"]  # fmt: skip
     daemon = spawn(args)
     # The engine stops stepping at its first request, as a vLLM whose worker is stuck: /health stays 200.
     done = daemon.ctl("launch", "m", "--engine", "sim", "--", "--time-scale", "0", "--hang-after-requests", "1")
