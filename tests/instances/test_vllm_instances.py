@@ -202,7 +202,7 @@ def greedy_tokens(url: str, model: str) -> list[list[int]]:
 
 def update_weights(ctl: Callable[..., Any], model: str, path: Path, *args: str) -> dict[str, Any]:
     done = ctl("weights", "update", model, "--path", str(path), *args, "--json")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr  # the JSON holds each instance's error
     result: dict[str, Any] = json.loads(done.stdout)
     assert [i["step"] for i in result["instances"]] == ["UPDATE_STEP_DONE"] * 2, result
     return result
