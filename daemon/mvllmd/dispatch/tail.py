@@ -197,7 +197,7 @@ class Tail:
                 self._check_and_move(flight, target, left)
 
     def _room(self, lane: Lane) -> int:
-        return min(self._policy.share(lane), lane.limit) - lane.load - lane.reserved
+        return min(self._policy.share(lane), lane.limit) - min(lane.load, lane.endpoint.batch) - lane.reserved
 
     def _check_and_move(self, flight: Flight, target: Lane, left: int) -> None:
         """Ask the target's /detokenize whether each unfinished sample of `flight` ends with a whole
@@ -277,9 +277,10 @@ def _made(stream: Stream) -> int:
 
 def _token_s(lane: Lane, more: int) -> float:
     """A running sequence's time per token on the lane's server with `more` sequences than it has
-    (moves on their way there included): its batch over its peak generation rate, the batch counted
-    as at least MOVE_MIN_BATCH (see there)."""
-    return max(lane.load + lane.reserved + more, MOVE_MIN_BATCH) / _rate(lane)
+    (moves on their way there included): its batch (what it runs, Endpoint.batch: not the samples in
+    flight, which count finished choices) over its peak generation rate, the batch counted as at least
+    MOVE_MIN_BATCH (see there)."""
+    return max(lane.endpoint.batch + lane.reserved + more, MOVE_MIN_BATCH) / _rate(lane)
 
 
 def _step_after(lane: Lane, more: int) -> float:
