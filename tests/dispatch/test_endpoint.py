@@ -137,3 +137,18 @@ def test_trips_and_hangs_are_counted_for_the_metrics() -> None:
     assert endpoint.trips == 2 and endpoint.hangs == 0
     endpoint.take_out_hung(t0 + 5, TIMEOUT, "a test")
     assert endpoint.hangs == 1
+
+
+def test_its_batch_is_what_it_runs_not_the_finished_choices_still_in_flight() -> None:
+    # Three requests of 8 samples each in flight (24 counted until each request is back); the server's
+    # gauges say 10 run and 2 wait (the other choices finished), then 8 more samples go there.
+    endpoint, t0 = busy(24)
+    assert endpoint.batch == 24  # no reading yet: the load is all there is
+    reading(endpoint, t0 + 1, running=10, waiting=2)
+    assert endpoint.batch == 12
+    endpoint.sent(8)
+    assert endpoint.batch == 20  # what was sent since the reading counts at once
+    endpoint.landed(24)
+    assert endpoint.batch == 8  # never more than the load
+    reading(endpoint, t0 + 2, running=3)
+    assert endpoint.batch == 3
