@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from mvllmd.dispatch.endpoint import DOOR_IDLE_S, SILENT_STALLS, Endpoint
+from mvllmd.dispatch.flights import Lane
 from mvllmd.transport.gauges import GENERATED, PROMPT, RUNNING, WAITING
 
 STALL = 6.0
@@ -143,12 +144,15 @@ def test_its_batch_is_what_it_runs_not_the_finished_choices_still_in_flight() ->
     # Three requests of 8 samples each in flight (24 counted until each request is back); the server's
     # gauges say 10 run and 2 wait (the other choices finished), then 8 more samples go there.
     endpoint, t0 = busy(24)
-    assert endpoint.batch == 24  # no reading yet: the load is all there is
+    lane = Lane(endpoint, inflight=24)  # a job's lane: what the job counts there
+    assert endpoint.batch == lane.load == 24  # no reading yet: the load is all there is
     reading(endpoint, t0 + 1, running=10, waiting=2)
-    assert endpoint.batch == 12
+    assert endpoint.batch == lane.load == 12
     endpoint.sent(8)
-    assert endpoint.batch == 20  # what was sent since the reading counts at once
+    lane.inflight += 8
+    assert endpoint.batch == lane.load == 20  # what was sent since the reading counts at once
     endpoint.landed(24)
-    assert endpoint.batch == 8  # never more than the load
+    lane.inflight -= 24
+    assert endpoint.batch == lane.load == 8  # never more than the load
     reading(endpoint, t0 + 2, running=3)
-    assert endpoint.batch == 3
+    assert endpoint.batch == lane.load == 3

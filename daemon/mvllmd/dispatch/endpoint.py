@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 
 from mvllmd.dispatch.breaker import Breaker, Change
@@ -48,6 +49,7 @@ WAITING_POLLS = 3  # readings in a row with requests waiting before a server is 
 STALL_S = 10.0  # token counters still this long, with requests of ours there and none answered: hung
 SILENT_STALLS = 3  # its /metrics silent this many stall spans (it answered before): hung
 DOOR_IDLE_S = 60.0  # the front door's reserve on a server holds this long after its last request there
+UNSEEN = sys.maxsize  # Endpoint.seen while no reading of its gauges works
 
 
 class Endpoint:
@@ -79,6 +81,11 @@ class Endpoint:
         self._speed_at = now
         self._inflight_at_poll = 0
         self._sent_since_poll = 0  # our samples sent there since its last reading began
+        # Sequences the server runs or queues by its gauges: what they showed at the last reading, and
+        # ours sent since (UNSEEN while no reading works). Our in-flight count says more than it runs:
+        # a request's samples count until the whole request is back, the finished choices of one not
+        # streamed among them (in the balance benchmark a fast server counted 1,024 and ran 600).
+        self.seen = UNSEEN
 
     def __repr__(self) -> str:
         return f"Endpoint({self.url!r}, inflight={self.inflight}, limit={self.limit})"
@@ -92,13 +99,8 @@ class Endpoint:
 
     @property
     def batch(self) -> int:
-        """Sequences the server runs or queues now, as best known: what its gauges showed at the last
-        reading and what we sent since, never more than its load. The load counts a request's samples
-        until the whole request is back, the finished choices of one not streamed among them, so it
-        overstates what runs (in the balance benchmark's tail a fast server counted 934 and ran 520)."""
-        if not self.gauges.ok:
-            return self.load
-        return min(self.load, int(self.gauges.running + self.gauges.waiting) + self._sent_since_poll)
+        """Sequences on the server: its load, or what it runs (`seen`) where that is less."""
+        return min(self.load, self.seen)
 
     @property
     def out(self) -> bool:
@@ -131,6 +133,7 @@ class Endpoint:
             self._busy_since = time.monotonic()
         self.inflight += samples
         self._sent_since_poll += samples
+        self.seen += samples
         if door:
             self.door_inflight += samples
             self._door_at, self._door_active = time.monotonic(), True
@@ -228,6 +231,7 @@ class Endpoint:
         g = self.gauges
         g.update(values, now)
         self.external = max(0, int(g.running + g.waiting) - self._inflight_at_poll)
+        self.seen = int(g.running + g.waiting) + self._sent_since_poll
         if g.waiting_polls >= WAITING_POLLS:
             runs = max(1, int(g.running))
             self.limit = min(self.limit, max(runs, (self.limit + runs) // 2))
@@ -238,6 +242,7 @@ class Endpoint:
         """Its /metrics failed: no gauges, and no outside load, until a reading works again."""
         self.gauges.fail(time.monotonic())
         self.external = 0
+        self.seen = UNSEEN
 
     def _record_speed(self, samples: int, now: float) -> None:
         elapsed = max(1e-3, now - self._speed_at)

@@ -52,8 +52,10 @@ class Lane:
     @property
     def load(self) -> int:
         """What the server runs that this job must count: its own samples and other clients' (other
-        jobs have their shares)."""
-        return self.inflight + self.endpoint.external
+        jobs have their shares), or what the server runs in all where that is less (Endpoint.seen:
+        a request's finished choices count in flight until the whole request is back)."""
+        own, seen = self.inflight + self.endpoint.external, self.endpoint.seen
+        return own if own <= seen else seen
 
     @property
     def limit(self) -> int:

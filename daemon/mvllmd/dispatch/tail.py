@@ -197,7 +197,7 @@ class Tail:
                 self._check_and_move(flight, target, left)
 
     def _room(self, lane: Lane) -> int:
-        return min(self._policy.share(lane), lane.limit) - min(lane.load, lane.endpoint.batch) - lane.reserved
+        return min(self._policy.share(lane), lane.limit) - lane.load - lane.reserved
 
     def _check_and_move(self, flight: Flight, target: Lane, left: int) -> None:
         """Ask the target's /detokenize whether each unfinished sample of `flight` ends with a whole
