@@ -8,6 +8,9 @@ that job's `Lane` (flights.py). Everything here changes through methods; nothing
 - limit: the server's max_num_seqs at first. A server that keeps requests waiting (WAITING_POLLS
   readings in a row) is allowed less, down to what it runs; with none waiting it grows back.
 - external: sequences running or waiting there beyond ours, from its gauges: other clients' load.
+- seen: what it runs and queues by its gauges, and ours sent since: a job's lane counts that where it
+  is less than the samples in flight (a request not streamed holds its finished choices' places
+  until its last ends).
 - the front door's reserve: jobs share the limit less what they leave free for the front door while
   it uses the server (a request in flight there, or one in the last DOOR_IDLE_S): `door_reserve` of
   its capacity (at least one sequence), or the front door's requests there if more. So an agent's
