@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from mvllmd.dispatch.endpoint import DOOR_IDLE_S, SILENT_STALLS, Endpoint
-from mvllmd.dispatch.flights import Lane
+from mvllmd.dispatch.flights import Flights, Lane, Work
 from mvllmd.transport.gauges import GENERATED, PROMPT, RUNNING, WAITING
 
 STALL = 6.0
@@ -141,18 +141,30 @@ def test_trips_and_hangs_are_counted_for_the_metrics() -> None:
 
 
 def test_its_batch_is_what_it_runs_not_the_finished_choices_still_in_flight() -> None:
-    # Three requests of 8 samples each in flight (24 counted until each request is back); the server's
-    # gauges say 10 run and 2 wait (the other choices finished), then 8 more samples go there.
-    endpoint, t0 = busy(24)
-    lane = Lane(endpoint, inflight=24)  # a job's lane: what the job counts there
+    # Three requests of 8 samples each in flight, not streamed (24 counted until each request is back);
+    # the server's gauges say 10 run and 2 wait (the other choices finished); then 8 more samples go.
+    endpoint, flights = Endpoint("http://127.0.0.1:9", 64, stall_s=STALL), Flights()
+    lane, t0 = Lane(endpoint), time.monotonic()
+    sent = [flights.open(Work(p, "a prompt", list(range(8))), lane) for p in range(3)]
     assert endpoint.batch == lane.load == 24  # no reading yet: the load is all there is
     reading(endpoint, t0 + 1, running=10, waiting=2)
     assert endpoint.batch == lane.load == 12
-    endpoint.sent(8)
-    lane.inflight += 8
+    flights.open(Work(3, "a prompt", list(range(8))), lane)
     assert endpoint.batch == lane.load == 20  # what was sent since the reading counts at once
-    endpoint.landed(24)
-    lane.inflight -= 24
+    for flight in sent:
+        flights.land(flight)
     assert endpoint.batch == lane.load == 8  # never more than the load
     reading(endpoint, t0 + 2, running=3)
     assert endpoint.batch == lane.load == 3
+
+
+def test_requests_of_one_sample_count_whole_whatever_a_reading_missed() -> None:
+    # Eight one-sample requests in flight, of which the reading saw 5 (3 were on their way): none can
+    # have finished unseen, so all 8 count; streamed ones release their finished choices themselves.
+    endpoint, flights = Endpoint("http://127.0.0.1:9", 64, stall_s=STALL), Flights()
+    lane = Lane(endpoint)
+    for p in range(8):
+        flights.open(Work(p, "a prompt", [0]), lane)
+    flights.open(Work(8, "a prompt", list(range(4))), lane, streamed=True)
+    reading(endpoint, time.monotonic(), running=5)
+    assert lane.load == 12

@@ -39,6 +39,7 @@ class Lane:
     completed: int = 0  # this job's samples it answered
     tokens: int = 0
     reserved: int = 0  # samples that will move to it once their check is back
+    ghosts: int = 0  # samples of its requests not streamed beyond one each: choices that may have ended
     requests: dict[int, Flight] = field(default_factory=dict)  # in the order they were sent
     left: bool = False  # the server left (its instance stopped): nothing new goes there
     version: int = 0  # for the policy's index: bumped whenever its key may have changed
@@ -53,9 +54,10 @@ class Lane:
     def load(self) -> int:
         """What the server runs that this job must count: its own samples and other clients' (other
         jobs have their shares), or what the server runs in all where that is less (Endpoint.seen:
-        a request's finished choices count in flight until the whole request is back)."""
+        a request's finished choices count in flight until the whole request is back), less at most
+        those choices (`ghosts`: a reading that missed requests on their way must not free places)."""
         own, seen = self.inflight + self.endpoint.external, self.endpoint.seen
-        return own if own <= seen else seen
+        return own if own <= seen else max(seen, own - self.ghosts)
 
     @property
     def limit(self) -> int:
@@ -107,6 +109,7 @@ class Flight:
     # Samples counted in flight for it: those it asked for, less (streamed) the choices finished. Not
     # len(work.samples): a Work sent again (hung endpoint) may be cut while this request still lands.
     held: int = 0
+    ghosts: int = 0  # not streamed: its samples beyond one, which may end before the request does
 
     @property
     def endpoint(self) -> Endpoint:
@@ -133,8 +136,11 @@ class Flights:
     def all(self) -> list[Flight]:
         return list(self._by_id.values())
 
-    def open(self, work: Work, lane: Lane, hedge_of: Flight | None = None) -> Flight:
+    def open(self, work: Work, lane: Lane, hedge_of: Flight | None = None, streamed: bool = False) -> Flight:
         flight = Flight(next(self._ids), work, lane, hedge_of=hedge_of, held=len(work.samples))
+        if not streamed:
+            flight.ghosts = max(0, flight.held - 1)
+            lane.ghosts += flight.ghosts
         if hedge_of is not None:
             hedge_of.copy = flight
         self._by_id[flight.id] = flight
@@ -157,6 +163,7 @@ class Flights:
         if self._by_id.pop(flight.id, None) is None:
             return False
         flight.lane.requests.pop(flight.id, None)
+        flight.lane.ghosts -= flight.ghosts
         self._count(flight.lane, -flight.held)
         return True
 

@@ -236,11 +236,13 @@ class Dispatcher:
             self._tail.look(now, self._backlog.asked)
 
     def _launch(self, work: Work, lane: Lane, hedge_of: Flight | None) -> Flight:
-        flight = self._flights.open(work, lane, hedge_of)
         weights = lane.endpoint.weights
-        if weights.version:  # streamed, so that each token is labelled with the version that made it
+        # Streamed with weight updates, so that each token is labelled with the version that made it.
+        movable = self._tail is not None and self._live > 1 and self._tail.may_move_from(lane)
+        flight = self._flights.open(work, lane, hedge_of, streamed=bool(weights.version) or movable)
+        if weights.version:
             flight.stream = Stream(len(work.samples), lambda: self._release(flight), lambda: weights.version)
-        elif self._tail is not None and self._live > 1 and self._tail.may_move_from(lane):
+        elif movable:
             flight.stream = Stream(len(work.samples), lambda: self._release(flight))
         self._policy.changed(lane)
         flight.task = asyncio.create_task(self._fly(flight))
