@@ -101,11 +101,6 @@ class Endpoint:
         return self.inflight + self.external
 
     @property
-    def batch(self) -> int:
-        """Sequences on the server: its load, or what it runs (`seen`) where that is less."""
-        return min(self.load, self.seen)
-
-    @property
     def out(self) -> bool:
         """Taken out by its breaker (a cooldown, or half-open waiting for its one request)."""
         return self._breaker.is_open

@@ -237,10 +237,9 @@ class Dispatcher:
 
     def _launch(self, work: Work, lane: Lane, hedge_of: Flight | None) -> Flight:
         weights = lane.endpoint.weights
-        # Streamed with weight updates, so that each token is labelled with the version that made it.
         movable = self._tail is not None and self._live > 1 and self._tail.may_move_from(lane)
         flight = self._flights.open(work, lane, hedge_of, streamed=bool(weights.version) or movable)
-        if weights.version:
+        if weights.version:  # streamed, so that each token is labelled with the version that made it
             flight.stream = Stream(len(work.samples), lambda: self._release(flight), lambda: weights.version)
         elif movable:
             flight.stream = Stream(len(work.samples), lambda: self._release(flight))

@@ -277,10 +277,10 @@ def _made(stream: Stream) -> int:
 
 def _token_s(lane: Lane, more: int) -> float:
     """A running sequence's time per token on the lane's server with `more` sequences than it has
-    (moves on their way there included): its batch (what it runs, Endpoint.batch: not the samples in
-    flight, which count finished choices) over its peak generation rate, the batch counted as at least
+    (moves on their way there included): its batch (the lane's load: what the server runs, not the
+    finished choices still in flight) over its peak generation rate, the batch counted as at least
     MOVE_MIN_BATCH (see there)."""
-    return max(lane.endpoint.batch + lane.reserved + more, MOVE_MIN_BATCH) / _rate(lane)
+    return max(lane.load + lane.reserved + more, MOVE_MIN_BATCH) / _rate(lane)
 
 
 def _step_after(lane: Lane, more: int) -> float:
