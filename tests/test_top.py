@@ -97,7 +97,10 @@ def test_once_json_shows_what_runs(busy: tuple[DaemonProcess, str]) -> None:
     assert {(s["engine"], s["state"]) for s in servers.values()} == {("sim", "INSTANCE_STATE_READY")}
     assert [servers[n]["max_num_seqs"] for n in ("m-0", "m-1")] == [16, 16]
     assert {s["gauges"] for s in servers.values()} == {"GAUGE_SOURCE_ENDPOINT_TABLE"}  # the front door reads them
-    assert 0 < servers["m-0"]["inflight"] + servers["m-1"]["inflight"] <= 32
+    assert servers["m-0"]["inflight"] + servers["m-1"]["inflight"] > 0
+    # A request's finished choices count in flight until it returns (n=8 here), so mvllmd's count may pass a
+    # server's places; what each server runs, by its own gauges, may not.
+    assert all(servers[n]["running"] <= 16 for n in ("m-0", "m-1"))
     assert servers["other-0"]["inflight"] == 0
 
     (job,) = snapshot["jobs"]
