@@ -168,7 +168,8 @@ class _Servers(Collector):
 
     def collect(self) -> Iterator[Metric]:
         inflight = GaugeMetricFamily("mvllm_server_inflight", "Samples of mvllmd's in flight at each server "
-                                     "(jobs' and the front door's; a request's choices count until it returns)", labels=["server"])  # fmt: skip
+                                     "(jobs' and the front door's; a request's choices count until it returns)",
+                                     labels=["server"])  # fmt: skip
         out = GaugeMetricFamily("mvllm_server_breaker_open", "1 while a server is taken out (breaker open, "
                                 "or hung)", labels=["server"])  # fmt: skip
         hangs = CounterMetricFamily("mvllm_server_hangs", "Times a server was taken out as hung (since it "
