@@ -8,7 +8,8 @@ it advances by each step's time, exactly, at the step that makes the step's toke
 clock between two readings is tokens per simulated second at any time scale, even one the CPU cannot
 keep up with. While the engine does not step (idle, paused, or hung), the clock follows the wall
 clock divided by the time scale, from where the steps left it, so an idle server ages as a real one
-does (a paused engine's queue ages). With --time-scale 0 the engine runs as fast as it can and idle
+does (a paused engine's queue ages); a request that reaches an idle engine makes it the engine's again
+at once (`submit`). With --time-scale 0 the engine runs as fast as it can and idle
 time does not count: the clock is the sum of the step times (and of the stretches of other work).
 
 Work that is not a step (a weights reload) occupies the engine for a stretch of simulated time, as a
@@ -52,7 +53,12 @@ class Runner:
 
     def submit(self, req: SimRequest) -> None:
         if not self._stepping:
-            self._resync()  # the idle time passed in simulated time too
+            # The idle time passed in simulated time too; and the engine steps from this arrival on, as
+            # vLLM's busy loop does, so the wall time this process takes to come round to its loop (a
+            # starved host's) is not the request's wait: a burst reaching an idle engine arrives at one
+            # simulated instant and is admitted then.
+            self._resync()
+            self._stepping = True
         self.engine.add(req)
         self._wake.set()
 
