@@ -25,8 +25,8 @@ non-streamed completions over keep-alive connections. Each target is measured tw
   with: p50 and p99, and what the proxy adds to straight requests at the same rate ("added").
 
 A proxy's CPU per request is its process's user + system time (/proc/PID/stat, its threads and
-children included) over the generator's whole run, divided by the requests it sent (warm-up
-included); the same for the servers. The generator, the proxy
+children included, the servers excepted: mvllmd's supervisor starts them as its children) over the
+generator's whole run, divided by the requests it sent (warm-up included); the same for the servers. The generator, the proxy
 and the two servers share this machine's cores. Prints a markdown table and the goal: the front door at
 least sglang-router's requests/s, and added p50 <= 1 ms at half load (a benchmark goal, not a test).
 
@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,8 +162,10 @@ def _wait_answering(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: f
 # --- measuring ------------------------------------------------------------------------------------
 
 
-def process_cpu_s(pid: int) -> float:
-    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children(pid))
+def process_cpu_s(pid: int, servers: Collection[int]) -> float:
+    """A proxy's CPU: its process's and its children's (sglang-router's launcher starts the router), but
+    the servers' (mvllmd's built-in supervisor starts the simulators as its children)."""
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children(pid) - set(servers))
 
 
 def measure(target: Target, servers: Sequence[int], args: argparse.Namespace, rate: float) -> Reading:
@@ -172,7 +174,7 @@ def measure(target: Target, servers: Sequence[int], args: argparse.Namespace, ra
             "--rate", str(rate), "--warmup", "1", "--duration", str(args.duration)]  # fmt: skip
     for url in target.urls:
         argv += ["--url", url]
-    proxy0 = process_cpu_s(target.pid) if target.pid else 0.0
+    proxy0 = process_cpu_s(target.pid, servers) if target.pid else 0.0
     servers0 = sum(cpu_seconds(pid) for pid in servers)
     if args.profile and target.pid:
         args.profile.unlink(missing_ok=True)
@@ -181,7 +183,7 @@ def measure(target: Target, servers: Sequence[int], args: argparse.Namespace, ra
     if args.profile and target.pid:
         os.kill(target.pid, signal.SIGUSR2)
         _wait_for_file(args.profile)
-    proxy = process_cpu_s(target.pid) - proxy0 if target.pid else None
+    proxy = process_cpu_s(target.pid, servers) - proxy0 if target.pid else None
     servers_s = sum(cpu_seconds(pid) for pid in servers) - servers0
     if done.returncode != 0:
         raise RuntimeError(f"the load generator failed against {target.name}: {done.stderr[-500:]}")
