@@ -27,8 +27,9 @@ non-streamed completions over keep-alive connections. Each target is measured tw
 A proxy's CPU per request is its process's user + system time (/proc/PID/stat, its threads and
 children included, the servers excepted: mvllmd's supervisor starts them as its children) over the
 generator's whole run, divided by the requests it sent (warm-up included); the same for the servers.
-The generator, the proxy and the two servers share this machine's cores. Prints a markdown table and the goal: the front door at
-least sglang-router's requests/s, and added p50 <= 1 ms at half load (a benchmark goal, not a test).
+The generator, the proxy and the two servers share this machine's cores. Prints a markdown table and
+the goal: the front door at least sglang-router's requests/s, and added p50 <= 1 ms at half load (a
+benchmark goal, not a test).
 
 --profile FILE runs the daemon under cProfile (a sitecustomize on PYTHONPATH that only mvllmd acts on),
 measures the front door alone at saturation, writes the stats to FILE and prints the top functions by
