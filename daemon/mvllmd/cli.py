@@ -273,7 +273,7 @@ def _quiet_collector() -> None:
     pyarrow) lives as long as the daemon, so no collection scans it again (gc.freeze); and the
     collections are rarer, most garbage being freed by its reference count the moment it is. At the
     defaults a collection of the older generations paused the loop for tens of ms: the front door's p99
-    at saturation was 47 ms, 27 with these (README, "Choices")."""
+    at saturation was 46 ms, 26 with these, in four alternating pairs (README, "Choices")."""
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
 
