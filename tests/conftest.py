@@ -33,6 +33,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)  # stable: every module's tests keep their order
 
 
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _engines_share_the_cpu_fairly(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Scheduler autogroups off while real vLLM engines run (as root; restored after). With them on
+    (one task group per session), a busy CPU engine in its own session took both cores of this
+    2-core VM for 2-5 s at a time, in about half the runs of tests/fleet/test_fleet_vllm.py: every
+    other process (mvllmd, the tests, even `vmstat`) stood still while the engine's three processes
+    ran (a SCHED_FIFO sampler, 2026-12-05). With them off: no stall over 0.5 s in five runs. mvllmd
+    cannot watch an engine it gets no CPU to read. README, "Development", says more."""
+    engines = any(item.get_closest_marker("vllm") for item in request.session.items)
+    try:
+        was = AUTOGROUP.read_text().strip() if engines else ""
+        if was == "1":
+            AUTOGROUP.write_text("0")
+    except OSError:  # not Linux, no such kernel option, or not root: the engines run as they are
+        was = ""
+    yield
+    if was == "1":
+        AUTOGROUP.write_text("1")
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temporary directory with a short path: a unix socket path must fit in 107 bytes."""

@@ -234,16 +234,21 @@ def test_weights_updated_under_a_running_job(shared: Shared) -> None:
     after the first update)."""
     ctl, model, tmp = shared.ctl, shared.model, shared.tmp
     both_ready(ctl)
-    prompts = 60
+    prompts = 44
     pq.write_table(pa.table({"prompt": [f"Question {i}: what comes next?" for i in range(prompts)]}),
                    tmp / "weights.parquet")  # fmt: skip
     out = tmp / "weights.out.parquet"
-    submitted = ctl("submit", "-d", str(tmp / "weights.parquet"), "-o", str(out), "-k", "2", "--max-tokens", "64",
-                    "--extra-body", '{"ignore_eos": true}')  # fmt: skip
+    # Eight samples of 128 tokens in flight at a time: the job runs in waves (about 1.4 s each here),
+    # some 12 s after its first ten samples. (With all in flight at once, as before, all ended together,
+    # and a CI run's job had ended before the first update did: each mvllmctl here is a Python start.)
+    submitted = ctl("submit", "-d", str(tmp / "weights.parquet"), "-o", str(out), "-k", "2", "--max-tokens", "128",
+                    "--max-concurrent", "8", "--extra-body", '{"ignore_eos": true}')  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     wait_for(lambda: int(job_json(ctl, job_id)["samples_done"]) >= 10, 300)
     update_weights(ctl, model, engine_dir() / "tiny-qwen2", "--mode", "keep")
+    during = job_json(ctl, job_id)
+    assert during["state"] == "JOB_STATE_RUNNING", f"the job ended before the first update did: {during}"
     update_weights(ctl, model, engine_dir() / "tiny-qwen2-b", "--mode", "wait", "--rolling")
     wait_for(lambda: job_json(ctl, job_id)["state"] != "JOB_STATE_RUNNING", 600)
     assert job_json(ctl, job_id)["state"] == "JOB_STATE_SUCCEEDED"
