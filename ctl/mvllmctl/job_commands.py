@@ -176,7 +176,7 @@ def _shard(value: str | None) -> tuple[int, int]:
 def follow(ctl: Ctl, job_id: str, as_json: bool) -> int:
     """Watch a job to its end with a progress bar on stderr; print the summary; 0 if it succeeded.
     Ctrl-C detaches: the job goes on."""
-    last = None
+    last, cut = None, ""
     try:
         with JobProgress() as bar:
             for response in ctl.client.stream(stub(ctl).WatchJob, pb.WatchJobRequest(id=job_id)):
@@ -188,11 +188,11 @@ def follow(ctl: Ctl, job_id: str, as_json: bool) -> int:
             err=True,
         )
         return ExitStatus.INTERRUPTED
-    except StreamCut:
-        pass  # mvllmd stopped or was killed after the watch began: either way the job resumes when it starts
+    except StreamCut as exc:  # mvllmd stopped or was killed after the watch began: the job resumes when it starts
+        cut = f" ({exc})"
     if last is None or not _ended(last):
         raise CtlError(
-            f"mvllmd stopped before job {job_id} ended; it resumes when mvllmd starts again "
+            f"mvllmd stopped before job {job_id} ended{cut}; it resumes when mvllmd starts again "
             f"(then: mvllmctl watch {job_id})",
             ExitStatus.FAILED,
         )

@@ -321,7 +321,7 @@ def test_a_prompt_that_fails_for_good_is_recorded_or_fails_the_job(short_tmp: Pa
     recorded, failed = short_tmp / "recorded.parquet", short_tmp / "failed.parquet"
 
     done = daemon.ctl("submit", "-d", str(data), "-o", str(recorded), "-k", "2", "--max-tokens", "8", "--wait")
-    assert done.returncode == 0, done.stderr  # errors recorded: the job still succeeded
+    assert done.returncode == 0, (done.stderr, daemon.stderr[-5000:])  # errors recorded: the job still succeeded
     assert "SUCCEEDED" in done.stdout and re.search(r"errors\s+2\n", done.stdout), done.stdout
     table = pq.read_table(recorded)
     keys = list(zip(table.column("prompt_index").to_pylist(), table.column("sample_index").to_pylist(), strict=True))

@@ -162,11 +162,13 @@ class JobManager:
         return self._view(job)
 
     async def watch(self, job_id: str) -> AsyncIterator[JobView]:
-        """The job's progress every WATCH_EVERY_S until it ends (or the daemon stops)."""
+        """The job's progress every WATCH_EVERY_S until it ends (or the daemon stops); the last view
+        given is the ended one."""
         job = self._job(job_id)
         while True:
+            ended = job.record.state.ended  # as in the view: the job may end while the view is on its way
             yield self._view(job)
-            if job.record.state.ended or self._closing:
+            if ended or self._closing:
                 return
             await asyncio.sleep(WATCH_EVERY_S)
 
