@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from mvllmd.instances.placement import pick_ports
+
 VENV_BIN = Path(sys.executable).parent
 MVLLMD = str(VENV_BIN / "mvllmd")
 MVLLMCTL = str(VENV_BIN / "mvllmctl")
@@ -94,28 +96,16 @@ def clean_environment(tmp: Path) -> dict[str, str]:
 
 
 def free_port_range(width: int = 20) -> int:
-    """The first of `width` ports free now, below the kernel's ephemeral range, in a half of that space
-    of each pytest-xdist worker's own. (Inside the ephemeral range, as this once picked them, any
+    """A free port to start `width` ports from, below the kernel's ephemeral range, in a half of that
+    space of each pytest-xdist worker's own. (Inside the ephemeral range, as this once picked them, any
     connection or listener on port 0 could take one before the engine bound it: a CI run's simulator
-    found its port in use.)"""
+    found its port in use.) mvllmd skips the ports above it that are in use when it launches."""
     ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
     half = (ephemeral - 10_000) // 2
     low = 10_000 + half * (int(worker) % 2 if worker.isdigit() else 0)
-    for _ in range(100):
-        base = random.randrange(low, low + half - width)
-        if all(_free(port) for port in range(base, base + width)):
-            return base
-    raise RuntimeError(f"no {width} free ports in a row between {low} and {low + half}")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    (base,) = pick_ports("127.0.0.1", random.randrange(low, low + half - width), 1, ())
+    return base
 
 
 def any_http_port(args: Sequence[str]) -> list[str]:

@@ -511,7 +511,7 @@ def test_wait_for_instances_gives_up_with_a_clear_message(short_tmp: Path, spawn
     data, out = write_prompts(short_tmp / "in.parquet", 10), short_tmp / "out.parquet"
     done = daemon.ctl("submit", "-d", str(data), "-o", str(out), "--model", "m", "--wait-for-instances", "1", "--wait")
     assert done.returncode == 1
-    # (Once, in CI, the watch's stream was cut before the job ended: the daemon's log says why.)
+    # (Twice, in CI, the watch ended before the job did, since fixed: tests/jobs/test_watch.py. The log says why.)
     assert "no instance serving m became READY within 1s" in done.stdout, (done.stderr, daemon.stderr[-3000:])
     assert not out.exists()
 
