@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from mvllm.v1 import instance_pb2, instance_pb2_grpc, tune_pb2_grpc
 from mvllm.v1 import tune_pb2 as pb
 from mvllmctl.client import CtlError
-from mvllmctl.context import Ctl, json_option, pass_ctl
+from mvllmctl.context import Ctl, hosts_option, json_option, pass_ctl
 from mvllmctl.exit_codes import ExitStatus
 from mvllmctl.instance_commands import ENGINES, _env_pairs
 from mvllmctl.output import duration, print_json, print_table
@@ -46,6 +46,7 @@ def _configs(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.argument("model", required=False)
 @click.option("--devices", metavar="LIST", help="Devices to split, e.g. 0-7. [every device of the engine's kind]")
+@hosts_option("Share the splits among these fleet hosts, alike ones: each measures its share at once. [this host]")
 @click.option("--engine", type=click.Choice(sorted(ENGINES)), default="vllm", show_default=True)
 @click.option("--cpu", is_flag=True, help="vLLM on CPU slots even where the host has GPUs (every trial is TP 1).")
 @click.option("--data", "data", type=click.Path(path_type=Path), metavar="PROMPTS",
@@ -68,7 +69,7 @@ def _configs(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 @json_option
 @pass_ctl
-def tune(ctl: Ctl, model: str | None, devices: str | None, engine: str, cpu: bool, data: Path | None,
+def tune(ctl: Ctl, model: str | None, devices: str | None, hosts: list[str], engine: str, cpu: bool, data: Path | None,
          prompt_column: str, num_samples: int, max_tokens: int, configs: list[pb.Split], budget: float, apply: bool,
          force: bool, env: tuple[str, ...], max_num_seqs: int | None, show: bool, plot: Path | None,
          engine_args: tuple[str, ...], as_json: bool) -> int:  # fmt: skip
@@ -84,16 +85,23 @@ def tune(ctl: Ctl, model: str | None, devices: str | None, engine: str, cpu: boo
     included, and stops early once its figure is sure. Against mvllm-sim the figures are per simulated
     second (its clock), so they hold at any --time-scale. Arguments after `--` go to the engines.
 
+    With --hosts, the sweep is shared among alike fleet hosts (the same devices, the same splits, the
+    same fits; checked on every host before anything starts): the splits are dealt out in turn and each
+    host measures its share at once, so each trial gets more of the budget. The model (a local path) and
+    the prompts file must be there on each host; the table says which host measured each split.
+
     Prints the seed's table (tokens/s with the spread, samples/s, the estimated time for the whole
     prompts file, the speedup over the largest TP) and the recommendation; --apply leaves that split
-    running. Ctrl-C stops the trial and removes what it launched. `mvllmctl tune --show` prints the last
-    report again. Exit 4 when the model fits on no split (saying the smallest TP that would hold it).
+    running (with --hosts, on every host). Ctrl-C stops the trial and removes what it launched.
+    `mvllmctl tune --show` prints the last report again. Exit 4 when the model fits on no split (saying
+    the smallest TP that would hold it).
 
     \b
     Examples:
       mvllmctl tune meta-llama/Llama-3.1-8B-Instruct --data prompts.parquet -k 8 --budget 900
       mvllmctl tune /models/llama-3.1-70b --devices 0-7 --configs 4x2,2x4,1x8 --apply
       mvllmctl tune examples/models/llama-3.1-8b --engine sim -- --profile h100-8b
+      mvllmctl tune /models/llama-3.1-8b --hosts gpu-1,gpu-2 --data prompts.parquet
     """
     if plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise CtlError("--plot needs matplotlib: pip install 'mvllm[bench]'", ExitStatus.USAGE)
@@ -111,7 +119,7 @@ def tune(ctl: Ctl, model: str | None, devices: str | None, engine: str, cpu: boo
                              data_path=str(data.absolute()) if data else "", prompt_column=prompt_column,
                              num_samples=num_samples, max_tokens=max_tokens, configs=configs, budget_seconds=budget,
                              apply=apply, force=force, engine_args=list(engine_args), env=_env_pairs(env),
-                             max_num_seqs=max_num_seqs or 0)  # fmt: skip
+                             max_num_seqs=max_num_seqs or 0, hosts=hosts)  # fmt: skip
     last = _run(ctl, request)
     print_json(last) if as_json else _print_report(last.report)
     _draw(last.report, plot)
@@ -129,21 +137,21 @@ def _run(ctl: Ctl, request: pb.TuneRequest) -> pb.TuneResponse:
                 bars.update(response)
     except KeyboardInterrupt:
         call.cancel()
-        _wait_removed(ctl, last)
+        _wait_removed(ctl, list(request.hosts))
         raise
     if last is None or not last.report.ended_at:
         raise CtlError("the daemon ended the sweep without its report; see its log", ExitStatus.FAILED)
     return cast(pb.TuneResponse, last)
 
 
-def _wait_removed(ctl: Ctl, last: pb.TuneResponse | None) -> None:
-    """After Ctrl-C: the daemon stops the trial; say so, and wait until it has."""
+def _wait_removed(ctl: Ctl, hosts: list[str]) -> None:
+    """After Ctrl-C: the daemon (and with hosts, each host's) stops the trial; say so, and wait until it has."""
     click.echo("mvllmctl: stopping the sweep and removing its instances ...", err=True)
     stub = instance_pb2_grpc.InstanceServiceStub(ctl.client.channel())
     ends = time.monotonic() + CLEANUP_WAIT_S
     while time.monotonic() < ends:
         try:
-            listed = stub.ListInstances(instance_pb2.ListInstancesRequest(), timeout=10)
+            listed = stub.ListInstances(instance_pb2.ListInstancesRequest(hosts=hosts), timeout=10)
         except grpc.RpcError:
             return
         if not any(i.trial for i in listed.instances):
@@ -162,6 +170,11 @@ def _fit(value: int) -> str:
 
 def _split(split: pb.Split) -> str:
     return f"{split.instances} x TP{split.tensor_parallel_size}"
+
+
+def _where(trial: pb.Trial) -> str:
+    """A trial as the progress shows it: its split, and the fleet host measuring it."""
+    return f"{_split(trial.split)} on {trial.fleet_host}" if trial.fleet_host else _split(trial.split)
 
 
 class _Bars:
@@ -189,10 +202,10 @@ class _Bars:
             if not self._tty:
                 if self._shown.get(index) != _phase(trial.phase):
                     self._shown[index] = _phase(trial.phase)
-                    click.echo(f"{_split(trial.split)}: {detail}", err=True)
+                    click.echo(f"{_where(trial)}: {detail}", err=True)
                 continue
             if index not in self._tasks:
-                self._tasks[index] = self._bar.add_task(_split(trial.split), total=1.0, detail=detail)
+                self._tasks[index] = self._bar.add_task(_where(trial), total=1.0, detail=detail)
             self._bar.update(self._tasks[index], completed=_done(trial), detail=detail)
 
 
@@ -218,10 +231,16 @@ def _detail(trial: pb.Trial) -> str:
 def _print_report(report: pb.TuneReport) -> None:
     clock = "simulated s" if report.clock == pb.TUNE_CLOCK_SIMULATED else "s"
     rows = [_row(t, i == report.best) for i, t in enumerate(report.trials)]
-    print_table(["CONFIGURATION", "FITS", f"TOKENS/{clock} (SPREAD)", f"SAMPLES/{clock}",
-                 "EST. TOTAL", "SPEEDUP", "NOTE"], rows)  # fmt: skip
+    headers = ["CONFIGURATION", "FITS", f"TOKENS/{clock} (SPREAD)", f"SAMPLES/{clock}", "EST. TOTAL", "SPEEDUP", "NOTE"]
+    if report.fleet_hosts:  # a sweep shared among hosts: which measured each split
+        headers.insert(1, "HOST")
+        for row, trial in zip(rows, report.trials, strict=True):
+            row.insert(1, trial.fleet_host or "-")
+    print_table(headers, rows)
     data = report.data_path or "the synthetic set"
-    click.echo(f"\n{report.model} on {len(report.devices)} {_kind(report.devices)}; {report.prompts:,} prompts of "
+    on = f"{len(report.devices)} {_kind(report.devices)}"
+    on += f" of each of {', '.join(report.fleet_hosts)}" if report.fleet_hosts else ""
+    click.echo(f"\n{report.model} on {on}; {report.prompts:,} prompts of "
                f"{data} x {report.num_samples} samples, max_tokens {report.max_tokens}; the total is for all of "
                f"them{'; figures per simulated second (mvllm-sim clock)' if clock != 's' else ''}")  # fmt: skip
     click.echo(f"Recommendation: {report.recommendation or 'none'}")

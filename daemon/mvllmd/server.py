@@ -282,7 +282,7 @@ def _add_services(server: Any, daemon: Daemon, overview: Overview | None = None)
     )
     job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(daemon.jobs), server)
     weights_pb2_grpc.add_WeightServiceServicer_to_server(WeightServicer(daemon.weights, relay), server)
-    tune_pb2_grpc.add_TuneServiceServicer_to_server(TuneServicer(daemon.tuner), server)
+    tune_pb2_grpc.add_TuneServiceServicer_to_server(TuneServicer(daemon.tuner, relay), server)
     if hosts is not None:
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(hosts), server)
     health = health_aio.HealthServicer()

@@ -18,7 +18,16 @@ import grpc
 from mvllm import __version__
 from mvllm.v1 import daemon_pb2, daemon_pb2_grpc, fleet_pb2, fleet_pb2_grpc, instance_pb2, instance_pb2_grpc
 from mvllmd.certs import split_address
-from mvllmd.errors import ConfigError, Conflict, Forbidden, MvllmError, Unreachable
+from mvllmd.errors import (
+    ConfigError,
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    MvllmError,
+    NotFound,
+    ResourceExhausted,
+    Unreachable,
+)
 from mvllmd.hosts.link import FLEET_PROTOCOL, Joined, RemoteInstance, Summary
 from mvllmd.hosts.membership import HostEntry
 from mvllmd.instances.spec import InstanceState
@@ -37,6 +46,12 @@ CHANNEL_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 5000),
 )
 GPU_KINDS = (daemon_pb2.DEVICE_KIND_GPU, daemon_pb2.DEVICE_KIND_SIM_GPU)
+# A peer's refusals, as this daemon's own errors (so that, say, a model that fits on no host's GPUs stays exit 4).
+ANSWERS: dict[grpc.StatusCode, type[MvllmError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+}
 
 
 def fleet_credentials(tls: TlsFiles | None) -> Any:
@@ -108,6 +123,8 @@ class PeerClient:
             return Forbidden(f"{where} refused: {details}")
         if code is grpc.StatusCode.FAILED_PRECONDITION:
             return Conflict(f"{where}: {details}")
+        if code in ANSWERS:  # the peer's daemon answered, in words of its own (the caller names the host)
+            return ANSWERS[code](details)
         return Unreachable(f"{where}: {tls_refusal(details, self._entry) or details}")
 
 

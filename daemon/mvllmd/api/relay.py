@@ -11,7 +11,7 @@ given (this host's own name among them, if wanted).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -70,7 +70,7 @@ class Relay:
                    if not isinstance(out, fleet_pb2.HostFailure)]  # fmt: skip
         return answers, [out for out in outcomes if isinstance(out, fleet_pb2.HostFailure)]
 
-    async def stream(self, link: PeerLink, call: Callable[[Any], AsyncIterator[T]]) -> AsyncIterator[T]:
+    async def stream(self, link: PeerLink, call: Callable[[Any], AsyncIterator[T]]) -> AsyncGenerator[T, None]:
         """A server-streamed call on one peer, its messages as they come."""
         peer = self.hosts.dial(link.entry)
         try:

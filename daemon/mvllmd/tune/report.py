@@ -45,10 +45,15 @@ class TrialState:
     measured_s: float = 0.0
     launch_s: float = 0.0
     instances: list[str] = field(default_factory=list)
+    host: str = ""  # the fleet host that measured it (a sweep over hosts, tune/shared.py); "": this one
 
     @property
     def tried(self) -> bool:
         return self.estimate.fit is not Fit.DOES_NOT_FIT
+
+    def skip_untried(self) -> None:
+        """A split that cannot hold the model: skipped, saying why."""
+        self.phase, self.message = Phase.SKIPPED, f"not tried: {self.estimate.note}"
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Report:
     ended_at: float = 0.0
     complete: bool = False
     applied: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)  # the fleet hosts that shared the sweep; []: this one alone
 
     def speedup(self, trial: TrialState) -> float:
         measured = [t for t in self.trials if t.figure is not None]

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from mvllmd.inventory import SIM_GPU_MEMORY_BYTES, Device, DeviceKind, Inventory
 from mvllmd.tune import report as reports
 from mvllmd.tune.fit import GB, estimate, model_size, smallest_tp, utilization
 from mvllmd.tune.report import Phase, Report, TrialState
+from mvllmd.tune.shared import Part, Update, run_shared
 from mvllmd.tune.splits import Split, checked
 from mvllmd.tune.trial import Server, TrialJob, measure
 from mvllmd.tune.workload import Workload, load
@@ -72,9 +74,6 @@ class TuneRequest:
                              cpu=self.cpu, max_num_seqs=self.max_num_seqs, trial=trial)  # fmt: skip
 
 
-Update = tuple[Report, int]  # the report, and the trial the update is about (-1: the sweep)
-
-
 class Tuner:
     """Runs one sweep at a time on this host's instances, and keeps the last report."""
 
@@ -93,13 +92,37 @@ class Tuner:
 
     async def tune(self, request: TuneRequest) -> AsyncIterator[Update]:
         """The sweep's updates; the last one holds the whole report. Raises before anything starts."""
+        with self._alone():
+            sweep = await self._plan(request)
+            async for update in sweep.updates():
+                yield update
+
+    async def plan(self, request: TuneRequest) -> Report:
+        """The sweep's planned report, refused as the sweep would be; nothing starts."""
+        with self._alone():
+            return (await self._plan(request)).report
+
+    async def apply(self, request: TuneRequest, split: Split) -> TrialState:
+        """Launch `split` for good, as a sweep's apply does; its state once READY (DONE), or why not (FAILED)."""
+        with self._alone():
+            sweep = await self._plan(dataclasses.replace(request, configs=(split,)))
+            return await sweep.apply(split)
+
+    def here(self, request: TuneRequest, host: str) -> Here:
+        """This host's part of a sweep shared among fleet hosts."""
+        return Here(self, request, host)
+
+    def shared(self, parts: Sequence[Part], apply: bool) -> AsyncIterator[Update]:
+        """A sweep shared among fleet hosts (tune/shared.py): its updates; its report is kept as the last."""
+        return run_shared(parts, apply, self._folder)
+
+    @contextlib.contextmanager
+    def _alone(self) -> Iterator[None]:
         if self._busy:
             raise Conflict("a tune sweep runs already on this host; wait for it to end, or stop it (Ctrl-C)")
         self._busy = True
         try:
-            sweep = await self._plan(request)
-            async for update in sweep.updates():
-                yield update
+            yield
         finally:
             self._busy = False
 
@@ -127,6 +150,24 @@ class Tuner:
                         workload.rows, request.num_samples, request.max_tokens, request.budget_s, trials)  # fmt: skip
         place = Place(self._tuning, self._folder, self._start_timeout_s, ",".join(str(d.index) for d in chosen))
         return Sweep(self._instances, place, request, report, workload)
+
+
+@dataclass(frozen=True)
+class Here:
+    """This host's part of a sweep shared among fleet hosts (a tune/shared.py Part)."""
+
+    tuner: Tuner
+    request: TuneRequest
+    host: str
+
+    async def plan(self) -> Report:
+        return await self.tuner.plan(self.request)
+
+    def run(self, configs: tuple[Split, ...]) -> AsyncIterator[Update]:
+        return self.tuner.tune(dataclasses.replace(self.request, configs=configs, apply=False))
+
+    async def apply(self, split: Split) -> TrialState:
+        return await self.tuner.apply(self.request, split)
 
 
 def _check(request: TuneRequest) -> None:
@@ -215,7 +256,10 @@ class Sweep:
                 await self._trial(index, trial, deadline, functools.partial(notify, index))
             report.decide()
             if request.apply and report.best >= 0:
-                await self._apply(report.trials[report.best].split)
+                applied = await self.apply(report.trials[report.best].split)
+                report.applied = applied.instances
+                if applied.phase is Phase.FAILED:
+                    report.recommendation += f" --apply launched {', '.join(applied.instances)}, but {applied.message}"
             report.complete = True
         finally:
             await asyncio.shield(self._stop_trial())
@@ -226,7 +270,7 @@ class Sweep:
 
     async def _trial(self, index: int, trial: TrialState, deadline: float, notify: Callable[[], None]) -> None:
         if not trial.tried:
-            trial.phase, trial.message = Phase.SKIPPED, f"not tried: {trial.estimate.note}"
+            trial.skip_untried()
             notify()
             return
         left = deadline - time.monotonic()
@@ -338,11 +382,10 @@ class Sweep:
             if live:
                 await self._instances.stop(live, all_=False, force=True)
 
-    async def _apply(self, split: Split) -> None:
-        """Launch the best split for good, and wait for it."""
+    async def apply(self, split: Split) -> TrialState:
+        """Launch `split` for good and wait for it: DONE once READY, else FAILED saying why."""
         views = await self._instances.launch(self._request.launch(split, self._devices, trial=False))
         names = [v.spec.name for v in views]
         why = await self._ready(names, self._start_timeout_s, lambda fraction: None)
-        if why:
-            self.report.recommendation += f" --apply launched {', '.join(names)}, but {why}"
-        self.report.applied = names
+        planned = next(t.estimate for t in self.report.trials if t.split == split)
+        return TrialState(split, planned, Phase.FAILED if why else Phase.DONE, why, instances=names)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mvllm.v1 import instance_pb2 as mvllm_dot_v1_dot_instance__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mvllm/v1/tune.proto\x12\x08mvllm.v1\x1a\x17mvllm/v1/instance.proto\"8\n\x05Split\x12\x11\n\tinstances\x18\x01 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x02 \x01(\r\"~\n\x0b\x46itEstimate\x12\x1a\n\x03\x66it\x18\x01 \x01(\x0e\x32\r.mvllm.v1.Fit\x12\x15\n\rweights_bytes\x18\x02 \x01(\x04\x12\x18\n\x10per_device_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cusable_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04note\x18\x05 \x01(\t\"\xa9\x03\n\x05Trial\x12\x1e\n\x05split\x18\x01 \x01(\x0b\x32\x0f.mvllm.v1.Split\x12\'\n\x08\x65stimate\x18\x02 \x01(\x0b\x32\x15.mvllm.v1.FitEstimate\x12#\n\x05phase\x18\x03 \x01(\x0e\x32\x14.mvllm.v1.TrialPhase\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x10\n\x08progress\x18\x05 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x07 \x01(\x01\x12\x1d\n\x15tokens_per_second_low\x18\x08 \x01(\x01\x12\x1e\n\x16tokens_per_second_high\x18\t \x01(\x01\x12\"\n\x1ainterval_tokens_per_second\x18\n \x03(\x01\x12\x18\n\x10measured_seconds\x18\x0b \x01(\x01\x12\x16\n\x0elaunch_seconds\x18\x0c \x01(\x01\x12\x1f\n\x17\x65stimated_total_seconds\x18\r \x01(\x01\x12\x0f\n\x07speedup\x18\x0e \x01(\x01\x12\x11\n\tinstances\x18\x0f \x03(\t\"\xf5\x02\n\nTuneReport\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x06\x65ngine\x18\x02 \x01(\x0e\x32\x14.mvllm.v1.EngineKind\x12\x0f\n\x07\x64\x65vices\x18\x03 \x03(\t\x12\"\n\x05\x63lock\x18\x04 \x01(\x0e\x32\x13.mvllm.v1.TuneClock\x12\x11\n\tdata_path\x18\x05 \x01(\t\x12\x0f\n\x07prompts\x18\x06 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x07 \x01(\r\x12\x12\n\nmax_tokens\x18\x08 \x01(\r\x12\x16\n\x0e\x62udget_seconds\x18\t \x01(\x01\x12\x1f\n\x06trials\x18\n \x03(\x0b\x32\x0f.mvllm.v1.Trial\x12\x0c\n\x04\x62\x65st\x18\x0b \x01(\x05\x12\x16\n\x0erecommendation\x18\x0c \x01(\t\x12\x12\n\nstarted_at\x18\r \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x0e \x01(\x01\x12\x10\n\x08\x63omplete\x18\x0f \x01(\x08\x12\x19\n\x11\x61pplied_instances\x18\x10 \x03(\t\"\x8f\x03\n\x0bTuneRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x06\x65ngine\x18\x02 \x01(\x0e\x32\x14.mvllm.v1.EngineKind\x12\x0f\n\x07\x64\x65vices\x18\x03 \x01(\t\x12\x0b\n\x03\x63pu\x18\x04 \x01(\x08\x12\x11\n\tdata_path\x18\x05 \x01(\t\x12\x15\n\rprompt_column\x18\x06 \x01(\t\x12\x13\n\x0bnum_samples\x18\x07 \x01(\r\x12\x12\n\nmax_tokens\x18\x08 \x01(\r\x12 \n\x07\x63onfigs\x18\t \x03(\x0b\x32\x0f.mvllm.v1.Split\x12\x16\n\x0e\x62udget_seconds\x18\n \x01(\x01\x12\r\n\x05\x61pply\x18\x0b \x01(\x08\x12\r\n\x05\x66orce\x18\x0c \x01(\x08\x12\x13\n\x0b\x65ngine_args\x18\r \x03(\t\x12+\n\x03\x65nv\x18\x0e \x03(\x0b\x32\x1e.mvllm.v1.TuneRequest.EnvEntry\x12\x14\n\x0cmax_num_seqs\x18\x0f \x01(\r\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x0cTuneResponse\x12$\n\x06report\x18\x01 \x01(\x0b\x32\x14.mvllm.v1.TuneReport\x12\r\n\x05trial\x18\x02 \x01(\x05\"\x14\n\x12GetLastTuneRequest\";\n\x13GetLastTuneResponse\x12$\n\x06report\x18\x01 \x01(\x0b\x32\x14.mvllm.v1.TuneReport*^\n\x03\x46it\x12\x13\n\x0f\x46IT_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x46IT_FITS\x10\x01\x12\r\n\tFIT_TIGHT\x10\x02\x12\x14\n\x10\x46IT_DOES_NOT_FIT\x10\x03\x12\x0f\n\x0b\x46IT_UNKNOWN\x10\x04*\xf5\x01\n\nTrialPhase\x12\x1b\n\x17TRIAL_PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13TRIAL_PHASE_PLANNED\x10\x01\x12\x19\n\x15TRIAL_PHASE_LAUNCHING\x10\x02\x12\x1a\n\x16TRIAL_PHASE_WARMING_UP\x10\x03\x12\x19\n\x15TRIAL_PHASE_MEASURING\x10\x04\x12\x18\n\x14TRIAL_PHASE_STOPPING\x10\x05\x12\x14\n\x10TRIAL_PHASE_DONE\x10\x06\x12\x17\n\x13TRIAL_PHASE_SKIPPED\x10\x07\x12\x16\n\x12TRIAL_PHASE_FAILED\x10\x08*V\n\tTuneClock\x12\x1a\n\x16TUNE_CLOCK_UNSPECIFIED\x10\x00\x12\x13\n\x0fTUNE_CLOCK_WALL\x10\x01\x12\x18\n\x14TUNE_CLOCK_SIMULATED\x10\x02\x32\x92\x01\n\x0bTuneService\x12\x37\n\x04Tune\x12\x15.mvllm.v1.TuneRequest\x1a\x16.mvllm.v1.TuneResponse0\x01\x12J\n\x0bGetLastTune\x12\x1c.mvllm.v1.GetLastTuneRequest\x1a\x1d.mvllm.v1.GetLastTuneResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mvllm/v1/tune.proto\x12\x08mvllm.v1\x1a\x17mvllm/v1/instance.proto\"8\n\x05Split\x12\x11\n\tinstances\x18\x01 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x02 \x01(\r\"~\n\x0b\x46itEstimate\x12\x1a\n\x03\x66it\x18\x01 \x01(\x0e\x32\r.mvllm.v1.Fit\x12\x15\n\rweights_bytes\x18\x02 \x01(\x04\x12\x18\n\x10per_device_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cusable_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04note\x18\x05 \x01(\t\"\xbd\x03\n\x05Trial\x12\x1e\n\x05split\x18\x01 \x01(\x0b\x32\x0f.mvllm.v1.Split\x12\'\n\x08\x65stimate\x18\x02 \x01(\x0b\x32\x15.mvllm.v1.FitEstimate\x12#\n\x05phase\x18\x03 \x01(\x0e\x32\x14.mvllm.v1.TrialPhase\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x10\n\x08progress\x18\x05 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x07 \x01(\x01\x12\x1d\n\x15tokens_per_second_low\x18\x08 \x01(\x01\x12\x1e\n\x16tokens_per_second_high\x18\t \x01(\x01\x12\"\n\x1ainterval_tokens_per_second\x18\n \x03(\x01\x12\x18\n\x10measured_seconds\x18\x0b \x01(\x01\x12\x16\n\x0elaunch_seconds\x18\x0c \x01(\x01\x12\x1f\n\x17\x65stimated_total_seconds\x18\r \x01(\x01\x12\x0f\n\x07speedup\x18\x0e \x01(\x01\x12\x11\n\tinstances\x18\x0f \x03(\t\x12\x12\n\nfleet_host\x18\x10 \x01(\t\"\x8a\x03\n\nTuneReport\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x06\x65ngine\x18\x02 \x01(\x0e\x32\x14.mvllm.v1.EngineKind\x12\x0f\n\x07\x64\x65vices\x18\x03 \x03(\t\x12\"\n\x05\x63lock\x18\x04 \x01(\x0e\x32\x13.mvllm.v1.TuneClock\x12\x11\n\tdata_path\x18\x05 \x01(\t\x12\x0f\n\x07prompts\x18\x06 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x07 \x01(\r\x12\x12\n\nmax_tokens\x18\x08 \x01(\r\x12\x16\n\x0e\x62udget_seconds\x18\t \x01(\x01\x12\x1f\n\x06trials\x18\n \x03(\x0b\x32\x0f.mvllm.v1.Trial\x12\x0c\n\x04\x62\x65st\x18\x0b \x01(\x05\x12\x16\n\x0erecommendation\x18\x0c \x01(\t\x12\x12\n\nstarted_at\x18\r \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x0e \x01(\x01\x12\x10\n\x08\x63omplete\x18\x0f \x01(\x08\x12\x19\n\x11\x61pplied_instances\x18\x10 \x03(\t\x12\x13\n\x0b\x66leet_hosts\x18\x11 \x03(\t\"\xc0\x03\n\x0bTuneRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x06\x65ngine\x18\x02 \x01(\x0e\x32\x14.mvllm.v1.EngineKind\x12\x0f\n\x07\x64\x65vices\x18\x03 \x01(\t\x12\x0b\n\x03\x63pu\x18\x04 \x01(\x08\x12\x11\n\tdata_path\x18\x05 \x01(\t\x12\x15\n\rprompt_column\x18\x06 \x01(\t\x12\x13\n\x0bnum_samples\x18\x07 \x01(\r\x12\x12\n\nmax_tokens\x18\x08 \x01(\r\x12 \n\x07\x63onfigs\x18\t \x03(\x0b\x32\x0f.mvllm.v1.Split\x12\x16\n\x0e\x62udget_seconds\x18\n \x01(\x01\x12\r\n\x05\x61pply\x18\x0b \x01(\x08\x12\r\n\x05\x66orce\x18\x0c \x01(\x08\x12\x13\n\x0b\x65ngine_args\x18\r \x03(\t\x12+\n\x03\x65nv\x18\x0e \x03(\x0b\x32\x1e.mvllm.v1.TuneRequest.EnvEntry\x12\x14\n\x0cmax_num_seqs\x18\x0f \x01(\r\x12\r\n\x05hosts\x18\x10 \x03(\t\x12 \n\x04step\x18\x11 \x01(\x0e\x32\x12.mvllm.v1.TuneStep\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x0cTuneResponse\x12$\n\x06report\x18\x01 \x01(\x0b\x32\x14.mvllm.v1.TuneReport\x12\r\n\x05trial\x18\x02 \x01(\x05\"\x14\n\x12GetLastTuneRequest\";\n\x13GetLastTuneResponse\x12$\n\x06report\x18\x01 \x01(\x0b\x32\x14.mvllm.v1.TuneReport*^\n\x03\x46it\x12\x13\n\x0f\x46IT_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x46IT_FITS\x10\x01\x12\r\n\tFIT_TIGHT\x10\x02\x12\x14\n\x10\x46IT_DOES_NOT_FIT\x10\x03\x12\x0f\n\x0b\x46IT_UNKNOWN\x10\x04*\xf5\x01\n\nTrialPhase\x12\x1b\n\x17TRIAL_PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13TRIAL_PHASE_PLANNED\x10\x01\x12\x19\n\x15TRIAL_PHASE_LAUNCHING\x10\x02\x12\x1a\n\x16TRIAL_PHASE_WARMING_UP\x10\x03\x12\x19\n\x15TRIAL_PHASE_MEASURING\x10\x04\x12\x18\n\x14TRIAL_PHASE_STOPPING\x10\x05\x12\x14\n\x10TRIAL_PHASE_DONE\x10\x06\x12\x17\n\x13TRIAL_PHASE_SKIPPED\x10\x07\x12\x16\n\x12TRIAL_PHASE_FAILED\x10\x08*V\n\tTuneClock\x12\x1a\n\x16TUNE_CLOCK_UNSPECIFIED\x10\x00\x12\x13\n\x0fTUNE_CLOCK_WALL\x10\x01\x12\x18\n\x14TUNE_CLOCK_SIMULATED\x10\x02*N\n\x08TuneStep\x12\x19\n\x15TUNE_STEP_UNSPECIFIED\x10\x00\x12\x12\n\x0eTUNE_STEP_PLAN\x10\x01\x12\x13\n\x0fTUNE_STEP_APPLY\x10\x02\x32\x92\x01\n\x0bTuneService\x12\x37\n\x04Tune\x12\x15.mvllm.v1.TuneRequest\x1a\x16.mvllm.v1.TuneResponse0\x01\x12J\n\x0bGetLastTune\x12\x1c.mvllm.v1.GetLastTuneRequest\x1a\x1d.mvllm.v1.GetLastTuneResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TUNEREQUEST_ENVENTRY']._loaded_options = None
   _globals['_TUNEREQUEST_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_FIT']._serialized_start=1602
-  _globals['_FIT']._serialized_end=1696
-  _globals['_TRIALPHASE']._serialized_start=1699
-  _globals['_TRIALPHASE']._serialized_end=1944
-  _globals['_TUNECLOCK']._serialized_start=1946
-  _globals['_TUNECLOCK']._serialized_end=2032
+  _globals['_FIT']._serialized_start=1692
+  _globals['_FIT']._serialized_end=1786
+  _globals['_TRIALPHASE']._serialized_start=1789
+  _globals['_TRIALPHASE']._serialized_end=2034
+  _globals['_TUNECLOCK']._serialized_start=2036
+  _globals['_TUNECLOCK']._serialized_end=2122
+  _globals['_TUNESTEP']._serialized_start=2124
+  _globals['_TUNESTEP']._serialized_end=2202
   _globals['_SPLIT']._serialized_start=58
   _globals['_SPLIT']._serialized_end=114
   _globals['_FITESTIMATE']._serialized_start=116
   _globals['_FITESTIMATE']._serialized_end=242
   _globals['_TRIAL']._serialized_start=245
-  _globals['_TRIAL']._serialized_end=670
-  _globals['_TUNEREPORT']._serialized_start=673
-  _globals['_TUNEREPORT']._serialized_end=1046
-  _globals['_TUNEREQUEST']._serialized_start=1049
-  _globals['_TUNEREQUEST']._serialized_end=1448
-  _globals['_TUNEREQUEST_ENVENTRY']._serialized_start=1406
-  _globals['_TUNEREQUEST_ENVENTRY']._serialized_end=1448
-  _globals['_TUNERESPONSE']._serialized_start=1450
-  _globals['_TUNERESPONSE']._serialized_end=1517
-  _globals['_GETLASTTUNEREQUEST']._serialized_start=1519
-  _globals['_GETLASTTUNEREQUEST']._serialized_end=1539
-  _globals['_GETLASTTUNERESPONSE']._serialized_start=1541
-  _globals['_GETLASTTUNERESPONSE']._serialized_end=1600
-  _globals['_TUNESERVICE']._serialized_start=2035
-  _globals['_TUNESERVICE']._serialized_end=2181
+  _globals['_TRIAL']._serialized_end=690
+  _globals['_TUNEREPORT']._serialized_start=693
+  _globals['_TUNEREPORT']._serialized_end=1087
+  _globals['_TUNEREQUEST']._serialized_start=1090
+  _globals['_TUNEREQUEST']._serialized_end=1538
+  _globals['_TUNEREQUEST_ENVENTRY']._serialized_start=1496
+  _globals['_TUNEREQUEST_ENVENTRY']._serialized_end=1538
+  _globals['_TUNERESPONSE']._serialized_start=1540
+  _globals['_TUNERESPONSE']._serialized_end=1607
+  _globals['_GETLASTTUNEREQUEST']._serialized_start=1609
+  _globals['_GETLASTTUNEREQUEST']._serialized_end=1629
+  _globals['_GETLASTTUNERESPONSE']._serialized_start=1631
+  _globals['_GETLASTTUNERESPONSE']._serialized_end=1690
+  _globals['_TUNESERVICE']._serialized_start=2205
+  _globals['_TUNESERVICE']._serialized_end=2351
 # @@protoc_insertion_point(module_scope)

@@ -33,6 +33,12 @@ class TuneClock(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TUNE_CLOCK_UNSPECIFIED: _ClassVar[TuneClock]
     TUNE_CLOCK_WALL: _ClassVar[TuneClock]
     TUNE_CLOCK_SIMULATED: _ClassVar[TuneClock]
+
+class TuneStep(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TUNE_STEP_UNSPECIFIED: _ClassVar[TuneStep]
+    TUNE_STEP_PLAN: _ClassVar[TuneStep]
+    TUNE_STEP_APPLY: _ClassVar[TuneStep]
 FIT_UNSPECIFIED: Fit
 FIT_FITS: Fit
 FIT_TIGHT: Fit
@@ -50,6 +56,9 @@ TRIAL_PHASE_FAILED: TrialPhase
 TUNE_CLOCK_UNSPECIFIED: TuneClock
 TUNE_CLOCK_WALL: TuneClock
 TUNE_CLOCK_SIMULATED: TuneClock
+TUNE_STEP_UNSPECIFIED: TuneStep
+TUNE_STEP_PLAN: TuneStep
+TUNE_STEP_APPLY: TuneStep
 
 class Split(_message.Message):
     __slots__ = ("instances", "tensor_parallel_size")
@@ -74,7 +83,7 @@ class FitEstimate(_message.Message):
     def __init__(self, fit: _Optional[_Union[Fit, str]] = ..., weights_bytes: _Optional[int] = ..., per_device_bytes: _Optional[int] = ..., usable_bytes: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Trial(_message.Message):
-    __slots__ = ("split", "estimate", "phase", "message", "progress", "tokens_per_second", "samples_per_second", "tokens_per_second_low", "tokens_per_second_high", "interval_tokens_per_second", "measured_seconds", "launch_seconds", "estimated_total_seconds", "speedup", "instances")
+    __slots__ = ("split", "estimate", "phase", "message", "progress", "tokens_per_second", "samples_per_second", "tokens_per_second_low", "tokens_per_second_high", "interval_tokens_per_second", "measured_seconds", "launch_seconds", "estimated_total_seconds", "speedup", "instances", "fleet_host")
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +99,7 @@ class Trial(_message.Message):
     ESTIMATED_TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SPEEDUP_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    FLEET_HOST_FIELD_NUMBER: _ClassVar[int]
     split: Split
     estimate: FitEstimate
     phase: TrialPhase
@@ -105,10 +115,11 @@ class Trial(_message.Message):
     estimated_total_seconds: float
     speedup: float
     instances: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, split: _Optional[_Union[Split, _Mapping]] = ..., estimate: _Optional[_Union[FitEstimate, _Mapping]] = ..., phase: _Optional[_Union[TrialPhase, str]] = ..., message: _Optional[str] = ..., progress: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., tokens_per_second_low: _Optional[float] = ..., tokens_per_second_high: _Optional[float] = ..., interval_tokens_per_second: _Optional[_Iterable[float]] = ..., measured_seconds: _Optional[float] = ..., launch_seconds: _Optional[float] = ..., estimated_total_seconds: _Optional[float] = ..., speedup: _Optional[float] = ..., instances: _Optional[_Iterable[str]] = ...) -> None: ...
+    fleet_host: str
+    def __init__(self, split: _Optional[_Union[Split, _Mapping]] = ..., estimate: _Optional[_Union[FitEstimate, _Mapping]] = ..., phase: _Optional[_Union[TrialPhase, str]] = ..., message: _Optional[str] = ..., progress: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., tokens_per_second_low: _Optional[float] = ..., tokens_per_second_high: _Optional[float] = ..., interval_tokens_per_second: _Optional[_Iterable[float]] = ..., measured_seconds: _Optional[float] = ..., launch_seconds: _Optional[float] = ..., estimated_total_seconds: _Optional[float] = ..., speedup: _Optional[float] = ..., instances: _Optional[_Iterable[str]] = ..., fleet_host: _Optional[str] = ...) -> None: ...
 
 class TuneReport(_message.Message):
-    __slots__ = ("model", "engine", "devices", "clock", "data_path", "prompts", "num_samples", "max_tokens", "budget_seconds", "trials", "best", "recommendation", "started_at", "ended_at", "complete", "applied_instances")
+    __slots__ = ("model", "engine", "devices", "clock", "data_path", "prompts", "num_samples", "max_tokens", "budget_seconds", "trials", "best", "recommendation", "started_at", "ended_at", "complete", "applied_instances", "fleet_hosts")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +136,7 @@ class TuneReport(_message.Message):
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     APPLIED_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    FLEET_HOSTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     engine: _instance_pb2.EngineKind
     devices: _containers.RepeatedScalarFieldContainer[str]
@@ -141,10 +153,11 @@ class TuneReport(_message.Message):
     ended_at: float
     complete: bool
     applied_instances: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., engine: _Optional[_Union[_instance_pb2.EngineKind, str]] = ..., devices: _Optional[_Iterable[str]] = ..., clock: _Optional[_Union[TuneClock, str]] = ..., data_path: _Optional[str] = ..., prompts: _Optional[int] = ..., num_samples: _Optional[int] = ..., max_tokens: _Optional[int] = ..., budget_seconds: _Optional[float] = ..., trials: _Optional[_Iterable[_Union[Trial, _Mapping]]] = ..., best: _Optional[int] = ..., recommendation: _Optional[str] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., complete: _Optional[bool] = ..., applied_instances: _Optional[_Iterable[str]] = ...) -> None: ...
+    fleet_hosts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., engine: _Optional[_Union[_instance_pb2.EngineKind, str]] = ..., devices: _Optional[_Iterable[str]] = ..., clock: _Optional[_Union[TuneClock, str]] = ..., data_path: _Optional[str] = ..., prompts: _Optional[int] = ..., num_samples: _Optional[int] = ..., max_tokens: _Optional[int] = ..., budget_seconds: _Optional[float] = ..., trials: _Optional[_Iterable[_Union[Trial, _Mapping]]] = ..., best: _Optional[int] = ..., recommendation: _Optional[str] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., complete: _Optional[bool] = ..., applied_instances: _Optional[_Iterable[str]] = ..., fleet_hosts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TuneRequest(_message.Message):
-    __slots__ = ("model", "engine", "devices", "cpu", "data_path", "prompt_column", "num_samples", "max_tokens", "configs", "budget_seconds", "apply", "force", "engine_args", "env", "max_num_seqs")
+    __slots__ = ("model", "engine", "devices", "cpu", "data_path", "prompt_column", "num_samples", "max_tokens", "configs", "budget_seconds", "apply", "force", "engine_args", "env", "max_num_seqs", "hosts", "step")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +180,8 @@ class TuneRequest(_message.Message):
     ENGINE_ARGS_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     model: str
     engine: _instance_pb2.EngineKind
     devices: str
@@ -182,7 +197,9 @@ class TuneRequest(_message.Message):
     engine_args: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     max_num_seqs: int
-    def __init__(self, model: _Optional[str] = ..., engine: _Optional[_Union[_instance_pb2.EngineKind, str]] = ..., devices: _Optional[str] = ..., cpu: _Optional[bool] = ..., data_path: _Optional[str] = ..., prompt_column: _Optional[str] = ..., num_samples: _Optional[int] = ..., max_tokens: _Optional[int] = ..., configs: _Optional[_Iterable[_Union[Split, _Mapping]]] = ..., budget_seconds: _Optional[float] = ..., apply: _Optional[bool] = ..., force: _Optional[bool] = ..., engine_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    hosts: _containers.RepeatedScalarFieldContainer[str]
+    step: TuneStep
+    def __init__(self, model: _Optional[str] = ..., engine: _Optional[_Union[_instance_pb2.EngineKind, str]] = ..., devices: _Optional[str] = ..., cpu: _Optional[bool] = ..., data_path: _Optional[str] = ..., prompt_column: _Optional[str] = ..., num_samples: _Optional[int] = ..., max_tokens: _Optional[int] = ..., configs: _Optional[_Iterable[_Union[Split, _Mapping]]] = ..., budget_seconds: _Optional[float] = ..., apply: _Optional[bool] = ..., force: _Optional[bool] = ..., engine_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., max_num_seqs: _Optional[int] = ..., hosts: _Optional[_Iterable[str]] = ..., step: _Optional[_Union[TuneStep, str]] = ...) -> None: ...
 
 class TuneResponse(_message.Message):
     __slots__ = ("report", "trial")
