@@ -6,7 +6,6 @@ socket, a device source failed); 2 usage error or invalid configuration; 130 int
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import uvloop
 
 from mvllm import __version__
 from mvllmd import certs, errors
@@ -116,7 +116,7 @@ def cli(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
     under_systemd = notifier.enabled or bool(os.environ.get("INVOCATION_ID"))
     _quiet_collector()
     try:
-        asyncio.run(serve(config, notifier, under_systemd, os.environ))
+        uvloop.run(serve(config, notifier, under_systemd, os.environ))  # README, "Choices"
     except errors.MvllmError as exc:
         notifier.status(f"failed: {exc}")
         raise

@@ -289,11 +289,11 @@ def test_a_killed_engine_and_a_hung_one_are_started_again(shared: Shared) -> Non
             states.add(inst["state"])
         return seen[0] != {"INSTANCE_STATE_READY"} and "INSTANCE_STATE_UNHEALTHY" in seen[1]
 
-    wait_for(failures_seen, 60)
     try:
+        wait_for(failures_seen, 60)
         again = both_ready(ctl)
-    except AssertionError:  # a CI run (mvllmd on uvloop) found mvllmd gone here: the manager's log says why
-        print(shared.um.log()[-20_000:])
+    except AssertionError:  # mvllmd refused a call here with gRPC's fork handlers on (README, "Choices")
+        print("\n".join(line for line in shared.um.log().splitlines()[-400:] if "fork_posix" not in line))
         raise
     for before, after in zip(instances, again, strict=True):
         assert after["restarts"] == before["restarts"] + 1 and after["pid"] != before["pid"]
