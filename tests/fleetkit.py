@@ -8,14 +8,17 @@ drives it as a plain DaemonProcess (jobkit's helpers work unchanged). Host 1 is 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemonkit import MVLLMCTL, MVLLMD, DaemonProcess, start_daemon
+import hostkit
+from daemonkit import MVLLMCTL, MVLLMD, DaemonProcess, start_daemon, wait_for
 from hostkit import Host, ip
 
 GRPC_PORT = 7070
@@ -99,3 +102,28 @@ class FleetDaemon:
             if int(pid) != self.host.holder_pid:
                 os.kill(int(pid), signal.SIGKILL)
         self.daemon.proc.wait(30)
+
+
+@contextlib.contextmanager
+def coordinated(tmp: Path, count: int, extra: dict[int, list[str]] | None = None) -> Iterator[list[FleetDaemon]]:
+    """`count` emulated hosts, each with its daemon (more flags for some: `extra`, by index), host 1 the
+    coordinator with every other host as its peer; started peers first, until host 1 reaches them all."""
+    with hostkit.Fleet(count) as hosts:
+        pki = make_pki(tmp / "pki", hosts.hosts)
+        daemons = [FleetDaemon(h, pki, tmp) for h in hosts.hosts]
+        daemons[0].extra = [f"--fleet-host={d.host.name}={d.address}" for d in daemons[1:]]
+        for index, flags in (extra or {}).items():
+            daemons[index].extra += flags
+        try:
+            for daemon in reversed(daemons):
+                daemon.start()
+
+            def reached() -> bool:
+                listed = json.loads(daemons[0].ctl("hosts", "--json").stdout or "{}").get("hosts", [])
+                return len(listed) == count and all(h["reachable"] for h in listed)  # host 1 itself too
+
+            wait_for(reached, timeout=30)
+            yield daemons
+        finally:
+            for daemon in daemons:
+                daemon.stop()

@@ -14,7 +14,7 @@ from mvllm_sim.weights import make_checkpoint
 
 import hostkit
 from daemonkit import wait_for
-from fleetkit import FleetDaemon, make_pki
+from fleetkit import FleetDaemon, coordinated
 
 pytestmark = pytest.mark.skipif(hostkit.available() is not None, reason=str(hostkit.available()))
 
@@ -23,19 +23,8 @@ PEERS = "host-2,host-3"
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[FleetDaemon]]:
-    tmp = tmp_path_factory.mktemp("fleet")
-    with hostkit.Fleet(3) as hosts:
-        pki = make_pki(tmp / "pki", hosts.hosts)
-        daemons = [FleetDaemon(h, pki, tmp) for h in hosts.hosts]
-        daemons[0].extra = [f"--fleet-host={d.host.name}={d.address}" for d in daemons[1:]]
-        try:
-            for daemon in reversed(daemons):
-                daemon.start()
-            wait_for(lambda: all(h["reachable"] for h in listed(daemons[0], "hosts")), timeout=30)
-            yield daemons
-        finally:
-            for daemon in daemons:
-                daemon.stop()
+    with coordinated(tmp_path_factory.mktemp("fleet"), 3) as daemons:
+        yield daemons
 
 
 @pytest.fixture

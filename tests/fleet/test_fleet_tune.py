@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import hostkit
-from daemonkit import MVLLMCTL, assert_short_error, wait_for
-from fleetkit import FleetDaemon, make_pki
+from daemonkit import MVLLMCTL, assert_short_error
+from fleetkit import FleetDaemon, coordinated
 
 pytestmark = pytest.mark.skipif(hostkit.available() is not None, reason=str(hostkit.available()))
 
@@ -32,20 +32,8 @@ SIM = ("--", "--profile", "h100-8b", "--time-scale", "1")
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[FleetDaemon]]:
-    tmp = tmp_path_factory.mktemp("fleet")
-    with hostkit.Fleet(3) as hosts:
-        pki = make_pki(tmp / "pki", hosts.hosts)
-        daemons = [FleetDaemon(h, pki, tmp) for h in hosts.hosts]
-        daemons[0].extra = [f"--fleet-host={d.host.name}={d.address}" for d in daemons[1:]]
-        daemons[2].extra = ["--sim-gpus", "4"]  # not like the others
-        try:
-            for daemon in reversed(daemons):
-                daemon.start()
-            wait_for(lambda: all(h["reachable"] for h in _json(daemons[0], "hosts")["hosts"]), timeout=30)
-            yield daemons
-        finally:
-            for daemon in daemons:
-                daemon.stop()
+    with coordinated(tmp_path_factory.mktemp("fleet"), 3, extra={2: ["--sim-gpus", "4"]}) as daemons:  # not alike
+        yield daemons
 
 
 @pytest.fixture
