@@ -12,15 +12,16 @@ from typing import Any
 
 from mvllm_sim.server import SimServer
 
+from daemonkit import free_port_range
+
 MVLLM_SIM = str(Path(sys.executable).parent / "mvllm-sim")
 StartSim = Callable[..., Awaitable[tuple[str, SimServer]]]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free port for a simulator to bind, below the kernel's ephemeral range (daemonkit.free_port_range):
+    one taken from that range could become any connection's source port before the simulator binds it."""
+    return free_port_range(1)
 
 
 class SimProcess:
