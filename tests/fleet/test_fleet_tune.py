@@ -1,11 +1,13 @@
 """`mvllmctl tune --hosts`: a sweep shared among alike fleet hosts (mvllm-sim on simulated GPUs), each host
 measuring its share of the splits at once: the merged table and recommendation, --apply on every host,
-hosts that are not alike refused, a model that fits nowhere (exit 4, from a peer too), and Ctrl-C.
+hosts that are not alike refused, a model that fits nowhere (exit 4, from a peer too), Ctrl-C, and a
+host that dies mid-sweep.
 
 Hosts 1 and 2 have two simulated GPUs each; host 3 has four, so it is not like them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -19,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import hostkit
-from daemonkit import MVLLMCTL, assert_short_error
+from daemonkit import MVLLMCTL, assert_short_error, wait_for
 from fleetkit import FleetDaemon, coordinated
 
 pytestmark = pytest.mark.skipif(hostkit.available() is not None, reason=str(hostkit.available()))
@@ -106,24 +108,55 @@ def test_ctrl_c_stops_every_hosts_trial(coordinator: FleetDaemon, tmp_path: Path
     is left on any host, and exits 130."""
     data = tmp_path / "prompts.parquet"  # the same path on every host (only the state is a host's own)
     pq.write_table(pa.table({"prompt": [f"question {i}" for i in range(5000)]}), data)
-    argv = [MVLLMCTL, "--address", coordinator.daemon.address if coordinator.daemon else "", "tune", SMALL, *SWEEP,
-            "--hosts", "host-1,host-2", "--data", str(data), "--budget", "300", *SIM]  # fmt: skip
-    env = coordinator.daemon.env if coordinator.daemon else None
-    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as tune:
-        assert tune.stderr is not None
-        warming: set[str] = set()
-        deadline = time.monotonic() + 120
-        for line in tune.stderr:  # a line per trial and phase, e.g. "1 x TP2 on host-2: warming up"
-            if "warming up" in line:
-                warming.add(line.split(":")[0])
-            if len(warming) == 2:
-                break
-            assert time.monotonic() < deadline and tune.poll() is None, line
-        assert warming == {"2 x TP1 on host-1", "1 x TP2 on host-2"}
-        assert {(n.split("/")[0], trial) for n, _, _, trial in _everywhere(coordinator)} == {
-            ("host-1", True), ("host-2", True)}  # fmt: skip
+    with _both_measuring(coordinator, "--data", str(data), "--budget", "300") as tune:
         tune.send_signal(signal.SIGINT)
         said = tune.communicate(timeout=60)[1]
     assert tune.returncode == 130, said
     assert "removing its instances" in said
     assert _everywhere(coordinator) == []
+
+
+def test_a_host_that_dies_mid_sweep_fails_its_own_trial(fleet: list[FleetDaemon], coordinator: FleetDaemon) -> None:
+    """Host 2's mvllmd and engines killed (-9) while both hosts measure: its trial fails, saying which host
+    went away; host 1's is measured and recommended; the report says the sweep did not run to its end.
+    (Last: host 2 is started again after.)"""
+    second = fleet[1]
+    with _both_measuring(coordinator, "--budget", "30", "--json") as tune:
+        second.kill_host()
+        out, said = tune.communicate(timeout=120)
+    assert tune.returncode == 0, said
+    report = json.loads(out)["report"]
+    mine, lost = report["trials"]
+    assert (mine["phase"], lost["phase"]) == ("TRIAL_PHASE_DONE", "TRIAL_PHASE_FAILED"), said
+    assert lost["fleet_host"] == "host-2" and lost["message"].startswith("host host-2 at "), lost["message"]
+    assert report["best"] == 0 and not report["complete"]
+    second.start()  # it removes the trial's instances it finds in its state (their engines died with it)
+    wait_for(lambda: coordinator.ctl("hosts").returncode == 0, timeout=60)  # exit 1 while a host is unreachable
+    wait_for(lambda: _everywhere(coordinator) == [], timeout=30)
+
+
+@contextlib.contextmanager
+def _both_measuring(coordinator: FleetDaemon, *options: str) -> Iterator[subprocess.Popen[str]]:
+    """`mvllmctl tune` over hosts 1 and 2 in the background, once both hosts' trials measure."""
+    assert coordinator.daemon is not None
+    argv = [MVLLMCTL, "--address", coordinator.daemon.address, "tune", SMALL, *SWEEP, "--hosts", "host-1,host-2",
+            *options, *SIM]  # fmt: skip
+    with subprocess.Popen(argv, env=coordinator.daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as tune:  # fmt: skip
+        try:
+            assert tune.stderr is not None
+            warming: set[str] = set()
+            deadline = time.monotonic() + 120
+            for line in tune.stderr:  # a line per trial and phase, e.g. "1 x TP2 on host-2: warming up"
+                if "warming up" in line:
+                    warming.add(line.split(":")[0])
+                if len(warming) == 2:
+                    break
+                assert time.monotonic() < deadline and tune.poll() is None, line
+            assert warming == {"2 x TP1 on host-1", "1 x TP2 on host-2"}
+            assert {(n.split("/")[0], trial) for n, _, _, trial in _everywhere(coordinator)} == {
+                ("host-1", True), ("host-2", True)}  # fmt: skip
+            yield tune
+        finally:
+            if tune.poll() is None:  # the test failed first: its call ends, and the daemons stop the sweep
+                tune.kill()
