@@ -46,7 +46,12 @@ CHANNEL_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 5000),
 )
 GPU_KINDS = (daemon_pb2.DEVICE_KIND_GPU, daemon_pb2.DEVICE_KIND_SIM_GPU)
-# A peer's refusals, as this daemon's own errors (so that, say, a model that fits on no host's GPUs stays exit 4).
+# Codes by which a peer's daemon answered, in words of its own (the rest are about reaching it).
+ANSWERED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+                      grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      grpc.StatusCode.PERMISSION_DENIED})  # fmt: skip
+# Of those, the ones raised as this daemon's own errors, in the peer's words (so that, say, a model that
+# fits on no host's GPUs stays exit 4).
 ANSWERS: dict[grpc.StatusCode, type[MvllmError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,

@@ -19,6 +19,7 @@ import grpc
 from mvllm.v1 import fleet_pb2, instance_pb2_grpc, weights_pb2_grpc
 from mvllm.v1 import instance_pb2 as pb
 from mvllm.v1 import weights_pb2 as wpb
+from mvllmd.api.peers import ANSWERED
 from mvllmd.errors import InvalidRequest, MvllmError
 from mvllmd.hosts.hosts import Hosts
 from mvllmd.hosts.link import PeerLink
@@ -27,10 +28,6 @@ from mvllmd.hosts.placement import place
 T = TypeVar("T")
 Call = Callable[[str, Any], Awaitable[T]]  # given a peer's name and channel
 RELAY_TIMEOUT_S = 30.0
-# Codes by which a peer's daemon answered, in words of its own (the rest are about reaching it).
-ANSWERED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
-                      grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                      grpc.StatusCode.PERMISSION_DENIED})  # fmt: skip
 LAUNCH_TIMEOUT_S = 3600.0  # a peer's launch waits for nothing but its engines' start
 
 

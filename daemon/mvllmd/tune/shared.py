@@ -141,7 +141,7 @@ def _merged(plans: list[Report], hosts: list[str]) -> Report:
     """The shared report as planned: the first host's plan, its trials fresh (those that cannot hold the
     model skipped, as a sweep skips them), every host named."""
     first = plans[0]
-    trials = [dataclasses.replace(t, instances=list(t.instances)) for t in first.trials]
+    trials = [dataclasses.replace(t) for t in first.trials]
     for trial in trials:
         if not trial.tried:
             trial.skip_untried()
