@@ -34,7 +34,8 @@ from mvllmd.dispatch.flights import Flight, Flights, Lane, Work
 from mvllmd.dispatch.policies.least_loaded import LeastLoaded
 from mvllmd.dispatch.tail import Hooks, Tail
 from mvllmd.transport import http
-from mvllmd.transport.requests import RequestFailed, send
+from mvllmd.transport.batches import Batches
+from mvllmd.transport.requests import RequestFailed
 from mvllmd.transport.streams import Stream
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Dispatcher:
         self._fault: Exception | None = None  # an unexpected error in a request's task; run() raises it
         self._reindexed = 0.0
         self._http = http.Client()  # the requests' keep-alive connections
+        self._batches = Batches(self._http, spec.model, spec.sampling)  # short requests to a server travel as one
         self._listener = Listener(self._read, self._lost)
         self._tail: Tail | None = None
         if isinstance(self._policy, LeastLoaded):  # the end game even without hedging; moves and copies with it
@@ -189,6 +191,7 @@ class Dispatcher:
             if not lane.left:
                 lane.left = True
                 self._endpoints.leave(lane.endpoint)
+        self._batches.close()
         self._http.close()
 
     def _until_due(self) -> float:
@@ -265,9 +268,9 @@ class Dispatcher:
         try:
             if work.prompt is None:
                 raise RequestFailed("the prompt is missing or not a string or a list of messages", False)
-            samples = await send(self._http, endpoint.url, self._spec.model, self._sampling, work.prompt,
-                                 work.prompt_index, work.samples, self._tuning.request_timeout_s, endpoint.api_key,
-                                 stream=flight.stream, prefix=work.prefix)  # fmt: skip
+            samples = await self._batches.send(endpoint.url, work.prompt, work.prompt_index, work.samples,
+                                               self._tuning.request_timeout_s, endpoint.api_key,
+                                               stream=flight.stream, prefix=work.prefix)  # fmt: skip
         except asyncio.CancelledError:
             self._land(flight)
             raise
@@ -292,7 +295,7 @@ class Dispatcher:
 
     async def _failed(self, flight: Flight, exc: RequestFailed) -> None:
         work = flight.work
-        if exc.retryable:
+        if exc.retryable and exc.counted:
             flight.endpoint.failed(flight.started, time.monotonic())
         if any(twin in self._flights for twin in flight.twins()):
             return  # its twin still runs and will answer for these samples

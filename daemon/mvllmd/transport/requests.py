@@ -37,9 +37,14 @@ ABORTED = "abort"  # vLLM's finish reason for a request it ended unfinished (a p
 
 
 class RequestFailed(Exception):
-    def __init__(self, message: str, retryable: bool) -> None:
+    """`retryable`: trying again (elsewhere) can help. `counted`: False where the same failure was
+    already told for another prompt of one request (batches.py), so the server's breaker hears of a
+    failed request once."""
+
+    def __init__(self, message: str, retryable: bool, counted: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.counted = counted
 
 
 def bearer(api_key: str) -> dict[str, str] | None:
@@ -104,7 +109,7 @@ async def ends_whole(client: http.Client, endpoint: str, model: str, ids: Sequen
     body = json.dumps({"model": model, "tokens": list(ids[-8:])}).encode()
     try:
         async with asyncio.timeout(10.0):
-            response = await client.pool(endpoint).post("/detokenize", body, _headers(api_key))
+            response = await client.pool(endpoint).post("/detokenize", body, json_headers(api_key))
         text = json.loads(response.body).get("prompt") if response.status == 200 else None
     except (TimeoutError, OSError, http.HttpError, ValueError, AttributeError):
         return False
@@ -146,13 +151,13 @@ async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments
     try:
         async with asyncio.timeout(timeout_s):
             response = await client.pool(endpoint).post(
-                path, body, _headers(api_key), None if stream is None else stream.feed
+                path, body, json_headers(api_key), None if stream is None else stream.feed
             )
         if response.status != 200:
-            raise RequestFailed(_error_text(response), response.status in RETRYABLE_STATUS)
+            raise RequestFailed(error_text(response), response.status in RETRYABLE_STATUS)
         latency = time.monotonic() - started
         if stream is None:
-            got = _samples(json.loads(response.body), endpoint, sampling, prompt_index, sample_indexes, seed, latency)
+            got = samples_of(json.loads(response.body), endpoint, sampling, prompt_index, sample_indexes, seed, latency)
         else:
             got = streams.samples(stream, endpoint, sampling, prompt_index, sample_indexes, latency, seed)
         if any(sample.finish_reason == ABORTED for sample in got):  # e.g. paused with mode=abort
@@ -163,11 +168,11 @@ async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments
 
 
 @functools.lru_cache(maxsize=64)
-def _headers(api_key: str) -> dict[str, str]:
+def json_headers(api_key: str) -> dict[str, str]:
     return {"Content-Type": "application/json", **(bearer(api_key) or {})}
 
 
-def _error_text(response: http.Response) -> str:
+def error_text(response: http.Response) -> str:
     try:
         body = json.loads(response.body)
         message = body["error"]["message"] if isinstance(body.get("error"), dict) else body.get("error")
@@ -176,7 +181,7 @@ def _error_text(response: http.Response) -> str:
     return f"HTTP {response.status}: {message or response.reason}"[:500]
 
 
-def _samples(  # noqa: PLR0917  (private; every argument is a fact of the one answer)
+def samples_of(  # noqa: PLR0917  (every argument is a fact of the one answer)
     answer: Any,
     endpoint: str,
     sampling: Sampling,
@@ -185,6 +190,7 @@ def _samples(  # noqa: PLR0917  (private; every argument is a fact of the one an
     seed: int | None,
     latency: float,
 ) -> list[Sample]:
+    """The samples of one prompt from an answer's choices (its usage counts that prompt's tokens)."""
     try:
         choices = sorted(answer["choices"], key=lambda c: c["index"])
         usage = answer.get("usage") or {}
