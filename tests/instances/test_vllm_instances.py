@@ -39,7 +39,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mvllm.jobs import Sampling
 from mvllmd.transport import http
-from mvllmd.transport.requests import ends_whole, send
+from mvllmd.transport.batches import BATCH_MAX_PROMPT_CHARS, Batches
+from mvllmd.transport.requests import RequestFailed, ends_whole, send
 from mvllmd.transport.streams import Stream
 
 from daemonkit import engine_dir, instance_status, process_group, wait_for
@@ -145,6 +146,11 @@ def test_rollouts_on_both_engines(shared: Shared) -> None:
 def test_a_sample_moves_between_the_engines(shared: Shared) -> None:
     instances = both_ready(shared.ctl)
     asyncio.run(a_sample_moves_between_real_engines(shared.model, instances))
+
+
+def test_short_requests_travel_as_one_on_a_real_engine(shared: Shared) -> None:
+    instances = both_ready(shared.ctl)
+    asyncio.run(short_requests_on_a_real_engine(shared.model, instances[0]["url"]))
 
 
 def test_the_openai_client_through_the_front_door(shared: Shared) -> None:
@@ -393,6 +399,47 @@ async def a_sample_moves_between_real_engines(model: str, instances: list[dict[s
             # so it is left aside.
             text = re.sub(r"<\|[a-z_]+\|>", "", said.json()["prompt"])
             assert text.rstrip("\ufffd") == whole.response.rstrip("\ufffd")
+    finally:
+        client.close()
+
+
+def completions_requests(url: str) -> float:
+    """HTTP requests to /v1/completions the engine answered, by its /metrics (prometheus-fastapi-instrumentator's)."""
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "http_requests_total" and s.labels.get("handler") == "/v1/completions")  # fmt: skip
+
+
+async def short_requests_on_a_real_engine(model: str, url: str) -> None:
+    """A job's short requests to one engine in one turn travel as one request of several prompts
+    (transport/batches.py), on real vLLM: one HTTP request; each prompt's samples and its own counts, as
+    the prompt sent alone gets them; and a prompt over the context in a batch is refused alone, the
+    others answered."""
+    sampling = Sampling(max_tokens=8, extra_body={"ignore_eos": True})
+    prompts = [f"Question {i}: what comes " + "next " * i for i in range(6)]
+    client = http.Client()
+    try:
+        batches = Batches(client, model, sampling)
+        before = completions_requests(url)
+        got = await asyncio.gather(*(batches.send(url, p, i, [0, 1], 120.0) for i, p in enumerate(prompts)))
+        assert completions_requests(url) - before == 1
+        for i, samples in enumerate(got):
+            (alone, _) = await send(client, url, model, sampling, prompts[i], i, [0, 1])
+            assert [(s.prompt_index, s.sample_index) for s in samples] == [(i, 0), (i, 1)]
+            assert [s.prompt_tokens for s in samples] == [alone.prompt_tokens] * 2
+            assert all(s.completion_tokens == 8 and s.response and s.token_ids is None for s in samples)
+        # Under BATCH_MAX_PROMPT_CHARS characters, over the 2,048 tokens of the model's context.
+        over = "\U0001f99c" * 1300
+        said = httpx.post(f"{url}/tokenize", json={"model": model, "prompt": over}, timeout=60).json()
+        assert len(over) <= BATCH_MAX_PROMPT_CHARS < said["count"] and said["count"] > 2048, said["count"]
+        before = completions_requests(url)
+        mixed = ["Hello there", over, "Good morning"]
+        got_mixed = await asyncio.gather(*(batches.send(url, p, i, [0], 120.0) for i, p in enumerate(mixed)),
+                                         return_exceptions=True)  # fmt: skip
+        assert completions_requests(url) - before == 1 + len(mixed)  # the batch, then each prompt alone
+        refused = got_mixed[1]
+        assert isinstance(refused, RequestFailed) and not refused.retryable and "2048" in str(refused)
+        assert [s[0].prompt_index for s in (got_mixed[0], got_mixed[2])] == [0, 2]  # type: ignore[index]
     finally:
         client.close()
 
