@@ -212,7 +212,8 @@ def job_spec(args: argparse.Namespace, tmp: Path, endpoints: Sequence[str] = ())
     if not data.exists():
         write_prompts(data, args.prompts)
     return job_pb2.JobSpec(input_path=str(data), output_path=str(tmp / "out.parquet"), num_samples=1, model=MODEL,
-                           sampling=job_pb2.SamplingParams(max_tokens=MAX_TOKENS), endpoints=list(endpoints),
+                           sampling=job_pb2.SamplingParams(max_tokens=MAX_TOKENS, seed=args.seed),
+                           endpoints=list(endpoints),
                            max_concurrent=args.max_concurrent, overwrite=True)  # fmt: skip
 
 
@@ -366,7 +367,8 @@ NAMES = {
 
 
 def print_throughput(args: argparse.Namespace, readings: list[Reading]) -> None:
-    print(f"fleet throughput, {args.prompts:,} prompts x 1 sample, max_tokens {MAX_TOKENS}, {args.max_concurrent} "
+    seeded = f", seeded ({args.seed}: one prompt a request)" if args.seed is not None else ""
+    print(f"fleet throughput, {args.prompts:,} prompts x 1 sample{seeded}, max_tokens {MAX_TOKENS}, {args.max_concurrent} "
           f"samples in flight; a peer mvllmd (h2) with 2 mvllm-sim instances at --time-scale 0, a coordinator "
           f"mvllmd (h1) with none, over mutual TLS on loopback; the job on h1 (h4 for the split), three ways in "
           f"turn, {args.runs} runs each; all processes share the cores; {time.strftime('%Y-%m-%d %H:%M %Z')}; "
@@ -417,6 +419,11 @@ def main() -> None:
     p.add_argument("--max-concurrent", type=int, default=256, help="samples in flight [256]")
     p.add_argument("--launch-rounds", type=int, default=2, help="rounds of the launch measure [2]")
     p.add_argument("--per-peer", type=int, default=4, help="instances launched on each of the two peers [4]")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="a seeded job: one prompt a request (an unseeded job's go several a request: transport/batches.py)",
+    )
     p.add_argument("--profile", type=Path, help="run a daemon under cProfile; its stats to this file")
     p.add_argument("--profile-host", choices=["h1", "h2"], default="h2", help="the daemon --profile profiles [h2]")
     args = p.parse_args()

@@ -144,3 +144,10 @@ async def test_a_cancelled_prompt_leaves_its_batch(start_sim: StartSim) -> None:
                 break
             await asyncio.sleep(0.05)
         assert await running(url) == 0
+        # Closed (the job's dispatcher ends) with a batch on its way: its prompts' requests are cancelled,
+        # none is left waiting.
+        tasks = [asyncio.create_task(batches.send(url, f"r{i}", i, [0], 30.0)) for i in range(2)]
+        await asyncio.sleep(0.2)
+        batches.close()
+        ended = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        assert all(isinstance(e, asyncio.CancelledError) for e in ended)

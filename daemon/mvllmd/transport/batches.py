@@ -137,6 +137,14 @@ class Batches:
 
     async def _fly(self, batch: _Batch) -> None:
         members = [m for m in batch.members if not m.answer.done()]
+        try:
+            await self._answer(batch, members)
+        finally:  # cancelled (close()): whoever still waits is cancelled too, never left waiting
+            for m in members:
+                if not m.answer.done():
+                    m.answer.cancel()
+
+    async def _answer(self, batch: _Batch, members: list[_Member]) -> None:
         if len(members) <= 1:
             await asyncio.gather(*(self._alone(batch, m) for m in members))
             return
