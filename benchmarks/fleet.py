@@ -368,11 +368,11 @@ NAMES = {
 
 def print_throughput(args: argparse.Namespace, readings: list[Reading]) -> None:
     seeded = f", seeded ({args.seed}: one prompt a request)" if args.seed is not None else ""
-    print(f"fleet throughput, {args.prompts:,} prompts x 1 sample{seeded}, max_tokens {MAX_TOKENS}, {args.max_concurrent} "
-          f"samples in flight; a peer mvllmd (h2) with 2 mvllm-sim instances at --time-scale 0, a coordinator "
-          f"mvllmd (h1) with none, over mutual TLS on loopback; the job on h1 (h4 for the split), three ways in "
-          f"turn, {args.runs} runs each; all processes share the cores; {time.strftime('%Y-%m-%d %H:%M %Z')}; "
-          f"{machine()}; {load_average()} at the start\n")  # fmt: skip
+    print(f"fleet throughput, {args.prompts:,} prompts x 1 sample{seeded}, max_tokens {MAX_TOKENS}, "
+          f"{args.max_concurrent} samples in flight; a peer mvllmd (h2) with 2 mvllm-sim instances at --time-scale 0, "
+          f"a coordinator mvllmd (h1) with none, over mutual TLS on loopback; the job on h1 (h4 for the split), "
+          f"three ways in turn, {args.runs} runs each; all processes share the cores; "
+          f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {machine()}; {load_average()} at the start\n")  # fmt: skip
     rows = []
     for r in readings:
         per = 1e6 / r.samples
