@@ -8,7 +8,10 @@ machine measures the dispatcher, not N event loops. mvllmd runs a job over all o
 (`endpoints`), one sample per prompt, max_tokens 8, 256 samples in flight, the daemon's default
 policy (least-loaded) and /metrics read each second from every server. The table gives mvllmd's CPU
 seconds (utime + stime from /proc, from submit to SUCCEEDED) per sample, and samples per second of
-wall time. Each size runs --runs times; the median is shown.
+wall time. Each size runs --runs times; the median is shown. Unseeded (the default), the requests the
+dispatcher sends to one server in one turn of its loop go as one (transport/batches.py): with more
+servers each has fewer to put together. --seed N runs a seeded job, one prompt a request: the
+dispatcher's own cost alone.
 
 The goal (issue 12): 128 servers cost at most 1.5 x what 2 cost.
 """
@@ -86,6 +89,9 @@ def _free_range(count: int) -> int:
             for port in range(base, base + count):
                 s = socket.socket()
                 sockets.append(s)
+                # As the stand-ins' servers bind (asyncio sets it): a port a closed connection left in
+                # TIME-WAIT is free for them (thousands after a few runs).
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", port))
             return base
         except OSError:
@@ -96,11 +102,11 @@ def _free_range(count: int) -> int:
     raise RuntimeError(f"no {count} free ports in a row")
 
 
-def one_run(urls: list[str], data: Path, out: Path) -> tuple[float, float]:
+def one_run(urls: list[str], data: Path, out: Path, seed: int | None) -> tuple[float, float]:
     """mvllmd CPU seconds per sample, and samples per second, for one job over URLS."""
     with mvllmd(0) as daemon:
         spec = job_pb2.JobSpec(input_path=str(data), output_path=str(out), num_samples=1,
-                               sampling=job_pb2.SamplingParams(max_tokens=8), endpoints=urls,
+                               sampling=job_pb2.SamplingParams(max_tokens=8, seed=seed), endpoints=urls,
                                max_concurrent=MAX_CONCURRENT, overwrite=True)  # fmt: skip
         before = cpu_seconds(daemon.pid)
         job, wall = daemon.run_job(spec)
@@ -113,6 +119,12 @@ def main() -> None:
     p.add_argument("--servers", default="2,32,128", help="Comma-separated server counts. [%(default)s]")
     p.add_argument("--prompts", type=int, default=20_000, help="Prompts per job (one sample each). [%(default)s]")
     p.add_argument("--runs", type=int, default=2, help="Jobs per server count; the median is shown. [%(default)s]")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="a seeded job: one prompt a request (an unseeded job's short requests "
+        "to one server in one turn of the loop go as one: transport/batches.py)",
+    )
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     p.add_argument("--port-base", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -121,8 +133,9 @@ def main() -> None:
         return
     exit_on_sigterm()
     counts = [int(c) for c in args.servers.split(",")]
-    print(f"scale, {args.prompts:,} prompts x 1 sample, max_tokens 8, {MAX_CONCURRENT} in flight, servers named "
-          f"by URL, one stand-in process (mvllm-sim at --time-scale 0) for all; median of {args.runs}; "
+    seeded = f", seeded ({args.seed}: one prompt a request)" if args.seed is not None else ""
+    print(f"scale, {args.prompts:,} prompts x 1 sample{seeded}, max_tokens 8, {MAX_CONCURRENT} in flight, "
+          f"servers named by URL, one stand-in process (mvllm-sim at --time-scale 0) for all; median of {args.runs}; "
           f"{time.strftime('%Y-%m-%d')}; {machine()}; {load_average()} at the start\n")  # fmt: skip
     rows, base = [], 0.0
     with tempfile.TemporaryDirectory(prefix="mv-scale-", dir="/tmp") as tmp:
@@ -130,7 +143,7 @@ def main() -> None:
         write_prompts(data, args.prompts)
         for count in counts:
             with stand_ins(count) as (urls, _):
-                runs = [one_run(urls, data, Path(tmp) / "out.parquet") for _ in range(args.runs)]
+                runs = [one_run(urls, data, Path(tmp) / "out.parquet", args.seed) for _ in range(args.runs)]
             cpu = statistics.median(r[0] for r in runs)
             rate = statistics.median(r[1] for r in runs)
             base = base or cpu
