@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 from prometheus_client.parser import text_string_to_metric_families
 from test_daemon_front_door import front_door
 
 from mvllmd.metrics.prometheus import Metrics
 
 from daemonkit import Spawn
-from jobkit import FAST_SIM, daemon_args, launch
+from jobkit import FAST_SIM, daemon_args, launch, submit, wait_ended, write_prompts
 
 
 def test_metrics_follow_the_traffic(short_tmp: Path, spawn: Spawn) -> None:
@@ -27,6 +28,11 @@ def test_metrics_follow_the_traffic(short_tmp: Path, spawn: Spawn) -> None:
         with client.stream("POST", "/v1/completions", json=body) as stream:
             assert stream.status_code == 200 and "[DONE]" in stream.read().decode()
         assert client.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
+        # A job too: its samples, errors and completion tokens, counted as its answers are written.
+        job_id = submit(daemon, write_prompts(short_tmp / "in.parquet", 30), short_tmp / "out.parquet", "-k", "2",
+                        "--max-tokens", "4", "--model", "m")  # fmt: skip
+        ended = wait_ended(daemon, job_id)
+        assert ended["state"] == "JOB_STATE_SUCCEEDED" and ended["samples_done"] == 60
         scraped = client.get("/metrics")
     assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = [s for family in text_string_to_metric_families(scraped.text) for s in family.samples]
@@ -43,6 +49,10 @@ def test_metrics_follow_the_traffic(short_tmp: Path, spawn: Spawn) -> None:
     assert sorted(values("mvllm_server_inflight")) == [0.0, 0.0]  # two servers, nothing in flight now
     assert values("mvllm_server_breaker_open") == [0.0, 0.0]
     assert values("mvllm_frontdoor_requests_total", model="nope") == []  # refused at the door, never forwarded
+    assert values("mvllm_job_samples_total", model="m") == [60.0]
+    assert values("mvllm_job_sample_errors_total", model="m") == [0.0]
+    written = sum(pq.read_table(short_tmp / "out.parquet")["completion_tokens"].to_pylist())
+    assert 0 < written <= 60 * 4 and values("mvllm_job_completion_tokens_total", model="m") == [float(written)]
 
 
 def test_the_front_doors_histograms_count_as_prometheus_does() -> None:

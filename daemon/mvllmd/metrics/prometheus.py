@@ -67,6 +67,7 @@ class Metrics(Events):
         self._tokens = Counter("mvllm_job_completion_tokens", "Completion tokens of job samples written", ["model"],
                                registry=r)  # fmt: skip
         self._door_children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+        self._sample_children: dict[str, tuple[Any, Any, Any]] = {}
         self._fleet = _Fleet()
         self._servers = _Servers()
         self._gpus = _Gpus()
@@ -133,9 +134,16 @@ class Metrics(Events):
         self._stream_failed.labels(model).inc()
 
     def samples(self, model: str, done: int, errors: int, tokens: int) -> None:
-        self._samples.labels(model).inc(done)
-        self._errors.labels(model).inc(errors)
-        self._tokens.labels(model).inc(tokens)
+        # Called for each answer a job writes: the children once per model, as door_request's.
+        children = self._sample_children.get(model)
+        if children is None:
+            children = self._sample_children[model] = (
+                self._samples.labels(model), self._errors.labels(model), self._tokens.labels(model)
+            )  # fmt: skip
+        samples, failed, made = children
+        samples.inc(done)
+        failed.inc(errors)
+        made.inc(tokens)
 
 
 def _totals(counter: Counter) -> Iterator[tuple[dict[str, str], float]]:
