@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import httpx
 import pytest
 
+from mvllm import httpd
 from mvllm.jobs import Sample, Sampling
 from mvllm_sim.server import SimServer
 from mvllmd.transport.batches import BATCH_MAX_PROMPT_CHARS, BATCH_MAX_TOKENS, BATCH_MOST, Batches
@@ -151,3 +154,40 @@ async def test_a_cancelled_prompt_leaves_its_batch(start_sim: StartSim) -> None:
         batches.close()
         ended = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
         assert all(isinstance(e, asyncio.CancelledError) for e in ended)
+
+
+class NotVllm:
+    """An OpenAI-compatible server that is not vLLM (a real HTTP server on a real socket): it refuses a
+    list of prompts (`lists="refuse"`), or answers one without token ids (`lists="no-ids"`)."""
+
+    def __init__(self, lists: str) -> None:
+        self.lists = lists
+        self.requests: list[Any] = []  # the prompt of each request it was sent
+        self.server = httpd.Server({("POST", "/v1/completions"): self._complete})
+
+    async def _complete(self, request: httpd.Request) -> httpd.Response:
+        prompt = json.loads(request.body)["prompt"]
+        self.requests.append(prompt)
+        if isinstance(prompt, list) and self.lists == "refuse":
+            return httpd.json_response({"error": {"message": "prompt must be a string", "code": 400}}, 400)
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        choices = [{"index": i, "text": f"answer to {p}", "finish_reason": "length"} for i, p in enumerate(prompts)]
+        return httpd.json_response({"choices": choices, "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+
+
+@pytest.mark.parametrize("lists", ["refuse", "no-ids"])
+async def test_a_server_that_takes_no_batches_gets_one_prompt_a_request(lists: str) -> None:
+    fake = NotVllm(lists)
+    host, port = await fake.server.start("127.0.0.1", 0)
+    url = f"http://{host}:{port}"
+    try:
+        with client() as http:
+            batches = Batches(http, "m", SHORT)
+            for turn in range(2):
+                got = await together(batches, url, [f"t{turn}p{i}" for i in range(4)])
+                assert [s[0].response for s in got] == [f"answer to t{turn}p{i}" for i in range(4)]  # type: ignore[index]
+                assert all(s[0].prompt_tokens == 3 and s[0].completion_tokens == 2 for s in got)  # type: ignore[index]
+    finally:
+        await fake.server.close()
+    # The first turn's batch, then its prompts alone; the second turn's alone at once.
+    assert [isinstance(p, list) for p in fake.requests] == [True] + [False] * 8

@@ -21,18 +21,22 @@ Only where that cannot change what a job gets:
   usage sums every prompt's tokens, so it asks for the token ids (return_token_ids, as a request with
   n > 1 does), which bring the prompt's ids back too.
 
-A batch's prompts share its fate only where that is right: an answer that cannot be read, a 5xx or
-a timeout is each prompt's (each goes back to be sent again, as alone; the server's breaker hears of
-one failed request, not one for each prompt); a 4xx (one prompt too long
-for the model, say) is tried again one prompt a request, so that each prompt gets its own answer. A
-prompt whose request is cancelled (a hung server's requests sent elsewhere, a copy that lost) leaves
-the batch; the batch is cancelled when none is left.
+A batch's prompts share its fate only where that is right: a 5xx, a timeout or a cut connection is
+each prompt's (each goes back to be sent again, as alone; the server's breaker hears of one failed
+request, not one for each prompt). A 4xx (one prompt too long for the model, say) is tried again one
+prompt a request, so that each prompt gets its own answer. A server that is not vLLM may take no list
+of prompts, or answer one without the token ids: where a batch is refused while its prompts alone are
+answered, or its answer lacks a choice or a prompt's ids, its prompts go alone, and so does every
+request of the job to that server after (said once in the log). A prompt whose request is cancelled
+(a hung server's requests sent elsewhere, a copy that lost) leaves the batch; the batch is cancelled
+when none is left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +55,8 @@ from mvllmd.transport.requests import (
     send,
 )
 from mvllmd.transport.streams import Prefix, Stream
+
+log = logging.getLogger(__name__)
 
 BATCH_MAX_TOKENS = 64  # samples of at most this many tokens may share a request
 BATCH_MAX_PROMPT_CHARS = 4096  # and prompts of at most this many characters (their ids come back)
@@ -88,6 +94,7 @@ class Batches:
         self._enabled = batchable(sampling)
         self._open: dict[tuple[str, int, str], _Batch] = {}
         self._running: set[asyncio.Task[None]] = set()
+        self._alone_to: set[str] = set()  # servers that take one prompt a request (see the module's docstring)
 
     async def send(  # noqa: PLR0917  (requests.send's arguments)
         self,
@@ -102,7 +109,8 @@ class Batches:
         prefix: Prefix | None = None,
     ) -> list[Sample]:
         """requests.send, for a request that may travel with others of this job to the same server."""
-        if not self._enabled or stream or prefix or not isinstance(prompt, str) or len(prompt) > BATCH_MAX_PROMPT_CHARS:
+        if (not self._enabled or stream or prefix or not isinstance(prompt, str) or len(prompt) > BATCH_MAX_PROMPT_CHARS
+                or endpoint in self._alone_to):  # fmt: skip
             return await send(self._http, endpoint, self._model, self._sampling, prompt, prompt_index,
                               sample_indexes, timeout_s, api_key, stream=stream, prefix=prefix)  # fmt: skip
         loop = asyncio.get_running_loop()
@@ -150,24 +158,47 @@ class Batches:
             return
         try:
             answers = await self._together(batch, members)
+        except _NotTaken as exc:  # the server does not take or answer batches as vLLM does
+            self._go_alone(batch.endpoint, str(exc))
+            await asyncio.gather(*(self._alone(batch, m) for m in members))
+            return
         except RequestFailed as exc:
-            if not exc.retryable:  # one prompt too long, say: each prompt gets its own answer
-                await asyncio.gather(*(self._alone(batch, m) for m in members))
+            if exc.retryable:
+                self._fail_each(members, exc)
                 return
-            for i, m in enumerate(members):
-                _settle(m, exc=exc if i == 0 else RequestFailed(str(exc), retryable=True, counted=False))
+            # One prompt too long, say: each prompt gets its own answer. None refused alone: the server
+            # refused the batch itself.
+            refused = await asyncio.gather(*(self._alone(batch, m) for m in members))
+            if not any(refused):
+                self._go_alone(batch.endpoint, str(exc))
             return
         for m, samples in zip(members, answers, strict=True):
             _settle(m, samples)
 
-    async def _alone(self, batch: _Batch, m: _Member) -> None:
+    def _fail_each(self, members: list[_Member], exc: RequestFailed) -> None:
+        """A failed request fails each of its prompts, to be sent again; the server's breaker hears of it once."""
+        told = False
+        for m in members:
+            if not m.answer.done():
+                _settle(m, exc=exc if not told else RequestFailed(str(exc), retryable=True, counted=False))
+                told = True
+
+    def _go_alone(self, endpoint: str, why: str) -> None:
+        if endpoint not in self._alone_to:
+            self._alone_to.add(endpoint)
+            log.info("server %s does not take several prompts a request (%s): one prompt a request there", endpoint,
+                     why)  # fmt: skip
+
+    async def _alone(self, batch: _Batch, m: _Member) -> bool:
+        """Send one member's request alone; whether it was refused for good (a 4xx: the prompt's own)."""
         try:
             samples = await send(self._http, batch.endpoint, self._model, self._sampling, m.prompt, m.prompt_index,
                                  m.sample_indexes, batch.timeout_s, batch.api_key)  # fmt: skip
         except RequestFailed as exc:
             _settle(m, exc=exc)
-        else:
-            _settle(m, samples)
+            return not exc.retryable
+        _settle(m, samples)
+        return False
 
     async def _together(self, batch: _Batch, members: list[_Member]) -> list[list[Sample]]:
         fields = build_body(self._model, self._sampling, "", batch.n, None)
@@ -193,21 +224,26 @@ class Batches:
         try:
             choices = sorted(answer["choices"], key=lambda c: c["index"])
         except (KeyError, TypeError) as exc:
-            raise RequestFailed(f"malformed answer from {batch.endpoint}: {exc!r}", retryable=True) from exc
+            raise _NotTaken(f"its answer to a batch: {exc!r}") from exc
         if len(choices) != batch.n * len(members):
-            raise RequestFailed(
-                f"{batch.endpoint} answered {len(choices)} choices for {len(members)} prompts of n={batch.n}", True
-            )
+            raise _NotTaken(f"{len(choices)} choices for {len(members)} prompts of n={batch.n}")
         out = []
         for i, m in enumerate(members):
             own = choices[i * batch.n : (i + 1) * batch.n]
-            ids = own[0].get("prompt_token_ids") if isinstance(own[0], dict) else None
-            if not isinstance(ids, list):
-                raise RequestFailed(f"malformed answer from {batch.endpoint}: no prompt_token_ids", retryable=True)
-            own_answer = {"choices": own, "usage": {"prompt_tokens": len(ids)}}
+            if not all(_with_ids(c) for c in own):
+                raise _NotTaken("no token ids in its answer")
+            own_answer = {"choices": own, "usage": {"prompt_tokens": len(own[0]["prompt_token_ids"])}}
             out.append(samples_of(own_answer, batch.endpoint, self._sampling, m.prompt_index, m.sample_indexes,
                                   None, latency))  # fmt: skip
         return out
+
+
+def _with_ids(choice: Any) -> bool:
+    return isinstance(choice.get("prompt_token_ids"), list) and isinstance(choice.get("token_ids"), list)
+
+
+class _NotTaken(Exception):
+    """The server answered a batch, but not as vLLM does: its prompts go alone."""
 
 
 def _settle(member: _Member, samples: list[Sample] | None = None, exc: RequestFailed | None = None) -> None:
