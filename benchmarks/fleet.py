@@ -9,7 +9,9 @@ Every daemon is an mvllmd on loopback with its own state directory and a host ce
 Throughput: a peer, h2, launches two mvllm-sim instances that answer at once (--time-scale 0); a
 coordinator, h1, has no instances of its own and h2 as its one peer (--fleet-host). The same job (one
 sample per prompt, max_tokens 8, --max-concurrent samples in flight) is submitted to h1 over gRPC three ways,
-in turn (the order reversed every other run), --runs times each:
+in turn (the order reversed every other run), --runs times each. Unseeded, a turn's requests to one server
+travel as one, several prompts a request (transport/batches.py); --seed N runs a seeded job, one prompt a
+request:
 
 - through the route: the job names the model only, so its servers are h1's fleet, h2's two READY
   instances, reached through h2's per-instance route (https://h2/i/NAME/v1/..., h2's route token): h1's

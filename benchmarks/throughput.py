@@ -15,7 +15,8 @@ flight, three ways:
                (completions, like the job, not chat);
 - bare loop:   not a way to run a job: one aiohttp session, a semaphore, round robin, the job's
                request bodies, answers parsed and dropped; no job logic, nothing written. What aiohttp
-               alone costs (the job runner sends its requests with its own lean client, jobs/http.py).
+               alone costs (the job runner sends its requests with its own lean client, transport/http.py, and
+               puts the short requests of a turn to one server together: transport/batches.py).
 
 The daemon, the simulators and this process share the machine's cores: one simulator by default, so
 that on 2 cores the simulator and the client (the daemon's one event loop) each have about one; two
