@@ -1,38 +1,29 @@
 """Short requests to one server in one turn of the loop travel as one, against a real (simulated)
 server: each prompt gets its own samples, as alone; refusals stay each prompt's own; a failed request
-is one failure for the breaker; a prompt whose request is cancelled leaves its batch."""
+is one failure for the breaker; a prompt whose request is cancelled leaves its batch; a server that is not
+vLLM gets one prompt a request."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 import pytest
+from test_requests import client
 
 from mvllm import httpd
 from mvllm.jobs import Sample, Sampling
 from mvllm_sim.server import SimServer
 from mvllmd.transport.batches import BATCH_MAX_PROMPT_CHARS, BATCH_MAX_TOKENS, BATCH_MOST, Batches
-from mvllmd.transport.http import Client
 from mvllmd.transport.requests import RequestFailed, send
 from mvllmd.transport.streams import Stream
 
 from simkit import StartSim
 
 SHORT = Sampling(max_tokens=8)
-
-
-@contextlib.contextmanager
-def client() -> Iterator[Client]:
-    http = Client()
-    try:
-        yield http
-    finally:
-        http.close()
 
 
 def requests_seen(server: SimServer) -> int:
