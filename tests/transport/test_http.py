@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
+from mvllm import httpd
+from mvllmd import certs
+from mvllmd.transport import http
 from mvllmd.transport.http import MAX_HEAD, Client, HttpError, Pool
 from mvllmd.transport.requests import ends_whole
 
@@ -376,3 +381,36 @@ async def test_a_reader_that_fails_otherwise_fails_the_request(
 
     with pytest.raises(RuntimeError, match="a bug"):
         await Pool(server.url).post("/", b"", {}, broken)
+
+
+async def test_https_pools_share_one_context_that_trusts_the_fleet_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a real TLS socket (mvllm.httpd with a host certificate of a fleet CA that `mvllmd certs` made):
+    a pool does not trust that CA until `trust()` says so; then every https pool made after trusts it,
+    through one context (making one reads the system's roots: about 46 ms)."""
+    monkeypatch.setattr(http, "_TRUSTED", [])
+    monkeypatch.setattr(http, "_CONTEXT", [])
+    ca = certs.make_ca(tmp_path)
+    host = certs.make_host(tmp_path, "h1", ["127.0.0.1"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(host.cert, host.key)
+
+    async def hello(request: httpd.Request) -> httpd.Response:
+        return httpd.text_response("hello")
+
+    server = httpd.Server({("GET", "/hello"): hello}, prefixes={"/i/": hello})
+    _, port = await server.start("127.0.0.1", 0, ssl=context)
+    try:
+        untrusted = Pool(f"https://127.0.0.1:{port}")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await untrusted.get("/hello", {})
+        untrusted.close()
+        http.trust(str(ca.cert))
+        pools = [Pool(f"https://127.0.0.1:{port}/i/{name}") for name in ("a", "b")]
+        assert pools[0]._ssl is pools[1]._ssl is not untrusted._ssl
+        for pool in pools:
+            assert (await pool.get("/hello", {})).body == b"hello"
+            pool.close()
+    finally:
+        await server.close()
