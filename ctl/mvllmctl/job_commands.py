@@ -46,7 +46,12 @@ def sampling_options(f: Any) -> Any:
     """The sampling flags, shared by `submit` and nothing else (generate-rollouts keeps the seed's).
     Their ranges are checked by mvllm.jobs.validate, as the daemon checks them."""
     options = [
-        click.option("--max-tokens", type=int, help="Per sample, 1 or more. [the server's default]"),
+        click.option(
+            "--max-tokens",
+            type=int,
+            help="Per sample, 1 or more. At most 64, with no --seed, text prompts go several to a request "
+            "to each server, which costs less a sample. [the server's default]",
+        ),
         click.option("--temperature", type=float, help="From 0 to 100. [1.0]"),
         click.option("--top-p", type=float, help="Above 0, at most 1. [1.0]"),
         click.option("--stop", multiple=True, metavar="TEXT", help="Stop string (repeatable)."),
