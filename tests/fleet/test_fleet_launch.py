@@ -27,13 +27,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[FleetDaemon
         yield daemons
 
 
-@pytest.fixture
-def coordinator(fleet: list[FleetDaemon]) -> Iterator[FleetDaemon]:
-    yield fleet[0]
-    done = fleet[0].ctl("stop", "--all", "--hosts", "all")
-    assert done.returncode == 0, done.stderr
-
-
 def listed(daemon: FleetDaemon, *args: str) -> list[dict[str, Any]]:
     done = daemon.ctl(*args, "--json")
     assert done.returncode == 0, done.stderr

@@ -38,13 +38,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[FleetDaemon
         yield daemons
 
 
-@pytest.fixture
-def coordinator(fleet: list[FleetDaemon]) -> Iterator[FleetDaemon]:
-    yield fleet[0]
-    done = fleet[0].ctl("stop", "--all", "--hosts", "all")
-    assert done.returncode == 0, done.stderr
-
-
 def _json(daemon: FleetDaemon, *args: str) -> Any:
     done = daemon.ctl(*args, "--json")
     assert done.returncode == 0, done.stderr
