@@ -115,33 +115,41 @@ async def running(url: str) -> float:
     return float(line.rsplit(" ", 1)[1])
 
 
+async def until_running(url: str, count: int, within_s: float) -> None:
+    """Wait until the server runs `count` sequences (its /metrics), failing after `within_s`."""
+    for _ in range(int(within_s / 0.05)):
+        if await running(url) == count:
+            return
+        await asyncio.sleep(0.05)
+    assert await running(url) == count
+
+
+LONG = ("--output-len-mu", "7", "--output-len-sigma", "0")  # every sample runs to its max_tokens
+
+
 async def test_a_cancelled_prompt_leaves_its_batch(start_sim: StartSim) -> None:
-    url, server = await start_sim("--time-scale", "5", "--output-len-mu", "7", "--output-len-sigma", "0")
-    sampling = Sampling(max_tokens=40)
+    url, server = await start_sim("--time-scale", "5", *LONG)
+    # 40 tokens take about 14 s there: anything it stops sooner was cancelled.
+    slow, _ = await start_sim("--time-scale", "50", *LONG)
     with client() as http:
-        batches = Batches(http, "sim", sampling)
+        batches = Batches(http, "sim", Sampling(max_tokens=40))
         tasks = [asyncio.create_task(batches.send(url, f"p{i}", i, [0], 30.0)) for i in range(3)]
-        await asyncio.sleep(0.2)
-        assert requests_seen(server) == 1 and await running(url) == 3
+        await until_running(url, 3, within_s=10)
+        assert requests_seen(server) == 1
         tasks[1].cancel()  # (a hung server's requests sent elsewhere, a copy that lost)
         first, third = await tasks[0], await tasks[2]
         assert first[0].prompt_index == 0 and third[0].prompt_index == 2 and first[0].completion_tokens == 40
         # When every prompt of a batch has left, the request is cancelled: the server stops its work.
-        tasks = [asyncio.create_task(batches.send(url, f"q{i}", i, [0], 30.0)) for i in range(3)]
-        await asyncio.sleep(0.2)
-        assert await running(url) == 3
+        tasks = [asyncio.create_task(batches.send(slow, f"q{i}", i, [0], 60.0)) for i in range(3)]
+        await until_running(slow, 3, within_s=10)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for _ in range(10):  # well before its 40 tokens would end (about 1.4 s here)
-            if await running(url) == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert await running(url) == 0
+        await until_running(slow, 0, within_s=5)
         # Closed (the job's dispatcher ends) with a batch on its way: its prompts' requests are cancelled,
         # none is left waiting.
-        tasks = [asyncio.create_task(batches.send(url, f"r{i}", i, [0], 30.0)) for i in range(2)]
-        await asyncio.sleep(0.2)
+        tasks = [asyncio.create_task(batches.send(slow, f"r{i}", i, [0], 60.0)) for i in range(2)]
+        await until_running(slow, 2, within_s=10)
         batches.close()
         ended = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
         assert all(isinstance(e, asyncio.CancelledError) for e in ended)
