@@ -136,6 +136,12 @@ def test_both_engines_serve_as_systemd_units(shared: Shared) -> None:
     serve(shared.ctl, shared.model)
     for inst in instances:
         assert shared.um.systemctl("is-active", inst["unit"]).stdout.strip() == "active"
+        # vLLM's ZMQ sockets in the instance's own directory (launcher.py), not left in /tmp.
+        environ = shared.um.run(["cat", f"/proc/{inst['pid']}/environ"]).stdout.split("\0")
+        base = next(v.partition("=")[2] for v in environ if v.startswith("VLLM_RPC_BASE_PATH="))
+        assert base.endswith(f"/ipc/{inst['name']}"), base
+        sockets = shared.um.run(["find", base, "-type", "s"]).stdout.split()
+        assert sockets, f"no socket in {base}"
 
 
 def test_rollouts_on_both_engines(shared: Shared) -> None:
