@@ -31,10 +31,11 @@ def requests_seen(server: SimServer) -> int:
     return server.faults.requests_seen
 
 
-async def together(batches: Batches, url: str, prompts: Sequence[str | list[dict[str, str]]], n: int = 1,
-                   **kwargs: object) -> list[list[Sample] | BaseException]:  # fmt: skip
+async def together(
+    batches: Batches, url: str, prompts: Sequence[str], n: int = 1
+) -> list[list[Sample] | BaseException]:
     """Send each prompt (prompt index = its place) in the same turn of the loop, as the dispatcher does."""
-    sends = [batches.send(url, p, i, list(range(n)), 30.0, **kwargs) for i, p in enumerate(prompts)]  # type: ignore[arg-type]
+    sends = [batches.send(url, p, i, list(range(n)), 30.0) for i, p in enumerate(prompts)]
     return await asyncio.gather(*sends, return_exceptions=True)
 
 

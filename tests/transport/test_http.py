@@ -390,7 +390,6 @@ async def test_https_pools_share_one_context_that_trusts_the_fleet_ca(
     a pool does not trust that CA until `trust()` says so; then every https pool made after trusts it,
     through one context (making one reads the system's roots: about 46 ms)."""
     monkeypatch.setattr(http, "_TRUSTED", [])
-    monkeypatch.setattr(http, "_CONTEXT", [])
     ca = certs.make_ca(tmp_path)
     host = certs.make_host(tmp_path, "h1", ["127.0.0.1"])
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

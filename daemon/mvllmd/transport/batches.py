@@ -35,25 +35,14 @@ when none is left.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mvllm.jobs import Sample, Sampling
 from mvllmd.transport import http
-from mvllmd.transport.requests import (
-    ABORTED,
-    RETRYABLE_STATUS,
-    RequestFailed,
-    build_body,
-    error_text,
-    json_headers,
-    samples_of,
-    send,
-)
+from mvllmd.transport.requests import RequestFailed, build_body, not_aborted, post, samples_of, send
 from mvllmd.transport.streams import Prefix, Stream
 
 log = logging.getLogger(__name__)
@@ -203,19 +192,10 @@ class Batches:
     async def _together(self, batch: _Batch, members: list[_Member]) -> list[list[Sample]]:
         fields = build_body(self._model, self._sampling, "", batch.n, None)
         fields.update(prompt=[m.prompt for m in members], return_token_ids=True)
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(batch.timeout_s):
-                response = await self._http.pool(batch.endpoint).post(
-                    "/v1/completions", json.dumps(fields).encode(), json_headers(batch.api_key)
-                )
-            if response.status != 200:
-                raise RequestFailed(error_text(response), response.status in RETRYABLE_STATUS)
-            answers = self._split(json.loads(response.body), batch, members, time.monotonic() - started)
-        except (TimeoutError, OSError, http.HttpError, ValueError) as exc:
-            raise RequestFailed(f"{type(exc).__name__}: {exc}"[:300], retryable=True) from exc
-        if any(s.finish_reason == ABORTED for samples in answers for s in samples):
-            raise RequestFailed(f"{batch.endpoint} aborted the request", retryable=True)
+        answer, latency = await post(self._http, batch.endpoint, "/v1/completions", fields, batch.api_key,
+                                     batch.timeout_s)  # fmt: skip
+        answers = self._split(answer, batch, members, latency)
+        not_aborted([s for samples in answers for s in samples], batch.endpoint)
         return answers
 
     def _split(self, answer: Any, batch: _Batch, members: list[_Member], latency: float) -> list[list[Sample]]:

@@ -55,26 +55,28 @@ _PARSE_ERRORS = (
 
 
 _TRUSTED: list[str] = []  # CA files trusted beside the system's roots
-_CONTEXT: list[ssl.SSLContext] = []  # the one client context, made at the first https pool after a trust()
 
 
 def trust(cafile: str) -> None:
     """Trust the CA certificates in `cafile` too, in every pool made after (the fleet CA: server.py)."""
     ssl.create_default_context(cafile=cafile)  # fails here, not at a request, if it holds no certificate
     _TRUSTED.append(cafile)
-    _CONTEXT.clear()
 
 
 def _tls_context() -> ssl.SSLContext:
-    """One context for every https pool: making one reads the system's roots (about 46 ms here), and a
-    job makes a pool for each server it reaches (a peer's instances are https): 512 such pools (64 hosts
-    of 8) took 14.2 s of the event loop at each job's start, one context for all 0.03 s."""
-    if not _CONTEXT:
-        context = ssl.create_default_context()
-        for cafile in _TRUSTED:
-            context.load_verify_locations(cafile=cafile)
-        _CONTEXT.append(context)
-    return _CONTEXT[0]
+    return _context_trusting(tuple(_TRUSTED))
+
+
+@functools.lru_cache(maxsize=1)
+def _context_trusting(cafiles: tuple[str, ...]) -> ssl.SSLContext:
+    """One context for every https pool while the trusted CAs stay the same: making one reads the
+    system's roots (about 46 ms here), and a job makes a pool for each server it reaches (a peer's
+    instances are https): 512 such pools (64 hosts of 8) took 14.2 s of the event loop at each job's
+    start, one context for all 0.03 s."""
+    context = ssl.create_default_context()
+    for cafile in cafiles:
+        context.load_verify_locations(cafile=cafile)
+    return context
 
 
 class HttpError(Exception):

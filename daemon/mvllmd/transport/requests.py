@@ -23,7 +23,7 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mvllm.jobs import Sample, Sampling
@@ -109,7 +109,7 @@ async def ends_whole(client: http.Client, endpoint: str, model: str, ids: Sequen
     body = json.dumps({"model": model, "tokens": list(ids[-8:])}).encode()
     try:
         async with asyncio.timeout(10.0):
-            response = await client.pool(endpoint).post("/detokenize", body, json_headers(api_key))
+            response = await client.pool(endpoint).post("/detokenize", body, _json_headers(api_key))
         text = json.loads(response.body).get("prompt") if response.status == 200 else None
     except (TimeoutError, OSError, http.HttpError, ValueError, AttributeError):
         return False
@@ -146,33 +146,60 @@ async def send(  # noqa: PLR0917  (the one call of the data plane; its arguments
     if stream is not None:
         fields.update(stream=True, stream_interval=STREAM_INTERVAL, return_token_ids=True,
                       stream_options={"include_usage": True})  # fmt: skip
+    answer, latency = await post(client, endpoint, path, fields, api_key, timeout_s,
+                                 None if stream is None else stream.feed)  # fmt: skip
+    try:
+        if stream is None:
+            got = samples_of(answer, endpoint, sampling, prompt_index, sample_indexes, seed, latency)
+        else:
+            got = streams.samples(stream, endpoint, sampling, prompt_index, sample_indexes, latency, seed)
+    except ValueError as exc:
+        raise _failed(exc) from exc
+    not_aborted(got, endpoint)
+    return got if prefix is None else [prefix.join(sample) for sample in got]
+
+
+async def post(  # noqa: PLR0917  (a request's parts)
+    client: http.Client,
+    endpoint: str,
+    path: str,
+    fields: dict[str, Any],
+    api_key: str,
+    timeout_s: float | None,
+    on_data: Callable[[bytes], None] | None = None,
+) -> tuple[Any, float]:
+    """POST a generation request; its answer read as JSON (None when streamed to `on_data`) and the
+    seconds it took. RequestFailed when none came: connection errors, timeouts, 429, 5xx and answers
+    that are not JSON can be tried again; other 4xx cannot."""
     body = json.dumps(fields).encode()
     started = time.monotonic()
     try:
         async with asyncio.timeout(timeout_s):
-            response = await client.pool(endpoint).post(
-                path, body, json_headers(api_key), None if stream is None else stream.feed
-            )
+            response = await client.pool(endpoint).post(path, body, _json_headers(api_key), on_data)
         if response.status != 200:
-            raise RequestFailed(error_text(response), response.status in RETRYABLE_STATUS)
-        latency = time.monotonic() - started
-        if stream is None:
-            got = samples_of(json.loads(response.body), endpoint, sampling, prompt_index, sample_indexes, seed, latency)
-        else:
-            got = streams.samples(stream, endpoint, sampling, prompt_index, sample_indexes, latency, seed)
-        if any(sample.finish_reason == ABORTED for sample in got):  # e.g. paused with mode=abort
-            raise RequestFailed(f"{endpoint} aborted the request", retryable=True)
+            raise RequestFailed(_error_text(response), response.status in RETRYABLE_STATUS)
+        answer = None if on_data is not None else json.loads(response.body)
     except (TimeoutError, OSError, http.HttpError, ValueError) as exc:
-        raise RequestFailed(f"{type(exc).__name__}: {exc}"[:300], retryable=True) from exc
-    return got if prefix is None else [prefix.join(sample) for sample in got]
+        raise _failed(exc) from exc
+    return answer, time.monotonic() - started
+
+
+def not_aborted(samples: list[Sample], endpoint: str) -> None:
+    """A request the server ended unfinished (paused with mode=abort, say) is tried again."""
+    if any(sample.finish_reason == ABORTED for sample in samples):
+        raise RequestFailed(f"{endpoint} aborted the request", retryable=True)
+
+
+def _failed(exc: Exception) -> RequestFailed:
+    return RequestFailed(f"{type(exc).__name__}: {exc}"[:300], retryable=True)
 
 
 @functools.lru_cache(maxsize=64)
-def json_headers(api_key: str) -> dict[str, str]:
+def _json_headers(api_key: str) -> dict[str, str]:
     return {"Content-Type": "application/json", **(bearer(api_key) or {})}
 
 
-def error_text(response: http.Response) -> str:
+def _error_text(response: http.Response) -> str:
     try:
         body = json.loads(response.body)
         message = body["error"]["message"] if isinstance(body.get("error"), dict) else body.get("error")
